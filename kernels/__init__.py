@@ -1,0 +1,1 @@
+"""Triton kernels of lwz (fused log-probs, GRPO loss) and their plain-torch references."""
