@@ -1,0 +1,123 @@
+"""Varlen causal attention over a packed stream.
+
+Backends, in the order `auto` tries them:
+  flash  -- flash_attn.flash_attn_varlen_func (flash-attn installed, CUDA tensors)
+  varlen -- torch.nn.attention.varlen.varlen_attn (torch >= 2.11, CUDA tensors)
+  sdpa   -- per-sequence torch scaled_dot_product_attention (any device; the CPU path)
+
+All take q [N, Hq, D], k/v [N, Hkv, D] (grouped-query: Hq a multiple of Hkv), cu_seqlens int32
+[B+1] and max_seqlen, and return [N, Hq, D]. Attention is causal and never crosses a sequence
+boundary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("lwz")
+
+BACKENDS = ("auto", "flash", "varlen", "sdpa")
+
+try:  # optional dependency
+    from flash_attn import flash_attn_varlen_func as _flash_varlen  # type: ignore
+except Exception:  # ImportError, or a flash-attn built for another torch
+    _flash_varlen = None
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
+
+    # torch 2.11 spelled causality `is_causal=True`; later releases use `window_size=(-1, 0)`.
+    _VARLEN_PARAMS = set(inspect.signature(_torch_varlen).parameters)
+except Exception:
+    _torch_varlen = None
+    _VARLEN_PARAMS = set()
+
+_logged: set[str] = set()
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """Map a config value ("auto" | "flash" | "varlen" | "sdpa") to the backend that will run."""
+    if requested not in BACKENDS:
+        raise ValueError(f"model.attn_backend: got {requested!r}, expected one of {BACKENDS}")
+    cuda = device.type == "cuda"
+    if requested == "auto":
+        if cuda and _flash_varlen is not None:
+            return "flash"
+        if cuda and _torch_varlen is not None:
+            return "varlen"
+        return "sdpa"
+    if requested == "flash" and (_flash_varlen is None or not cuda):
+        raise ValueError("model.attn_backend='flash' needs flash-attn installed and CUDA tensors")
+    if requested == "varlen" and (_torch_varlen is None or not cuda):
+        raise ValueError("model.attn_backend='varlen' needs torch>=2.11 varlen_attn and CUDA tensors")
+    return requested
+
+
+def _log_once(backend: str) -> None:
+    if backend not in _logged:
+        _logged.add(backend)
+        log.info("attention backend: %s", backend)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float, backend: str = "auto"):
+    """Causal attention inside each packed sequence. q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]."""
+    backend = resolve_backend(backend, q.device)
+    _log_once(backend)
+    if backend == "flash":
+        return _flash_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                             softmax_scale=scale, causal=True)
+    if backend == "varlen":
+        kw = {"scale": scale}
+        if "window_size" in _VARLEN_PARAMS:
+            kw["window_size"] = (-1, 0)
+        else:
+            kw["is_causal"] = True
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" in _VARLEN_PARAMS:
+                kw["enable_gqa"] = True
+            else:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
+    return _sdpa_packed(q, k, v, cu_seqlens, scale)
+
+
+def _sdpa_packed(q, k, v, cu_seqlens, scale):
+    """Reference/CPU path: one SDPA call per sequence (no cross-sequence attention)."""
+    rep = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        qi = q[s:e].transpose(0, 1)  # [Hq, L, D]
+        ki = k[s:e].transpose(0, 1)
+        vi = v[s:e].transpose(0, 1)
+        if rep > 1:
+            ki = ki.repeat_interleave(rep, dim=0)
+            vi = vi.repeat_interleave(rep, dim=0)
+        out[s:e] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+def decode_attention(q, k_cache, v_cache, lengths, scale):
+    """One new query per sequence against its cached keys (used by the rollout engine).
+
+    q [B, Hq, D]; k_cache/v_cache [B, S, Hkv, D] with the first `lengths[b]` slots valid
+    (the new token's k/v already written); lengths int64 [B]. Returns [B, Hq, D].
+    """
+    B, S = k_cache.shape[:2]
+    rep = q.shape[1] // k_cache.shape[2]
+    k = k_cache.transpose(1, 2)  # [B, Hkv, S, D]
+    v = v_cache.transpose(1, 2)
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    valid = torch.arange(S, device=q.device)[None, :] < lengths[:, None]  # [B, S]
+    mask = valid[:, None, None, :]  # broadcast over heads and the single query
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale)
+    return out[:, :, 0, :]
