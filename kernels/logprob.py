@@ -1,0 +1,569 @@
+"""Fused hidden states -> per-token log-probs (and entropy), never materialising [N, V] logits.
+
+    fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, impl="auto")
+        hidden   [N, H]  fp16 / bf16 / fp32 (fp64 too on impl="torch"); rows with unit last stride
+        weight   [V, H]  same dtype as hidden, contiguous (the lm head; the embedding when tied)
+        targets  [N]     int64, in [0, V) or -100 (= ignored)
+        returns  logp [N] fp32, entropy [N] fp32 (or None)
+
+    z = hidden @ weight.T / temperature        (the "logits" below are always this scaled z)
+    logp[i]    = z[i, t_i] - logsumexp(z[i])
+    entropy[i] = -sum_j p_ij log p_ij,  p = softmax(z[i])
+    Ignored rows (target == -100) give logp 0 and entropy 0 and no gradient from either output.
+
+Differentiable in hidden and weight. Gradient with respect to z (derivation):
+    d logp_i / d z_ij = [j == t_i] - p_ij
+    d H_i    / d z_ij = -p_ij (z_ij - sum_k p_ik z_ik) = -p_ij (log p_ij + H_i)
+and d z / d (hidden @ weight.T) = 1 / temperature, so with upstream g (logp) and e (entropy)
+    dA_ij = (g_i ([j == t_i] - p_ij) - e_i p_ij (log p_ij + H_i)) / temperature,
+    d hidden = dA @ weight,  d weight = dA^T @ hidden.
+
+Two implementations, same semantics:
+  impl="triton": Triton kernels (CUDA, or the interpreter under TRITON_INTERPRET=1).
+    forward   `_fwd_kernel`, grid (token blocks x vocab splits): each program loops over its vocab
+              slice, builds each [BLOCK_T, BLOCK_V] logit tile with tl.dot over H, and keeps per-row
+              online stats in fp32: running max m, s = sum exp(z - m), t = sum exp(z - m)(z - m)
+              (entropy = log s - t / s, computed relative to the max so a large common shift of the
+              logits does not cancel), and the target logit. `_merge_kernel` merges the per-split
+              partials [4, splits, N] into logp, entropy and lse. Saved for backward: lse [N] and
+              entropy [N] (fp32) besides the inputs; nothing of size N x V.
+    backward  vocab chunk by vocab chunk (chunk width Vc chosen so an [N, Vc] buffer stays under
+              `BWD_CHUNK_BYTES`): `_bwd_dlogits_kernel` recomputes the logit tiles of the chunk and
+              writes dA[N, Vc] (computed in fp32, stored in the GEMM dtype only at the end, so the
+              1 - p_target cancellation happens in fp32); then two cuBLAS GEMMs per chunk:
+              dW[chunk] = dA^T @ hidden (reduction over ALL N tokens: dW is written exactly once,
+              never read-modify-written per token chunk) and dX_fp32 += dA @ W[chunk].
+              Why not two pure-Triton GEMM kernels (dX over a vocab loop per token block, dW over a
+              token loop per vocab block)? Their accumulators are [BLOCK_T, H] and [BLOCK_V, H]:
+              at H = 5120 that is 2.6 MB of fp32 per program, far beyond registers/SMEM, so they
+              would need an extra H split that multiplies the logit recompute by H / BLOCK_H_out.
+              A chunked dA buffer + cuBLAS costs 8 N H V flops in total (2 fwd + 2 recompute +
+              4 GEMMs), only ~2 bytes x N x Vc of scratch, and the two big GEMMs run at cuBLAS
+              speed. The only per-chunk read-modify-write is dX (N x H x 4 bytes, V/Vc times),
+              which is small next to the GEMMs (V x H x N).
+  impl="torch": plain torch, chunked; what the CPU trainer uses. The forward walks token chunks
+    (each [C, V] logits chunk in fp32), the backward walks vocab chunks like the Triton path.
+  impl="auto": Triton when the tensors are on CUDA and triton imports, torch otherwise.
+
+Offsets are 64-bit in the kernels (program ids and row/col indices cast to int64 before any
+multiplication by a stride): N * V passes 2^31 at N ~ 14.1k for V = 152064.
+Temperature is a `tl.constexpr` (a Python float passed as a plain argument would become fp64 under
+torch.compile/Inductor); each temperature value compiles once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # triton is optional: the torch path must work without it
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only on machines without triton
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+IGNORE_INDEX = -100
+
+# Scratch budget of the backward's [N, Vc] dA buffer (bytes); the vocab chunk is derived from it.
+BWD_CHUNK_BYTES = int(os.environ.get("LWZ_LOGPROB_BWD_CHUNK_BYTES", str(512 << 20)))
+# Elements of one fp32 logits chunk in the torch path ([C, V] forward, [N, Vc] backward).
+TORCH_CHUNK_ELEMS = int(os.environ.get("LWZ_LOGPROB_TORCH_CHUNK_ELEMS", str(1 << 22)))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---- block sizes -------------------------------------------------------------------------------
+# H100 (sm_90), bf16: 128 x 128 logit tiles, K step 64, 8 warps, 3 stages -> 96 KB of SMEM for the
+# pipelined operands; checked spill-free by `python -m kernels.report`. The interpreter pays per tile
+# op, not per element, so it gets tiles that cover the small test shapes in few steps.
+GPU_CONFIG = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+GPU_BWD_CONFIG = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, GROUP_T=8, num_warps=8, num_stages=3)
+INTERP_CONFIG = dict(BLOCK_T=64, BLOCK_V=256, BLOCK_H=64, num_warps=4, num_stages=1)
+INTERP_BWD_CONFIG = dict(BLOCK_T=64, BLOCK_V=256, BLOCK_H=64, GROUP_T=2, num_warps=4, num_stages=1)
+MERGE_BLOCK = 256
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _fwd_kernel(
+        x_ptr, w_ptr, tgt_ptr, part_ptr,
+        N, V, H, stride_xn, stride_wv, tiles_per_split, n_vtiles,
+        TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # part_ptr: fp32 [4, SPLITS, N] = (max, sum exp(z-max), sum exp(z-max)(z-max), target z)
+        pid_t = tl.program_id(0).to(tl.int64)
+        pid_s = tl.program_id(1).to(tl.int64)
+        n_splits = tl.num_programs(1).to(tl.int64)
+        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+        row_mask = rows < N
+        tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
+        offs_h = tl.arange(0, BLOCK_H)
+        m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_T], tl.float32)
+        t = tl.zeros([BLOCK_T], tl.float32)
+        zy = tl.zeros([BLOCK_T], tl.float32)
+        tile0 = pid_s * tiles_per_split
+        # only the tiles that exist: every visited tile has >= 1 valid column
+        n_tiles = tl.minimum(tiles_per_split, n_vtiles - tile0)
+        x_rows = x_ptr + rows[:, None] * stride_xn
+        for i in range(0, n_tiles):
+            cols = (tile0 + i) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+            col_mask = cols < V
+            w_rows = w_ptr + cols[:, None] * stride_wv
+            acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+            for k in range(0, tl.cdiv(H, BLOCK_H)):
+                hk = k * BLOCK_H + offs_h
+                h_mask = hk < H
+                x = tl.load(x_rows + hk[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+                w = tl.load(w_rows + hk[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            z = acc / TEMP
+            # padded vocab columns: -inf for the max, 0 (with p = 0) everywhere else
+            z_max = tl.where(col_mask[None, :], z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z_max, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # never -inf - -inf
+            alpha = tl.exp(m - m_safe)  # 0 on the first tile (m = -inf)
+            delta = tl.where(m == float("-inf"), 0.0, m - m_safe)  # avoid 0 * -inf
+            zc = tl.where(col_mask[None, :], z - m_safe[:, None], 0.0)
+            p = tl.where(col_mask[None, :], tl.exp(zc), 0.0)
+            # rescale sums to the new max: exp(z-m)(z-m) -> alpha exp(z-m)((z-m) + (m-m_new))
+            t = alpha * (t + s * delta) + tl.sum(p * zc, 1)
+            s = alpha * s + tl.sum(p, 1)
+            is_tgt = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
+            zy += tl.sum(tl.where(is_tgt, z, 0.0), 1)
+            m = m_new
+        base = part_ptr + pid_s * N + rows
+        stride_k = n_splits * N
+        tl.store(base, m, mask=row_mask)
+        tl.store(base + stride_k, s, mask=row_mask)
+        tl.store(base + 2 * stride_k, t, mask=row_mask)
+        tl.store(base + 3 * stride_k, zy, mask=row_mask)
+
+    @triton.jit
+    def _merge_kernel(
+        part_ptr, tgt_ptr, logp_ptr, ent_ptr, lse_ptr, N, n_splits,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = rows < N
+        stride_k = n_splits.to(tl.int64) * N
+        mx = tl.full([BLOCK], float("-inf"), tl.float32)
+        for k in range(0, n_splits):
+            mk = tl.load(part_ptr + k * N + rows, mask=mask, other=0.0)
+            mx = tl.maximum(mx, mk)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        S = tl.zeros([BLOCK], tl.float32)
+        T = tl.zeros([BLOCK], tl.float32)
+        zy = tl.zeros([BLOCK], tl.float32)
+        for k in range(0, n_splits):
+            off = part_ptr + k * N + rows
+            mk = tl.load(off, mask=mask, other=0.0)
+            sk = tl.load(off + stride_k, mask=mask, other=0.0)
+            tk = tl.load(off + 2 * stride_k, mask=mask, other=0.0)
+            zk = tl.load(off + 3 * stride_k, mask=mask, other=0.0)
+            a = tl.exp(mk - mx)  # 0 for an empty split (mk = -inf)
+            d = tl.where(mk == float("-inf"), 0.0, mk - mx)
+            S += a * sk
+            T += a * (tk + sk * d)
+            zy += zk
+        S = tl.where(S > 0.0, S, 1.0)  # only rows past N / degenerate; keeps log finite
+        log_s = tl.log(S)
+        lse = mx + log_s
+        ent = log_s - T / S
+        tgt = tl.load(tgt_ptr + rows, mask=mask, other=-100)
+        valid = tgt != -100
+        logp = tl.where(valid, (zy - mx) - log_s, 0.0)
+        ent = tl.where(valid, ent, 0.0)
+        tl.store(logp_ptr + rows, logp, mask=mask)
+        tl.store(ent_ptr + rows, ent, mask=mask)
+        tl.store(lse_ptr + rows, lse, mask=mask)
+
+    @triton.jit
+    def _bwd_dlogits_kernel(
+        x_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dl_ptr,
+        N, V, H, v_start, Vc, stride_xn, stride_wv, stride_dl,
+        TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_T: tl.constexpr,
+    ):
+        # dl_ptr: [N, Vc] in the GEMM dtype, column j <-> vocab entry v_start + j
+        pid = tl.program_id(0)
+        n_t = tl.cdiv(N, BLOCK_T)
+        n_v = tl.cdiv(Vc, BLOCK_V)
+        # grouped order: GROUP_T token blocks sweep the vocab tiles together (L2 reuse of W tiles)
+        per_group = GROUP_T * n_v
+        group = pid // per_group
+        first_t = group * GROUP_T
+        group_size = tl.minimum(n_t - first_t, GROUP_T)
+        pid_t = (first_t + (pid % per_group) % group_size).to(tl.int64)
+        pid_v = ((pid % per_group) // group_size).to(tl.int64)
+
+        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+        row_mask = rows < N
+        lcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = lcols < Vc
+        cols = v_start + lcols
+        offs_h = tl.arange(0, BLOCK_H)
+        x_rows = x_ptr + rows[:, None] * stride_xn
+        w_rows = w_ptr + cols[:, None] * stride_wv
+        acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+        for k in range(0, tl.cdiv(H, BLOCK_H)):
+            hk = k * BLOCK_H + offs_h
+            h_mask = hk < H
+            x = tl.load(x_rows + hk[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+            w = tl.load(w_rows + hk[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        z = acc / TEMP
+        tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        logp_all = z - lse[:, None]
+        p = tl.exp(logp_all)
+        d = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+        if HAS_GLOGP:
+            g = tl.load(glogp_ptr + rows, mask=row_mask, other=0.0)
+            onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
+            d += g[:, None] * (onehot - p)  # fp32: no 1 - p cancellation in low precision
+        if HAS_GENT:
+            e = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
+            ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+            d -= e[:, None] * p * (logp_all + ent[:, None])
+        d = d / TEMP
+        valid = (tgt != -100) & row_mask
+        d = tl.where(valid[:, None] & col_mask[None, :], d, 0.0)
+        out = dl_ptr + rows[:, None] * stride_dl + lcols[None, :]
+        tl.store(out, d.to(dl_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+# ---- AOT specs (kernels/report.py compiles these for sm_90 with no GPU) -----------------------------
+def _aot_specs():
+    if not HAS_TRITON:
+        return []
+    c, b = GPU_CONFIG, GPU_BWD_CONFIG
+    fwd_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "tgt_ptr": "*i64", "part_ptr": "*fp32",
+               "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i32", "stride_wv": "i32",
+               "tiles_per_split": "i32", "n_vtiles": "i32"}
+    fwd_const = {"TEMP": 1.0, "DOT_PRECISION": "tf32", "BLOCK_T": c["BLOCK_T"],
+                 "BLOCK_V": c["BLOCK_V"], "BLOCK_H": c["BLOCK_H"]}
+    merge_sig = {"part_ptr": "*fp32", "tgt_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",
+                 "lse_ptr": "*fp32", "N": "i32", "n_splits": "i32"}
+    bwd_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
+               "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dl_ptr": "*bf16",
+               "N": "i32", "V": "i32", "H": "i32", "v_start": "i32", "Vc": "i32",
+               "stride_xn": "i32", "stride_wv": "i32", "stride_dl": "i32"}
+    bwd_const = {"TEMP": 1.0, "HAS_GLOGP": True, "HAS_GENT": True, "DOT_PRECISION": "tf32",
+                 "BLOCK_T": b["BLOCK_T"], "BLOCK_V": b["BLOCK_V"], "BLOCK_H": b["BLOCK_H"],
+                 "GROUP_T": b["GROUP_T"]}
+    for k in fwd_const:
+        fwd_sig[k] = "constexpr"
+    for k in bwd_const:
+        bwd_sig[k] = "constexpr"
+    merge_sig["BLOCK"] = "constexpr"
+    return [
+        dict(name="logprob_fwd", fn=_fwd_kernel, signature=fwd_sig, constexprs=fwd_const,
+             num_warps=c["num_warps"], num_stages=c["num_stages"]),
+        dict(name="logprob_merge", fn=_merge_kernel, signature=merge_sig,
+             constexprs={"BLOCK": MERGE_BLOCK}, num_warps=4, num_stages=1),
+        dict(name="logprob_bwd_dlogits", fn=_bwd_dlogits_kernel, signature=bwd_sig,
+             constexprs=bwd_const, num_warps=b["num_warps"], num_stages=b["num_stages"]),
+    ]
+
+
+AOT_SPECS = _aot_specs()
+
+
+# ---- checks ---------------------------------------------------------------------------------------
+def _check_inputs(hidden, weight, targets, temperature, impl):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"fused_logprobs: hidden must be a 2-D tensor [N, H], got "
+                         f"{getattr(hidden, 'shape', type(hidden))}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"fused_logprobs: weight must be a 2-D tensor [V, H], got "
+                         f"{getattr(weight, 'shape', type(weight))}")
+    N, H = hidden.shape
+    V, Hw = weight.shape
+    if Hw != H:
+        raise ValueError(f"fused_logprobs: hidden is [N={N}, H={H}] but weight is [V={V}, H={Hw}]; "
+                         f"the hidden sizes must match")
+    if not isinstance(targets, torch.Tensor) or targets.shape != (N,):
+        raise ValueError(f"fused_logprobs: targets must be [N={N}], got "
+                         f"{tuple(getattr(targets, 'shape', ()))}")
+    if targets.dtype != torch.int64:
+        raise ValueError(f"fused_logprobs: targets must be int64, got {targets.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"fused_logprobs: hidden ({hidden.dtype}) and weight ({weight.dtype}) must "
+                         f"have the same dtype")
+    allowed = (torch.float16, torch.bfloat16, torch.float32)
+    if impl == "torch":
+        allowed = allowed + (torch.float64,)
+    if hidden.dtype not in allowed:
+        raise ValueError(f"fused_logprobs(impl={impl!r}): dtype {hidden.dtype} not supported, "
+                         f"expected one of {allowed}")
+    if not (hidden.device == weight.device == targets.device):
+        raise ValueError(f"fused_logprobs: hidden ({hidden.device}), weight ({weight.device}) and "
+                         f"targets ({targets.device}) must be on one device")
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"fused_logprobs: temperature must be a finite number > 0, got {temperature}")
+    if impl == "triton":
+        if hidden.stride(1) != 1 and H > 1:
+            raise ValueError("fused_logprobs: hidden must have a contiguous last dimension "
+                             f"(strides {hidden.stride()}); call .contiguous()")
+        if not weight.is_contiguous():
+            raise ValueError(f"fused_logprobs: weight must be contiguous (strides {weight.stride()})")
+        if not targets.is_contiguous():
+            raise ValueError("fused_logprobs: targets must be contiguous")
+    # A range check needs the values on the host: do it on CPU only (on CUDA it would be a sync
+    # per call). Out-of-range targets on CUDA give a meaningless logp for that row.
+    if targets.device.type == "cpu" and N > 0:
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= V))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"fused_logprobs: targets[{i}] = {int(targets[i])} is outside "
+                             f"[0, V={V}) and is not the ignore index {IGNORE_INDEX}")
+    return t
+
+
+# ---- Triton launchers -------------------------------------------------------------------------------
+def _cfg(device, bwd=False):
+    if device.type == "cuda" and not _interpreting():
+        return GPU_BWD_CONFIG if bwd else GPU_CONFIG
+    return INTERP_BWD_CONFIG if bwd else INTERP_CONFIG
+
+
+def _dot_precision(dtype):
+    # fp32 inputs are compared with fp64 references: keep them exact (no TF32)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_splits(n_tblocks, n_vtiles, device):
+    if device.type == "cuda" and not _interpreting():
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = max(1, -(-2 * sms // n_tblocks))  # >= ~2 waves of programs
+    else:
+        want = 3  # under the interpreter: small, but exercises the multi-split merge
+    return max(1, min(want, n_vtiles))
+
+
+def triton_forward(hidden, weight, targets, temperature):
+    """Returns (logp, entropy, lse), all fp32 [N]."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    logp = torch.empty(N, device=dev, dtype=torch.float32)
+    ent = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    if N == 0:
+        return logp, ent, lse
+    c = _cfg(dev)
+    n_tb = triton.cdiv(N, c["BLOCK_T"])
+    n_vt = triton.cdiv(V, c["BLOCK_V"])
+    splits = _num_splits(n_tb, n_vt, dev)
+    tiles_per_split = triton.cdiv(n_vt, splits)
+    splits = triton.cdiv(n_vt, tiles_per_split)  # no empty split
+    part = torch.empty(4, splits, N, device=dev, dtype=torch.float32)
+    _fwd_kernel[(n_tb, splits)](
+        hidden, weight, targets, part, N, V, H, hidden.stride(0), weight.stride(0),
+        tiles_per_split, n_vt,
+        TEMP=float(temperature), DOT_PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_T=c["BLOCK_T"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"],
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
+    _merge_kernel[(triton.cdiv(N, MERGE_BLOCK),)](part, targets, logp, ent, lse, N, splits,
+                                                 BLOCK=MERGE_BLOCK, num_warps=4)
+    return logp, ent, lse
+
+
+def _vocab_chunk(N, V, elem_bytes, block_v, budget):
+    vc = budget // max(1, N * elem_bytes)
+    vc = max(block_v, vc // block_v * block_v)
+    return min(vc, V)
+
+
+def _acc_mm(out32, a, b):
+    """out32 += a @ b with fp32 accumulation and fp32 output (a, b may be half precision)."""
+    if a.dtype == torch.float32:
+        out32.addmm_(a, b if b.dtype == torch.float32 else b.float())
+    elif a.is_cuda:
+        try:
+            torch.addmm(out32, a, b, out_dtype=torch.float32, out=out32)
+        except (TypeError, RuntimeError):  # older torch: no out_dtype
+            out32 += torch.mm(a, b).float()
+    else:
+        out32.addmm_(a.float(), b.float())
+
+
+def triton_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, temperature,
+                    need_dx=True, need_dw=True):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    dx32 = torch.zeros(N, H, device=dev, dtype=torch.float32) if need_dx else None
+    dw = torch.empty_like(weight) if need_dw else None
+    if N == 0 or (g_logp is None and g_ent is None):
+        if dw is not None:
+            dw.zero_()
+        return (dx32.to(hidden.dtype) if need_dx else None), dw
+    c = _cfg(dev, bwd=True)
+    on_gpu = dev.type == "cuda" and not _interpreting()
+    # GEMM dtype: tensor cores on GPU (bf16/fp16 dA, fp32 accumulate in cuBLAS); fp32 elsewhere
+    dl_dtype = hidden.dtype if on_gpu else torch.float32
+    elem = torch.finfo(dl_dtype).bits // 8
+    vc = _vocab_chunk(N, V, elem, c["BLOCK_V"], BWD_CHUNK_BYTES)
+    dl = torch.empty(N, vc, device=dev, dtype=dl_dtype)
+    dummy = lse  # placeholder pointer for absent upstream grads (never read: constexpr-guarded)
+    x_g = hidden if on_gpu or hidden.dtype == torch.float32 else hidden.float()
+    for v0 in range(0, V, vc):
+        w = min(vc, V - v0)
+        # the last (narrower) chunk reuses the buffer's storage as a contiguous [N, w] view
+        dlc = dl if w == vc else dl.view(-1)[: N * w].view(N, w)
+        grid = (triton.cdiv(N, c["BLOCK_T"]) * triton.cdiv(w, c["BLOCK_V"]),)
+        _bwd_dlogits_kernel[grid](
+            hidden, weight, targets, lse, ent,
+            g_logp if g_logp is not None else dummy, g_ent if g_ent is not None else dummy, dlc,
+            N, V, H, v0, w, hidden.stride(0), weight.stride(0), dlc.stride(0),
+            TEMP=float(temperature), HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
+            DOT_PRECISION=_dot_precision(hidden.dtype),
+            BLOCK_T=c["BLOCK_T"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_T=c["GROUP_T"],
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
+        wc = weight[v0:v0 + w]
+        if need_dx:
+            _acc_mm(dx32, dlc, wc)
+        if need_dw:
+            if on_gpu:
+                # one GEMM over all N tokens (fp32 accumulation inside cuBLAS), written once
+                torch.mm(dlc.t(), hidden, out=dw[v0:v0 + w])
+            else:
+                dw[v0:v0 + w] = (dlc.t() @ x_g).to(dw.dtype)
+    return (dx32.to(hidden.dtype) if need_dx else None), dw
+
+
+# ---- plain torch, chunked -----------------------------------------------------------------------
+def _torch_logits(x, weight, temperature):
+    # GEMM in the input dtype (what "plain torch in the same dtype" does), softmax math in fp32+
+    z = x @ weight.t()
+    z = z.float() if z.dtype != torch.float64 else z
+    return z / temperature
+
+
+def torch_forward(hidden, weight, targets, temperature):
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logp = torch.empty(N, device=hidden.device, dtype=acc)
+    ent = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    C = max(1, TORCH_CHUNK_ELEMS // max(1, V))
+    for i in range(0, N, C):
+        z = _torch_logits(hidden[i:i + C], weight, temperature)
+        t = targets[i:i + C]
+        ls = torch.logsumexp(z, dim=1)
+        z -= ls[:, None]  # in place: z is now log p (one [C, V] buffer + p below)
+        valid = t != IGNORE_INDEX
+        lp = z.gather(1, t.clamp(0, V - 1)[:, None]).squeeze(1)
+        p = z.exp()
+        e = -(p * z).sum(1)  # -sum p log p: no cancellation for large common shifts
+        logp[i:i + C] = torch.where(valid, lp, 0.0)
+        ent[i:i + C] = torch.where(valid, e, 0.0)
+        lse[i:i + C] = ls
+    return logp.float(), ent.float(), lse
+
+
+def torch_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, temperature,
+                   need_dx=True, need_dw=True):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    dx = torch.zeros(N, H, device=hidden.device, dtype=acc) if need_dx else None
+    dw = torch.empty_like(weight) if need_dw else None
+    valid = (targets != IGNORE_INDEX)
+    vf = valid.to(acc)[:, None]
+    gl = None if g_logp is None else (g_logp.to(acc)[:, None] * vf)
+    ge = None if g_ent is None else (g_ent.to(acc)[:, None] * vf)
+    x_acc = hidden.to(acc)
+    ent_ = ent.to(acc)[:, None]
+    lse_ = lse.to(acc)[:, None]
+    # vocab chunks: dW[chunk] is one GEMM over all tokens (written once, never accumulated)
+    Vc = max(1, TORCH_CHUNK_ELEMS // max(1, N))
+    for v0 in range(0, V, Vc):
+        wc = weight[v0:v0 + Vc]
+        z = _torch_logits(hidden, wc, temperature).to(acc)
+        z -= lse_  # log p
+        p = z.exp()
+        d = torch.zeros_like(z)
+        if ge is not None:
+            d -= ge * p * (z + ent_)
+        if gl is not None:
+            d -= gl * p
+            # one-hot part without a host sync: scatter g into the chunk's target column (if any)
+            idx = targets - v0
+            inside = (idx >= 0) & (idx < wc.shape[0])
+            d.scatter_add_(1, idx.clamp(0, wc.shape[0] - 1)[:, None], gl * inside.to(acc)[:, None])
+        d /= temperature
+        wc_acc = wc.to(acc)
+        if need_dx:
+            dx.addmm_(d, wc_acc)
+        if need_dw:
+            dw[v0:v0 + Vc] = (d.t() @ x_acc).to(dw.dtype)
+    return (dx.to(hidden.dtype) if need_dx else None), dw
+
+
+# ---- autograd -----------------------------------------------------------------------------------
+class FusedLogprobFunction(torch.autograd.Function):
+    """(hidden, weight, targets, temperature, impl) -> (logp fp32 [N], entropy fp32 [N]).
+    Saves hidden, weight, targets and the fp32 [N] stats lse and entropy; nothing [N, V]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, impl):
+        fwd = triton_forward if impl == "triton" else torch_forward
+        logp, ent, lse = fwd(hidden, weight, targets, temperature)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.temperature = temperature
+        ctx.impl = impl
+        ctx.mark_non_differentiable(lse)
+        return logp, ent, lse
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, _g_lse):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dx or need_dw):
+            return None, None, None, None, None
+        g_logp = None if g_logp is None else g_logp.float().contiguous()
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
+        bwd = triton_backward if ctx.impl == "triton" else torch_backward
+        dx, dw = bwd(hidden, weight, targets, lse, ent, g_logp, g_ent, ctx.temperature,
+                     need_dx=need_dx, need_dw=need_dw)
+        return dx, dw, None, None, None
+
+
+def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, impl="auto"):
+    """Per-token log p(target) (and entropy) of softmax(hidden @ weight.T / temperature).
+
+    hidden [N, H], weight [V, H] (same float dtype), targets int64 [N] (-100 = ignored: logp 0,
+    entropy 0, no gradient). Returns (logp fp32 [N], entropy fp32 [N] or None); differentiable in
+    hidden and weight. impl: "triton" | "torch" | "auto" (Triton on CUDA, chunked torch elsewhere).
+    """
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"fused_logprobs: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if impl == "auto":
+        impl = "triton" if (HAS_TRITON and isinstance(hidden, torch.Tensor) and hidden.is_cuda) \
+            else "torch"
+    if impl == "triton" and not HAS_TRITON:
+        raise RuntimeError("fused_logprobs(impl='triton'): triton is not importable")
+    if impl == "triton" and isinstance(hidden, torch.Tensor) and not hidden.is_cuda \
+            and not _interpreting():
+        raise ValueError("fused_logprobs(impl='triton'): tensors are on CPU; set TRITON_INTERPRET=1 "
+                         "(before importing triton) or use impl='torch'")
+    t = _check_inputs(hidden, weight, targets, temperature, impl)
+    logp, ent, _ = FusedLogprobFunction.apply(hidden, weight, targets, t, impl)
+    return logp, (ent if return_entropy else None)
