@@ -91,14 +91,16 @@ class FormatReward:
     """Format reward as a module-like callable: `reward(prompts, answers, meta) -> Tensor[B]` fp32.
 
     Reads the whole generated text from meta["response"] (a sample without one scores 0; the
-    extracted answer alone cannot show the think segment). `accept_unclosed=True` accepts a missing final `</answer>`
-    for samples whose meta["stopped"] is true; the default (False) matches
-    `lwz.prompts.extract_answer`, which needs the closing tag.
+    extracted answer alone cannot show the think segment). `accept_unclosed=True` (default) accepts a
+    missing final `</answer>` for samples whose meta["stopped"] is true (generation ended on the
+    `</answer>` stop string and the string was cut), like
+    `lwz.prompts.extract_answer(text, stopped_at_close=True)`; a text cut by the length cap
+    (stopped false) with no `</answer>` is broken.
     """
 
     name = "format"
 
-    def __init__(self, penalty_weight: float = 1.0, ngram: int = 4, accept_unclosed: bool = False):
+    def __init__(self, penalty_weight: float = 1.0, ngram: int = 4, accept_unclosed: bool = True):
         if penalty_weight < 0:
             raise ValueError(f"rewards.format.penalty_weight: expected >= 0, got {penalty_weight}")
         if ngram < 1:
