@@ -153,3 +153,96 @@ def save_hf_model(state_dict: dict, cfg: ModelConfig, folder: str, max_shard_byt
                 shutil.move(src, dst)
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+
+
+# ---- training state (torch.distributed.checkpoint) -------------------------------------------------
+
+COMPLETE = "COMPLETE"
+
+
+def _step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest complete checkpoint under `root` (a folder with the COMPLETE marker), or None.
+    Half-written ones (`*.tmp`, killed mid-write) are ignored."""
+    if not os.path.isdir(root):
+        return None
+    done = [n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp")
+            and os.path.isfile(os.path.join(root, n, COMPLETE))]
+    return os.path.join(root, max(done)) if done else None
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    import random
+
+    import numpy as np
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def save_training_state(root: str, step: int, model, optimizer, rank: int, extra: dict, keep: int = 0) -> str:
+    """Model + optimizer (sharded, DCP), every rank's RNG state and `extra` (step, scheduler, data
+    cursor) into root/step_N. Written under step_N.tmp and renamed once every rank has finished, so
+    a kill during the write leaves the previous checkpoint as the newest complete one."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = _step_dir(root, step)
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        torch.save(extra, os.path.join(tmp, "extra.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, COMPLETE), "w") as f:
+            f.write(str(step))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if keep > 0:
+            old = sorted(n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp"))
+            for n in old[:-keep]:
+                shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def load_training_state(path: str, model, optimizer, rank: int) -> dict:
+    """Inverse of save_training_state; returns `extra`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not os.path.isfile(os.path.join(path, COMPLETE)):
+        raise ModelLoadError(f"{path}: not a complete training checkpoint (no {COMPLETE} marker)")
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = os.path.join(path, f"rng_rank{rank}.pt")
+    if os.path.isfile(rng):
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return torch.load(os.path.join(path, "extra.pt"), weights_only=False)

@@ -1,0 +1,106 @@
+"""torch.distributed plumbing: init from the torchrun environment, FSDP2 wrapping, object gathers.
+
+A plain `python lwz/train.py` (no torchrun) runs as a world of one, on the same code path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto") -> Dist:
+    """Join (or create) the process group. nccl on GPUs, gloo on CPU, unless `backend` says."""
+    if "RANK" not in os.environ:  # launched without torchrun: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                device_id=device if backend == "nccl" else None)
+    return Dist(rank, world, local_rank, device, backend)
+
+
+def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
+                reshard_after_forward: bool = True) -> torch.nn.Module:
+    """FSDP2: `fully_shard` every decoder block, then the root (embeddings, final norm, lm head).
+
+    Gradients are reduce-scattered as sums (divide factor 1): our losses are already normalised by
+    the global token/sequence counts of the whole mini-batch, so averaging over ranks would be
+    wrong by a factor of the world size."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for m in model.modules():
+        if hasattr(m, "set_gradient_divide_factor"):
+            m.set_gradient_divide_factor(1.0)
+    return model
+
+
+def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Skip the reduce-scatter on all but the last micro-batch of a mini-batch."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+def all_gather_objects(obj, world: int) -> list:
+    """Every rank's `obj`, in rank order (pickled; meant for token lists and small metadata)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a list of floats over ranks (fp64 so counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """Full (unsharded) CPU state dict of an FSDP2 or plain model, on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,472 @@
+"""GRPO for LongWriter-Zero: `torchrun lwz/train.py --config configs/X.toml [--a.b=v ...]`.
+
+One step, top to bottom:
+  1. take `prompts_per_step` prompts (the cursor is training state); each rank takes its share
+  2. rollout: `group_size` answers per prompt with the KV-cache engine (full params gathered)
+  3. rewards (length, quality, format) per group on the rank that sampled it; advantages are each
+     reward's group z-score, averaged (the paper's formula)
+  4. all ranks exchange the token lists, split them into mini-batches, plan token-budget
+     micro-batches balanced across ranks (the planner) and pack them
+  5. old log-probs: recomputed by the policy before the update (default) or the sampler's
+  6. for ppo_epochs x mini-batches: forward over packed micro-batches -> fused log-probs ->
+     GRPO loss normalised by the whole mini-batch's token/sequence counts -> backward;
+     clip, AdamW step (a non-finite grad norm skips the update)
+  7. metrics (rank 0) and an atomic checkpoint every N steps; HF export at the end
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+if __package__ in (None, ""):  # `torchrun lwz/train.py`: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+
+from kernels.grpo_loss import grpo_loss
+from kernels.logprob import fused_logprobs
+from lwz import checkpoint as ckpt
+from lwz.config import ConfigError, parse_args, save_config
+from lwz.distributed import (DTYPES, all_gather_objects, all_reduce_sum, init_distributed, set_grad_sync,
+                             shard_model)
+from lwz.metrics import NVML, MetricsLog, peak_flops
+from lwz.model import ModelLoadError, Transformer, model_flops_per_token
+from lwz.packing import plan_microbatches
+from lwz.prompts import PromptCursor, PromptDataError, build_prompt, extract_answer, extract_think, load_prompts
+from lwz.rewards import group_advantages
+from lwz.rewards.format import FormatReward
+from lwz.rewards.length import LengthReward, count_words
+from lwz.rollout import full_params_for_generation, generate, logprob_mismatch
+from lwz.tokenizer import load_tokenizer
+
+
+@dataclass
+class Sample:
+    """One trained sequence: prompt + response tokens and what the loss needs (CPU tensors)."""
+    tokens: torch.Tensor  # [Lp + Lr] int64
+    n_prompt: int
+    advantage: float
+    rollout_logp: torch.Tensor  # [Lr] fp32, from the sampler
+    old_logp: torch.Tensor | None = None  # [Lr] fp32
+    ref_logp: torch.Tensor | None = None  # [Lr] fp32
+
+    @property
+    def n_response(self) -> int:
+        return self.tokens.numel() - self.n_prompt
+
+
+# ---- building blocks ---------------------------------------------------------------------------
+
+def build_policy(cfg, d, for_reference: bool = False) -> Transformer:
+    m = cfg.model
+    dtype = DTYPES[m.dtype] if d.device.type == "cuda" else torch.float32
+    ac = m.activation_checkpointing and not for_reference
+    if m.init == "pretrained":
+        model = Transformer.from_pretrained(m.path, dtype=dtype, device=d.device, attn_backend=m.attn_backend,
+                                            activation_checkpointing=ac)
+    else:  # random init, identical on every rank (same seed) before sharding
+        model = Transformer.from_config(m.path, dtype=dtype, device=d.device, seed=cfg.seed,
+                                        attn_backend=m.attn_backend, activation_checkpointing=ac)
+    if for_reference:
+        model.requires_grad_(False).eval()
+    if cfg.distributed.fsdp:
+        cuda = d.device.type == "cuda"
+        shard_model(model, DTYPES[cfg.distributed.param_dtype] if cuda else None,
+                    DTYPES[cfg.distributed.reduce_dtype] if cuda else None, cfg.distributed.reshard_after_forward)
+    return model
+
+
+def build_rewards(cfg, device):
+    """The enabled rewards, in the order length, quality, format (matching rewards.weights)."""
+    r = cfg.rewards
+    fns, weights = [], []
+    if r.length:
+        fns.append(LengthReward(max_words=r.length_max_words, default_range=tuple(r.default_length_range),
+                                on_broken=r.length_on_broken_format))
+        weights.append(r.weights[0])
+    if r.quality:
+        from lwz.rewards.quality import QualityRewardModel
+        if not r.quality_path:
+            raise ConfigError("config error: rewards.quality=true needs rewards.quality_path (a reward-model folder)")
+        fns.append(QualityRewardModel.from_pretrained(r.quality_path, device=device).eval())
+        weights.append(r.weights[1])
+    if r.format:
+        fns.append(FormatReward(penalty_weight=r.format_repetition_weight))
+        weights.append(r.weights[2])
+    if not fns:
+        raise ConfigError("config error: rewards: at least one of length, quality, format must be true")
+    return fns, weights
+
+
+def lr_lambda(cfg):
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        t = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def pack_samples(samples: list[Sample], device, pad_id: int):
+    """Pack sequences end to end. Returns ids, positions, cu_seqlens (int32), max_seqlen, targets
+    (next token at the positions that predict a response token, -100 elsewhere) and per-token
+    advantages / old / ref log-probs aligned with the targets. An empty list packs one masked
+    dummy token, so every rank runs the same number of forward/backward passes (FSDP needs it)."""
+    if not samples:
+        ids = torch.tensor([pad_id], device=device)
+        z = torch.zeros(1, device=device)
+        return dict(ids=ids, pos=torch.zeros(1, dtype=torch.long, device=device),
+                    cu=torch.tensor([0, 1], dtype=torch.int32, device=device), max_len=1,
+                    targets=torch.full((1,), -100, device=device), adv=z, old=z, ref=z, n_real=0)
+    ids, pos, tgt, adv, old, ref, cu = [], [], [], [], [], [], [0]
+    for s in samples:
+        L, P = s.tokens.numel(), s.n_prompt
+        ids.append(s.tokens)
+        pos.append(torch.arange(L))
+        t = torch.full((L,), -100, dtype=torch.long)
+        t[P - 1:L - 1] = s.tokens[P:]
+        tgt.append(t)
+        a = torch.zeros(L)
+        a[P - 1:L - 1] = s.advantage
+        adv.append(a)
+        for dst, src in ((old, s.old_logp), (ref, s.ref_logp)):
+            x = torch.zeros(L)
+            if src is not None:
+                x[P - 1:L - 1] = src
+            dst.append(x)
+        cu.append(cu[-1] + L)
+    cat = lambda xs: torch.cat(xs).to(device)  # noqa: E731
+    return dict(ids=cat(ids), pos=cat(pos), cu=torch.tensor(cu, dtype=torch.int32, device=device),
+                max_len=max(s.tokens.numel() for s in samples), targets=cat(tgt), adv=cat(adv),
+                old=cat(old), ref=cat(ref), n_real=len(samples))
+
+
+def split_logp(logp: torch.Tensor, samples: list[Sample], cu: torch.Tensor) -> list[torch.Tensor]:
+    """Per-sample response log-probs [Lr] from a packed [N] tensor (inverse of pack_samples)."""
+    out, starts = [], cu.tolist()
+    for s, st in zip(samples, starts):
+        out.append(logp[st + s.n_prompt - 1: st + s.tokens.numel() - 1].detach().float().cpu())
+    return out
+
+
+def policy_logprobs(model, mb, temperature: float, entropy: bool):
+    hidden = model(mb["ids"], mb["pos"], mb["cu"], mb["max_len"])
+    return fused_logprobs(hidden, model.lm_head_weight, mb["targets"], temperature=temperature,
+                          return_entropy=entropy)
+
+
+def plan(samples: list[Sample], cfg, world: int, hidden: int) -> list[list[list[int]]]:
+    lengths = [s.tokens.numel() for s in samples]
+    return plan_microbatches(lengths, cfg.grpo.max_tokens_per_microbatch, num_ranks=world, cost=cfg.grpo.pack_cost,
+                             attn_coeff=12 * hidden if cfg.grpo.pack_cost == "quadratic" else None)
+
+
+@torch.no_grad()
+def recompute_logprobs(model, samples, my_plan, cfg, d, pad_id, field: str):
+    """Fill `field` ("old_logp" / "ref_logp") of this rank's samples, then share them with all ranks."""
+    mine = {}
+    for mb_idx in my_plan:
+        mb_samples = [samples[i] for i in mb_idx]
+        mb = pack_samples(mb_samples, d.device, pad_id)
+        logp, _ = policy_logprobs(model, mb, cfg.rollout.temperature, False)
+        for i, lp in zip(mb_idx, split_logp(logp, mb_samples, mb["cu"])):
+            mine[i] = lp
+    for part in all_gather_objects(mine, d.world):
+        for i, lp in part.items():
+            setattr(samples[i], field, lp)
+
+
+def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id) -> dict:
+    """One optimizer step over one mini-batch; every rank holds all `samples`, trains its share."""
+    g = cfg.grpo
+    n_tokens = sum(s.n_response for s in samples)  # the global normalisers, exact on every rank
+    n_seqs = sum(1 for s in samples if s.n_response > 0)
+    my = plans[d.rank]
+    sums = {}
+    for k, mb_idx in enumerate(my):
+        set_grad_sync(model, k == len(my) - 1)
+        mb_samples = [samples[i] for i in mb_idx]
+        mb = pack_samples(mb_samples, d.device, pad_id)
+        mask = mb["targets"] != -100
+        logp, ent = policy_logprobs(model, mb, cfg.rollout.temperature, True)
+        loss, stats = grpo_loss(logp, mb["old"], mb["adv"], mask, mb["ref"] if g.kl_coef > 0 else None,
+                                clip_low=g.clip_low, clip_high=g.clip_high, clip_c=g.clip_c, kl_coef=g.kl_coef,
+                                kl_type=g.kl_type, loss_agg=g.loss_agg, global_tokens=max(n_tokens, 1),
+                                global_seqs=max(n_seqs, 1), cu_seqlens=mb["cu"], norm_const=cfg.norm_const,
+                                entropy=ent if g.entropy_coef > 0 else None, entropy_coef=g.entropy_coef)
+        loss.backward()
+        # stats are means over this micro-batch's unmasked tokens: re-weight to global sums
+        n_mb = float(mask.sum())
+        sums["tokens"] = sums.get("tokens", 0.0) + n_mb
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        sums["entropy"] = sums.get("entropy", 0.0) + float((ent.detach() * mask).sum())
+        for key in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean", "kl_mean", "approx_kl"):
+            if key in stats:
+                sums[key] = sums.get(key, 0.0) + float(stats[key]) * n_mb
+    keys = sorted(sums)
+    tot = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], d.device)))
+    params = [p for p in model.parameters() if p.grad is not None]
+    gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+    gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+    skipped = not math.isfinite(gn)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    nt = max(tot.get("tokens", 0.0), 1.0)
+    out = {k: tot[k] / nt for k in keys if k not in ("tokens", "loss")}
+    out.update(loss=tot.get("loss", 0.0), grad_norm=gn, skipped=float(skipped))
+    return out
+
+
+def rollout(policy, tok, records, cfg, d, step):
+    """Generate this rank's share of the step's prompts. Returns per-sample dicts (CPU)."""
+    r = cfg.rollout
+    texts = [build_prompt(rec.prompt, think=cfg.data.think, template_en=cfg.data.template_en,
+                          template_zh=cfg.data.template_zh) for rec in records]
+    prompt_ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    for i, p in enumerate(prompt_ids):
+        if len(p) > cfg.data.max_prompt_tokens:
+            raise ValueError(f"prompt {records[i].line if hasattr(records[i], 'line') else i} has {len(p)} tokens, "
+                             f"more than data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+    gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank)
+    policy.eval()
+    with full_params_for_generation(policy):
+        batch = generate(policy, prompt_ids, n=r.group_size, max_new_tokens=r.max_new_tokens,
+                         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                         stop_token_ids=[tok.eos_token_id], stop_strings=list(r.stop_strings), tokenizer=tok,
+                         generator=gen, batch_size=r.batch_size)
+    policy.train()
+    out = []
+    for j, s in enumerate(batch.samples):
+        rec = records[s.prompt_index]
+        resp = tok.decode(s.response_ids, skip_special_tokens=False)
+        stopped = s.finish_reason == "stop_string"
+        out.append(dict(question=rec.prompt, prompt=texts[s.prompt_index], prompt_ids=list(prompt_ids[s.prompt_index]),
+                        response_ids=list(s.response_ids), response=resp, logp=s.logprobs.float().cpu(),
+                        truncated=bool(s.truncated), stopped=stopped,
+                        length_range=rec.length_range))
+    return out
+
+
+def score(samples, reward_fns, weights, cfg):
+    """Rewards [K, B] and advantages [B] of this rank's samples (whole groups are local)."""
+    answers = [extract_answer(s["response"]) for s in samples]
+    meta = [dict(response=s["response"], length_range=s["length_range"], stopped=s["stopped"],
+                 question=s["question"]) for s in samples]
+    prompts = [s["question"] for s in samples]
+    R = torch.stack([fn(prompts, answers, meta).float().cpu() for fn in reward_fns])
+    adv = group_advantages(R, cfg.rollout.group_size, weights=weights, std_norm=cfg.rewards.std_norm)
+    return R, adv, answers
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(str(e) if str(e).startswith("config error") else f"config error: {e}", file=sys.stderr)
+        return 2
+    d = init_distributed(cfg.distributed.backend)
+    try:
+        return _run(cfg, d)
+    except (ConfigError, ModelLoadError, PromptDataError, FileNotFoundError, ValueError) as e:
+        # one clear line instead of a traceback; what was written so far stays on disk
+        print(f"rank {d.rank}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg, d) -> int:
+    torch.manual_seed(cfg.seed + d.rank)
+    run_dir = cfg.run_path if hasattr(cfg, "run_path") else os.path.join(cfg.logging.run_dir, cfg.name)
+    if d.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run_dir, "config.toml"))
+    tok = load_tokenizer(cfg.tokenizer.path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    records = load_prompts(cfg.data.prompts)
+    cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=cfg.data.shuffle)
+    if cfg.rollout.prompts_per_step % d.world:
+        raise ConfigError(f"config error: rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a "
+                          f"multiple of the world size {d.world} (each rank samples whole groups)")
+
+    policy = build_policy(cfg, d)
+    ref = build_policy(cfg, d, for_reference=True) if cfg.grpo.kl_coef > 0 else None
+    reward_fns, weights = build_rewards(cfg, d.device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    start = 0
+    ckdir = os.path.join(run_dir, "checkpoints")
+    resume = cfg.checkpoint.resume
+    if resume != "none":
+        path = ckpt.latest_checkpoint(ckdir) if resume == "auto" else resume
+        if path is not None:
+            extra = ckpt.load_training_state(path, policy, optimizer, d.rank)
+            scheduler.load_state_dict(extra["scheduler"])
+            cursor.load_state_dict(extra["cursor"])
+            start = extra["step"]
+            if d.is_main:
+                print(f"resumed from {path} at step {start}", flush=True)
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), d.is_main, cfg.logging.progress, cfg.steps)
+    log.truncate_after(start)
+    nvml, peak = NVML(d.device), peak_flops(d.device)
+    mcfg = policy.config
+    skipped_total = 0
+
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        step_records = cursor.next(records, cfg.rollout.prompts_per_step)
+        mine = step_records[d.rank::d.world]
+        local = rollout(policy, tok, mine, cfg, d, step)
+        t_roll = time.time()
+        R, adv, answers = score(local, reward_fns, weights, cfg)
+        t_rew = time.time()
+
+        # every rank gets every sequence (token lists are small) so the plan is global and exact
+        payload = [dict(tokens=s["prompt_ids"] + s["response_ids"], n_prompt=len(s["prompt_ids"]),
+                        adv=float(a), logp=s["logp"]) for s, a in zip(local, adv.tolist())]
+        samples = [Sample(torch.tensor(p["tokens"]), p["n_prompt"], p["adv"], p["logp"])
+                   for part in all_gather_objects(payload, d.world) for p in part]
+        full_plan = plan(samples, cfg, d.world, mcfg.hidden_size)
+
+        if cfg.rollout.old_logprobs == "recompute" or ref is not None:
+            recompute_logprobs(policy, samples, full_plan[d.rank], cfg, d, pad_id, "old_logp")
+        mism = logprob_mismatch_stats(samples)
+        if cfg.rollout.old_logprobs == "rollout":
+            for s in samples:
+                s.old_logp = s.rollout_logp
+        if ref is not None:
+            recompute_logprobs(ref, samples, full_plan[d.rank], cfg, d, pad_id, "ref_logp")
+        t_old = time.time()
+
+        upd = []
+        n_mini = cfg.grpo.mini_batches
+        for _ in range(cfg.grpo.ppo_epochs):
+            for m in range(n_mini):
+                idx = list(range(len(samples)))[m::n_mini]
+                mini = [samples[i] for i in idx]
+                upd.append(train_minibatch(policy, optimizer, mini, plan(mini, cfg, d.world, mcfg.hidden_size),
+                                           cfg, d, pad_id))
+        scheduler.step()
+        t_upd = time.time()
+        skipped_total += int(sum(u["skipped"] for u in upd))
+
+        # metrics: sums over ranks of this rank's rollouts
+        row = step_metrics(step + 1, local, R, answers, reward_fns, weights, d)
+        row.update({k: sum(u[k] for u in upd) / len(upd) for k in upd[0]})
+        row.update(mism)
+        row["skipped_total"] = skipped_total
+        row["lr"] = scheduler.get_last_lr()[0]
+        trained = sum(s.tokens.numel() for s in samples)
+        # forward+backward per PPO epoch, plus one forward (1/3 of fwd+bwd) per recomputation
+        passes = cfg.grpo.ppo_epochs + (cfg.rollout.old_logprobs == "recompute") / 3 + (ref is not None) / 3
+        flops = passes * sum(model_flops_per_token(mcfg, s.tokens.numel()) * s.tokens.numel() for s in samples)
+        row.update(time_rollout=t_roll - t0, time_reward=t_rew - t_roll, time_old_logprob=t_old - t_rew,
+                   time_update=t_upd - t_old, time_step=t_upd - t0, tokens_per_s=trained / (t_upd - t0),
+                   padding_waste=padding_waste(samples, full_plan))
+        if peak:  # model FLOPs of the training passes over their wall time, all GPUs
+            row["mfu"] = flops / (t_upd - t_rew) / (peak * d.world)
+        row.update(nvml.read())
+        log.write(row)
+        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+            ckpt.save_training_state(ckdir, step + 1, policy, optimizer, d.rank,
+                                     extra=dict(step=step + 1, scheduler=scheduler.state_dict(),
+                                                cursor=cursor.state_dict()),
+                                     keep=cfg.checkpoint.keep)
+
+    if cfg.checkpoint.export_hf and start < cfg.steps:
+        from lwz.distributed import full_state_dict
+        sd = full_state_dict(policy)
+        if d.is_main:
+            ckpt.save_hf_model(sd, mcfg, os.path.join(run_dir, "hf"))
+    if d.is_main:
+        summarize(run_dir, cfg)
+    return 0
+
+
+def logprob_mismatch_stats(samples) -> dict:
+    """Rollout-vs-trainer log-prob mismatch over all sequences (needs old_logp recomputed)."""
+    have = [s for s in samples if s.old_logp is not None and s.n_response > 0]
+    if not have:
+        return {}
+    Lr = max(s.n_response for s in have)
+    a = torch.zeros(len(have), Lr)
+    b = torch.zeros(len(have), Lr)
+    mask = torch.zeros(len(have), Lr, dtype=torch.bool)
+    for i, s in enumerate(have):
+        a[i, :s.n_response], b[i, :s.n_response], mask[i, :s.n_response] = s.rollout_logp, s.old_logp, True
+    lengths = torch.tensor([s.n_response for s in have])
+    out = logprob_mismatch(a, b, mask, lengths)
+    return {f"logp_mismatch_{k}": float(v) for k, v in out.items() if isinstance(v, (int, float))}
+
+
+def padding_waste(samples, full_plan) -> float:
+    """Padded tokens / real tokens if each micro-batch were padded to its longest sequence
+    (0 for our packed stream; reported for comparison with padded trainers)."""
+    real = sum(s.tokens.numel() for s in samples)
+    padded = sum(len(mb) * max(samples[i].tokens.numel() for i in mb)
+                 for rank in full_plan for mb in rank if mb)
+    return padded / max(real, 1) - 1.0
+
+
+def step_metrics(step, local, R, answers, reward_fns, weights, d) -> dict:
+    names = [getattr(f, "name", "quality") for f in reward_fns]
+    n = len(local)
+    w = torch.tensor(weights)
+    total = (w[:, None] * R).sum(0)  # weighted sum of the raw rewards
+    resp_tok = [len(s["response_ids"]) for s in local]
+    words = [count_words(a) if a is not None else count_words(s["response"]) for s, a in zip(local, answers)]
+    thinks = [extract_think(s["response"]) for s in local]
+    vals = [n, float(total.sum())] + [float(R[k].sum()) for k in range(len(names))] + [
+        float(sum(resp_tok)), float(sum(words)), float(sum(a is not None for a in answers)),
+        float(sum(s["truncated"] for s in local)), float(sum(len(t.split()) for t in thinks if t))]
+    tot = all_reduce_sum(vals, d.device)
+    N = max(tot[0], 1)
+    row = {"step": step, "reward_total": tot[1] / N}
+    for k, name in enumerate(names):
+        row[f"reward_{name}"] = tot[2 + k] / N
+    j = 2 + len(names)
+    row.update(response_tokens_mean=tot[j] / N, answer_words_mean=tot[j + 1] / N, format_ok_rate=tot[j + 2] / N,
+               truncation_rate=tot[j + 3] / N, think_words_mean=tot[j + 4] / N)
+    mx = torch.tensor([max(resp_tok or [0]), max(words or [0])], dtype=torch.float64, device=d.device)
+    if d.world > 1:
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+    row["response_tokens_max"], row["answer_words_max"] = mx.tolist()
+    return row
+
+
+def summarize(run_dir, cfg) -> None:
+    from lwz.metrics import read_metrics
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    if not rows:
+        return
+    k = min(10, max(1, len(rows) // 2))
+    first = sum(r["reward_total"] for r in rows[:k]) / k
+    last = sum(r["reward_total"] for r in rows[-k:]) / k
+    print(f"mean total reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} "
+          f"(change {last - first:+.3f})", flush=True)
+    for key in ("reward_length", "reward_format", "answer_words_mean"):
+        if key in rows[0]:
+            a = sum(r[key] for r in rows[:k]) / k
+            b = sum(r[key] for r in rows[-k:]) / k
+            print(f"  {key}: {a:.3f} -> {b:.3f}", flush=True)
+    if cfg.logging.plot:
+        from lwz.plot import plot_run
+        print(f"curves: {plot_run(run_dir)}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
