@@ -269,13 +269,18 @@ def _aot_specs():
     for k in bwd_const:
         bwd_sig[k] = "constexpr"
     merge_sig["BLOCK"] = "constexpr"
+    # aligned at the target shapes (torch allocations are 16-byte aligned; H = 5120 etc.)
+    ptrs = lambda sig: [k for k, v in sig.items() if v.startswith("*")]  # noqa: E731
     return [
         dict(name="logprob_fwd", fn=_fwd_kernel, signature=fwd_sig, constexprs=fwd_const,
-             num_warps=c["num_warps"], num_stages=c["num_stages"]),
+             num_warps=c["num_warps"], num_stages=c["num_stages"],
+             divisible=ptrs(fwd_sig) + ["H", "stride_xn", "stride_wv"]),
         dict(name="logprob_merge", fn=_merge_kernel, signature=merge_sig,
-             constexprs={"BLOCK": MERGE_BLOCK}, num_warps=4, num_stages=1),
+             constexprs={"BLOCK": MERGE_BLOCK}, num_warps=4, num_stages=1,
+             divisible=ptrs(merge_sig)),
         dict(name="logprob_bwd_dlogits", fn=_bwd_dlogits_kernel, signature=bwd_sig,
-             constexprs=bwd_const, num_warps=b["num_warps"], num_stages=b["num_stages"]),
+             constexprs=bwd_const, num_warps=b["num_warps"], num_stages=b["num_stages"],
+             divisible=ptrs(bwd_sig) + ["H", "v_start", "stride_xn", "stride_wv", "stride_dl"]),
     ]
 
 
