@@ -1,0 +1,516 @@
+"""Fused GRPO loss: ratio, decoupled clip, dual clip, KL to a reference policy, entropy bonus and
+the four loss aggregations, forward and backward, in Triton (plus the torch reference path).
+
+Public API
+----------
+`grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, clip_low, clip_high, clip_c=None,
+kl_coef=0.0, kl_type="k3", loss_agg="token-mean", global_tokens=None, global_seqs=None,
+cu_seqlens=None, norm_const=None, entropy=None, entropy_coef=0.0, impl="auto")` -> (loss, stats)
+
+Inputs (all packed 1-D over the N tokens of one micro-batch, the same layout as the packed stream):
+    logp        [N] fp32, requires grad: log-probs of the sampled tokens under the current policy.
+    old_logp    [N] fp32: log-probs under the rollout policy (no gradient).
+    advantages  [N] fp32: per-token advantage. GRPO advantages are per sequence; the trainer
+                broadcasts each sequence's advantage to all of its tokens (repeat_interleave over
+                cu_seqlens) so that this kernel stays purely per-token.
+    mask        [N] bool (or any float/int dtype, where "active" means != 0): which tokens are
+                trained on (response tokens). Masked tokens contribute nothing to the loss, the
+                gradient or the stats, whatever values (even NaN/inf) their inputs hold.
+    ref_logp    [N] fp32 or None: reference-policy log-probs; needed when kl_coef > 0. When given
+                with kl_coef == 0 the KL is still measured (stats) but adds nothing to the loss.
+    entropy     [N] fp32 or None: per-token policy entropy; gets the gradient -entropy_coef * w_t.
+    cu_seqlens  [B+1] int32: sequence boundaries; required by the seq-* modes.
+
+Per active token t (log-ratio clamped to [-20, 20] before exp, as verl does, so exp never
+overflows; outside that window the ratio has no gradient, exactly like torch.clamp):
+    r      = exp(clamp(logp - old_logp, -20, 20))
+    pg     = -min(r*A, clip(r, 1 - clip_low, 1 + clip_high)*A)
+    pg     = min(pg, -clip_c*A)                if clip_c is not None and A < 0   (dual clip)
+    d      = clamp(ref_logp - logp, -20, 20)
+    kl     = clamp(k, -10, 10) with k = -d (k1), d^2/2 (k2) or exp(d) - d - 1 (k3)
+    loss_t = pg + kl_coef*kl - entropy_coef*entropy
+
+Aggregation: loss = sum_t w_t * loss_t with
+    "token-mean"               w_t = 1 / global_tokens
+    "seq-mean-token-mean"      w_t = 1 / (n_i * global_seqs)      n_i = active tokens of t's seq
+    "seq-mean-token-sum"       w_t = 1 / global_seqs
+    "seq-mean-token-sum-norm"  w_t = 1 / (global_seqs * norm_const)   (Dr.GRPO: norm_const is a
+                               fixed constant such as the maximum response length, so the loss is
+                               sum_i sum_t loss_it / (B * L_max), the TRL/verl "dr_grpo" form)
+`global_tokens` / `global_seqs` are the normalisers of the whole optimisation batch (all
+micro-batches of all ranks): get the local parts with `count_normalisers`, sum them over
+micro-batches and all-reduce them over ranks. Python numbers or 0-d tensors (on the device: no
+host sync) are accepted. With them, summing the losses (and gradients) of any split of the batch
+into whole sequences gives the whole-batch loss. When None, this micro-batch's own counts are used
+(tokens with mask != 0, resp. sequences with >= 1 active token). Fully masked sequences contribute
+0 in every mode and are *not* counted in the default global_seqs or in `count_normalisers`. A
+normaliser of 0 (fully masked micro-batch) gives loss 0 and gradient 0, never NaN.
+
+Stats: dict of 0-d fp32 tensors, computed by the same forward launch.
+    policy_loss, kl_loss, entropy_loss   the aggregated parts (same normalisers as the loss, so
+                                         they add up to `loss` and sum over micro-batches).
+    clip_frac_low   fraction with A < 0 and r < 1 - clip_low   (lower clip active)
+    clip_frac_high  fraction with A > 0 and r > 1 + clip_high  (upper clip active)
+    dual_clip_frac  fraction with A < 0 and the dual-clip cap -clip_c*A active (0 without clip_c)
+    ratio_mean      mean r
+    kl_mean         mean kl (after the clamps; 0 without ref_logp)
+    approx_kl       mean of 0.5 * (clamped log-ratio)^2
+    entropy_mean    mean entropy (0 without entropy)
+    n_tokens        number of active tokens of this micro-batch
+The means are LOCAL: over this micro-batch's active tokens. Weight them by n_tokens to combine
+micro-batches or ranks.
+
+Triton implementation (Liger-style "gradient in forward"): the loss is a scalar, so the per-token
+gradient is known in the forward pass up to the upstream scalar and the normaliser.
+    forward  = `_grpo_fwd_kernel` (one program per BLOCK tokens, or per sequence for the seq-*
+               modes, which need n_i and the count of active sequences) writes the unscaled
+               per-token gradients and per-program partial sums [G, 16], then the one-program
+               `_grpo_finalize_kernel` sums the partials in a fixed order (deterministic, no
+               atomics), applies the normaliser and writes loss and stats.
+    backward = `_grpo_bwd_kernel`: dlogp = g_t * grad_output * scale (and the same for entropy).
+All float hyper-parameters are tl.constexpr (they are fixed for a run) and the per-step
+normaliser travels in an fp32 tensor: no Python float reaches a runtime kernel argument, which
+Inductor would turn into fp64 (see shared/reference/kernels.md, Liger PRs #1362/#1366).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import triton
+import triton.language as tl
+
+from kernels.reference import grpo_loss_reference
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_TYPES = {"k1": 1, "k2": 2, "k3": 3}
+
+# Slots of the per-program partial sums (fwd kernel -> finalize kernel).
+_NSLOT = 16
+P_POL, P_KL, P_ENT, P_TOK, P_CLO, P_CHI, P_DUAL, P_RATIO, P_KLRAW, P_AKL, P_ENTRAW, P_SEQ = range(12)
+# Slots of the finalized stats vector.
+STAT_NAMES = ("policy_loss", "kl_loss", "entropy_loss", "clip_frac_low", "clip_frac_high",
+              "dual_clip_frac", "ratio_mean", "kl_mean", "approx_kl", "entropy_mean", "n_tokens")
+_O_SCALE = 12  # 1/denominator, kept for the backward kernel
+
+# Shipped launch configuration (also what AOT_SPECS compiles).
+FWD_BLOCK, FWD_WARPS = 1024, 8  # 4 warps: 128 regs (seq-mean+k3+entropy) and an 8-byte stack at sm_90
+FIN_ROWS, FIN_WARPS = 128, 4
+BWD_BLOCK, BWD_WARPS = 1024, 4
+
+
+# ------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.minimum(tl.maximum(x, lo), hi)
+
+
+@triton.jit
+def _grpo_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr,  # inputs [N] / [B+1]
+    glogp_ptr, gent_ptr, part_ptr,  # outputs: unscaled grads [N], partial sums [G, 16]
+    N, NSEQ,
+    R_LO: tl.constexpr, R_HI: tl.constexpr,  # 1 - clip_low, 1 + clip_high
+    HAS_DUAL: tl.constexpr, CLIP_C: tl.constexpr,
+    HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr, KL_COEF: tl.constexpr,
+    HAS_ENT: tl.constexpr, ENT_COEF: tl.constexpr,
+    SEQ_GRID: tl.constexpr,  # one program per sequence (seq-* modes) instead of per BLOCK tokens
+    SEQ_MEAN: tl.constexpr,  # weight tokens by 1/n_i (seq-mean-token-mean)
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if SEQ_GRID:
+        start = tl.load(cu_ptr + pid)
+        # NSEQ == 0 (empty batch) still launches one program: it must see an empty range.
+        end = tl.maximum(tl.load(cu_ptr + pid + 1, mask=pid < NSEQ, other=0), start)
+    else:
+        start = pid * BLOCK
+        end = tl.minimum(start + BLOCK, N)
+
+    # Sequence mean: n_i must be known before any gradient is written, so count first (this
+    # re-reads only the 1-byte mask of the sequence).
+    inv_n = 1.0
+    if SEQ_MEAN:
+        n_act = 0.0
+        for s in range(start, end, BLOCK):
+            offs = s + tl.arange(0, BLOCK)
+            m = tl.load(mask_ptr + offs, mask=offs < end, other=0)
+            n_act += tl.sum((m != 0).to(tl.float32), axis=0)
+        inv_n = tl.where(n_act > 0.0, 1.0 / tl.maximum(n_act, 1.0), 0.0)
+
+    a_pol = 0.0
+    a_kl = 0.0
+    a_ent = 0.0
+    a_tok = 0.0
+    a_clo = 0.0
+    a_chi = 0.0
+    a_dual = 0.0
+    a_ratio = 0.0
+    a_klraw = 0.0
+    a_akl = 0.0
+    a_entraw = 0.0
+    for s in range(start, end, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        inb = offs < end
+        m = tl.load(mask_ptr + offs, mask=inb, other=0)
+        act = inb & (m != 0)
+        # Masked lanes read 0: their values (possibly NaN/inf) never enter the arithmetic.
+        lp = tl.load(logp_ptr + offs, mask=act, other=0.0)
+        old = tl.load(old_ptr + offs, mask=act, other=0.0)
+        adv = tl.load(adv_ptr + offs, mask=act, other=0.0)
+
+        lr_raw = lp - old
+        lr = _clamp(lr_raw, -20.0, 20.0)
+        lr_in = (lr_raw >= -20.0) & (lr_raw <= 20.0)  # torch.clamp passes grad on [lo, hi]
+        r = tl.exp(lr)
+        s1 = r * adv
+        s2 = _clamp(r, R_LO, R_HI) * adv
+        pg0 = -tl.minimum(s1, s2)
+        r_in = ((r >= R_LO) & (r <= R_HI)).to(tl.float32)
+        # d(-min(s1, s2))/dr: s1 path gives A, s2 path gives A only inside the clip window; on a
+        # tie torch splits the gradient half/half between the two arguments.
+        sel = tl.where(s1 < s2, 1.0, tl.where(s1 == s2, 0.5 + 0.5 * r_in, 0.0))
+        dpg = tl.where(lr_in, -adv * r * sel, 0.0)
+        pg = pg0
+        if HAS_DUAL:
+            neg = adv < 0.0
+            cap = -CLIP_C * adv
+            pg = tl.where(neg, tl.minimum(pg0, cap), pg0)
+            dsel = tl.where(pg0 < cap, 1.0, tl.where(pg0 == cap, 0.5, 0.0))
+            dpg = tl.where(neg, dpg * dsel, dpg)
+            a_dual += tl.sum((act & neg & (pg0 > cap)).to(tl.float32), axis=0)
+
+        g = dpg
+        if HAS_REF:
+            ref = tl.load(ref_ptr + offs, mask=act, other=0.0)
+            d_raw = ref - lp
+            d = _clamp(d_raw, -20.0, 20.0)
+            d_in = ((d_raw >= -20.0) & (d_raw <= 20.0)).to(tl.float32)
+            if KL_TYPE == 1:
+                k = -d
+                dk = d_in  # d(-d)/dlogp = +1 inside the clamp
+            elif KL_TYPE == 2:
+                k = 0.5 * d * d
+                dk = -d * d_in
+            else:
+                e = tl.exp(d)
+                k = e - d - 1.0
+                dk = (1.0 - e) * d_in
+            kl = _clamp(k, -10.0, 10.0)
+            dkl = tl.where((k >= -10.0) & (k <= 10.0), dk, 0.0)
+            kl = tl.where(act, kl, 0.0)
+            a_klraw += tl.sum(kl, axis=0)
+            if KL_COEF != 0.0:
+                g = g + KL_COEF * dkl
+                a_kl += tl.sum(KL_COEF * kl, axis=0)
+        if HAS_ENT:
+            ent = tl.load(ent_ptr + offs, mask=act, other=0.0)
+            a_entraw += tl.sum(ent, axis=0)
+            if ENT_COEF != 0.0:
+                a_ent += tl.sum(-ENT_COEF * ent, axis=0)
+            tl.store(gent_ptr + offs, tl.where(act, -ENT_COEF * inv_n, 0.0), mask=inb)
+
+        tl.store(glogp_ptr + offs, tl.where(act, g * inv_n, 0.0), mask=inb)
+        actf = act.to(tl.float32)
+        a_pol += tl.sum(tl.where(act, pg, 0.0), axis=0)
+        a_tok += tl.sum(actf, axis=0)
+        a_clo += tl.sum((act & (adv < 0.0) & (r < R_LO)).to(tl.float32), axis=0)
+        a_chi += tl.sum((act & (adv > 0.0) & (r > R_HI)).to(tl.float32), axis=0)
+        a_ratio += tl.sum(tl.where(act, r, 0.0), axis=0)
+        a_akl += tl.sum(tl.where(act, 0.5 * lr * lr, 0.0), axis=0)
+
+    # inv_n is constant over a program (a sequence in SEQ_MEAN mode): apply it to the sums once,
+    # which is exactly sum_t loss_t / n_i of the reference.
+    base = part_ptr + pid * 16
+    tl.store(base + 0, a_pol * inv_n)
+    tl.store(base + 1, a_kl * inv_n)
+    tl.store(base + 2, a_ent * inv_n)
+    tl.store(base + 3, a_tok)
+    tl.store(base + 4, a_clo)
+    tl.store(base + 5, a_chi)
+    tl.store(base + 6, a_dual)
+    tl.store(base + 7, a_ratio)
+    tl.store(base + 8, a_klraw)
+    tl.store(base + 9, a_akl)
+    tl.store(base + 10, a_entraw)
+    tl.store(base + 11, (a_tok > 0.0).to(tl.float32))  # active sequence (meaningful in SEQ_GRID)
+
+
+@triton.jit
+def _pick(v, cols, k):
+    return tl.sum(tl.where(cols == k, v, 0.0), axis=0)
+
+
+@triton.jit
+def _grpo_finalize_kernel(
+    part_ptr, den_ptr, loss_ptr, out_ptr, G,
+    HAS_DEN: tl.constexpr,  # den_ptr holds the full denominator (global normaliser given)
+    DEN_SEQS: tl.constexpr,  # else: den = (local seqs if DEN_SEQS else local tokens) * den_ptr[0]
+    ROWS: tl.constexpr,
+):
+    cols = tl.arange(0, 16)
+    acc = tl.zeros([16], dtype=tl.float32)
+    # Fixed-order reduction over the program partials: bitwise reproducible run to run.
+    for r0 in range(0, G, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        tile = tl.load(part_ptr + rows[:, None] * 16 + cols[None, :], mask=rows[:, None] < G, other=0.0)
+        acc += tl.sum(tile, axis=0)
+    n_tok = _pick(acc, cols, 3)
+    den = tl.load(den_ptr)
+    if not HAS_DEN:
+        if DEN_SEQS:
+            den = den * _pick(acc, cols, 11)
+        else:
+            den = den * n_tok
+    scale = tl.where(den > 0.0, 1.0 / tl.where(den > 0.0, den, 1.0), 0.0)
+    inv_tok = 1.0 / tl.maximum(n_tok, 1.0)
+    pol = _pick(acc, cols, 0) * scale
+    kl = _pick(acc, cols, 1) * scale
+    ent = _pick(acc, cols, 2) * scale
+    tl.store(loss_ptr, pol + kl + ent)
+    # out[0:3] aggregated parts, out[3:10] local means, out[10] n_tokens, out[12] scale.
+    means = acc * inv_tok
+    out = tl.where(cols == 0, pol, 0.0)
+    out = tl.where(cols == 1, kl, out)
+    out = tl.where(cols == 2, ent, out)
+    # the means: partial slots 4..10 -> out slots 3..9
+    for k in tl.static_range(3, 10):
+        out = tl.where(cols == k, _pick(means, cols, k + 1), out)
+    out = tl.where(cols == 10, n_tok, out)
+    out = tl.where(cols == 11, _pick(acc, cols, 11), out)
+    out = tl.where(cols == 12, scale, out)
+    tl.store(out_ptr + cols, out)
+
+
+@triton.jit
+def _grpo_bwd_kernel(glogp_ptr, gent_ptr, gout_ptr, scale_ptr, dlogp_ptr, dent_ptr, N,
+                     HAS_ENT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    c = tl.load(gout_ptr) * tl.load(scale_ptr)
+    tl.store(dlogp_ptr + offs, tl.load(glogp_ptr + offs, mask=inb, other=0.0) * c, mask=inb)
+    if HAS_ENT:
+        tl.store(dent_ptr + offs, tl.load(gent_ptr + offs, mask=inb, other=0.0) * c, mask=inb)
+
+
+# ------------------------------------------------------------------------------------ launcher
+
+def count_normalisers(mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+    """Local normalisers of one micro-batch, to be summed over micro-batches and all-reduced over
+    ranks, then passed as global_tokens / global_seqs.
+
+    mask [N] bool/float (active = != 0); cu_seqlens [B+1] int32 or None.
+    Returns (tokens, seqs): 0-d int64 tensors on mask's device (no host sync). tokens = active
+    tokens; seqs = sequences with at least one active token (fully masked sequences are not
+    counted); seqs is None when cu_seqlens is None.
+    """
+    act = (mask != 0).to(torch.int64)
+    tokens = act.sum()
+    if cu_seqlens is None:
+        return tokens, None
+    return tokens, (_seq_active_counts(act, cu_seqlens) > 0).sum()
+
+
+def _seq_active_counts(act_i64: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Active tokens per sequence [B] int64 from a 0/1 int64 vector [N] (exact integer cumsum)."""
+    csum = torch.nn.functional.pad(torch.cumsum(act_i64, 0), (1, 0))
+    cu = cu_seqlens.long()
+    return csum[cu[1:]] - csum[cu[:-1]]
+
+
+def _check_vec(name, t, n, dtypes):
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != n:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"grpo_loss: {name} must be a 1-D tensor of {n} tokens, got {shape}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"grpo_loss: {name} must be {'/'.join(str(d) for d in dtypes)}, got {t.dtype}")
+
+
+def _validate(logp, old_logp, advantages, mask, ref_logp, entropy, cu_seqlens, kl_coef, kl_type,
+              loss_agg, norm_const, clip_low, clip_high, clip_c):
+    if not isinstance(logp, torch.Tensor) or logp.dim() != 1:
+        raise ValueError("grpo_loss: logp must be a 1-D packed [N] fp32 tensor")
+    n = logp.shape[0]
+    f32 = (torch.float32,)
+    _check_vec("logp", logp, n, f32)
+    _check_vec("old_logp", old_logp, n, f32)
+    _check_vec("advantages", advantages, n, f32)
+    _check_vec("mask", mask, n, None)
+    if ref_logp is not None:
+        _check_vec("ref_logp", ref_logp, n, f32)
+    if entropy is not None:
+        _check_vec("entropy", entropy, n, f32)
+    for name, t in (("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
+                    ("ref_logp", ref_logp), ("entropy", entropy), ("cu_seqlens", cu_seqlens)):
+        if t is not None and t.device != logp.device:
+            raise ValueError(f"grpo_loss: {name} is on {t.device}, logp on {logp.device}")
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"grpo_loss: loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"grpo_loss: kl_type must be one of {tuple(KL_TYPES)}, got {kl_type!r}")
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError("grpo_loss: kl_coef > 0 needs ref_logp")
+    if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
+        raise ValueError(f"grpo_loss: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if clip_c is not None and not clip_c > 1.0:
+        raise ValueError(f"grpo_loss: clip_c (dual clip) must be > 1, got {clip_c}")
+    if loss_agg != "token-mean":
+        if cu_seqlens is None:
+            raise ValueError(f"grpo_loss: loss_agg={loss_agg!r} needs cu_seqlens [B+1] int32")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 1:
+            raise ValueError(f"grpo_loss: cu_seqlens must be 1-D int32 [B+1], got "
+                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        # Checking the values needs a device->host sync: only done off the GPU.
+        if not cu_seqlens.is_cuda and (int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n):
+            raise ValueError(f"grpo_loss: cu_seqlens must start at 0 and end at N={n}, got "
+                             f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
+    if loss_agg == "seq-mean-token-sum-norm" and not (norm_const is not None and norm_const > 0):
+        raise ValueError("grpo_loss: loss_agg='seq-mean-token-sum-norm' needs norm_const > 0 "
+                         "(e.g. the maximum response length)")
+
+
+def _denominator(loss_agg, global_tokens, global_seqs, norm_const, device):
+    """(den tensor [1] fp32, has_den): the full denominator when a global normaliser is given,
+    else the factor the finalize kernel multiplies the local count by."""
+    g = global_tokens if loss_agg == "token-mean" else global_seqs
+    mult = float(norm_const) if loss_agg == "seq-mean-token-sum-norm" else 1.0
+    if g is None:
+        return torch.full((1,), mult, dtype=torch.float32, device=device), False
+    if isinstance(g, torch.Tensor):
+        den = g.detach().reshape(1).to(device=device, dtype=torch.float32)
+        return (den * mult if mult != 1.0 else den.contiguous()), True
+    return torch.full((1,), float(g) * mult, dtype=torch.float32, device=device), True
+
+
+class _GRPOLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, entropy, old_logp, advantages, mask, ref_logp, cu_seqlens, den, cfg):
+        n = logp.shape[0]
+        dev = logp.device
+        seq_grid = cfg["loss_agg"] != "token-mean"
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)  # free reinterpretation; the kernel tests != 0
+        if seq_grid:
+            nseq = cu_seqlens.numel() - 1
+            grid_n = max(nseq, 1)
+            cu = cu_seqlens
+        else:
+            nseq = 0
+            grid_n = max(triton.cdiv(n, FWD_BLOCK), 1)
+            cu = torch.zeros(1, dtype=torch.int32, device=dev) if cu_seqlens is None else cu_seqlens
+        has_ref = ref_logp is not None
+        has_ent = entropy is not None
+        glogp = torch.empty(n, dtype=torch.float32, device=dev)
+        gent = torch.empty(n, dtype=torch.float32, device=dev) if has_ent else glogp
+        part = torch.empty((grid_n, _NSLOT), dtype=torch.float32, device=dev)
+        _grpo_fwd_kernel[(grid_n,)](
+            logp, old_logp, advantages, mask, ref_logp if has_ref else logp,
+            entropy if has_ent else logp, cu, glogp, gent, part, n, nseq,
+            R_LO=1.0 - cfg["clip_low"], R_HI=1.0 + cfg["clip_high"],
+            HAS_DUAL=cfg["clip_c"] is not None, CLIP_C=float(cfg["clip_c"] or 0.0),
+            HAS_REF=has_ref, KL_TYPE=KL_TYPES[cfg["kl_type"]], KL_COEF=float(cfg["kl_coef"]),
+            HAS_ENT=has_ent, ENT_COEF=float(cfg["entropy_coef"]),
+            SEQ_GRID=seq_grid, SEQ_MEAN=cfg["loss_agg"] == "seq-mean-token-mean",
+            BLOCK=FWD_BLOCK, num_warps=FWD_WARPS,
+        )
+        loss = torch.empty((), dtype=torch.float32, device=dev)
+        out = torch.empty(_NSLOT, dtype=torch.float32, device=dev)
+        _grpo_finalize_kernel[(1,)](part, den, loss, out, grid_n, HAS_DEN=cfg["has_den"],
+                                    DEN_SEQS=seq_grid, ROWS=FIN_ROWS, num_warps=FIN_WARPS)
+        ctx.save_for_backward(glogp, gent if has_ent else None, out)
+        ctx.has_ent = has_ent
+        ctx.mark_non_differentiable(out)
+        return loss, out
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_out):
+        glogp, gent, out = ctx.saved_tensors
+        n = glogp.shape[0]
+        dlogp = torch.empty_like(glogp)
+        dent = torch.empty_like(gent) if ctx.has_ent else None
+        if grad_loss is None:
+            grad_loss = torch.zeros((), dtype=torch.float32, device=glogp.device)
+        go = grad_loss.detach().to(torch.float32).contiguous()
+        if n > 0:
+            _grpo_bwd_kernel[(triton.cdiv(n, BWD_BLOCK),)](
+                glogp, gent if ctx.has_ent else glogp, go, out[_O_SCALE:], dlogp,
+                dent if ctx.has_ent else dlogp, n, HAS_ENT=ctx.has_ent, BLOCK=BWD_BLOCK,
+                num_warps=BWD_WARPS)
+        return dlogp, dent, None, None, None, None, None, None, None
+
+
+def _stats_from_out(out: torch.Tensor) -> dict:
+    return {name: out[i] for i, name in enumerate(STAT_NAMES)}
+
+
+def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, clip_low, clip_high, clip_c=None,
+              kl_coef=0.0, kl_type="k3", loss_agg="token-mean", global_tokens=None, global_seqs=None,
+              cu_seqlens=None, norm_const=None, entropy=None, entropy_coef=0.0, impl="auto"):
+    """GRPO/PPO clipped policy loss with optional dual clip, KL and entropy bonus; see the module
+    docstring for shapes, formulas, aggregation modes and stats.
+
+    Returns (loss 0-d fp32, differentiable in logp and entropy; stats dict of 0-d fp32 tensors).
+    impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (the plain reference) or
+    "auto" (triton on CUDA tensors, torch otherwise).
+    """
+    _validate(logp, old_logp, advantages, mask, ref_logp, entropy, cu_seqlens, kl_coef, kl_type,
+              loss_agg, norm_const, clip_low, clip_high, clip_c)
+    if impl == "auto":
+        impl = "triton" if logp.is_cuda else "torch"
+    if impl == "torch":
+        return grpo_loss_reference(
+            logp, old_logp, advantages, mask, ref_logp, clip_low=clip_low, clip_high=clip_high,
+            clip_c=clip_c, kl_coef=kl_coef, kl_type=kl_type, loss_agg=loss_agg,
+            global_tokens=global_tokens, global_seqs=global_seqs, cu_seqlens=cu_seqlens,
+            norm_const=norm_const, entropy=entropy, entropy_coef=entropy_coef)
+    if impl != "triton":
+        raise ValueError(f"grpo_loss: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if not logp.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("grpo_loss: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 "
+                         "(set before triton is imported); use impl='torch' or 'auto'")
+    den, has_den = _denominator(loss_agg, global_tokens, global_seqs, norm_const, logp.device)
+    cfg = dict(clip_low=float(clip_low), clip_high=float(clip_high),
+               clip_c=None if clip_c is None else float(clip_c), kl_coef=float(kl_coef),
+               kl_type=kl_type, entropy_coef=float(entropy_coef), loss_agg=loss_agg, has_den=has_den)
+    loss, out = _GRPOLossFunction.apply(
+        logp.contiguous(), None if entropy is None else entropy.contiguous(),
+        old_logp.detach().contiguous(), advantages.detach().contiguous(), mask.detach().contiguous(),
+        None if ref_logp is None else ref_logp.detach().contiguous(),
+        None if cu_seqlens is None else cu_seqlens.contiguous(), den, cfg)
+    return loss, _stats_from_out(out)
+
+
+# ------------------------------------------------------------------- ahead-of-time compile specs
+
+def _fwd_spec(name, seq_grid, seq_mean, has_ref, kl_type, has_ent, dual):
+    sig = {"logp_ptr": "*fp32", "old_ptr": "*fp32", "adv_ptr": "*fp32", "mask_ptr": "*u8",
+           "ref_ptr": "*fp32", "ent_ptr": "*fp32", "cu_ptr": "*i32", "glogp_ptr": "*fp32",
+           "gent_ptr": "*fp32", "part_ptr": "*fp32", "N": "i32", "NSEQ": "i32"}
+    consts = dict(R_LO=0.8, R_HI=1.28, HAS_DUAL=dual, CLIP_C=3.0 if dual else 0.0, HAS_REF=has_ref,
+                  KL_TYPE=kl_type, KL_COEF=0.001 if has_ref else 0.0, HAS_ENT=has_ent,
+                  ENT_COEF=0.001 if has_ent else 0.0, SEQ_GRID=seq_grid, SEQ_MEAN=seq_mean,
+                  BLOCK=FWD_BLOCK)
+    sig.update({k: "constexpr" for k in consts})
+    return dict(name=name, fn=_grpo_fwd_kernel, signature=sig, constexprs=consts,
+                num_warps=FWD_WARPS, num_stages=3)
+
+
+# Each Triton kernel at its shipped block size; the forward in its lightest and heaviest
+# specialisations (token-mean without extras; seq-mean-token-mean with k3 KL, entropy, dual clip).
+AOT_SPECS = [
+    _fwd_spec("grpo_fwd_token_mean", False, False, False, 3, False, False),
+    _fwd_spec("grpo_fwd_seq_mean_k3_ent_dual", True, True, True, 3, True, True),
+    dict(name="grpo_finalize", fn=_grpo_finalize_kernel,
+         signature={"part_ptr": "*fp32", "den_ptr": "*fp32", "loss_ptr": "*fp32", "out_ptr": "*fp32",
+                    "G": "i32", "HAS_DEN": "constexpr", "DEN_SEQS": "constexpr", "ROWS": "constexpr"},
+         constexprs=dict(HAS_DEN=True, DEN_SEQS=False, ROWS=FIN_ROWS), num_warps=FIN_WARPS, num_stages=1),
+    dict(name="grpo_bwd", fn=_grpo_bwd_kernel,
+         signature={"glogp_ptr": "*fp32", "gent_ptr": "*fp32", "gout_ptr": "*fp32", "scale_ptr": "*fp32",
+                    "dlogp_ptr": "*fp32", "dent_ptr": "*fp32", "N": "i32", "HAS_ENT": "constexpr",
+                    "BLOCK": "constexpr"},
+         constexprs=dict(HAS_ENT=True, BLOCK=BWD_BLOCK), num_warps=BWD_WARPS, num_stages=1),
+]
