@@ -25,8 +25,10 @@ Two implementations, same semantics:
               online stats in fp32: running max m, s = sum exp(z - m), t = sum exp(z - m)(z - m)
               (entropy = log s - t / s, computed relative to the max so a large common shift of the
               logits does not cancel), and the target logit. `_merge_kernel` merges the per-split
-              partials [4, splits, N] into logp, entropy and lse. Saved for backward: lse [N] and
-              entropy [N] (fp32) besides the inputs; nothing of size N x V.
+              partials [4, splits, N] into logp, entropy and the row stats. Saved for backward:
+              max [N], log sum exp(z - max) [N] and entropy [N] (fp32) besides the inputs (the
+              lse itself is never rounded to fp32: at |z| >> 1 that rounding shifts every
+              recomputed p by a common factor); nothing of size N x V.
     backward  vocab chunk by vocab chunk (chunk width Vc chosen so an [N, Vc] buffer stays under
               `BWD_CHUNK_BYTES`): `_bwd_dlogits_kernel` recomputes the logit tiles of the chunk and
               writes dA[N, Vc] (computed in fp32, stored in the GEMM dtype only at the end, so the
@@ -151,7 +153,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _merge_kernel(
-        part_ptr, tgt_ptr, logp_ptr, ent_ptr, lse_ptr, N, n_splits,
+        part_ptr, tgt_ptr, logp_ptr, ent_ptr, max_ptr, logs_ptr, N, n_splits,
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
@@ -179,7 +181,6 @@ if HAS_TRITON:
             zy += zk
         S = tl.where(S > 0.0, S, 1.0)  # only rows past N / degenerate; keeps log finite
         log_s = tl.log(S)
-        lse = mx + log_s
         ent = log_s - T / S
         tgt = tl.load(tgt_ptr + rows, mask=mask, other=-100)
         valid = tgt != -100
@@ -187,11 +188,14 @@ if HAS_TRITON:
         ent = tl.where(valid, ent, 0.0)
         tl.store(logp_ptr + rows, logp, mask=mask)
         tl.store(ent_ptr + rows, ent, mask=mask)
-        tl.store(lse_ptr + rows, lse, mask=mask)
+        # lse = mx + log_s is NOT formed: rounding it to fp32 at |z| >> 1 would shift every
+        # recomputed p by a common factor (sum p != 1, amplified by a large logit shift)
+        tl.store(max_ptr + rows, mx, mask=mask)
+        tl.store(logs_ptr + rows, log_s, mask=mask)
 
     @triton.jit
     def _bwd_dlogits_kernel(
-        x_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dl_ptr,
+        x_ptr, w_ptr, tgt_ptr, max_ptr, logs_ptr, ent_ptr, glogp_ptr, gent_ptr, dl_ptr,
         N, V, H, v_start, Vc, stride_xn, stride_wv, stride_dl,
         TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -226,9 +230,12 @@ if HAS_TRITON:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         z = acc / TEMP
         tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        logp_all = z - lse[:, None]
-        p = tl.exp(logp_all)
+        mx = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
+        log_s = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
+        logp_all = (z - mx[:, None]) - log_s[:, None]  # z - max is exact near the max
+        # padded vocab columns (z = 0) could overflow exp when every real logit is very negative
+        logp_all = tl.where(col_mask[None, :], logp_all, 0.0)
+        p = tl.where(col_mask[None, :], tl.exp(logp_all), 0.0)
         d = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
         if HAS_GLOGP:
             g = tl.load(glogp_ptr + rows, mask=row_mask, other=0.0)
@@ -256,8 +263,9 @@ def _aot_specs():
     fwd_const = {"TEMP": 1.0, "DOT_PRECISION": "tf32", "BLOCK_T": c["BLOCK_T"],
                  "BLOCK_V": c["BLOCK_V"], "BLOCK_H": c["BLOCK_H"]}
     merge_sig = {"part_ptr": "*fp32", "tgt_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",
-                 "lse_ptr": "*fp32", "N": "i32", "n_splits": "i32"}
-    bwd_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
+                 "max_ptr": "*fp32", "logs_ptr": "*fp32", "N": "i32", "n_splits": "i32"}
+    bwd_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "tgt_ptr": "*i64", "max_ptr": "*fp32",
+               "logs_ptr": "*fp32",
                "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dl_ptr": "*bf16",
                "N": "i32", "V": "i32", "H": "i32", "v_start": "i32", "Vc": "i32",
                "stride_xn": "i32", "stride_wv": "i32", "stride_dl": "i32"}
@@ -361,15 +369,16 @@ def _num_splits(n_tblocks, n_vtiles, device):
 
 
 def triton_forward(hidden, weight, targets, temperature):
-    """Returns (logp, entropy, lse), all fp32 [N]."""
+    """Returns (logp, entropy, (row max, log sum exp(z - max))), all fp32 [N]."""
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     logp = torch.empty(N, device=dev, dtype=torch.float32)
     ent = torch.empty_like(logp)
-    lse = torch.empty_like(logp)
+    mx = torch.empty_like(logp)
+    log_s = torch.empty_like(logp)
     if N == 0:
-        return logp, ent, lse
+        return logp, ent, (mx, log_s)
     c = _cfg(dev)
     n_tb = triton.cdiv(N, c["BLOCK_T"])
     n_vt = triton.cdiv(V, c["BLOCK_V"])
@@ -383,9 +392,9 @@ def triton_forward(hidden, weight, targets, temperature):
         TEMP=float(temperature), DOT_PRECISION=_dot_precision(hidden.dtype),
         BLOCK_T=c["BLOCK_T"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"],
         num_warps=c["num_warps"], num_stages=c["num_stages"])
-    _merge_kernel[(triton.cdiv(N, MERGE_BLOCK),)](part, targets, logp, ent, lse, N, splits,
+    _merge_kernel[(triton.cdiv(N, MERGE_BLOCK),)](part, targets, logp, ent, mx, log_s, N, splits,
                                                  BLOCK=MERGE_BLOCK, num_warps=4)
-    return logp, ent, lse
+    return logp, ent, (mx, log_s)
 
 
 def _vocab_chunk(N, V, elem_bytes, block_v, budget):
@@ -407,8 +416,9 @@ def _acc_mm(out32, a, b):
         out32.addmm_(a.float(), b.float())
 
 
-def triton_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, temperature,
+def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
                     need_dx=True, need_dw=True):
+    mx, log_s = stats
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -425,7 +435,7 @@ def triton_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, temperatur
     elem = torch.finfo(dl_dtype).bits // 8
     vc = _vocab_chunk(N, V, elem, c["BLOCK_V"], BWD_CHUNK_BYTES)
     dl = torch.empty(N, vc, device=dev, dtype=dl_dtype)
-    dummy = lse  # placeholder pointer for absent upstream grads (never read: constexpr-guarded)
+    dummy = ent  # placeholder pointer for absent upstream grads (never read: constexpr-guarded)
     x_g = hidden if on_gpu or hidden.dtype == torch.float32 else hidden.float()
     for v0 in range(0, V, vc):
         w = min(vc, V - v0)
@@ -433,7 +443,7 @@ def triton_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, temperatur
         dlc = dl if w == vc else dl.view(-1)[: N * w].view(N, w)
         grid = (triton.cdiv(N, c["BLOCK_T"]) * triton.cdiv(w, c["BLOCK_V"]),)
         _bwd_dlogits_kernel[grid](
-            hidden, weight, targets, lse, ent,
+            hidden, weight, targets, mx, log_s, ent,
             g_logp if g_logp is not None else dummy, g_ent if g_ent is not None else dummy, dlc,
             N, V, H, v0, w, hidden.stride(0), weight.stride(0), dlc.stride(0),
             TEMP=float(temperature), HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
@@ -466,24 +476,28 @@ def torch_forward(hidden, weight, targets, temperature):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logp = torch.empty(N, device=hidden.device, dtype=acc)
     ent = torch.empty_like(logp)
-    lse = torch.empty_like(logp)
+    mx = torch.empty_like(logp)
+    log_s = torch.empty_like(logp)
     C = max(1, TORCH_CHUNK_ELEMS // max(1, V))
     for i in range(0, N, C):
         z = _torch_logits(hidden[i:i + C], weight, temperature)
         t = targets[i:i + C]
-        ls = torch.logsumexp(z, dim=1)
-        z -= ls[:, None]  # in place: z is now log p (one [C, V] buffer + p below)
+        m = z.amax(dim=1)
+        z -= m[:, None]  # in place; z - max is exact near the max (see the merge kernel note)
+        ls = z.exp().sum(1).log()
+        z -= ls[:, None]  # z is now log p (one [C, V] buffer + p below)
         valid = t != IGNORE_INDEX
         lp = z.gather(1, t.clamp(0, V - 1)[:, None]).squeeze(1)
         p = z.exp()
         e = -(p * z).sum(1)  # -sum p log p: no cancellation for large common shifts
         logp[i:i + C] = torch.where(valid, lp, 0.0)
         ent[i:i + C] = torch.where(valid, e, 0.0)
-        lse[i:i + C] = ls
-    return logp.float(), ent.float(), lse
+        mx[i:i + C] = m
+        log_s[i:i + C] = ls
+    return logp.float(), ent.float(), (mx, log_s)
 
 
-def torch_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, temperature,
+def torch_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
                    need_dx=True, need_dw=True):
     N, H = hidden.shape
     V = weight.shape[0]
@@ -496,13 +510,15 @@ def torch_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, temperature
     ge = None if g_ent is None else (g_ent.to(acc)[:, None] * vf)
     x_acc = hidden.to(acc)
     ent_ = ent.to(acc)[:, None]
-    lse_ = lse.to(acc)[:, None]
+    mx_ = stats[0].to(acc)[:, None]
+    ls_ = stats[1].to(acc)[:, None]
     # vocab chunks: dW[chunk] is one GEMM over all tokens (written once, never accumulated)
     Vc = max(1, TORCH_CHUNK_ELEMS // max(1, N))
     for v0 in range(0, V, Vc):
         wc = weight[v0:v0 + Vc]
         z = _torch_logits(hidden, wc, temperature).to(acc)
-        z -= lse_  # log p
+        z -= mx_
+        z -= ls_  # log p
         p = z.exp()
         d = torch.zeros_like(z)
         if ge is not None:
@@ -525,28 +541,28 @@ def torch_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, temperature
 # ---- autograd -----------------------------------------------------------------------------------
 class FusedLogprobFunction(torch.autograd.Function):
     """(hidden, weight, targets, temperature, impl) -> (logp fp32 [N], entropy fp32 [N]).
-    Saves hidden, weight, targets and the fp32 [N] stats lse and entropy; nothing [N, V]."""
+    Saves hidden, weight, targets and the fp32 [N] stats (row max, log sum exp(z - max),
+    entropy); nothing [N, V]."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, impl):
         fwd = triton_forward if impl == "triton" else torch_forward
-        logp, ent, lse = fwd(hidden, weight, targets, temperature)
-        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        logp, ent, (mx, log_s) = fwd(hidden, weight, targets, temperature)
+        ctx.save_for_backward(hidden, weight, targets, mx, log_s, ent)
         ctx.temperature = temperature
         ctx.impl = impl
-        ctx.mark_non_differentiable(lse)
-        return logp, ent, lse
+        return logp, ent
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, _g_lse):
-        hidden, weight, targets, lse, ent = ctx.saved_tensors
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, mx, log_s, ent = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_dw):
             return None, None, None, None, None
         g_logp = None if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         bwd = triton_backward if ctx.impl == "triton" else torch_backward
-        dx, dw = bwd(hidden, weight, targets, lse, ent, g_logp, g_ent, ctx.temperature,
+        dx, dw = bwd(hidden, weight, targets, (mx, log_s), ent, g_logp, g_ent, ctx.temperature,
                      need_dx=need_dx, need_dw=need_dw)
         return dx, dw, None, None, None
 
@@ -570,5 +586,5 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
         raise ValueError("fused_logprobs(impl='triton'): tensors are on CPU; set TRITON_INTERPRET=1 "
                          "(before importing triton) or use impl='torch'")
     t = _check_inputs(hidden, weight, targets, temperature, impl)
-    logp, ent, _ = FusedLogprobFunction.apply(hidden, weight, targets, t, impl)
+    logp, ent = FusedLogprobFunction.apply(hidden, weight, targets, t, impl)
     return logp, (ent if return_entropy else None)

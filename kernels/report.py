@@ -137,16 +137,16 @@ def report(json_path=None, modules=MODULES):
 
 
 def format_table(rows) -> str:
-    head = f"{'kernel':<28} {'warps':>5} {'stages':>6} {'REG':>4} {'STACK':>5} {'SMEM dyn':>9} " \
+    head = f"{'kernel':<40} {'warps':>5} {'stages':>6} {'REG':>4} {'STACK':>5} {'SMEM dyn':>9} " \
            f"{'SMEM st':>7}  note"
     lines = [head, "-" * len(head)]
     for r in rows:
         name = f"{r['module'].split('.')[-1]}.{r['name']}"
         if r.get("error"):
-            lines.append(f"{name:<28} {r['num_warps']:>5} {r['num_stages']:>6}  ERROR {r['error']}")
+            lines.append(f"{name:<40} {r['num_warps']:>5} {r['num_stages']:>6}  ERROR {r['error']}")
             continue
         note = "SPILLS" if r["stack"] else ""
-        lines.append(f"{name:<28} {r['num_warps']:>5} {r['num_stages']:>6} {r['reg']:>4} "
+        lines.append(f"{name:<40} {r['num_warps']:>5} {r['num_stages']:>6} {r['reg']:>4} "
                      f"{r['stack']:>5} {r['shared_dynamic']:>9} {r['shared_static']:>7}  {note}")
     return "\n".join(lines)
 
