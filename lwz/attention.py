@@ -104,20 +104,64 @@ def _sdpa_packed(q, k, v, cu_seqlens, scale):
     return out
 
 
-def decode_attention(q, k_cache, v_cache, lengths, scale):
+try:  # optional: flash-attn's decode kernel reading a cache in place (cache_batch_idx: no compaction copy)
+    from flash_attn import flash_attn_with_kvcache as _flash_kvcache  # type: ignore
+except Exception:
+    _flash_kvcache = None
+
+
+def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, max_length=None, backend="auto"):
     """One new query per sequence against its cached keys (used by the rollout engine).
 
-    q [B, Hq, D]; k_cache/v_cache [B, S, Hkv, D] with the first `lengths[b]` slots valid
-    (the new token's k/v already written); lengths int64 [B]. Returns [B, Hq, D].
+    q [B, Hq, D]; k_cache/v_cache [R, S, Hkv, D] with the first `lengths[b]` slots of row
+    `rows[b]` valid (the new token's k/v already written); lengths int64 [B]; rows int64 [B] or
+    None (row b). `max_length` (host int >= lengths.max()) lets the SDPA path read only
+    cache[:, :max_length]. Returns [B, Hq, D].
+
+    Backends (same names as varlen_attention; "auto" picks flash > varlen > sdpa by device):
+      flash  -- flash_attn_with_kvcache(cache_seqlens=lengths, cache_batch_idx=rows)
+      varlen -- torch varlen_attn over the cache seen as a paged cache with one page per row
+                (block_table = rows, seqused_k = lengths); S must suit the kernel's page size
+                (the rollout engine rounds S up to a multiple of 256 on CUDA)
+      sdpa   -- masked SDPA (any device, the CPU path; gathers rows when `rows` is given)
+    The CUDA branches cannot run on the CPU CI; the SDPA branch is the tested one.
     """
-    B, S = k_cache.shape[:2]
-    rep = q.shape[1] // k_cache.shape[2]
+    backend = resolve_backend(backend, q.device)
+    if backend == "flash" and _flash_kvcache is not None:
+        B = q.shape[0]
+        idx = (torch.arange(B, device=q.device) if rows is None else rows).to(torch.int32)
+        out = _flash_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=lengths.to(torch.int32),
+                             cache_batch_idx=idx, softmax_scale=scale, causal=True)
+        return out[:, 0]
+    if backend in ("flash", "varlen") and _torch_varlen is not None:
+        return _decode_varlen_paged(q, k_cache, v_cache, lengths, scale, rows)
+    return _decode_sdpa(q, k_cache, v_cache, lengths, scale, rows, max_length)
+
+
+def _decode_varlen_paged(q, k_cache, v_cache, lengths, scale, rows):
+    B = q.shape[0]
+    idx = torch.arange(B, device=q.device) if rows is None else rows
+    block_table = idx.to(torch.int32)[:, None].contiguous()  # one page (= one cache row) per sequence
+    cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32)
+    kw = {"scale": scale, "seqused_k": lengths.to(torch.int32), "block_table": block_table}
+    if k_cache.shape[2] != q.shape[1]:
+        kw["enable_gqa"] = True
+    # a single query that is the newest token sees every valid key: no causal mask needed
+    return _torch_varlen(q, k_cache, v_cache, cu_q, None, 1, k_cache.shape[1], **kw)
+
+
+def _decode_sdpa(q, k_cache, v_cache, lengths, scale, rows=None, max_length=None):
+    S = k_cache.shape[1] if max_length is None else min(int(max_length), k_cache.shape[1])
+    k_cache, v_cache = k_cache[:, :S], v_cache[:, :S]
+    if rows is not None:
+        k_cache, v_cache = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    # grouped-query without copying the cache: the rep = Hq/Hkv query heads sharing a kv head
+    # become rep queries of that head (query head h uses kv head h // rep, as in HF)
+    qg = q.reshape(B, Hkv, Hq // Hkv, D)
     k = k_cache.transpose(1, 2)  # [B, Hkv, S, D]
     v = v_cache.transpose(1, 2)
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
     valid = torch.arange(S, device=q.device)[None, :] < lengths[:, None]  # [B, S]
-    mask = valid[:, None, None, :]  # broadcast over heads and the single query
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale)
-    return out[:, :, 0, :]
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.reshape(B, Hq, D)

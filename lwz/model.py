@@ -360,3 +360,103 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
     dense = L * per_layer + H * cfg.vocab_size
     attn = 12 * L * cfg.num_attention_heads * cfg.head_dim * (seq_len + 1) / 2
     return 6 * dense + attn
+
+
+# ---- decode path (the rollout engine, lwz/rollout.py) --------------------------------------------
+# Appended, not woven into the training forward: prefill and decode call the same submodules in the
+# same order as Block.forward (norm -> qkv -> attention -> o_proj -> residual -> norm -> MLP), so the
+# sampled tokens' log-probs match what the trainer recomputes on the packed sequences.
+
+from lwz.attention import decode_attention  # noqa: E402
+
+
+@dataclass
+class KVCache:
+    """Static per-layer key/value cache: k[l], v[l] are [B, S, Hkv, D] in the model's dtype.
+
+    Row b holds one sequence; slot s holds the key/value of its token at position s. Memory is
+    2 * layers * B * S * Hkv * D * bytes(dtype). On CUDA the same tensors are read as a paged cache
+    with one page per row (block_table = row index), so dropping finished rows costs no copy.
+    """
+
+    k: list
+    v: list
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device) -> "KVCache":
+        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)])
+
+    @staticmethod
+    def nbytes_for(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
+        el = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * batch * max_len * cfg.num_key_value_heads * cfg.head_dim * el
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache holding rows `rows` (in that order): compaction after sequences finish."""
+        return KVCache([t.index_select(0, rows) for t in self.k], [t.index_select(0, rows) for t in self.v])
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, upto: int) -> None:
+        """cache[dst, :upto] = cache[src, :upto] (fan a prefilled prompt out to its n samples)."""
+        for t in self.k + self.v:
+            t[dst, :upto] = t[src, :upto]
+
+
+def _prefill(model: "Transformer", input_ids, position_ids, cu_seqlens, max_seqlen: int,
+             cache: KVCache, rows: torch.Tensor):
+    """Packed prompt forward that also writes every token's k/v into cache[rows[b], position].
+
+    input_ids/position_ids [N], cu_seqlens [P+1] int32, rows int64 [P] (cache row of each sequence).
+    Returns the final-normed hidden [N, H], bit-for-bit the training forward's.
+    """
+    x = model.embed_tokens(input_ids)
+    cos, sin = rope_cos_sin(model.inv_freq, position_ids, x.dtype)
+    seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    tok_rows = torch.repeat_interleave(rows.to(x.device), seq_lens)
+    for li, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = attn.qkv(h, cos, sin)
+        cache.k[li].index_put_((tok_rows, position_ids), k)
+        cache.v[li].index_put_((tok_rows, position_ids), v)
+        o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, attn.scale, attn.backend)
+        x = x + attn.o_proj(o.reshape(x.shape[0], -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.norm(x)
+
+
+def _decode_step(model: "Transformer", input_ids, position_ids, cache: KVCache, rows=None,
+                 max_length: int | None = None):
+    """One new token per sequence. input_ids/position_ids int64 [B]; rows int64 [B] = cache row of
+    each sequence (None: row b, the compacted layout); max_length = a host-side bound on
+    position_ids + 1 (lets the SDPA path read only the filled part of the cache). Writes the new
+    k/v at cache[row, position] and returns the final-normed hidden [B, H]."""
+    x = model.embed_tokens(input_ids)
+    cos, sin = rope_cos_sin(model.inv_freq, position_ids, x.dtype)
+    B = x.shape[0]
+    idx_rows = torch.arange(B, device=x.device) if rows is None else rows
+    lengths = position_ids + 1
+    for li, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = attn.qkv(h, cos, sin)
+        cache.k[li].index_put_((idx_rows, position_ids), k)
+        cache.v[li].index_put_((idx_rows, position_ids), v)
+        o = decode_attention(q, cache.k[li], cache.v[li], lengths, attn.scale, rows=rows,
+                             max_length=max_length, backend=attn.backend)
+        x = x + attn.o_proj(o.reshape(B, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.norm(x)
+
+
+Transformer.prefill = _prefill
+Transformer.decode_step = _decode_step

@@ -1,0 +1,550 @@
+"""Rollout engine: batched sampling with a KV cache, returning tokens and sampling log-probs.
+
+    batch = generate(model, prompt_ids, n=8, max_new_tokens=14000, temperature=0.8,
+                     stop_strings=("</answer>",), tokenizer=tok, generator=g)
+    packed = to_packed(batch)          # the training stream: input_ids, position_ids, cu_seqlens, targets
+
+How it runs (one rollout batch):
+  1. A static KV cache [B, S, Hkv, D] per layer is allocated once (B = prompts * n,
+     S = the longest prompt + its token budget - 1).
+  2. The P distinct prompts are prefilled as ONE packed varlen batch through the same blocks as
+     training (model.prefill), writing their k/v into the cache row of each prompt's first sample;
+     the rows are then copied to the n - 1 other samples (the prompt is never recomputed).
+  3. Decode loop: one token per live sequence per step (model.decode_step). Sequences that finish
+     leave the batch: on CPU/SDPA the cache rows of the survivors are compacted (index_select);
+     on CUDA (flash / torch varlen backends) the survivors' row indices are passed to the kernel
+     (paged cache with one page per row, or flash-attn's cache_batch_idx), so nothing is copied.
+     Either way a group whose one answer runs to 14k tokens keeps only that sequence busy.
+
+Log-probs. Every sampled token gets two numbers:
+  logprobs        log softmax(logits / temperature)[token], BEFORE top-k / top-p truncation.
+                  This is what the trainer recomputes with kernels.logprob.fused_logprobs at the
+                  same temperature, so with top_p = 1 and top_k = 0 (the paper's setting) it is
+                  exactly the sampling distribution's log-prob, and old/new ratios are consistent.
+  trunc_logprobs  the log-prob under the distribution actually sampled from when top_k > 0 or
+                  top_p < 1: the truncated distribution renormalised. Equals `logprobs` when
+                  nothing is truncated. Greedy decoding gives 0 here (a point mass) and the
+                  temperature-T log-prob (T = 1 when temperature is 0) in `logprobs`.
+
+Sampling noise. Each step draws Exp(1) noise for ALL B samples of the batch (not just the live
+ones) and picks argmax(log p - log E) (the exponential race = sampling from p), so a sample's
+tokens depend only on the seed, its position in the batch and the step: the same seed gives the
+same samples whatever the compaction schedule. `batch_size` chunking draws chunks one after
+another from the same generator, so chunked and unchunked runs differ (each is repeatable).
+
+Stop conditions, checked after every token, the finishing token kept in the response:
+  "stop_token"   the token is in stop_token_ids (e.g. eos),
+  "stop_string"  the decoded response now contains a stop string (matched across token
+                 boundaries on a tail window of the recent tokens; the response is cut right after
+                 the token that completes it, so the string itself, e.g. "</answer>", is kept),
+  "length"       max_new_tokens generated, or the context (max_context) is full: truncated=True.
+
+FSDP2. Wrap generation in `full_params_for_generation(model)`: every FSDP module (each
+fully_shard'ed block and the root) is unsharded for the duration and resharded afterwards.
+Memory while generating: one full copy of the parameters in the param dtype (e.g. 3.1 GB for
+a 1.5B model in bf16) on every rank, plus the KV cache 2 * layers * B * S * Hkv * D * bytes
+(Qwen2.5-1.5B, bf16: 28 KiB per token, so 64 sequences x 15k tokens = 27 GB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lwz.model import KVCache
+
+FINISH_REASONS = ("stop_token", "stop_string", "length")
+IGNORE_INDEX = -100
+
+
+# ---- results ---------------------------------------------------------------------------------------
+
+@dataclass
+class RolloutBatch:
+    """S sampled sequences (prompt p's n samples are consecutive: sample s belongs to prompt_index[s]).
+
+    Tensors are on the CPU, laid out for the packing op (lwz.packing.pack):
+      prompt_tokens    int64 [S, Lp] left-padded with pad_id; real tokens at [prompt_starts[s]:]
+      prompt_starts    int64 [S]     Lp - prompt_lengths
+      prompt_lengths   int64 [S]
+      response_tokens  int64 [S, Lr] right-padded with pad_id; real tokens at [:response_lengths[s]]
+      response_lengths int64 [S]
+      response_logprobs       fp32 [S, Lr] log softmax(logits / T) at the sampled token (0 in padding)
+      response_trunc_logprobs fp32 [S, Lr] log-prob under the truncated (top-k/top-p) distribution
+      truncated        bool [S]     finished by length (max_new_tokens or the context)
+    `cat([prompt_tokens, response_tokens], 1)` holds each whole sequence contiguously from
+    prompt_starts[s] for prompt_lengths[s] + response_lengths[s] tokens (sequence_tokens & co).
+    """
+
+    prompt_index: torch.Tensor
+    prompt_tokens: torch.Tensor
+    prompt_starts: torch.Tensor
+    prompt_lengths: torch.Tensor
+    response_tokens: torch.Tensor
+    response_lengths: torch.Tensor
+    response_logprobs: torch.Tensor
+    response_trunc_logprobs: torch.Tensor
+    truncated: torch.Tensor
+    finish_reasons: list = field(default_factory=list)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return int(self.prompt_index.numel())
+
+    @property
+    def num_samples(self) -> int:
+        return len(self)
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        return [row[s:].tolist() for row, s in zip(self.prompt_tokens, self.prompt_starts.tolist())]
+
+    @property
+    def response_ids(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.response_tokens, self.response_lengths.tolist())]
+
+    @property
+    def logprobs(self) -> list[list[float]]:
+        return [row[:n].tolist() for row, n in zip(self.response_logprobs, self.response_lengths.tolist())]
+
+    @property
+    def trunc_logprobs(self) -> list[list[float]]:
+        return [row[:n].tolist() for row, n in zip(self.response_trunc_logprobs, self.response_lengths.tolist())]
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """bool [S, Lr]: True on real response tokens."""
+        Lr = self.response_tokens.shape[1]
+        return torch.arange(Lr)[None, :] < self.response_lengths[:, None]
+
+    @property
+    def sequence_tokens(self) -> torch.Tensor:
+        """int64 [S, Lp + Lr]: prompt (left-padded) then response (right-padded)."""
+        return torch.cat([self.prompt_tokens, self.response_tokens], dim=1)
+
+    @property
+    def sequence_starts(self) -> torch.Tensor:
+        return self.prompt_starts
+
+    @property
+    def sequence_lengths(self) -> torch.Tensor:
+        return self.prompt_lengths + self.response_lengths
+
+
+@dataclass
+class PackedRollout:
+    """The rollout as one packed training stream (sequence s = its prompt then its response).
+
+      input_ids     int64 [N]    position_ids int64 [N] (restart at 0 per sequence)
+      cu_seqlens    int32 [S+1]  max_seqlen int
+      targets       int64 [N]    next token where that next token is a response token, else -100
+      loss_mask     bool  [N]    targets != -100
+      response_index int64 [R]   positions of loss_mask in order = each response token, sample by sample
+      old_logprobs  fp32  [N]    the rollout's log-prob of targets[i] (0 where no loss)
+    fused_logprobs(hidden, W, targets, temperature=batch.temperature)[response_index] lines up
+    with batch.response_logprobs[batch.response_mask].
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+    response_index: torch.Tensor
+    old_logprobs: torch.Tensor
+    response_lengths: torch.Tensor
+
+    def unpack_responses(self, per_token: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """[N] per-token values (e.g. trainer log-probs) -> [S, Lr] aligned with response_tokens."""
+        S, Lr = self.response_lengths.numel(), int(self.response_lengths.max().item()) if len(self.response_lengths) else 0
+        out = per_token.new_full((S, Lr), fill)
+        mask = torch.arange(Lr)[None, :] < self.response_lengths[:, None]
+        out[mask.to(out.device)] = per_token[self.response_index.to(per_token.device)]
+        return out
+
+
+def to_packed(batch: RolloutBatch) -> PackedRollout:
+    """Pack prompt + response of every sample into one stream (pure torch; the csrc pack op does the
+    same from `batch.sequence_tokens / sequence_starts / sequence_lengths`)."""
+    seqs, tgts, olds, resp_idx = [], [], [], []
+    offset = 0
+    for s in range(len(batch)):
+        lp, lr = int(batch.prompt_lengths[s]), int(batch.response_lengths[s])
+        p = batch.prompt_tokens[s, int(batch.prompt_starts[s]):]
+        r = batch.response_tokens[s, :lr]
+        seq = torch.cat([p, r])
+        t = torch.full((lp + lr,), IGNORE_INDEX, dtype=torch.int64)
+        o = torch.zeros(lp + lr, dtype=torch.float32)
+        # position i predicts token i + 1: positions lp-1 .. lp+lr-2 predict the response
+        t[lp - 1:lp + lr - 1] = r
+        o[lp - 1:lp + lr - 1] = batch.response_logprobs[s, :lr]
+        resp_idx.append(torch.arange(lp - 1, lp + lr - 1) + offset)
+        seqs.append(seq), tgts.append(t), olds.append(o)
+        offset += lp + lr
+    lengths = batch.sequence_lengths
+    cu = torch.zeros(len(batch) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+    cat = (lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt))
+    input_ids = cat(seqs, torch.int64)
+    targets = cat(tgts, torch.int64)
+    return PackedRollout(
+        input_ids=input_ids,
+        position_ids=cat([torch.arange(int(n)) for n in lengths], torch.int64),
+        cu_seqlens=cu,
+        max_seqlen=int(lengths.max()) if len(batch) else 0,
+        targets=targets,
+        loss_mask=targets != IGNORE_INDEX,
+        response_index=cat(resp_idx, torch.int64),
+        old_logprobs=cat(olds, torch.float32),
+        response_lengths=batch.response_lengths.clone(),
+    )
+
+
+def logprob_mismatch(rollout_logp, trainer_logp, response_mask, lengths,
+                     buckets=(256, 1024, 4096, 16384)) -> dict:
+    """|rollout log-prob - trainer log-prob| over response tokens, overall and per length bucket.
+
+    rollout_logp, trainer_logp [S, L] (e.g. batch.response_logprobs and
+    packed.unpack_responses(trainer_logp)); response_mask bool [S, L]; lengths [S] (each sample's
+    response length, which picks its bucket: "len<=256", "len<=1024", ..., "len>16384").
+    Returns a flat dict for the metrics log: mean, max, tokens, and mean/<bucket>, max/<bucket>,
+    tokens/<bucket> for every non-empty bucket.
+    """
+    d = (rollout_logp.float() - trainer_logp.float().to(rollout_logp.device)).abs()
+    mask = response_mask.to(d.device).bool()
+    lengths = torch.as_tensor(lengths).to(d.device)
+
+    def stats(m):
+        vals = d[m]
+        if vals.numel() == 0:
+            return 0.0, 0.0, 0
+        return vals.mean().item(), vals.max().item(), int(vals.numel())
+
+    out = {}
+    out["mean"], out["max"], out["tokens"] = stats(mask)
+    lo = -1
+    edges = list(buckets) + [math.inf]
+    for hi in edges:
+        rows = (lengths > lo) & (lengths <= hi)
+        name = f"len<={hi}" if hi != math.inf else f"len>{buckets[-1]}"
+        mean, mx, n = stats(mask & rows[:, None])
+        if n:
+            out[f"mean/{name}"], out[f"max/{name}"], out[f"tokens/{name}"] = mean, mx, n
+        lo = hi
+    return out
+
+
+# ---- FSDP2 --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def full_params_for_generation(model: torch.nn.Module):
+    """Gather the full parameters of an FSDP2-sharded model for generation, reshard on exit.
+
+    Calls unshard() on every FSDPModule inside `model` (each fully_shard'ed block and the root) and
+    reshard() afterwards; a plain module passes through untouched. Cost while inside: one full
+    copy of the parameters in the FSDP param dtype on each rank (plus the rollout's KV cache).
+    generate() calls the submodules directly (no FSDP hooks fire), so nothing reshards midway.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except Exception:  # torch built without distributed
+        FSDPModule = ()
+    mods = [m for m in model.modules() if FSDPModule and isinstance(m, FSDPModule)]
+    if not mods:
+        yield model
+        return
+    # root first, then the blocks: the root's lazy init must see the whole tree
+    done = []
+    try:
+        for m in mods:
+            m.unshard()
+            done.append(m)
+        yield model
+    finally:
+        for m in reversed(done):
+            m.reshard()
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+def _truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature-scaled logits [B, V] -> same with tokens outside top-k / top-p set to -inf."""
+    if top_k and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability mass of strictly more likely tokens
+        drop_sorted = before >= top_p
+        drop_sorted[:, 0] = False  # always keep the most likely token
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, -math.inf)
+    return scaled
+
+
+def _sample(logits, noise, temperature, top_k, top_p, greedy):
+    """logits fp32 [B, V]; noise Exp(1) [B, V] or None -> (tokens [B], logp [B], trunc_logp [B])."""
+    t = temperature if temperature > 0 else 1.0
+    scaled = logits / t
+    logp_all = torch.log_softmax(scaled, dim=-1)
+    if greedy:
+        tok = torch.argmax(logits, dim=-1)
+        trunc = torch.zeros(tok.shape, dtype=torch.float32, device=tok.device)
+    else:
+        truncated = (top_k and top_k < logits.shape[-1]) or top_p < 1.0
+        trunc_all = torch.log_softmax(_truncate(scaled, top_k, top_p), dim=-1) if truncated else logp_all
+        tok = torch.argmax(trunc_all - noise.clamp_min(1e-30).log(), dim=-1)
+        trunc = trunc_all.gather(-1, tok[:, None])[:, 0]
+    return tok, logp_all.gather(-1, tok[:, None])[:, 0], trunc
+
+
+class _StopStrings:
+    """Matches stop strings on the decoded tail of each response (across token boundaries)."""
+
+    def __init__(self, stop_strings, tokenizer):
+        self.strings = tuple(s for s in stop_strings if s)
+        if self.strings and tokenizer is None:
+            raise ValueError("generate: stop_strings needs a tokenizer to decode the responses")
+        self.tok = tokenizer
+        # a token contributes >= 1 character except partial UTF-8 bytes / special tokens: a window of
+        # len(longest) + 8 tokens always holds a whole stop string ending at the newest token
+        self.window = max((len(s) for s in self.strings), default=0) + 8
+
+    def _decode(self, seqs):
+        if hasattr(self.tok, "batch_decode"):
+            return self.tok.batch_decode(seqs, skip_special_tokens=False)
+        return self.tok.decode_batch(seqs, skip_special_tokens=False)  # a raw tokenizers.Tokenizer
+
+    def hits(self, tails: list[list[int]]) -> list[bool]:
+        """tails: the last tokens of each response (newest last). True where a stop string ends in
+        the newest token (i.e. is in the tail's text but not in the text without the newest token)."""
+        if not self.strings or not tails:
+            return [False] * len(tails)
+        texts = self._decode(tails)
+        found = [any(s in t for s in self.strings) for t in texts]
+        idx = [i for i, f in enumerate(found) if f and len(tails[i]) > 1]
+        if idx:  # a hit already present without the newest token belongs to the window's past
+            prev = self._decode([tails[i][:-1] for i in idx])
+            for i, t in zip(idx, prev):
+                if any(s in t for s in self.strings):
+                    found[i] = False
+        return found
+
+
+# ---- generate -------------------------------------------------------------------------------------
+
+def _model_device_dtype(model):
+    w = model.embed_tokens.weight
+    if hasattr(w, "to_local"):  # a DTensor (FSDP2) outside full_params_for_generation
+        raise ValueError("generate: the model's parameters are sharded; wrap the call in "
+                         "full_params_for_generation(model)")
+    return w.device, w.dtype
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, greedy: bool = False, stop_token_ids=(),
+             stop_strings=(), tokenizer=None, generator: torch.Generator | None = None,
+             max_context: int | None = None, batch_size: int = 0, compact: str | bool = "auto",
+             pad_id: int | None = None) -> RolloutBatch:
+    """Sample `n` responses for each prompt (lists of token ids) with a KV cache.
+
+    temperature 0 means greedy. top_k = 0 and top_p = 1 disable truncation. stop_token_ids end a
+    response with that token kept; stop_strings (needs `tokenizer`, an HF tokenizer or a
+    tokenizers.Tokenizer) end it after the token completing the string. max_context (default
+    the model's max_position_embeddings) bounds prompt + response; a prompt that leaves no room
+    for one new token raises ValueError. batch_size > 0 runs at most that many sequences at a time
+    (whole prompt groups; at least one group). compact: True = copy the survivors' cache rows
+    when sequences finish, False = keep the cache and pass the survivors' row indices to attention,
+    "auto" = copy on the SDPA path, indices on CUDA kernels. Returns a RolloutBatch (CPU tensors).
+    """
+    if n < 1:
+        raise ValueError(f"generate: n must be >= 1, got {n}")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"generate: top_k must be >= 0, got {top_k}")
+    greedy = greedy or temperature == 0
+    cfg = model.config
+    max_context = int(max_context or cfg.max_position_embeddings)
+    pad_id = int(pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0))
+    prompts = [list(map(int, p)) for p in prompt_ids]
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"generate: prompt {i} is empty")
+        if len(p) + 1 > max_context:
+            raise ValueError(f"generate: prompt {i} has {len(p)} tokens; with at least 1 new token it "
+                             f"needs {len(p) + 1} > max_context={max_context}")
+    stopper = _StopStrings(stop_strings, tokenizer)
+    params = dict(n=n, max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+                  top_k=int(top_k), greedy=greedy, stop_token_ids=tuple(int(t) for t in stop_token_ids),
+                  stopper=stopper, generator=generator, max_context=max_context, compact=compact)
+    per_chunk = max(1, batch_size // n) if batch_size > 0 else max(1, len(prompts))
+    chunks = []
+    for c0 in range(0, len(prompts), per_chunk):
+        chunks.append(_generate_chunk(model, prompts[c0:c0 + per_chunk], c0, **params))
+    return _assemble(chunks, prompts, n, pad_id, params)
+
+
+def _generate_chunk(model, prompts, prompt_offset, *, n, max_new_tokens, temperature, top_p, top_k,
+                    greedy, stop_token_ids, stopper, generator, max_context, compact):
+    """Generate for one chunk of prompts; returns per-sample python lists (in sample order)."""
+    device, dtype = _model_device_dtype(model)
+    P = len(prompts)
+    B = P * n
+    plen = [len(p) for p in prompts for _ in range(n)]  # per sample
+    cap = [min(max_new_tokens, max_context - lp) for lp in plen]  # new-token budget per sample
+    S = max(lp + c - 1 for lp, c in zip(plen, cap))  # cache slots: the last token is never fed back
+    S = max(S, max(plen))
+    backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
+    from lwz.attention import resolve_backend
+    kernel = resolve_backend(backend, device)
+    if kernel != "sdpa":
+        S = -(-S // 256) * 256  # paged kernels want page sizes in multiples of 256
+    if compact == "auto":
+        compact = kernel == "sdpa"
+
+    cache = KVCache.allocate(model.config, B, S, dtype, device)
+
+    # 1. prefill the P distinct prompts as one packed batch into rows p * n
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
+    pos = torch.cat([torch.arange(int(L)) for L in lens]).to(device)
+    cu = torch.zeros(P + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lens, 0)
+    first_rows = torch.arange(P, device=device) * n
+    hidden = model.prefill(ids, pos, cu.to(device), int(lens.max()), cache, first_rows)
+    last = hidden[(cu[1:] - 1).long().to(device)]  # [P, H]
+    logits = model.logits(last).repeat_interleave(n, dim=0)  # [B, V], each sample draws its own token
+    if n > 1:  # fan the prefilled prompt out to the group's other samples (a copy, not a recompute)
+        src = first_rows.repeat_interleave(n - 1)
+        dst = (torch.arange(P, device=device)[:, None] * n + torch.arange(1, n, device=device)).reshape(-1)
+        cache.copy_rows(src, dst, int(lens.max()))
+
+    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.int64, device=device)
+    max_cap = max(cap)
+    out_tok = torch.zeros(B, max_cap, dtype=torch.int64, device=device)
+    out_lp = torch.zeros(B, max_cap, dtype=torch.float32, device=device)
+    out_tlp = torch.zeros(B, max_cap, dtype=torch.float32, device=device)
+    resp: list[list[int]] = [[] for _ in range(B)]  # host copies (stop strings need them)
+    reasons = [None] * B
+    n_out = [0] * B
+    cap_t = torch.tensor(cap, dtype=torch.int64, device=device)
+    plen_t = torch.tensor(plen, dtype=torch.int64, device=device)
+
+    active = torch.arange(B, device=device)  # sample ids of live sequences
+    active_l = list(range(B))
+    rows = None if compact else active.clone()  # cache rows of live sequences (index mode)
+    step = 0
+    while True:
+        noise = None
+        if not greedy:
+            noise = torch.empty((B, logits.shape[-1]), dtype=torch.float32,
+                                device=generator.device if generator is not None else device)
+            noise.exponential_(generator=generator)
+            noise = noise.to(device)[active]
+        tok, lp, tlp = _sample(logits, noise, temperature, top_k, top_p, greedy)
+        out_tok[active, step] = tok
+        out_lp[active, step] = lp
+        out_tlp[active, step] = tlp
+        done = step + 1 >= cap_t[active]
+        is_stop = torch.isin(tok, stop_ids) if stop_ids.numel() else torch.zeros_like(done)
+        tok_l = tok.tolist()  # the one host sync per step
+        done_l, stop_l = (done | is_stop).tolist(), is_stop.tolist()
+        for i, b in enumerate(active_l):
+            resp[b].append(tok_l[i])
+        str_hit = [False] * len(active_l)
+        if stopper.strings:
+            check = [i for i in range(len(active_l)) if not stop_l[i]]
+            hits = stopper.hits([resp[active_l[i]][-stopper.window:] for i in check])
+            for i, h in zip(check, hits):
+                str_hit[i] = h
+        keep = []
+        for i, b in enumerate(active_l):
+            if stop_l[i]:
+                reasons[b] = "stop_token"
+            elif str_hit[i]:
+                reasons[b] = "stop_string"
+            elif done_l[i]:
+                reasons[b] = "length"
+            else:
+                keep.append(i)
+                continue
+            n_out[b] = step + 1
+        step += 1
+        if not keep:
+            break
+        if len(keep) < len(active_l):
+            keep_t = torch.tensor(keep, dtype=torch.int64, device=device)
+            active = active[keep_t]
+            tok = tok[keep_t]
+            if compact:
+                cache = cache.select(keep_t)
+            else:
+                rows = rows[keep_t]
+            active_l = [active_l[i] for i in keep]
+        # the token sampled at step-1 sits at position plen + step - 1
+        positions = plen_t[active] + (step - 1)
+        max_len = max(plen[b] for b in active_l) + step
+        hidden = model.decode_step(tok, positions, cache, rows=rows, max_length=max_len)
+        logits = model.logits(hidden)
+
+    out_tok, out_lp, out_tlp = out_tok.cpu(), out_lp.cpu(), out_tlp.cpu()
+    samples = []
+    for b in range(B):
+        L = n_out[b]
+        samples.append(dict(prompt_index=prompt_offset + b // n, response=out_tok[b, :L], logp=out_lp[b, :L],
+                            tlogp=out_tlp[b, :L], reason=reasons[b]))
+    return samples
+
+
+def _assemble(chunks, prompts, n, pad_id, params) -> RolloutBatch:
+    samples = [s for c in chunks for s in c]
+    S = len(samples)
+    Lp = max((len(prompts[s["prompt_index"]]) for s in samples), default=0)
+    Lr = max((len(s["response"]) for s in samples), default=0)
+    prompt_tokens = torch.full((S, Lp), pad_id, dtype=torch.int64)
+    response_tokens = torch.full((S, Lr), pad_id, dtype=torch.int64)
+    lp_t = torch.zeros(S, Lr, dtype=torch.float32)
+    tlp_t = torch.zeros(S, Lr, dtype=torch.float32)
+    plens = torch.zeros(S, dtype=torch.int64)
+    rlens = torch.zeros(S, dtype=torch.int64)
+    for i, s in enumerate(samples):
+        p = prompts[s["prompt_index"]]
+        plens[i], rlens[i] = len(p), len(s["response"])
+        prompt_tokens[i, Lp - len(p):] = torch.tensor(p, dtype=torch.int64)
+        response_tokens[i, :rlens[i]] = s["response"]
+        lp_t[i, :rlens[i]] = s["logp"]
+        tlp_t[i, :rlens[i]] = s["tlogp"]
+    reasons = [s["reason"] for s in samples]
+    return RolloutBatch(
+        prompt_index=torch.tensor([s["prompt_index"] for s in samples], dtype=torch.int64),
+        prompt_tokens=prompt_tokens,
+        prompt_starts=Lp - plens,
+        prompt_lengths=plens,
+        response_tokens=response_tokens,
+        response_lengths=rlens,
+        response_logprobs=lp_t,
+        response_trunc_logprobs=tlp_t,
+        truncated=torch.tensor([r == "length" for r in reasons], dtype=torch.bool),
+        finish_reasons=reasons,
+        temperature=params["temperature"],
+        top_p=params["top_p"],
+        top_k=params["top_k"],
+        greedy=params["greedy"],
+        pad_id=pad_id,
+    )
