@@ -109,7 +109,7 @@ class RewardsConfig:
     length_max_words: int = 12000  # L_max: the length reward reaches 0 here
     default_length_range: list[int] = field(default_factory=lambda: [400, 800])  # prompts with no range
     length_on_broken_format: Literal["zero", "whole_response"] = "zero"  # no answer tags: reward 0, or measure all
-    quality_path: Optional[str] = None  # folder of the quality reward model; None = lwz.rewards.quality default
+    quality_path: Optional[str] = None  # folder of the quality reward model (train.py needs it when quality = true)
     quality_ranks: list[int] = field(default_factory=list)  # ranks hosting the quality model; [] = all
     format_repetition_weight: float = 1.0  # weight of the repeated-content penalty in the format reward
 
