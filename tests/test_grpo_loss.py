@@ -355,3 +355,28 @@ def test_aot_compile_sm90():
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count(" ok") == len(AOT_SPECS)
     assert {s["name"] for s in AOT_SPECS} >= {"grpo_finalize", "grpo_bwd"}
+
+
+# ------------------------------------------------------------------------------------ benchmark
+
+def test_bench_small_cpu(tmp_path):
+    """The benchmark runs at a small size and writes a JSON with finite numbers."""
+    import json
+
+    from bench.bench_grpo_loss import main
+
+    out = tmp_path / "grpo_loss-test.json"
+    res = main(["--tokens", "1024", "--seq-len", "256", "--iters", "2", "--no-compile", "--out", str(out)])
+    data = json.loads(out.read_text())
+    for k in ("gpu", "torch", "triton", "git_commit", "tokens", "bytes_formula", "copy", "results"):
+        assert k in data, k
+    assert data["tokens"] == 1024 and math.isfinite(data["copy"]["gbps"])
+    impls = {r["impl"] for r in data["results"]}
+    assert "torch_eager" in impls and ("triton" in impls) == (os.environ.get("TRITON_INTERPRET") == "1"
+                                                               or torch.cuda.is_available())
+    for r in data["results"]:
+        assert r["status"] == "ok", r
+        for k in ("ms", "gbps", "pct_of_copy", "speedup_vs_eager", "loss_diff_vs_eager"):
+            assert isinstance(r[k], (int, float)) and math.isfinite(r[k]), (r["impl"], k, r[k])
+        assert r["loss_diff_vs_eager"] < 1e-5
+    assert len(res["results"]) == len(data["results"])

@@ -1,0 +1,222 @@
+"""Benchmark of kernels.grpo_loss.grpo_loss (fused GRPO loss), forward + backward.
+
+    python -m bench.bench_grpo_loss [--tokens 262144] [--seq-len 2048] [--modes a,b] [--no-compile]
+                                    [--iters N] [--out PATH]
+
+Workload: N packed tokens in sequences of --seq-len tokens, ~80% of them active, clip 0.2/0.28,
+dual clip c=3, k3 KL (coef 0.001) against ref_logp, entropy bonus (coef 0.001), so every input
+and both gradients are live. Timed: loss + stats forward and the backward (torch.autograd.grad of
+the loss with respect to logp and entropy), for
+    triton         our kernels (CUDA; on CPU only under TRITON_INTERPRET=1, as a smoke run)
+    torch_eager    kernels.reference.grpo_loss_reference
+    torch_compile  torch.compile of the same reference (CUDA by default; --no-compile skips it)
+    d2d_copy       one device-to-device copy of the minimal bytes (below), as the bandwidth bar
+
+Bytes (the formula the GB/s columns use):
+    minimal  = N * (5*4 + 1 + 2*4) = 29 B/token: read logp, old_logp, advantages, ref_logp,
+               entropy (fp32) and the mask (bool) once, write dlogp and dentropy (fp32) once.
+    triton   = N * (21 + 8 + 8 + 8) = 45 B/token (+1 in seq-mean-token-mean: the mask is read
+               twice): the forward also writes the two unscaled per-token gradients, which the
+               backward reads and rescales ("gradient in forward", Liger style).
+GB/s = bytes / time; "% copy" = minimal-bytes GB/s / the copy's GB/s, where the copy moves the
+minimal bytes (it reads 29/2 and writes 29/2 B/token, GB/s counting read + write).
+At 256k tokens the op moves ~7.6 MB, a few microseconds of HBM time: it is launch-bound, and the
+number that matters is the count of launches (triton: 3 forward incl. the finalize + allocation
+fills, 1 backward; eager: dozens).
+
+Writes bench/results/grpo_loss-<gpu|cpu>.json (GPU name, versions, git commit, per-impl times)
+and prints a table. `main(argv)` returns the result dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from kernels.grpo_loss import grpo_loss  # noqa: E402
+from kernels.reference import grpo_loss_reference  # noqa: E402
+
+try:  # the project's shared bench helpers (environment facts, JSON writer, tables)
+    from bench.common import env_info, format_table, gpu_tag, write_json  # noqa: E402
+except Exception:  # keep this script runnable on its own
+    env_info = format_table = gpu_tag = write_json = None
+
+MIN_BYTES_PER_TOKEN = 5 * 4 + 1 + 2 * 4
+BYTES_FORMULA = ("minimal = N*(5*4 + 1 + 2*4) B (read logp, old_logp, advantages, ref_logp, entropy "
+                 "fp32 + mask bool; write dlogp, dentropy fp32); triton actual = N*45 B (+N in "
+                 "seq-mean-token-mean)")
+LOSS_KW = dict(clip_low=0.2, clip_high=0.28, clip_c=3.0, kl_coef=1e-3, kl_type="k3", entropy_coef=1e-3,
+               norm_const=4096.0)
+
+
+def _git_commit():
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _env():
+    if env_info is not None:
+        return env_info()
+    import triton
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"device": "cuda" if gpu else "cpu", "gpu": gpu, "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "commit": _git_commit()}
+
+
+def _tag(gpu):
+    if gpu_tag is not None:
+        return gpu_tag(gpu)
+    return "cpu" if not gpu else "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
+
+
+def make_inputs(n, seq_len, device, seed=0):
+    """Packed inputs of n tokens: dict of [n] tensors + cu_seqlens [B+1] int32."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [seq_len] * (n // seq_len) + ([n % seq_len] if n % seq_len else [])
+    lengths = torch.tensor(lens)
+    cu = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+    adv = torch.repeat_interleave(torch.randn(len(lens), generator=g), lengths)
+    logp = -torch.rand(n, generator=g) * 3.0
+    d = dict(logp=logp, old_logp=logp + 0.3 * torch.randn(n, generator=g), advantages=adv,
+             mask=torch.rand(n, generator=g) > 0.2, ref_logp=logp + 0.3 * torch.randn(n, generator=g),
+             entropy=torch.rand(n, generator=g) * 2.0, cu_seqlens=cu)
+    return {k: v.to(device) for k, v in d.items()}
+
+
+def _step_fn(fn, x, mode):
+    logp = x["logp"].clone().requires_grad_()
+    ent = x["entropy"].clone().requires_grad_()
+
+    def step():
+        loss, stats = fn(logp, x["old_logp"], x["advantages"], x["mask"], x["ref_logp"], loss_agg=mode,
+                         cu_seqlens=x["cu_seqlens"], entropy=ent, **LOSS_KW)
+        return torch.autograd.grad(loss, (logp, ent))
+
+    return step
+
+
+def _time(step, iters, cuda):
+    """Median seconds of one call (CUDA: events around each call, after warm-up)."""
+    for _ in range(3):
+        step()
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            step()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+    else:
+        for _ in range(iters):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_grpo_loss", description=__doc__.splitlines()[0])
+    cuda = torch.cuda.is_available()
+    ap.add_argument("--tokens", type=int, default=262144 if cuda else 4096)
+    ap.add_argument("--seq-len", type=int, default=2048 if cuda else 512)
+    ap.add_argument("--modes", default="token-mean,seq-mean-token-mean")
+    ap.add_argument("--iters", type=int, default=50 if cuda else 5)
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    ap.add_argument("--compile", action="store_true", help="run torch.compile on CPU too (slow to build)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/grpo_loss-<gpu|cpu>.json)")
+    a = ap.parse_args(argv)
+
+    dev = torch.device("cuda" if cuda else "cpu")
+    env = _env()
+    n = a.tokens
+    x = make_inputs(n, a.seq_len, dev)
+    min_bytes = n * MIN_BYTES_PER_TOKEN
+
+    # bandwidth bar: a device-to-device copy moving the minimal bytes (half read, half written)
+    src = torch.empty(min_bytes // 2, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    t_copy = _time(lambda: dst.copy_(src), a.iters, cuda)
+    copy_gbps = 2 * src.numel() / t_copy / 1e9
+    del src, dst
+
+    impls = {"torch_eager": grpo_loss_reference}
+    run_triton = cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if run_triton:
+        impls = {"triton": lambda *args, **kw: grpo_loss(*args, impl="triton", **kw), **impls}
+    if not a.no_compile and (cuda or a.compile):
+        impls["torch_compile"] = torch.compile(grpo_loss_reference)
+
+    rows = []
+    for mode in a.modes.split(","):
+        ref_loss = None
+        eager_s = None
+        for name, fn in impls.items():
+            row = {"mode": mode, "impl": name, "tokens": n}
+            try:
+                step = _step_fn(fn, x, mode)
+                secs = _time(step, a.iters, cuda)
+                loss = fn(x["logp"], x["old_logp"], x["advantages"], x["mask"], x["ref_logp"], loss_agg=mode,
+                          cu_seqlens=x["cu_seqlens"], entropy=x["entropy"], **LOSS_KW)[0].item()
+            except Exception as e:  # report, keep benchmarking the others
+                row.update(status=f"error: {type(e).__name__}: {str(e)[:200]}")
+                rows.append(row)
+                continue
+            if name == "torch_eager":
+                eager_s, ref_loss = secs, loss
+            moved = n * (45 + (1 if mode == "seq-mean-token-mean" else 0)) if name == "triton" else None
+            row.update(status="ok", ms=secs * 1e3, gbps=min_bytes / secs / 1e9,
+                       pct_of_copy=100 * (min_bytes / secs / 1e9) / copy_gbps,
+                       actual_gbps=None if moved is None else moved / secs / 1e9, loss=loss)
+            rows.append(row)
+        for row in rows:
+            if row["mode"] == mode and row.get("status") == "ok":
+                row["speedup_vs_eager"] = eager_s / (row["ms"] / 1e3) if eager_s else None
+                row["loss_diff_vs_eager"] = abs(row["loss"] - ref_loss) if ref_loss is not None else None
+
+    result = {"bench": "grpo_loss", "device": "cuda" if cuda else "cpu", "gpu": env.get("gpu"),
+              "torch": torch.__version__, "triton": env.get("triton"), "git_commit": env.get("commit") or _git_commit(),
+              "env": env, "tokens": n, "seq_len": a.seq_len, "iters": a.iters, "loss_kwargs": LOSS_KW,
+              "bytes_formula": BYTES_FORMULA, "min_bytes": min_bytes,
+              "copy": {"bytes_read_plus_written": 2 * (min_bytes // 2), "ms": t_copy * 1e3, "gbps": copy_gbps},
+              "results": rows}
+    out = a.out or os.path.join(ROOT, "bench", "results", f"grpo_loss-{_tag(env.get('gpu'))}.json")
+    if write_json is not None:
+        write_json(out, result)
+    else:
+        import json
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    cols = ["mode", "impl", "status", "ms", "gbps", "pct_of_copy", "actual_gbps", "speedup_vs_eager",
+            "loss_diff_vs_eager"]
+    print(f"grpo_loss fwd+bwd, {n} tokens, {env.get('gpu') or 'cpu'}; d2d copy {copy_gbps:.1f} GB/s "
+          f"({t_copy * 1e3:.4f} ms); {BYTES_FORMULA}")
+    if format_table is not None:
+        print(format_table(rows, cols))
+    else:
+        for r in rows:
+            print("  ".join(f"{c}={r.get(c)}" for c in cols))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
