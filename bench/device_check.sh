@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# One prepared GPU check for lwz: run on a machine with one H100/H200 and no network, <= 8 minutes.
+#
+#   bash bench/device_check.sh            # run every step
+#   bash bench/device_check.sh --dry-run  # print every step (command + time limit); runs anywhere
+#
+# Steps: environment, extension build, the two ceilings (bf16 8192^3 matmul, device-to-device copy),
+# the CUDA tests (CUDA vs CPU twins, Triton kernels in bf16 vs references), the microbenchmarks
+# (log-prob, GRPO loss, packing, rollout) at their CUDA default sizes, and profile_step at 14336
+# tokens for the Qwen2.5-1.5B shape. Every step runs under `timeout`; a failure is recorded, never
+# fatal. Outputs: bench/results/<date>-<gpu>.json and .md (every JSON written during the run merged),
+# per-step logs in bench/results/logs-<date>-<gpu>/, and as the last lines a table: step, status,
+# seconds, key number.
+#
+# Environment: PYTHON (default .venv/bin/python if present, else python3), BUDGET_S (default 470,
+# the whole run), MAX_JOBS (extension build jobs, default: all cores).
+set -uo pipefail
+
+DRY=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run|-n) DRY=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "device_check.sh: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 2
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+BUDGET_S="${BUDGET_S:-470}"
+RESERVE_S=15           # kept for collecting the results at the end
+START=$SECONDS
+unset TRITON_INTERPRET  # the CUDA tests must compile Triton for real
+
+GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)"
+GPU_TAG="$(printf '%s' "${GPU_NAME:-cpu}" | tr '[:upper:]' '[:lower:]' | grep -oE 'h200|h100|h800|a100|l40s' | head -n1)"
+GPU_TAG="${GPU_TAG:-$( [[ -n "$GPU_NAME" ]] && echo gpu || echo cpu )}"
+DATE="$(date -u +%Y%m%d-%H%M)"
+RES="bench/results"
+TAG="$DATE-$GPU_TAG"
+LOGS="$RES/logs-$TAG"
+STEPS_TSV="$LOGS/steps.tsv"
+MARK="$LOGS/.start"
+NPROC="$(nproc 2>/dev/null || echo 4)"
+export MAX_JOBS="${MAX_JOBS:-$NPROC}"
+
+if [[ $DRY -eq 0 ]]; then
+  mkdir -p "$LOGS"
+  : > "$STEPS_TSV"
+  touch "$MARK"
+  sleep 1  # result files written from now on are newer than the mark
+fi
+
+NAMES=()
+STATUSES=()
+# step NAME LIMIT_S JSON|- CMD...: run CMD under timeout, log to $LOGS/NAME.log, record the status.
+step() {
+  local name="$1" limit="$2" json="$3"
+  shift 3
+  local left=$(( BUDGET_S - RESERVE_S - (SECONDS - START) ))
+  if [[ $DRY -eq 1 ]]; then
+    printf '[dry-run] step %-16s timeout %4ss  %s\n' "$name" "$limit" "$*"
+    NAMES+=("$name"); STATUSES+=("dry-run")
+    return 0
+  fi
+  local status secs rc t0
+  if (( left < 10 )); then
+    status="skipped: time budget spent"
+    secs=0
+  else
+    (( limit > left )) && limit=$left
+    echo "=== $name (limit ${limit}s): $*"
+    t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    rc=$?
+    secs=$(( SECONDS - t0 ))
+    tail -n 15 "$LOGS/$name.log"
+    if (( rc == 0 )); then
+      status="ok"
+    elif (( rc == 124 || rc == 137 )); then
+      status="timeout (${limit}s)"
+    else
+      status="failed (rc=$rc)"
+    fi
+  fi
+  [[ "$json" == "-" ]] && json=""
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$secs" "$LOGS/$name.log" "$json" >> "$STEPS_TSV"
+  NAMES+=("$name"); STATUSES+=("$status")
+}
+
+# skip NAME WHY: record a step that cannot run here.
+skip() {
+  if [[ $DRY -eq 1 ]]; then
+    printf '[dry-run] step %-16s skipped: %s\n' "$1" "$2"
+  else
+    echo "=== $1: skipped: $2"
+    printf '%s\tskipped: %s\t0\t\t\n' "$1" "$2" >> "$STEPS_TSV"
+  fi
+  NAMES+=("$1"); STATUSES+=("skipped: $2")
+}
+
+# bench_step NAME MODULE LIMIT [ARGS...]: a bench module's main(ARGS) when its file exists.
+bench_step() {
+  local name="$1" module="$2" limit="$3"
+  shift 3
+  local file="${module//.//}.py"
+  if [[ ! -f "$file" ]]; then
+    skip "$name" "$file not present"
+    return 0
+  fi
+  local json="$RES/${name}-$GPU_TAG.json"
+  step "$name" "$limit" "$json" "$PYTHON" -m bench.common run "$module" "$@" --out "$json"
+}
+
+echo "lwz device check: $TAG (budget ${BUDGET_S}s, python $PYTHON)"
+
+# 1. environment
+step env 60 - bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo 'nvidia-smi: not available'; \
+$PYTHON -c 'import torch, sys; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available())'; \
+$PYTHON -c 'import triton; print(\"triton\", triton.__version__)' || echo 'triton: absent'; \
+$PYTHON -c 'import flash_attn; print(\"flash_attn\", flash_attn.__version__)' 2>/dev/null || echo 'flash_attn: absent'"
+
+# 2. the extension, built here (setup.py drives CMake; a failing CUDA build falls back to CPU-only)
+if [[ -f setup.py ]]; then
+  step build 240 - "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
+else
+  skip build "no setup.py"
+fi
+step ext_import 60 - "$PYTHON" -c "import lwz.packing as p; print('lwz.packing backend:', p.BACKEND)"
+
+# 3. ceilings
+step ceilings 90 "$RES/ceilings-$GPU_TAG.json" "$PYTHON" -m bench.common ceilings --json "$RES/ceilings-$GPU_TAG.json"
+
+# 4. the long-sequence step profile: Qwen2.5-1.5B shape at 14336 tokens, long-tail mix (the padded
+#    baseline may run out of memory: that is recorded as its result), then one fixed 14336 sequence
+#    (padded = packed tokens: isolates the fused log-prob saving)
+step profile_step 150 "$RES/profile_step-$GPU_TAG.json" "$PYTHON" -m bench.profile_step --preset qwen2.5-1.5b \
+  --seq-lens 14336 --lengths-mix longtail --tokens-per-step 28672 --warmup 1 --iters 3 \
+  --out "$RES/profile_step-$GPU_TAG.json"
+step profile_fixed 90 "$RES/profile_step-fixed-$GPU_TAG.json" "$PYTHON" -m bench.profile_step \
+  --preset qwen2.5-1.5b --seq-lens 14336 --lengths-mix fixed --tokens-per-step 14336 --warmup 1 --iters 2 \
+  --out "$RES/profile_step-fixed-$GPU_TAG.json"
+
+# 5. CUDA tests (CUDA vs CPU twins, Triton kernels compiled for real vs the references)
+TESTS=()
+for t in tests/test_packing.py tests/test_logprob.py tests/test_grpo_loss.py; do
+  [[ -f "$t" ]] && TESTS+=("$t")
+done
+if (( ${#TESTS[@]} )); then
+  step tests_cuda 150 - "$PYTHON" -m pytest -q --no-header -p no:cacheprovider "${TESTS[@]}"
+else
+  skip tests_cuda "no test files"
+fi
+
+# 6. microbenchmarks at their CUDA default sizes
+bench_step bench_logprob bench.bench_logprob 60
+bench_step bench_grpo_loss bench.bench_grpo_loss 45
+bench_step bench_pack bench.bench_pack 45
+bench_step bench_rollout bench.bench_rollout 90
+
+# 7. collect: merged JSON + markdown, and the table as the last lines
+if [[ $DRY -eq 1 ]]; then
+  printf '[dry-run] step %-16s %s\n' collect "$PYTHON -m bench.common collect --steps $STEPS_TSV --since $MARK --out $RES/$TAG"
+  echo
+  printf '%-16s  %s\n' step status
+  for i in "${!NAMES[@]}"; do printf '%-16s  %s\n' "${NAMES[$i]}" "${STATUSES[$i]}"; done
+  echo "dry run: ${#NAMES[@]} steps listed, nothing executed"
+  exit 0
+fi
+echo "=== collect -> $RES/$TAG.json, $RES/$TAG.md  (total $(( SECONDS - START ))s)"
+if ! timeout 60 "$PYTHON" -m bench.common collect --steps "$STEPS_TSV" --since "$MARK" --out "$RES/$TAG"; then
+  echo "collect failed; raw step table:"
+  printf '%-16s  %s\n' step status
+  for i in "${!NAMES[@]}"; do printf '%-16s  %s\n' "${NAMES[$i]}" "${STATUSES[$i]}"; done
+fi
+exit 0
