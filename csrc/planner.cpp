@@ -15,8 +15,9 @@ namespace {
 struct HeapEntry {
   int64_t spread;  // largest minus smallest subset cost of the state
   int64_t id;      // states are numbered in creation order: items 0..n-1, then merges n, n+1, ...
+  int64_t slot;    // where the state's subsets live (a merge reuses the slot of its first parent)
 };
-struct HeapLess {  // priority_queue pops the "largest": biggest spread, then (tie) smallest id
+struct HeapLess {  // the heap pops the "largest": biggest spread, then (tie) smallest id
   bool operator()(const HeapEntry& a, const HeapEntry& b) const {
     return a.spread < b.spread || (a.spread == b.spread && a.id > b.id);
   }
@@ -27,23 +28,34 @@ std::vector<std::vector<int64_t>> karmarkar_karp(const std::vector<int64_t>& cos
   const int64_t n = static_cast<int64_t>(cost.size());
   std::vector<std::vector<int64_t>> result(k);
   if (n == 0) return result;
-  const int64_t max_states = 2 * n;
-  // Per state, k subsets kept sorted by cost, descending: sums, and a linked list of items.
-  std::vector<int64_t> sums(max_states * k, 0), head(max_states * k, -1), tail(max_states * k, -1);
-  std::vector<int64_t> next(n, -1);
-  std::priority_queue<HeapEntry, std::vector<HeapEntry>, HeapLess> heap;
+  // Per live state (n slots), k subsets kept sorted by cost, descending: sums, and a linked list of
+  // items (head, tail, next). Buffers are reused across calls to avoid page faults.
+  static thread_local std::vector<int64_t> sums;
+  static thread_local std::vector<int32_t> head, tail, next;
+  static thread_local std::vector<HeapEntry> heap;
+  sums.assign(n * k, 0);
+  head.assign(n * k, -1);
+  tail.assign(n * k, -1);
+  next.assign(n, -1);
+  heap.clear();
   for (int64_t i = 0; i < n; ++i) {
     sums[i * k] = cost[i];
-    head[i * k] = tail[i * k] = i;
-    heap.push({cost[i], i});
+    head[i * k] = tail[i * k] = static_cast<int32_t>(i);
+    heap.push_back({cost[i], i, i});
   }
+  const HeapLess less;
+  std::make_heap(heap.begin(), heap.end(), less);
   int64_t next_id = n;
-  std::vector<int64_t> s(k), h(k), t(k), order(k);
+  std::vector<int64_t> s(k), order(k);
+  std::vector<int32_t> h(k), t(k);
   while (heap.size() > 1) {
-    const int64_t a = heap.top().id;
-    heap.pop();
-    const int64_t b = heap.top().id;
-    heap.pop();
+    std::pop_heap(heap.begin(), heap.end(), less);
+    const HeapEntry ea = heap.back();
+    heap.pop_back();
+    std::pop_heap(heap.begin(), heap.end(), less);
+    const HeapEntry eb = heap.back();
+    heap.pop_back();
+    const int64_t a = ea.slot, b = eb.slot;
     // Largest subset of a with the smallest of b, and so on.
     for (int64_t j = 0; j < k; ++j) {
       const int64_t ia = a * k + j, ib = b * k + (k - 1 - j);
@@ -60,18 +72,21 @@ std::vector<std::vector<int64_t>> karmarkar_karp(const std::vector<int64_t>& cos
         t[j] = tail[ib];
       }
     }
-    std::iota(order.begin(), order.end(), 0);
-    // tie: stable sort, equal sums keep their merged position
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return s[x] > s[y]; });
-    const int64_t c = next_id++;
+    // tie: stable sort (insertion sort, k is small), equal sums keep their merged position
     for (int64_t j = 0; j < k; ++j) {
-      sums[c * k + j] = s[order[j]];
-      head[c * k + j] = h[order[j]];
-      tail[c * k + j] = t[order[j]];
+      int64_t p = j;
+      for (; p > 0 && s[order[p - 1]] < s[j]; --p) order[p] = order[p - 1];
+      order[p] = j;
     }
-    heap.push({sums[c * k] - sums[c * k + k - 1], c});
+    for (int64_t j = 0; j < k; ++j) {
+      sums[a * k + j] = s[order[j]];
+      head[a * k + j] = h[order[j]];
+      tail[a * k + j] = t[order[j]];
+    }
+    heap.push_back({sums[a * k] - sums[a * k + k - 1], next_id++, a});
+    std::push_heap(heap.begin(), heap.end(), less);
   }
-  const int64_t f = heap.top().id;
+  const int64_t f = heap.front().slot;
   for (int64_t j = 0; j < k; ++j)
     for (int64_t it = head[f * k + j]; it >= 0; it = (it == tail[f * k + j]) ? -1 : next[it])
       result[j].push_back(it);
@@ -82,10 +97,17 @@ std::vector<std::vector<int64_t>> karmarkar_karp(const std::vector<int64_t>& cos
 // sorted by index), ordered by tokens, descending (tie: bin creation order).
 std::vector<std::vector<int64_t>> first_fit_decreasing(std::vector<int64_t> items,
                                                        const int64_t* lengths, int64_t cap) {
-  // tie: equal lengths in increasing index order
-  std::sort(items.begin(), items.end(), [&](int64_t x, int64_t y) {
-    return lengths[x] > lengths[y] || (lengths[x] == lengths[y] && x < y);
-  });
+  // tie: equal lengths in increasing index order. Sort one 64-bit key (cap - len, index) when both
+  // fit 32 bits, else compare through the lengths.
+  if (cap < (int64_t(1) << 32) && (items.empty() || *std::max_element(items.begin(), items.end()) < (int64_t(1) << 32))) {
+    for (int64_t& it : items) it = ((cap - lengths[it]) << 32) | it;
+    std::sort(items.begin(), items.end());
+    for (int64_t& it : items) it &= (int64_t(1) << 32) - 1;
+  } else {
+    std::sort(items.begin(), items.end(), [&](int64_t x, int64_t y) {
+      return lengths[x] > lengths[y] || (lengths[x] == lengths[y] && x < y);
+    });
+  }
   const int64_t m = static_cast<int64_t>(items.size());
   std::vector<std::vector<int64_t>> bins;
   if (m == 0) return bins;
