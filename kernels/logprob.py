@@ -75,7 +75,8 @@ IGNORE_INDEX = -100
 # Scratch budget of the backward's [N, Vc] dA buffer (bytes); the vocab chunk is derived from it.
 BWD_CHUNK_BYTES = int(os.environ.get("LWZ_LOGPROB_BWD_CHUNK_BYTES", str(512 << 20)))
 # Elements of one fp32 logits chunk in the torch path ([C, V] forward, [N, Vc] backward).
-TORCH_CHUNK_ELEMS = int(os.environ.get("LWZ_LOGPROB_TORCH_CHUNK_ELEMS", str(1 << 22)))
+# 0 = by device (see _torch_chunk_elems).
+TORCH_CHUNK_ELEMS = int(os.environ.get("LWZ_LOGPROB_TORCH_CHUNK_ELEMS", "0"))
 
 
 def _interpreting() -> bool:
@@ -466,8 +467,16 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
 def _torch_logits(x, weight, temperature):
     # GEMM in the input dtype (what "plain torch in the same dtype" does), softmax math in fp32+
     z = x @ weight.t()
-    z = z.float() if z.dtype != torch.float64 else z
-    return z / temperature
+    if z.dtype not in (torch.float32, torch.float64):
+        z = z.float()
+    return z.div_(temperature)  # in place: every extra [C, V] pass costs as much as the GEMM here
+
+
+def _torch_chunk_elems(device):
+    if TORCH_CHUNK_ELEMS > 0:
+        return TORCH_CHUNK_ELEMS
+    # CPU: ~1 MB fp32 chunks stay in L2 across the elementwise passes; GPU: big chunks, few launches
+    return (1 << 24) if device.type == "cuda" else (1 << 18)
 
 
 def torch_forward(hidden, weight, targets, temperature):
@@ -478,18 +487,19 @@ def torch_forward(hidden, weight, targets, temperature):
     ent = torch.empty_like(logp)
     mx = torch.empty_like(logp)
     log_s = torch.empty_like(logp)
-    C = max(1, TORCH_CHUNK_ELEMS // max(1, V))
+    C = max(1, _torch_chunk_elems(hidden.device) // max(1, V))
     for i in range(0, N, C):
         z = _torch_logits(hidden[i:i + C], weight, temperature)
         t = targets[i:i + C]
         m = z.amax(dim=1)
-        z -= m[:, None]  # in place; z - max is exact near the max (see the merge kernel note)
-        ls = z.exp().sum(1).log()
-        z -= ls[:, None]  # z is now log p (one [C, V] buffer + p below)
-        valid = t != IGNORE_INDEX
-        lp = z.gather(1, t.clamp(0, V - 1)[:, None]).squeeze(1)
+        z -= m[:, None]  # z - max is exact near the max (see the merge kernel note)
         p = z.exp()
-        e = -(p * z).sum(1)  # -sum p log p: no cancellation for large common shifts
+        s = p.sum(1)
+        ls = s.log()
+        # entropy = log s - sum exp(z-m)(z-m) / s: relative to the max, no cancellation at big shifts
+        e = ls - (p * z).sum(1) / s  # torch.sum is pairwise: accurate over V terms
+        valid = t != IGNORE_INDEX
+        lp = z.gather(1, t.clamp(0, V - 1)[:, None]).squeeze(1) - ls
         logp[i:i + C] = torch.where(valid, lp, 0.0)
         ent[i:i + C] = torch.where(valid, e, 0.0)
         mx[i:i + C] = m
@@ -504,35 +514,37 @@ def torch_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperatu
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     dx = torch.zeros(N, H, device=hidden.device, dtype=acc) if need_dx else None
     dw = torch.empty_like(weight) if need_dw else None
-    valid = (targets != IGNORE_INDEX)
-    vf = valid.to(acc)[:, None]
-    gl = None if g_logp is None else (g_logp.to(acc)[:, None] * vf)
-    ge = None if g_ent is None else (g_ent.to(acc)[:, None] * vf)
+    # fold validity and 1/temperature into the [N] upstream grads instead of the [N, Vc] matrix
+    vf = (targets != IGNORE_INDEX).to(acc)[:, None] / temperature
+    gl = None if g_logp is None else g_logp.to(acc)[:, None] * vf
+    nge = None if g_ent is None else -(g_ent.to(acc)[:, None] * vf)
     x_acc = hidden.to(acc)
     ent_ = ent.to(acc)[:, None]
     mx_ = stats[0].to(acc)[:, None]
     ls_ = stats[1].to(acc)[:, None]
     # vocab chunks: dW[chunk] is one GEMM over all tokens (written once, never accumulated)
-    Vc = max(1, TORCH_CHUNK_ELEMS // max(1, N))
+    Vc = max(1, _torch_chunk_elems(hidden.device) // max(1, N))
     for v0 in range(0, V, Vc):
         wc = weight[v0:v0 + Vc]
         z = _torch_logits(hidden, wc, temperature).to(acc)
         z -= mx_
         z -= ls_  # log p
         p = z.exp()
-        d = torch.zeros_like(z)
-        if ge is not None:
-            d -= ge * p * (z + ent_)
+        if nge is not None:  # dH/dz = -p (log p + H)
+            d = z.add_(ent_).mul_(p).mul_(nge)
+            if gl is not None:
+                d.addcmul_(p, gl, value=-1.0)
+        elif gl is not None:
+            d = p.mul_(-gl)
+        else:
+            d = z.zero_()
         if gl is not None:
-            d -= gl * p
             # one-hot part without a host sync: scatter g into the chunk's target column (if any)
             idx = targets - v0
             inside = (idx >= 0) & (idx < wc.shape[0])
             d.scatter_add_(1, idx.clamp(0, wc.shape[0] - 1)[:, None], gl * inside.to(acc)[:, None])
-        d /= temperature
-        wc_acc = wc.to(acc)
         if need_dx:
-            dx.addmm_(d, wc_acc)
+            dx.addmm_(d, wc if wc.dtype == acc else wc.to(acc))
         if need_dw:
             dw[v0:v0 + Vc] = (d.t() @ x_acc).to(dw.dtype)
     return (dx.to(hidden.dtype) if need_dx else None), dw

@@ -1,0 +1,278 @@
+"""Benchmark of kernels.logprob.fused_logprobs (log-probs + entropy of hidden @ W^T / tau).
+
+    python -m bench.bench_logprob [--sizes 4096,8192,16384,32768] [--quick] [--out PATH]
+
+CUDA: H=5120, V=152064 (Qwen2.5-14B/32B head), bf16, temperature 0.8, entropy on, upstream grads
+on both outputs. Median times by triton.testing.do_bench for forward (no grad) and forward +
+backward, for
+  triton          our fused kernels (impl="triton")
+  torch_chunked_compiled   torch.compile of the chunked torch path (impl="torch")
+  torch_eager     materialised [T, V] logits -> log_softmax -> gather + entropy (skipped, and
+                  reported, where its estimated memory would not fit)
+  liger_flce      Liger's LigerFusedLinearCrossEntropyLoss (reduction="none", no entropy), if
+                  importable
+TFLOP/s counts only the projection GEMMs: forward 2*T*H*V; forward + backward with the logits
+recomputed in backward 8*T*H*V (2 fwd + 2 recompute + 2 dX + 2 dW), used for every impl so the
+numbers compare time. "% of matmul" is against a bf16 8192^3 torch.matmul measured in the same run.
+Peak extra memory = max_memory_allocated during fwd+bwd minus the memory held before it.
+
+CPU: a small size (T=512, H=64, V=4099, fp32; --quick: T=256) comparing the chunked torch path
+with the eager reference, in seconds (median of a few runs), plus max |logp - fp64 reference|.
+
+Writes bench/results/logprob-<gpu-name|cpu>.json (GPU name, torch/triton versions, git commit) and
+prints a table. `main(argv)` returns the JSON dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from kernels.logprob import fused_logprobs  # noqa: E402
+from kernels.reference import logprobs_reference  # noqa: E402
+
+FLOPS_FORMULA = "fwd: 2*T*H*V; fwd+bwd (recompute): 8*T*H*V"
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _versions():
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = None
+    return torch.__version__, tv
+
+
+def _inputs(T, H, V, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(T, H, generator=g)).to(device=device, dtype=dtype)
+    w = (torch.randn(V, H, generator=g) / math.sqrt(H) * 2).to(device=device, dtype=dtype)
+    t = torch.randint(0, V, (T,), generator=g).to(device)
+    t[::17] = -100
+    gl = torch.randn(T, generator=g).to(device)
+    ge = torch.randn(T, generator=g).to(device)
+    return x, w, t, gl, ge
+
+
+def _make_impls(temp, on_cuda):
+    def fused(impl):
+        return lambda x, w, t: fused_logprobs(x, w, t, temp, return_entropy=True, impl=impl)
+
+    impls = {}
+    if on_cuda:
+        impls["triton"] = fused("triton")
+        impls["torch_chunked_compiled"] = torch.compile(fused("torch"), dynamic=False)
+    else:
+        impls["torch_chunked"] = fused("torch")
+    impls["torch_eager"] = lambda x, w, t: logprobs_reference(x, w, t, temp, compute_dtype=x.dtype)
+    if on_cuda:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            ce = LigerFusedLinearCrossEntropyLoss(reduction="none", ignore_index=-100)
+
+            def liger(x, w, t):  # logp = -CE of (x, W / tau); no entropy
+                return -ce(w, x / temp, t), None
+
+            impls["liger_flce"] = liger
+        except Exception:
+            pass
+    return impls
+
+
+def _fwd_bwd(fn, x, w, t, gl, ge):
+    logp, ent = fn(x, w, t)
+    loss = (logp * gl).sum()
+    if ent is not None:
+        loss = loss + (ent * ge).sum()
+    loss.backward()
+
+
+def _cpu_time(fn, reps):
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def run_cpu(quick):
+    T, H, V = (256 if quick else 512), 64, 4099
+    reps = 3 if quick else 5
+    temp = 0.8
+    x, w, t, gl, ge = _inputs(T, H, V, torch.float32, "cpu")
+    ref_lp, _ = logprobs_reference(x.double(), w.double(), t, temp)
+    rows = []
+    for name, fn in _make_impls(temp, on_cuda=False).items():
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.no_grad():
+            lp, _ = fn(x, w, t)
+        err = (lp.double() - ref_lp).abs().max().item()
+
+        def fwd():
+            with torch.no_grad():
+                fn(x, w, t)
+
+        def fb():
+            xr.grad = wr.grad = None
+            _fwd_bwd(fn, xr, wr, t, gl, ge)
+
+        fwd()
+        fb()  # warm-up
+        rows.append(dict(T=T, H=H, V=V, dtype="fp32", impl=name, fwd_s=_cpu_time(fwd, reps),
+                         fwd_bwd_s=_cpu_time(fb, reps), max_abs_err_logp=err,
+                         err_vs="fp64 reference"))
+    return rows
+
+
+def _eager_bytes(T, V):
+    # bf16 logits + fp32 copy + log_softmax + exp + grads of each: ~ 24 bytes per logit
+    return 24 * T * V
+
+
+def run_cuda(sizes, quick):
+    import triton
+    from triton.testing import do_bench
+
+    dev = torch.device("cuda")
+    H, V, temp, dtype = 5120, 152064, 0.8, torch.bfloat16
+    rep = 20 if quick else 100
+    a = torch.randn(8192, 8192, device=dev, dtype=dtype)
+    b = torch.randn(8192, 8192, device=dev, dtype=dtype)
+    mm_ms = do_bench(lambda: a @ b, rep=rep)
+    mm_tflops = 2 * 8192 ** 3 / (mm_ms * 1e-3) / 1e12
+    del a, b
+    impls = _make_impls(temp, on_cuda=True)
+    rows = []
+    for T in sizes:
+        x, w, t, gl, ge = _inputs(T, H, V, dtype, dev, seed=T)
+        with torch.no_grad():
+            ref_lp, _ = fused_logprobs(x, w, t, temp, impl="torch")
+        for name, fn in impls.items():
+            row = dict(T=T, H=H, V=V, dtype="bf16", impl=name, matmul_tflops=mm_tflops)
+            if name == "torch_eager":
+                free, _ = torch.cuda.mem_get_info()
+                need = _eager_bytes(T, V)
+                if need > 0.9 * free:
+                    row["skipped"] = f"would OOM: needs ~{need / 2**30:.0f} GiB, " \
+                                     f"{free / 2**30:.0f} GiB free"
+                    rows.append(row)
+                    continue
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            try:
+                with torch.no_grad():
+                    lp, _ = fn(x, w, t)
+                row["max_abs_err_logp"] = (lp.float() - ref_lp).abs().max().item()
+                row["err_vs"] = "chunked torch (bf16 GEMM, fp32 softmax)"
+
+                def fwd():
+                    with torch.no_grad():
+                        fn(x, w, t)
+
+                def fb():
+                    xr.grad = wr.grad = None
+                    _fwd_bwd(fn, xr, wr, t, gl, ge)
+
+                fwd_ms = do_bench(fwd, rep=rep)
+                fb_ms = do_bench(fb, rep=rep)
+                torch.cuda.synchronize()
+                xr.grad = wr.grad = None
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                fb()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - base
+                fl_f, fl_fb = 2 * T * H * V, 8 * T * H * V
+                row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms, fwd_s=fwd_ms / 1e3, fwd_bwd_s=fb_ms / 1e3,
+                           tflops_fwd=fl_f / (fwd_ms * 1e-3) / 1e12,
+                           tflops_fwd_bwd=fl_fb / (fb_ms * 1e-3) / 1e12,
+                           peak_extra_gib=peak / 2**30)
+                row["pct_matmul_fwd"] = 100 * row["tflops_fwd"] / mm_tflops
+                row["pct_matmul_fwd_bwd"] = 100 * row["tflops_fwd_bwd"] / mm_tflops
+            except torch.OutOfMemoryError as e:
+                row["skipped"] = f"OOM: {str(e).splitlines()[0]}"
+            except Exception as e:  # report and go on (e.g. a compile failure)
+                row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            del xr, wr
+            torch.cuda.empty_cache()
+            rows.append(row)
+        del x, w, t, gl, ge
+        torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows):
+    out = []
+    if rows and "fwd_ms" in rows[0] or any("matmul_tflops" in r for r in rows):
+        out.append(f"{'T':>6} {'impl':<24} {'fwd ms':>8} {'f+b ms':>8} {'TF/s f':>7} {'TF/s fb':>7} "
+                   f"{'%mm fb':>6} {'peak GiB':>8} {'err':>8}")
+        for r in rows:
+            if "skipped" in r:
+                out.append(f"{r['T']:>6} {r['impl']:<24} skipped: {r['skipped']}")
+                continue
+            out.append(f"{r['T']:>6} {r['impl']:<24} {r['fwd_ms']:>8.2f} {r['fwd_bwd_ms']:>8.2f} "
+                       f"{r['tflops_fwd']:>7.1f} {r['tflops_fwd_bwd']:>7.1f} "
+                       f"{r['pct_matmul_fwd_bwd']:>6.1f} {r['peak_extra_gib']:>8.2f} "
+                       f"{r['max_abs_err_logp']:>8.2e}")
+    else:
+        out.append(f"{'T':>6} {'H':>5} {'V':>6} {'impl':<16} {'fwd s':>9} {'fwd+bwd s':>10} {'err':>9}")
+        for r in rows:
+            out.append(f"{r['T']:>6} {r['H']:>5} {r['V']:>6} {r['impl']:<16} {r['fwd_s']:>9.4f} "
+                       f"{r['fwd_bwd_s']:>10.4f} {r['max_abs_err_logp']:>9.2e}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="fused log-prob benchmark")
+    ap.add_argument("--sizes", default="4096,8192,16384,32768", help="token counts T (CUDA)")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes / repetitions")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/logprob-<dev>.json)")
+    a = ap.parse_args(argv)
+    tv, trv = _versions()
+    on_cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    if on_cuda:
+        sizes = [int(s) for s in a.sizes.split(",") if s]
+        if a.quick:
+            sizes = sizes[:2]
+        device = torch.cuda.get_device_name()
+        rows = run_cuda(sizes, a.quick)
+    else:
+        device = "cpu"
+        rows = run_cpu(a.quick)
+    res = dict(device=device, torch=tv, triton=trv, git_commit=_git_commit(),
+               flops_formula=FLOPS_FORMULA, results=rows)
+    slug = "cpu" if not on_cuda else "".join(c if c.isalnum() else "-" for c in device.lower())
+    path = a.out or os.path.join(ROOT, "bench", "results", f"logprob-{slug}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"device: {device}  torch {tv}  triton {trv}  ({FLOPS_FORMULA})")
+    print(format_table(rows))
+    print(f"wrote {path}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
