@@ -132,7 +132,10 @@ class LwzBuildExt(build_ext):
         import torch.utils
 
         torch_has_cuda = torch.version.cuda is not None
-        build_dir = os.path.join(ROOT, "build", f"cmake-{'cpu' if mode == 'OFF' else 'cuda'}")
+        cuda_home = find_cuda_home() if torch_has_cuda else None
+        # one build folder per configuration, so that no cached toolkit path leaks between them
+        kind = ("cpu" if mode == "OFF" else "cuda") + ("" if cuda_home or not torch_has_cuda else "-notoolkit")
+        build_dir = os.path.join(ROOT, "build", f"cmake-{kind}")
         os.makedirs(build_dir, exist_ok=True)
         cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
         if cmake is None:
@@ -151,7 +154,6 @@ class LwzBuildExt(build_ext):
         if ninja:
             args.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
         env = dict(os.environ)
-        cuda_home = find_cuda_home() if torch_has_cuda else None
         if cuda_home:
             env["CUDA_HOME"] = cuda_home
             args += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}", f"-DCUDAToolkit_ROOT={cuda_home}"]

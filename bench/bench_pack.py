@@ -103,7 +103,6 @@ def bench_pack(tokens: int, hidden: int, dtype: torch.dtype, device: str, iters:
     packed = P.pack_with_layout(x, st, cu, total)
     flat_src = torch.empty(total * hidden, dtype=dtype, device=device)
     flat_dst = torch.empty_like(flat_src)
-    out_buf = torch.empty(B * L, hidden, dtype=dtype, device=device)
 
     res = {"tokens": total, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""), "rows": B, "L": L,
            "device": device, "backend": P.BACKEND if (P.HAVE_EXT and (not cuda or P.BUILT_WITH_CUDA))
@@ -113,8 +112,10 @@ def bench_pack(tokens: int, hidden: int, dtype: torch.dtype, device: str, iters:
         "pack_index_select": _time(lambda: xf.index_select(0, idx), iters, cuda),
         "copy_d2d": _time(lambda: flat_dst.copy_(flat_src), iters, cuda),
         "unpack_lwz": _time(lambda: P.unpack_with_layout(packed, st, cu, L, 0), iters, cuda),
-        "unpack_index_copy": _time(lambda: out_buf.zero_().index_copy_(0, idx, packed), iters, cuda),
+        "unpack_index_copy": _time(lambda: packed.new_zeros(B * L, hidden).index_copy_(0, idx, packed),
+                                   iters, cuda),
     }
+    # Every variant allocates its output (as a caller would), except the reference copy.
     # bytes moved: pack reads and writes the packed tokens; unpack reads them and writes B x L rows
     moved = {"pack_lwz": 2 * packed_bytes, "pack_index_select": 2 * packed_bytes, "copy_d2d": 2 * packed_bytes,
              "unpack_lwz": packed_bytes + padded_bytes, "unpack_index_copy": packed_bytes + padded_bytes}
