@@ -411,6 +411,15 @@ class KVCache:
             t[dst, :upto] = t[src, :upto]
 
 
+def _inv_freq_on(model: "Transformer", device) -> torch.Tensor:
+    """model.inv_freq on `device`, copied once (a decode step must not pay a host-to-device copy)."""
+    src, cached = getattr(model, "_inv_freq_device", (None, None))
+    if src is not model.inv_freq or cached.device != torch.device(device):
+        cached = model.inv_freq.to(device)
+        model._inv_freq_device = (model.inv_freq, cached)
+    return cached
+
+
 def _prefill(model: "Transformer", input_ids, position_ids, cu_seqlens, max_seqlen: int,
              cache: KVCache, rows: torch.Tensor):
     """Packed prompt forward that also writes every token's k/v into cache[rows[b], position].
@@ -419,7 +428,7 @@ def _prefill(model: "Transformer", input_ids, position_ids, cu_seqlens, max_seql
     Returns the final-normed hidden [N, H], bit-for-bit the training forward's.
     """
     x = model.embed_tokens(input_ids)
-    cos, sin = rope_cos_sin(model.inv_freq, position_ids, x.dtype)
+    cos, sin = rope_cos_sin(_inv_freq_on(model, x.device), position_ids, x.dtype)
     seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     tok_rows = torch.repeat_interleave(rows.to(x.device), seq_lens)
     for li, layer in enumerate(model.layers):
@@ -441,7 +450,7 @@ def _decode_step(model: "Transformer", input_ids, position_ids, cache: KVCache, 
     position_ids + 1 (lets the SDPA path read only the filled part of the cache). Writes the new
     k/v at cache[row, position] and returns the final-normed hidden [B, H]."""
     x = model.embed_tokens(input_ids)
-    cos, sin = rope_cos_sin(model.inv_freq, position_ids, x.dtype)
+    cos, sin = rope_cos_sin(_inv_freq_on(model, x.device), position_ids, x.dtype)
     B = x.shape[0]
     idx_rows = torch.arange(B, device=x.device) if rows is None else rows
     lengths = position_ids + 1

@@ -317,8 +317,9 @@ class _StopStrings:
             raise ValueError("generate: stop_strings needs a tokenizer to decode the responses")
         self.tok = tokenizer
         # a token contributes >= 1 character except partial UTF-8 bytes / special tokens: a window of
-        # len(longest) + 8 tokens always holds a whole stop string ending at the newest token
-        self.window = max((len(s) for s in self.strings), default=0) + 8
+        # 4 tokens per character (a character is at most 4 bytes) + 8 always holds a whole stop
+        # string that ends in the newest token
+        self.window = 4 * max((len(s) for s in self.strings), default=0) + 8
 
     def _decode(self, seqs):
         if hasattr(self.tok, "batch_decode"):
@@ -449,14 +450,18 @@ def _generate_chunk(model, prompts, prompt_offset, *, n, max_new_tokens, tempera
     active = torch.arange(B, device=device)  # sample ids of live sequences
     active_l = list(range(B))
     rows = None if compact else active.clone()  # cache rows of live sequences (index mode)
+    gen = generator
+    if gen is not None and gen.device != device and not greedy:
+        # draw the noise where the logits live: a device generator seeded from the given one
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     step = 0
     while True:
         noise = None
         if not greedy:
-            noise = torch.empty((B, logits.shape[-1]), dtype=torch.float32,
-                                device=generator.device if generator is not None else device)
-            noise.exponential_(generator=generator)
-            noise = noise.to(device)[active]
+            noise = torch.empty((B, logits.shape[-1]), dtype=torch.float32, device=device)
+            noise.exponential_(generator=gen)
+            noise = noise[active] if len(active_l) < B else noise
         tok, lp, tlp = _sample(logits, noise, temperature, top_k, top_p, greedy)
         out_tok[active, step] = tok
         out_lp[active, step] = lp

@@ -190,7 +190,7 @@ def test_empty_and_bad_prompts(tiny):
 # ---- determinism, shared prefill, compaction ----------------------------------------------------------
 
 def sample(model, prompts, seed, **kw):
-    kw = {"n": 3, "max_new_tokens": 25, "temperature": 1.0, "stop_token_ids": [0], **kw}
+    kw = {"n": 3, "max_new_tokens": 16, "temperature": 1.0, "stop_token_ids": [0], **kw}
     return generate(model, prompts, generator=torch.Generator().manual_seed(seed), **kw)
 
 
