@@ -16,7 +16,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
 
-struct Fill16 {
+struct alignas(16) Fill16 {
   unsigned char b[16];
 };
 
@@ -66,7 +66,7 @@ __global__ void unpack_kernel(const char* __restrict__ packed, char* __restrict_
   // (i * VB) % 16 of the 16-byte pattern.
   V fv[16 / VB];
 #pragma unroll
-  for (int k = 0; k < 16 / VB; ++k) fv[k] = *reinterpret_cast<const V*>(fill.b + k * VB);
+  for (int k = 0; k < 16 / VB; ++k) memcpy(&fv[k], fill.b + k * VB, VB);
   const int64_t stride = int64_t(gridDim.y) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; i < n; i += stride) {
     dst[i] = (i >= lo && i < hi) ? src[i] : fv[i & (16 / VB - 1)];
