@@ -126,16 +126,29 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, max_leng
       sdpa   -- masked SDPA (any device, the CPU path; gathers rows when `rows` is given)
     The CUDA branches cannot run on the CPU CI; the SDPA branch is the tested one.
     """
-    backend = resolve_backend(backend, q.device)
-    if backend == "flash" and _flash_kvcache is not None:
+    backend = decode_backend(backend, q.device)
+    if backend == "flash":
         B = q.shape[0]
         idx = (torch.arange(B, device=q.device) if rows is None else rows).to(torch.int32)
         out = _flash_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=lengths.to(torch.int32),
                              cache_batch_idx=idx, softmax_scale=scale, causal=True)
         return out[:, 0]
-    if backend in ("flash", "varlen") and _torch_varlen is not None:
+    if backend == "varlen":
         return _decode_varlen_paged(q, k_cache, v_cache, lengths, scale, rows)
     return _decode_sdpa(q, k_cache, v_cache, lengths, scale, rows, max_length)
+
+
+def decode_backend(requested: str, device: torch.device) -> str:
+    """The kernel decode_attention will use for `requested` on `device`: "flash" (flash-attn's
+    flash_attn_with_kvcache), "varlen" (torch varlen_attn with block_table/seqused_k/enable_gqa,
+    i.e. a torch that has them) or "sdpa". CUDA kernels read cache rows in place, so the rollout
+    engine passes row indices instead of compacting the cache when this is not "sdpa"."""
+    backend = resolve_backend(requested, device)
+    if backend == "flash" and _flash_kvcache is not None:
+        return "flash"
+    if backend in ("flash", "varlen") and {"block_table", "seqused_k", "enable_gqa"} <= _VARLEN_PARAMS:
+        return "varlen"
+    return "sdpa"
 
 
 def _decode_varlen_paged(q, k_cache, v_cache, lengths, scale, rows):
@@ -143,9 +156,8 @@ def _decode_varlen_paged(q, k_cache, v_cache, lengths, scale, rows):
     idx = torch.arange(B, device=q.device) if rows is None else rows
     block_table = idx.to(torch.int32)[:, None].contiguous()  # one page (= one cache row) per sequence
     cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32)
-    kw = {"scale": scale, "seqused_k": lengths.to(torch.int32), "block_table": block_table}
-    if k_cache.shape[2] != q.shape[1]:
-        kw["enable_gqa"] = True
+    kw = {"scale": scale, "seqused_k": lengths.to(torch.int32), "block_table": block_table,
+          "enable_gqa": k_cache.shape[2] != q.shape[1]}
     # a single query that is the newest token sees every valid key: no causal mask needed
     return _torch_varlen(q, k_cache, v_cache, cu_q, None, 1, k_cache.shape[1], **kw)
 

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lwz.attention import decode_backend
 from lwz.model import KVCache
 
 FINISH_REASONS = ("stop_token", "stop_string", "length")
@@ -412,8 +413,7 @@ def _generate_chunk(model, prompts, prompt_offset, *, n, max_new_tokens, tempera
     S = max(lp + c - 1 for lp, c in zip(plen, cap))  # cache slots: the last token is never fed back
     S = max(S, max(plen))
     backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
-    from lwz.attention import resolve_backend
-    kernel = resolve_backend(backend, device)
+    kernel = decode_backend(backend, device)
     if kernel != "sdpa":
         S = -(-S // 256) * 256  # paged kernels want page sizes in multiples of 256
     if compact == "auto":
