@@ -5,7 +5,7 @@
                                                     copy GB/s (CUDA only; "skipped" elsewhere)
     python -m bench.common run MODULE [ARGS...]     import MODULE and call its main(ARGS); exit 0
                                                     unless main returns a non-zero int or raises
-    python -m bench.common collect --steps TSV --since FILE --out PREFIX
+    python -m bench.common collect --steps TSV --since FILE [--results-dir DIR] --out PREFIX
                                                     merge the step table and every JSON written
                                                     under bench/results/ after FILE into
                                                     PREFIX.json + PREFIX.md (used by device_check.sh)
@@ -212,7 +212,7 @@ def run_module(module: str, args: list[str]) -> int:
 
 # Keys worth showing in one summary cell, most telling first.
 KEY_FIELDS = ("packed_over_padded_time", "matmul_tflops", "copy_gbps", "speedup", "tokens_per_s",
-              "tflops", "gbps", "padding_waste", "median_ms", "ms")
+              "tflops", "gbps", "padding_waste", "median_ms", "ms", "fwd_bwd_s", "median_s")
 
 
 def _find_keys(obj, out: dict, depth: int = 0) -> None:
@@ -249,7 +249,7 @@ def _pytest_tail(log_path: str) -> str:
     return lines[-1][:80] if lines else ""
 
 
-def collect(steps_tsv: str, since: str | None, out_prefix: str) -> dict:
+def collect(steps_tsv: str, since: str | None, out_prefix: str, results_dir: str | None = None) -> dict:
     """Merge device_check.sh's step table (name, status, seconds, log, json) and every result JSON
     written after `since` into <out_prefix>.json and <out_prefix>.md; return the merged dict."""
     t0 = os.path.getmtime(since) if since and os.path.exists(since) else 0.0
@@ -263,11 +263,15 @@ def collect(steps_tsv: str, since: str | None, out_prefix: str) -> dict:
                 name, status, secs = parts[:3]
                 log = parts[3] if len(parts) > 3 else ""
                 jpath = parts[4] if len(parts) > 4 else ""
-                row = {"step": name, "status": status, "seconds": float(secs) if secs else None, "key": ""}
+                row = {"step": name, "status": status, "seconds": int(float(secs)) if secs else None, "key": ""}
                 if jpath and os.path.exists(jpath):
                     try:
                         with open(jpath) as jf:
-                            row["key"] = key_number(json.load(jf))
+                            data = json.load(jf)
+                        row["key"] = key_number(data)
+                        st = data.get("status") if isinstance(data, dict) else None
+                        if isinstance(st, str) and st != "ok" and not row["key"]:
+                            row["key"] = st
                     except Exception as e:
                         row["key"] = f"bad json: {e}"[:60]
                 elif name.startswith("tests") and log:
@@ -276,9 +280,10 @@ def collect(steps_tsv: str, since: str | None, out_prefix: str) -> dict:
                 steps.append(row)
     results = {}
     out_base = os.path.abspath(out_prefix)
-    if os.path.isdir(RESULTS_DIR):
-        for fn in sorted(os.listdir(RESULTS_DIR)):
-            p = os.path.join(RESULTS_DIR, fn)
+    rdir = results_dir or RESULTS_DIR
+    if os.path.isdir(rdir):
+        for fn in sorted(os.listdir(rdir)):
+            p = os.path.join(rdir, fn)
             if not fn.endswith(".json") or os.path.abspath(p) == out_base + ".json":
                 continue
             if os.path.getmtime(p) < t0:
@@ -324,6 +329,7 @@ def main(argv=None) -> int:
     k = sub.add_parser("collect")
     k.add_argument("--steps", required=True)
     k.add_argument("--since", default=None)
+    k.add_argument("--results-dir", default=None, help="where the result JSONs are (default bench/results)")
     k.add_argument("--out", required=True, help="output prefix; writes PREFIX.json and PREFIX.md")
     a = ap.parse_args(argv)
     if a.cmd == "env":
@@ -339,7 +345,7 @@ def main(argv=None) -> int:
         if a.json:
             write_json(a.json, r)
         return 0
-    merged = collect(a.steps, a.since, a.out)
+    merged = collect(a.steps, a.since, a.out, a.results_dir)
     print(merged["table"])
     return 0
 

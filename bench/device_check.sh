@@ -13,14 +13,15 @@
 # seconds, key number.
 #
 # Environment: PYTHON (default .venv/bin/python if present, else python3), BUDGET_S (default 470,
-# the whole run), MAX_JOBS (extension build jobs, default: all cores).
+# the whole run), MAX_JOBS (extension build jobs, default: all cores), SKIP (comma-separated step
+# names to skip, e.g. SKIP=build,tests_cuda), RESULTS (output folder, default bench/results).
 set -uo pipefail
 
 DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|-n) DRY=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -39,7 +40,8 @@ GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head
 GPU_TAG="$(printf '%s' "${GPU_NAME:-cpu}" | tr '[:upper:]' '[:lower:]' | grep -oE 'h200|h100|h800|a100|l40s' | head -n1)"
 GPU_TAG="${GPU_TAG:-$( [[ -n "$GPU_NAME" ]] && echo gpu || echo cpu )}"
 DATE="$(date -u +%Y%m%d-%H%M)"
-RES="bench/results"
+RES="${RESULTS:-bench/results}"
+SKIP=",${SKIP:-},"
 TAG="$DATE-$GPU_TAG"
 LOGS="$RES/logs-$TAG"
 STEPS_TSV="$LOGS/steps.tsv"
@@ -61,6 +63,10 @@ step() {
   local name="$1" limit="$2" json="$3"
   shift 3
   local left=$(( BUDGET_S - RESERVE_S - (SECONDS - START) ))
+  if [[ "$SKIP" == *",$name,"* ]]; then
+    skip "$name" "listed in SKIP"
+    return 0
+  fi
   if [[ $DRY -eq 1 ]]; then
     printf '[dry-run] step %-16s timeout %4ss  %s\n' "$name" "$limit" "$*"
     NAMES+=("$name"); STATUSES+=("dry-run")
@@ -163,7 +169,7 @@ bench_step bench_rollout bench.bench_rollout 90
 
 # 7. collect: merged JSON + markdown, and the table as the last lines
 if [[ $DRY -eq 1 ]]; then
-  printf '[dry-run] step %-16s %s\n' collect "$PYTHON -m bench.common collect --steps $STEPS_TSV --since $MARK --out $RES/$TAG"
+  printf '[dry-run] step %-16s %s\n' collect "$PYTHON -m bench.common collect --steps $STEPS_TSV --since $MARK --results-dir $RES --out $RES/$TAG"
   echo
   printf '%-16s  %s\n' step status
   for i in "${!NAMES[@]}"; do printf '%-16s  %s\n' "${NAMES[$i]}" "${STATUSES[$i]}"; done
@@ -171,7 +177,7 @@ if [[ $DRY -eq 1 ]]; then
   exit 0
 fi
 echo "=== collect -> $RES/$TAG.json, $RES/$TAG.md  (total $(( SECONDS - START ))s)"
-if ! timeout 60 "$PYTHON" -m bench.common collect --steps "$STEPS_TSV" --since "$MARK" --out "$RES/$TAG"; then
+if ! timeout 60 "$PYTHON" -m bench.common collect --steps "$STEPS_TSV" --since "$MARK" --results-dir "$RES" --out "$RES/$TAG"; then
   echo "collect failed; raw step table:"
   printf '%-16s  %s\n' step status
   for i in "${!NAMES[@]}"; do printf '%-16s  %s\n' "${NAMES[$i]}" "${STATUSES[$i]}"; done

@@ -227,6 +227,11 @@ def measure(paths: dict, model, opt, batch, device, warmup: int, iters: int) -> 
                     torch.cuda.empty_cache()
                 r.update(status="oom", error=str(e).splitlines()[0][:200])
                 continue
+            except Exception as e:  # report, keep the other path (and the other cases) running
+                opt.zero_grad(set_to_none=True)
+                loss = None
+                r.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+                continue
             if not torch.isfinite(loss).item():
                 r["status"] = "error: non-finite loss"
                 continue
@@ -342,8 +347,8 @@ def parse_args(argv=None):
     ap.add_argument("--lengths-mix", default="longtail", choices=("longtail", "fixed"))
     ap.add_argument("--tokens-per-step", type=int, default=None,
                     help="real tokens per step (default: 4x the max length for longtail, 2x for fixed)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2 if cuda else 1)
+    ap.add_argument("--iters", type=int, default=5 if cuda else 3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--attn-backend", default="auto")

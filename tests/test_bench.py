@@ -157,3 +157,20 @@ def test_ceilings_skip_cleanly_without_cuda():
         pytest.skip("CUDA present: ceilings are measured by device_check.sh")
     r = ceilings()
     assert r["status"].startswith("skipped") and r["matmul_tflops"] is None
+
+
+def test_device_check_real_run_with_skips(tmp_path):
+    """The non-dry path end to end on CPU with every heavy step skipped: ceilings (skips cleanly
+    without CUDA) runs, the merged JSON/markdown is written, the last lines are the table."""
+    env = dict(os.environ, RESULTS=str(tmp_path), SKIP=",".join(s for s in DRY_RUN_STEPS if s != "ceilings"))
+    p = subprocess.run(["bash", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    merged = [f for f in os.listdir(tmp_path) if f.endswith(".json") and not f.startswith("ceilings")]
+    assert len(merged) == 1, os.listdir(tmp_path)
+    d = json.loads((tmp_path / merged[0]).read_text())
+    steps = {s["step"]: s for s in d["steps"]}
+    assert steps["ceilings"]["status"] == "ok" and steps["build"]["status"].startswith("skipped")
+    assert any(f.startswith("ceilings") for f in d["results"])
+    assert (tmp_path / merged[0].replace(".json", ".md")).exists()
+    tail = p.stdout.strip().splitlines()[-len(steps):]
+    assert [ln.split()[0] for ln in tail] == list(steps)
