@@ -20,7 +20,7 @@ and d z / d (hidden @ weight.T) = 1 / temperature, so with upstream g (logp) and
 
 Two implementations, same semantics:
   impl="triton": Triton kernels (CUDA, or the interpreter under TRITON_INTERPRET=1).
-    forward   `_fwd_kernel`, grid (token blocks x vocab splits): each program loops over its vocab
+    forward   `_fwd_kernel`, grid (vocab splits x token blocks): each program loops over its vocab
               slice, builds each [BLOCK_T, BLOCK_V] logit tile with tl.dot over H, and keeps per-row
               online stats in fp32: running max m, s = sum exp(z - m), t = sum exp(z - m)(z - m)
               (entropy = log s - t / s, computed relative to the max so a large common shift of the
@@ -104,9 +104,12 @@ if HAS_TRITON:
         BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         # part_ptr: fp32 [4, SPLITS, N] = (max, sum exp(z-max), sum exp(z-max)(z-max), target z)
-        pid_t = tl.program_id(0).to(tl.int64)
-        pid_s = tl.program_id(1).to(tl.int64)
-        n_splits = tl.num_programs(1).to(tl.int64)
+        # splits vary fastest: the programs resident at one time cover few token blocks (their
+        # [BLOCK_T, H] hidden tiles, re-read once per vocab tile, stay in L2) and each vocab
+        # split's W tiles are read by all of those token blocks at about the same time.
+        pid_s = tl.program_id(0).to(tl.int64)
+        pid_t = tl.program_id(1).to(tl.int64)
+        n_splits = tl.num_programs(0).to(tl.int64)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         row_mask = rows < N
         tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
@@ -163,14 +166,14 @@ if HAS_TRITON:
         stride_k = n_splits.to(tl.int64) * N
         mx = tl.full([BLOCK], float("-inf"), tl.float32)
         for k in range(0, n_splits):
-            mk = tl.load(part_ptr + k * N + rows, mask=mask, other=0.0)
+            mk = tl.load(part_ptr + k.to(tl.int64) * N + rows, mask=mask, other=0.0)
             mx = tl.maximum(mx, mk)
         mx = tl.where(mx == float("-inf"), 0.0, mx)
         S = tl.zeros([BLOCK], tl.float32)
         T = tl.zeros([BLOCK], tl.float32)
         zy = tl.zeros([BLOCK], tl.float32)
         for k in range(0, n_splits):
-            off = part_ptr + k * N + rows
+            off = part_ptr + k.to(tl.int64) * N + rows
             mk = tl.load(off, mask=mask, other=0.0)
             sk = tl.load(off + stride_k, mask=mask, other=0.0)
             tk = tl.load(off + 2 * stride_k, mask=mask, other=0.0)
@@ -363,7 +366,8 @@ def _dot_precision(dtype):
 def _num_splits(n_tblocks, n_vtiles, device):
     if device.type == "cuda" and not _interpreting():
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = max(1, -(-2 * sms // n_tblocks))  # >= ~2 waves of programs
+        # >= 2 waves of programs, and >= 16 splits so one wave spans <= ~sms/16 token blocks
+        want = max(16, -(-2 * sms // n_tblocks))
     else:
         want = 3  # under the interpreter: small, but exercises the multi-split merge
     return max(1, min(want, n_vtiles))
@@ -387,7 +391,7 @@ def triton_forward(hidden, weight, targets, temperature):
     tiles_per_split = triton.cdiv(n_vt, splits)
     splits = triton.cdiv(n_vt, tiles_per_split)  # no empty split
     part = torch.empty(4, splits, N, device=dev, dtype=torch.float32)
-    _fwd_kernel[(n_tb, splits)](
+    _fwd_kernel[(splits, n_tb)](
         hidden, weight, targets, part, N, V, H, hidden.stride(0), weight.stride(0),
         tiles_per_split, n_vt,
         TEMP=float(temperature), DOT_PRECISION=_dot_precision(hidden.dtype),
@@ -409,10 +413,13 @@ def _acc_mm(out32, a, b):
     if a.dtype == torch.float32:
         out32.addmm_(a, b if b.dtype == torch.float32 else b.float())
     elif a.is_cuda:
-        try:
+        try:  # torch >= 2.8: half inputs, fp32 accumulate and output, in place
             torch.addmm(out32, a, b, out_dtype=torch.float32, out=out32)
-        except (TypeError, RuntimeError):  # older torch: no out_dtype
-            out32 += torch.mm(a, b).float()
+        except (TypeError, RuntimeError):
+            try:
+                out32 += torch.mm(a, b, out_dtype=torch.float32)
+            except (TypeError, RuntimeError):  # older torch: no out_dtype
+                out32 += torch.mm(a, b).float()
     else:
         out32.addmm_(a.float(), b.float())
 
