@@ -306,8 +306,23 @@ class Transformer(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
-    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int):
-        """input_ids/position_ids [N] int64, cu_seqlens [B+1] int32 -> final-normed hidden [N, H]."""
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, targets=None,
+                temperature: float = 1.0, return_entropy: bool = False):
+        """input_ids/position_ids [N] int64, cu_seqlens [B+1] int32 -> final-normed hidden [N, H].
+
+        With `targets` [N] int64 (-100 = ignored) it returns `(logp [N] fp32, entropy [N] fp32 | None)`
+        from the fused log-prob kernel instead. Computing them inside forward matters under FSDP2:
+        the head weight is only guaranteed unsharded while the root module's forward runs.
+        """
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
+        if targets is None:
+            return hidden
+        from kernels.logprob import fused_logprobs
+        return fused_logprobs(hidden, self.lm_head_weight, targets, temperature=temperature,
+                              return_entropy=return_entropy)
+
+    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen: int):
+        """The decoder stack: [N] ids -> final-normed hidden [N, H]."""
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for layer in self.layers:

@@ -29,20 +29,19 @@ import torch
 import torch.distributed as dist
 
 from kernels.grpo_loss import grpo_loss
-from kernels.logprob import fused_logprobs
 from lwz import checkpoint as ckpt
 from lwz.config import ConfigError, parse_args, save_config
 from lwz.distributed import (DTYPES, all_gather_objects, all_reduce_sum, init_distributed, set_grad_sync,
                              shard_model)
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, Transformer, model_flops_per_token
-from lwz.packing import plan_microbatches
+from lwz.packing import attn_coeff_for, padding_waste, plan_microbatches
 from lwz.prompts import PromptCursor, PromptDataError, build_prompt, extract_answer, extract_think, load_prompts
 from lwz.rewards import group_advantages
 from lwz.rewards.format import FormatReward
 from lwz.rewards.length import LengthReward, count_words
 from lwz.rollout import full_params_for_generation, generate, logprob_mismatch
-from lwz.tokenizer import load_tokenizer
+from lwz.tokenizer import TokenizerError, load_tokenizer
 
 
 @dataclass
@@ -92,14 +91,14 @@ def build_rewards(cfg, device):
     if r.quality:
         from lwz.rewards.quality import QualityRewardModel
         if not r.quality_path:
-            raise ConfigError("config error: rewards.quality=true needs rewards.quality_path (a reward-model folder)")
+            raise ConfigError("rewards.quality=true needs rewards.quality_path (a reward-model folder)")
         fns.append(QualityRewardModel.from_pretrained(r.quality_path, device=device).eval())
         weights.append(r.weights[1])
     if r.format:
         fns.append(FormatReward(penalty_weight=r.format_repetition_weight))
         weights.append(r.weights[2])
     if not fns:
-        raise ConfigError("config error: rewards: at least one of length, quality, format must be true")
+        raise ConfigError("rewards: at least one of length, quality, format must be true")
     return fns, weights
 
 
@@ -159,15 +158,14 @@ def split_logp(logp: torch.Tensor, samples: list[Sample], cu: torch.Tensor) -> l
 
 
 def policy_logprobs(model, mb, temperature: float, entropy: bool):
-    hidden = model(mb["ids"], mb["pos"], mb["cu"], mb["max_len"])
-    return fused_logprobs(hidden, model.lm_head_weight, mb["targets"], temperature=temperature,
-                          return_entropy=entropy)
+    return model(mb["ids"], mb["pos"], mb["cu"], mb["max_len"], targets=mb["targets"], temperature=temperature,
+                 return_entropy=entropy)
 
 
 def plan(samples: list[Sample], cfg, world: int, hidden: int) -> list[list[list[int]]]:
     lengths = [s.tokens.numel() for s in samples]
     return plan_microbatches(lengths, cfg.grpo.max_tokens_per_microbatch, num_ranks=world, cost=cfg.grpo.pack_cost,
-                             attn_coeff=12 * hidden if cfg.grpo.pack_cost == "quadratic" else None)
+                             attn_coeff=attn_coeff_for(hidden) if cfg.grpo.pack_cost == "quadratic" else None)
 
 
 @torch.no_grad()
@@ -246,20 +244,19 @@ def rollout(policy, tok, records, cfg, d, step):
                          generator=gen, batch_size=r.batch_size)
     policy.train()
     out = []
-    for j, s in enumerate(batch.samples):
-        rec = records[s.prompt_index]
-        resp = tok.decode(s.response_ids, skip_special_tokens=False)
-        stopped = s.finish_reason == "stop_string"
-        out.append(dict(question=rec.prompt, prompt=texts[s.prompt_index], prompt_ids=list(prompt_ids[s.prompt_index]),
-                        response_ids=list(s.response_ids), response=resp, logp=s.logprobs.float().cpu(),
-                        truncated=bool(s.truncated), stopped=stopped,
+    for j, (pi, resp_ids, logp) in enumerate(zip(batch.prompt_index.tolist(), batch.response_ids, batch.logprobs)):
+        rec = records[pi]
+        resp = tok.decode(resp_ids, skip_special_tokens=False)
+        out.append(dict(question=rec.prompt, prompt=texts[pi], prompt_ids=list(prompt_ids[pi]),
+                        response_ids=resp_ids, response=resp, logp=torch.tensor(logp, dtype=torch.float32),
+                        truncated=bool(batch.truncated[j]), stopped=batch.finish_reasons[j] == "stop_string",
                         length_range=rec.length_range))
     return out
 
 
 def score(samples, reward_fns, weights, cfg):
     """Rewards [K, B] and advantages [B] of this rank's samples (whole groups are local)."""
-    answers = [extract_answer(s["response"]) for s in samples]
+    answers = [extract_answer(s["response"], stopped_at_close=s["stopped"]) for s in samples]
     meta = [dict(response=s["response"], length_range=s["length_range"], stopped=s["stopped"],
                  question=s["question"]) for s in samples]
     prompts = [s["question"] for s in samples]
@@ -279,7 +276,7 @@ def main(argv=None) -> int:
     d = init_distributed(cfg.distributed.backend)
     try:
         return _run(cfg, d)
-    except (ConfigError, ModelLoadError, PromptDataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, ModelLoadError, PromptDataError, TokenizerError, FileNotFoundError, ValueError) as e:
         # one clear line instead of a traceback; what was written so far stays on disk
         print(f"rank {d.rank}: error: {e}", file=sys.stderr)
         return 2
@@ -299,7 +296,7 @@ def _run(cfg, d) -> int:
     records = load_prompts(cfg.data.prompts)
     cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=cfg.data.shuffle)
     if cfg.rollout.prompts_per_step % d.world:
-        raise ConfigError(f"config error: rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a "
+        raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a "
                           f"multiple of the world size {d.world} (each rank samples whole groups)")
 
     policy = build_policy(cfg, d)
@@ -376,7 +373,7 @@ def _run(cfg, d) -> int:
         flops = passes * sum(model_flops_per_token(mcfg, s.tokens.numel()) * s.tokens.numel() for s in samples)
         row.update(time_rollout=t_roll - t0, time_reward=t_rew - t_roll, time_old_logprob=t_old - t_rew,
                    time_update=t_upd - t_old, time_step=t_upd - t0, tokens_per_s=trained / (t_upd - t0),
-                   padding_waste=padding_waste(samples, full_plan))
+                   padding_waste=padding_waste([s.tokens.numel() for s in samples], full_plan))
         if peak:  # model FLOPs of the training passes over their wall time, all GPUs
             row["mfu"] = flops / (t_upd - t_rew) / (peak * d.world)
         row.update(nvml.read())
@@ -411,15 +408,6 @@ def logprob_mismatch_stats(samples) -> dict:
     lengths = torch.tensor([s.n_response for s in have])
     out = logprob_mismatch(a, b, mask, lengths)
     return {f"logp_mismatch_{k}": float(v) for k, v in out.items() if isinstance(v, (int, float))}
-
-
-def padding_waste(samples, full_plan) -> float:
-    """Padded tokens / real tokens if each micro-batch were padded to its longest sequence
-    (0 for our packed stream; reported for comparison with padded trainers)."""
-    real = sum(s.tokens.numel() for s in samples)
-    padded = sum(len(mb) * max(samples[i].tokens.numel() for i in mb)
-                 for rank in full_plan for mb in rank if mb)
-    return padded / max(real, 1) - 1.0
 
 
 def step_metrics(step, local, R, answers, reward_fns, weights, d) -> dict:
