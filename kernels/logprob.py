@@ -163,17 +163,18 @@ if HAS_TRITON:
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = rows < N
+        n64 = N.to(tl.int64)
         stride_k = n_splits.to(tl.int64) * N
         mx = tl.full([BLOCK], float("-inf"), tl.float32)
         for k in range(0, n_splits):
-            mk = tl.load(part_ptr + k.to(tl.int64) * N + rows, mask=mask, other=0.0)
+            mk = tl.load(part_ptr + k * n64 + rows, mask=mask, other=0.0)
             mx = tl.maximum(mx, mk)
         mx = tl.where(mx == float("-inf"), 0.0, mx)
         S = tl.zeros([BLOCK], tl.float32)
         T = tl.zeros([BLOCK], tl.float32)
         zy = tl.zeros([BLOCK], tl.float32)
         for k in range(0, n_splits):
-            off = part_ptr + k.to(tl.int64) * N + rows
+            off = part_ptr + k * n64 + rows
             mk = tl.load(off, mask=mask, other=0.0)
             sk = tl.load(off + stride_k, mask=mask, other=0.0)
             tk = tl.load(off + 2 * stride_k, mask=mask, other=0.0)
