@@ -69,7 +69,7 @@ def _key(name: str, data) -> str:
 
 def run_piece(name: str, timeout: float) -> dict:
     need, argv, json_path = PIECES[name]
-    row = {"piece": name, "status": None, "seconds": 0.0, "key": "", "json": json_path}
+    row = {"piece": name, "status": None, "seconds": 0.0, "key": "", "json": json_path, "output_tail": []}
     if not os.path.exists(os.path.join(ROOT, need)):
         row["status"] = f"skipped: {need} not present"
         return row
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     for n in names:
         print(f"== {n} ...", flush=True)
         r = run_piece(n, a.timeout)
-        for ln in r["output_tail"][-12:]:
+        for ln in r.get("output_tail", [])[-12:]:
             print("   " + ln)
         rows.append(r)
     write_json(a.out, {"env": env_info(), "pieces": rows})

@@ -183,15 +183,20 @@ def ceilings(n: int = 8192, copy_bytes: int = 2 * 2**30, iters: int = 20) -> dic
     if not torch.cuda.is_available():
         return {"status": "skipped: no CUDA device", "matmul_tflops": None, "copy_gbps": None}
     dev = torch.device("cuda")
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
-    t_mm = _time_cuda(lambda: torch.matmul(a, b, out=c), iters)
-    del a, b, c
-    src = torch.empty(copy_bytes, device=dev, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    t_cp = _time_cuda(lambda: dst.copy_(src), iters)
-    del src, dst
+
+    def matmul_s():
+        a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
+        return _time_cuda(lambda: torch.matmul(a, b, out=c), iters)
+
+    def copy_s():
+        src = torch.empty(copy_bytes, device=dev, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        return _time_cuda(lambda: dst.copy_(src), iters)
+
+    t_mm = matmul_s()
+    t_cp = copy_s()
     torch.cuda.empty_cache()
     return {"status": "ok", "gpu": torch.cuda.get_device_name(0), "matmul_n": n, "matmul_dtype": "bf16",
             "matmul_s": t_mm, "matmul_tflops": 2 * n**3 / t_mm / 1e12,

@@ -174,3 +174,19 @@ def test_device_check_real_run_with_skips(tmp_path):
     assert (tmp_path / merged[0].replace(".json", ".md")).exists()
     tail = p.stdout.strip().splitlines()[-len(steps):]
     assert [ln.split()[0] for ln in tail] == list(steps)
+
+
+def test_bench_entry_reports_instead_of_crashing(monkeypatch, tmp_path):
+    import bench.__main__ as entry
+
+    monkeypatch.setitem(entry.PIECES, "missing", ("bench/does_not_exist.py", ["-c", "pass"], str(tmp_path / "x.json")))
+    monkeypatch.setitem(entry.PIECES, "broken", ("bench/common.py", ["-c", "raise SystemExit('boom')"],
+                                                 str(tmp_path / "y.json")))
+    assert entry.run_piece("missing", 30)["status"].startswith("skipped")
+    r = entry.run_piece("broken", 60)
+    assert r["status"] == "failed (rc=1)" and "boom" in r["key"]
+    assert entry.main(["--only", "nonsense"]) == 2
+    out = tmp_path / "summary.json"
+    assert entry.main(["--only", "missing,broken", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert [p["piece"] for p in d["pieces"]] == ["missing", "broken"] and d["env"]["torch"]
