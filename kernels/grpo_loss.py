@@ -62,8 +62,10 @@ micro-batches or ranks.
 
 Triton implementation (Liger-style "gradient in forward"): the loss is a scalar, so the per-token
 gradient is known in the forward pass up to the upstream scalar and the normaliser.
-    forward  = `_grpo_fwd_kernel` (one program per BLOCK tokens, or per sequence for the seq-*
-               modes, which need n_i and the count of active sequences) writes the unscaled
+    forward  = `_grpo_fwd_kernel` (one program per BLOCK tokens, or one per sequence where n_i
+               or the local count of active sequences is needed: seq-mean-token-mean, and the
+               other seq-* modes without global_seqs; a sequence's program loops over it, so a
+               batch of a few very long sequences uses few SMs there) writes the unscaled
                per-token gradients and per-program partial sums [G, 16], then the one-program
                `_grpo_finalize_kernel` sums the partials in a fixed order (deterministic, no
                atomics), applies the normaliser and writes loss and stats.
@@ -224,19 +226,21 @@ def _grpo_fwd_kernel(
 
     # inv_n is constant over a program (a sequence in SEQ_MEAN mode): apply it to the sums once,
     # which is exactly sum_t loss_t / n_i of the reference.
-    base = part_ptr + pid * 16
-    tl.store(base + 0, a_pol * inv_n)
-    tl.store(base + 1, a_kl * inv_n)
-    tl.store(base + 2, a_ent * inv_n)
-    tl.store(base + 3, a_tok)
-    tl.store(base + 4, a_clo)
-    tl.store(base + 5, a_chi)
-    tl.store(base + 6, a_dual)
-    tl.store(base + 7, a_ratio)
-    tl.store(base + 8, a_klraw)
-    tl.store(base + 9, a_akl)
-    tl.store(base + 10, a_entraw)
-    tl.store(base + 11, (a_tok > 0.0).to(tl.float32))  # active sequence (meaningful in SEQ_GRID)
+    # One 16-wide store per program; slots 12..15 are written as 0 (the finalize sums all 16).
+    cols = tl.arange(0, 16)
+    v = tl.where(cols == 0, a_pol * inv_n, 0.0)
+    v = tl.where(cols == 1, a_kl * inv_n, v)
+    v = tl.where(cols == 2, a_ent * inv_n, v)
+    v = tl.where(cols == 3, a_tok, v)
+    v = tl.where(cols == 4, a_clo, v)
+    v = tl.where(cols == 5, a_chi, v)
+    v = tl.where(cols == 6, a_dual, v)
+    v = tl.where(cols == 7, a_ratio, v)
+    v = tl.where(cols == 8, a_klraw, v)
+    v = tl.where(cols == 9, a_akl, v)
+    v = tl.where(cols == 10, a_entraw, v)
+    v = tl.where(cols == 11, (a_tok > 0.0).to(tl.float32), v)  # active sequence (used in SEQ_GRID)
+    tl.store(part_ptr + pid * 16 + cols, v)
 
 
 @triton.jit
@@ -386,12 +390,28 @@ def _denominator(loss_agg, global_tokens, global_seqs, norm_const, device):
     return torch.full((1,), float(g) * mult, dtype=torch.float32, device=device), True
 
 
+_DUMMIES: dict = {}
+
+
+def _dummy_i32(device):
+    """A cached 1-element int32 tensor for the unused cu_seqlens pointer (no fill launch per call)."""
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = _DUMMIES[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
+
+
 class _GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, entropy, old_logp, advantages, mask, ref_logp, cu_seqlens, den, cfg):
         n = logp.shape[0]
         dev = logp.device
-        seq_grid = cfg["loss_agg"] != "token-mean"
+        # One program per sequence only where the kernel itself needs per-sequence facts: n_i
+        # (seq-mean-token-mean) or the local count of active sequences (a seq-* mode with no
+        # global_seqs). Otherwise BLOCK-token programs, which balance better when a few very
+        # long sequences make up the batch.
+        seq_mode = cfg["loss_agg"] != "token-mean"
+        seq_grid = cfg["loss_agg"] == "seq-mean-token-mean" or (seq_mode and not cfg["has_den"])
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)  # free reinterpretation; the kernel tests != 0
         if seq_grid:
@@ -401,7 +421,7 @@ class _GRPOLossFunction(torch.autograd.Function):
         else:
             nseq = 0
             grid_n = max(triton.cdiv(n, FWD_BLOCK), 1)
-            cu = torch.zeros(1, dtype=torch.int32, device=dev) if cu_seqlens is None else cu_seqlens
+            cu = _dummy_i32(dev) if cu_seqlens is None else cu_seqlens  # not read in this mode
         has_ref = ref_logp is not None
         has_ent = entropy is not None
         glogp = torch.empty(n, dtype=torch.float32, device=dev)
@@ -420,7 +440,7 @@ class _GRPOLossFunction(torch.autograd.Function):
         loss = torch.empty((), dtype=torch.float32, device=dev)
         out = torch.empty(_NSLOT, dtype=torch.float32, device=dev)
         _grpo_finalize_kernel[(1,)](part, den, loss, out, grid_n, HAS_DEN=cfg["has_den"],
-                                    DEN_SEQS=seq_grid, ROWS=FIN_ROWS, num_warps=FIN_WARPS)
+                                    DEN_SEQS=seq_mode, ROWS=FIN_ROWS, num_warps=FIN_WARPS)
         ctx.save_for_backward(glogp, gent if has_ent else None, out)
         ctx.has_ent = has_ent
         ctx.mark_non_differentiable(out)
