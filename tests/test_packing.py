@@ -248,7 +248,7 @@ def test_cuda_matches_cpu(dtype, feat):
 
 
 @needs_cuda
-def test_cuda_gradients_and_planner_device_free():
+def test_cuda_gradients():
     B, L, H = 4, 10, 8
     starts, lengths = torch.tensor([0, 3, 1, 9]), torch.tensor([10, 5, 0, 1])
     x = torch.randn(B, L, H, dtype=torch.float64, device="cuda", requires_grad=True)
@@ -271,11 +271,12 @@ def check_plan(lengths, plan, max_tokens, num_ranks):
             assert sum(lengths[i] for i in mb) <= max_tokens
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(lengths=st.lists(st.integers(0, 120), max_size=60), max_tokens=st.integers(120, 400),
-       num_ranks=st.integers(1, 5), quadratic=st.booleans())
-def test_planner_properties_and_twins_agree(lengths, max_tokens, num_ranks, quadratic):
-    kw = dict(cost="quadratic", attn_coeff=37) if quadratic else {}
+       num_ranks=st.integers(1, 5), coeff=st.sampled_from([None, 37, 10**6]))
+def test_planner_properties_and_twins_agree(lengths, max_tokens, num_ranks, coeff):
+    # coeff None: token costs (bucket queue in C++); 10**6: costs > 2^16 (binary heap in C++)
+    kw = dict(cost="quadratic", attn_coeff=coeff) if coeff is not None else {}
     py = P.plan_microbatches(lengths, max_tokens, num_ranks, backend="python", **kw)
     check_plan(lengths, py, max_tokens, num_ranks)
     if P.HAVE_EXT:
@@ -324,6 +325,11 @@ def test_planner_balance_on_large_batches():
         lower = max(-(-sum(costs) // R), max(costs))  # no partition beats this
         assert max(loads) <= lower * 1.001, (R, quadratic, max(loads) / lower)
         assert max(loads) - min(loads) <= max(costs)
+        if P.HAVE_EXT:
+            assert plan == P.plan_microbatches(lengths, 32768, R, cost=cost, attn_coeff=a, backend="python")
+    if P.HAVE_EXT:  # a budget too large for the counting sort of the C++ planner
+        lengths = [rng.randint(0, 10**6) for _ in range(300)]
+        assert P.plan_microbatches(lengths, 10**6, 4) == P.plan_microbatches(lengths, 10**6, 4, backend="python")
 
 
 def test_planner_budget_is_never_exceeded_where_kk_alone_would():
