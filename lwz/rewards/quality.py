@@ -75,7 +75,7 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[i
     return batches
 
 
-def _has_tokenizer(folder: str) -> bool:
+def has_tokenizer(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES)
 
 
@@ -257,10 +257,11 @@ class QualityRewardModel(nn.Module):
         if not os.path.isfile(cfg_path):
             raise ModelLoadError(f"{cfg_path}: config.json not found")
         raw = _read_json(cfg_path)
-        labels = raw.get("id2label")
-        n_labels = len(labels) if isinstance(labels, dict) else raw.get("num_labels", 1)
         archs = raw.get("architectures") or []
         is_cls = any(a.endswith("ForSequenceClassification") for a in archs)
+        labels = raw.get("id2label")
+        # transformers leaves id2label out of config.json when it is its default of 2 labels
+        n_labels = len(labels) if isinstance(labels, dict) else raw.get("num_labels", 2)
         if is_cls and n_labels != 1:
             raise ModelLoadError(f"{cfg_path}: a reward model needs one label, this one has {n_labels}")
         cfg = ModelConfig.from_hf(raw, source=cfg_path)
@@ -269,7 +270,7 @@ class QualityRewardModel(nn.Module):
         for k in ("template", "max_length"):
             if k in settings:
                 kw.setdefault(k, settings[k])
-        if tokenizer is None and _has_tokenizer(folder):
+        if tokenizer is None and has_tokenizer(folder):
             tokenizer = load_tokenizer(folder)
 
         with torch.device("meta"):

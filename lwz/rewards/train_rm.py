@@ -1,0 +1,261 @@
+"""Train the writing-quality reward model with the Bradley–Terry loss (paper §2).
+
+    python -m lwz.rewards.train_rm --data pairs.jsonl --init <folder | config.json> --out <folder>
+        [--config configs/rm_tiny.toml] [--tokenizer <folder>] [--steps 200] [--lr 1e-4] ...
+
+Data: JSONL, one {"prompt": str, "chosen": str, "rejected": str} a line (blank lines skipped).
+--init: an HF ...ForSequenceClassification folder (continue training), a causal-LM folder (backbone
+loaded, new head) or a config.json (random init). The tokenizer comes from --tokenizer, else from
+the --init folder. Loss: mean over pairs of -log σ(r_chosen - r_rejected); each step packs
+--batch-pairs pairs (chosen and rejected in one stream) into micro-batches of at most --max-tokens
+tokens, AdamW with linear warmup then cosine decay, grad-norm clip. A held-out split (--eval-frac)
+reports pair accuracy (r_chosen > r_rejected) and loss; the final folder is HF format.
+--config: a TOML file whose keys are these flags' names (dashes or underscores); flags on the
+command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lwz.model import ModelLoadError
+from lwz.rewards.quality import (QualityRewardModel, has_tokenizer, load_tokenizer, pack_token_lists,
+                                 token_budget_batches)
+
+
+class RMDataError(ValueError):
+    """A malformed preference file; the message is `path:line: what is wrong`."""
+
+
+@dataclass
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    line: int
+
+
+def load_pairs(path: str) -> list[Pair]:
+    """Read a JSONL of {prompt, chosen, rejected}; any bad line raises RMDataError(path:line: ...)."""
+    if not os.path.isfile(path):
+        raise RMDataError(f"{path}: preference file not found")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RMDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise RMDataError(f"{path}:{n}: expected an object with prompt/chosen/rejected, "
+                                  f"got {type(obj).__name__}")
+            for k in ("prompt", "chosen", "rejected"):
+                if not isinstance(obj.get(k), str):
+                    got = "missing" if k not in obj else type(obj[k]).__name__
+                    raise RMDataError(f"{path}:{n}: field {k!r} must be a string ({got})")
+            pairs.append(Pair(obj["prompt"], obj["chosen"], obj["rejected"], n))
+    if not pairs:
+        raise RMDataError(f"{path}: no preference pairs")
+    return pairs
+
+
+def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley–Terry: mean of -log σ(r_chosen - r_rejected)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def _pair_scores(rm: QualityRewardModel, enc: list[tuple[list[int], list[int]]], max_tokens: int,
+                 backward_scale: float | None = None):
+    """Scores of encoded pairs, micro-batched by token budget (a pair never splits). With
+    backward_scale, the loss of each micro-batch (times the scale) is backpropagated at once and the
+    returned scores are detached. Returns (r_chosen[P], r_rejected[P], summed loss)."""
+    device = rm.score.weight.device
+    rc = torch.empty(len(enc))
+    rr = torch.empty(len(enc))
+    total = 0.0
+    for idx in token_budget_batches([len(c) + len(r) for c, r in enc], max_tokens):
+        seqs = [enc[i][0] for i in idx] + [enc[i][1] for i in idx]
+        s = rm.score_packed(*pack_token_lists(seqs, device=device))
+        sc, sr = s[:len(idx)], s[len(idx):]
+        loss = -F.logsigmoid(sc - sr).sum()
+        if backward_scale is not None:
+            (loss * backward_scale).backward()
+        total += float(loss.detach())
+        ix = torch.tensor(idx)
+        rc[ix], rr[ix] = sc.detach().float().cpu(), sr.detach().float().cpu()
+    return rc, rr, total
+
+
+@torch.no_grad()
+def evaluate(rm: QualityRewardModel, enc, max_tokens: int) -> dict:
+    if not enc:
+        return {"acc": float("nan"), "loss": float("nan"), "n": 0}
+    was = rm.training
+    rm.eval()
+    rc, rr, total = _pair_scores(rm, enc, max_tokens)
+    rm.train(was)
+    return {"acc": float((rc > rr).float().mean()), "loss": total / len(enc), "n": len(enc),
+            "margin": float((rc - rr).mean())}
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def build_model(init: str, tokenizer_path: str | None, seed: int, **kw) -> QualityRewardModel:
+    """The model to train: from --init (see module doc) with the tokenizer of --tokenizer or --init."""
+    src = tokenizer_path or (init if os.path.isdir(init) else None)
+    if src is None or (tokenizer_path is None and not has_tokenizer(src)):
+        raise ModelLoadError(f"{init}: no tokenizer there; pass --tokenizer <folder>")
+    tok = load_tokenizer(src)
+    if os.path.isdir(init) and any(f.endswith(".safetensors") for f in os.listdir(init)):
+        return QualityRewardModel.from_pretrained(init, tokenizer=tok, allow_new_head=True, seed=seed, **kw)
+    return QualityRewardModel.from_config(init, tokenizer=tok, seed=seed, **kw)
+
+
+def train(args) -> dict:
+    """Run training from parsed arguments; returns the final metrics (also printed as JSON lines)."""
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    pairs = load_pairs(args.data)
+    rm = build_model(args.init, args.tokenizer, args.seed, max_length=args.max_length,
+                     template=args.template)
+    rm.train()
+    enc = [(rm.encode(p.prompt, p.chosen), rm.encode(p.prompt, p.rejected)) for p in pairs]
+    order = list(range(len(enc)))
+    rng.shuffle(order)
+    n_eval = int(round(len(enc) * args.eval_frac)) if len(enc) > 1 else 0
+    eval_enc = [enc[i] for i in order[:n_eval]]
+    train_enc = [enc[i] for i in order[n_eval:]]
+    if not train_enc:
+        raise RMDataError(f"{args.data}: no pairs left for training after the held-out split")
+
+    decay = [p for n, p in rm.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in rm.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    log = lambda d: print(json.dumps(d), flush=True)  # noqa: E731
+    t0 = time.time()
+    cursor, perm = 0, list(range(len(train_enc)))
+    rng.shuffle(perm)
+    for step in range(args.steps):
+        batch = []
+        while len(batch) < min(args.batch_pairs, len(train_enc)):
+            if cursor == len(perm):
+                rng.shuffle(perm)
+                cursor = 0
+            batch.append(train_enc[perm[cursor]])
+            cursor += 1
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, args.steps, args.lr, args.warmup)
+        opt.zero_grad(set_to_none=True)
+        rc, rr, total = _pair_scores(rm, batch, args.max_tokens, backward_scale=1.0 / len(batch))
+        gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip)
+        opt.step()
+        if (step + 1) % args.log_every == 0 or step == 0:
+            log({"step": step + 1, "loss": total / len(batch), "acc": float((rc > rr).float().mean()),
+                 "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
+                 "elapsed_s": round(time.time() - t0, 2)})
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            log({"step": step + 1, **{f"eval_{k}": v for k, v in evaluate(rm, eval_enc, args.max_tokens).items()}})
+    final = {"step": args.steps, **{f"eval_{k}": v for k, v in evaluate(rm, eval_enc, args.max_tokens).items()},
+             "train_pairs": len(train_enc), "elapsed_s": round(time.time() - t0, 2)}
+    log(final)
+    rm.eval()
+    rm.save_pretrained(args.out)
+    with open(os.path.join(args.out, "train_rm_metrics.json"), "w") as f:
+        json.dump(final, f, indent=2)
+    return final
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lwz.rewards.train_rm",
+                                description="Bradley-Terry reward-model training on {prompt, chosen, rejected} JSONL.")
+    p.add_argument("--config", help="TOML file of defaults for the flags below")
+    p.add_argument("--data", help="JSONL of {prompt, chosen, rejected}")
+    p.add_argument("--init", help="HF folder (seq-cls or causal LM) or config.json for random init")
+    p.add_argument("--out", help="output folder (HF ...ForSequenceClassification format)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the --init folder)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--batch-pairs", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=16384, help="token budget of one packed micro-batch")
+    p.add_argument("--max-length", type=int, default=4096, help="longest prompt+answer in tokens")
+    p.add_argument("--template", default="auto", help="auto | chat | plain | string with {prompt} and {answer}")
+    p.add_argument("--eval-frac", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is); 1 is fastest for tiny models on a busy CPU")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _parser()
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        import tomllib
+        try:
+            with open(pre.config, "rb") as f:
+                table = tomllib.load(f)
+        except FileNotFoundError:
+            p.error(f"{pre.config}: config file not found")
+        except tomllib.TOMLDecodeError as e:
+            p.error(f"{pre.config}: not valid TOML ({e})")
+        known = {a.dest for a in p._actions}
+        defaults = {}
+        for k, v in table.items():
+            key = k.replace("-", "_")
+            if key not in known or key == "config":
+                p.error(f"{pre.config}: unknown key {k!r}")
+            defaults[key] = v
+        p.set_defaults(**defaults)
+    args = p.parse_args(argv)
+    for k in ("data", "init", "out"):
+        if not getattr(args, k):
+            p.error(f"--{k} is required (on the command line or in --config)")
+    checks = [("steps", args.steps >= 1), ("lr", args.lr > 0), ("batch_pairs", args.batch_pairs >= 1),
+              ("max_tokens", args.max_tokens >= 2), ("max_length", args.max_length >= 32),
+              ("eval_frac", 0 <= args.eval_frac < 1), ("warmup", args.warmup >= 1)]
+    for name, ok in checks:
+        if not ok:
+            p.error(f"--{name.replace('_', '-')}: invalid value {getattr(args, name)!r}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        train(args)
+    except (RMDataError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
