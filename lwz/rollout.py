@@ -309,6 +309,9 @@ def _sample(logits, noise, temperature, top_k, top_p, greedy):
     return tok, logp_all.gather(-1, tok[:, None])[:, 0], trunc
 
 
+_MAY_COMPLETE: dict = {}  # (tokenizer id, stop strings, vocab size) -> bool table
+
+
 class _StopStrings:
     """Matches stop strings on the decoded tail of each response (across token boundaries)."""
 
@@ -321,6 +324,26 @@ class _StopStrings:
         # 4 tokens per character (a character is at most 4 bytes) + 8 always holds a whole stop
         # string that ends in the newest token
         self.window = 4 * max((len(s) for s in self.strings), default=0) + 8
+
+    def may_complete(self, vocab_size: int, device) -> torch.Tensor | None:
+        """bool [vocab_size]: tokens that can complete a stop string (decoded alone they contain the
+        last character of one, or a partial UTF-8 byte, or nothing); only those trigger the tail
+        decode. The token completing a string adds its last character, so nothing is missed. None
+        (check every token) when a stop string ends in whitespace, which decoders may strip."""
+        if not self.strings or any(s[-1].isspace() for s in self.strings):
+            return None
+        key = (id(self.tok), self.strings, vocab_size)
+        table = _MAY_COMPLETE.get(key)
+        if table is None:
+            n_tok = min(vocab_size, len(self.tok) if hasattr(self.tok, "__len__") else self.tok.get_vocab_size())
+            lasts = {s[-1] for s in self.strings}
+            texts = self._decode([[i] for i in range(n_tok)])
+            table = torch.ones(vocab_size, dtype=torch.bool)  # ids the tokenizer lacks: always check
+            table[:n_tok] = torch.tensor([t == "" or "\ufffd" in t or any(c in t for c in lasts) for t in texts])
+            if len(_MAY_COMPLETE) > 8:
+                _MAY_COMPLETE.clear()
+            _MAY_COMPLETE[key] = table
+        return table.to(device)
 
     def _decode(self, seqs):
         if hasattr(self.tok, "batch_decode"):
@@ -447,6 +470,7 @@ def _generate_chunk(model, prompts, prompt_offset, *, n, max_new_tokens, tempera
     cap_t = torch.tensor(cap, dtype=torch.int64, device=device)
     plen_t = torch.tensor(plen, dtype=torch.int64, device=device)
 
+    may_complete = stopper.may_complete(logits.shape[-1], device) if stopper.strings else None
     active = torch.arange(B, device=device)  # sample ids of live sequences
     active_l = list(range(B))
     rows = None if compact else active.clone()  # cache rows of live sequences (index mode)
@@ -468,13 +492,14 @@ def _generate_chunk(model, prompts, prompt_offset, *, n, max_new_tokens, tempera
         out_tlp[active, step] = tlp
         done = step + 1 >= cap_t[active]
         is_stop = torch.isin(tok, stop_ids) if stop_ids.numel() else torch.zeros_like(done)
-        tok_l = tok.tolist()  # the one host sync per step
-        done_l, stop_l = (done | is_stop).tolist(), is_stop.tolist()
+        check = may_complete[tok] & ~is_stop if may_complete is not None else ~is_stop
+        # the one host sync per step
+        tok_l, done_l, stop_l, check_l = torch.stack([tok, done | is_stop, is_stop, check]).tolist()
         for i, b in enumerate(active_l):
             resp[b].append(tok_l[i])
         str_hit = [False] * len(active_l)
         if stopper.strings:
-            check = [i for i in range(len(active_l)) if not stop_l[i]]
+            check = [i for i in range(len(active_l)) if check_l[i]]
             hits = stopper.hits([resp[active_l[i]][-stopper.window:] for i in check])
             for i, h in zip(check, hits):
                 str_hit[i] = h

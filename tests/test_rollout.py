@@ -144,6 +144,16 @@ def test_stop_string_straddling_tokens(tiny):
     assert out.finish_reasons[0] == "stop_string" and not bool(out.truncated[0])
     decoded = tok.decode(out.response_ids[0])
     assert stop in decoded and stop not in tok.decode(out.response_ids[0][:-1])
+    # a raw tokenizers.Tokenizer works too, and so does the unfiltered path (string ending in a space)
+    raw = generate(model, prompts, max_new_tokens=30, greedy=True, stop_strings=[stop],
+                   tokenizer=tok.backend_tokenizer)
+    assert raw.response_ids[0] == out.response_ids[0]
+    ws = pieces[-1].find(" ", len(pieces[4]))
+    if ws > 0:
+        sp = pieces[-1][max(0, ws - 3):ws + 1]
+        k = next(k for k in range(len(resp)) if sp in pieces[k + 1])
+        w = generate(model, prompts[:1], max_new_tokens=30, greedy=True, stop_strings=[sp], tokenizer=tok)
+        assert w.response_ids[0] == resp[:k + 1] and w.finish_reasons[0] == "stop_string"
     # the other prompt is unaffected unless it also produced the string
     if stop not in tok.decode(free.response_ids[1]):
         assert out.response_ids[1] == free.response_ids[1] and out.finish_reasons[1] == "length"
