@@ -25,6 +25,7 @@ import logging
 import os
 from typing import Sequence
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -404,8 +405,8 @@ def plan_microbatches(lengths, max_tokens: int, num_ranks: int = 1, cost: str = 
             raise RuntimeError(f"lwz._C is not available ({_EXT_ERROR})")
         if isinstance(lengths, torch.Tensor):
             t = lengths.detach().to("cpu", torch.int64).reshape(-1)
-        else:
-            t = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)
+        else:  # numpy converts a list of ints ~4x faster than torch.as_tensor
+            t = torch.from_numpy(np.asarray(lengths, dtype=np.int64).reshape(-1))
         return _plan_cpp(t, int(max_tokens), int(num_ranks), a)
     if backend != "python":
         raise ValueError(f"backend must be None, 'cpp' or 'python', got {backend!r}")
