@@ -35,8 +35,9 @@ another from the same generator, so chunked and unchunked runs differ (each is r
 Stop conditions, checked after every token, the finishing token kept in the response:
   "stop_token"   the token is in stop_token_ids (e.g. eos),
   "stop_string"  the decoded response now contains a stop string (matched across token
-                 boundaries on a tail window of the recent tokens; the response is cut right after
-                 the token that completes it, so the string itself, e.g. "</answer>", is kept),
+                 boundaries on a tail window of the recent tokens, decoded only after tokens
+                 that can complete a string; the response is cut right after the token that
+                 completes it, so the string itself, e.g. "</answer>", is kept),
   "length"       max_new_tokens generated, or the context (max_context) is full: truncated=True.
 
 FSDP2. Wrap generation in `full_params_for_generation(model)`: every FSDP module (each
@@ -44,6 +45,11 @@ fully_shard'ed block and the root) is unsharded for the duration and resharded a
 Memory while generating: one full copy of the parameters in the param dtype (e.g. 3.1 GB for
 a 1.5B model in bf16) on every rank, plus the KV cache 2 * layers * B * S * Hkv * D * bytes
 (Qwen2.5-1.5B, bf16: 28 KiB per token, so 64 sequences x 15k tokens = 27 GB).
+
+The cache is static: every row is sized for its whole budget (prompt + max_new_tokens) up front.
+Bound it with `batch_size` (sequences per chunk); KVCache.nbytes_for(cfg, B, S, dtype) gives the
+size. A page pool filled on demand (the varlen kernel already reads the cache through a block
+table) would let B follow the real lengths instead; not done yet.
 """
 
 from __future__ import annotations
@@ -53,7 +59,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from lwz.attention import decode_backend
 from lwz.model import KVCache

@@ -4,13 +4,12 @@ recomputation, stop strings / tokens / lengths, seeds, shared prefill, compactio
 import math
 import os
 import socket
-import tempfile
 
 import pytest
 import torch
 
 from kernels.logprob import fused_logprobs
-from lwz.model import ModelConfig, Transformer
+from lwz.model import Transformer
 from lwz.rollout import (
     RolloutBatch, full_params_for_generation, generate, logprob_mismatch, to_packed,
 )
