@@ -56,8 +56,10 @@ def _log_backend() -> None:
     global _logged
     if not _logged:
         _logged = True
-        extra = f" ({_EXT_ERROR})" if _EXT_ERROR is not None else ""
-        log.info("lwz.packing backend: %s%s", BACKEND, extra)
+        if HAVE_EXT:
+            log.info("lwz.packing backend: %s", BACKEND)
+        else:
+            log.warning("lwz.packing backend: %s (%s)", BACKEND, _EXT_ERROR)
 
 
 def _use_ext(device: torch.device) -> bool:
