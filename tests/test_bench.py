@@ -31,7 +31,7 @@ def test_profile_step_cpu_tiny_json(tmp_path):
     d = json.loads(out.read_text())
     assert d["bench"] == "profile_step" and d["device"] == "cpu" and d["dtype"] == "float32"
     assert "model_flops_per_token" in d["mfu_formula"] and d["peak_flops"] is None
-    for k in ("step_time_s", "tokens_per_s", "packed_over_padded_time"):
+    for k in ("step_time_s", "tokens_per_s", "packed_over_padded_time", "packed_over_padded_cpu_time"):
         assert _finite_pos(d[k]), (k, d[k])
     assert d["env"]["torch"] and "commit" in d["env"]
     (case,) = d["cases"]
