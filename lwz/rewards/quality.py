@@ -139,10 +139,14 @@ class QualityRewardModel(nn.Module):
 
     @property
     def pad_token_id(self) -> Optional[int]:
+        """config.json's pad_token_id (the id transformers' last-token rule uses), else the
+        tokenizer's."""
+        if self.config.pad_token_id is not None:
+            return int(self.config.pad_token_id)
         tok = self.tokenizer
         if tok is not None and getattr(tok, "pad_token_id", None) is not None:
             return int(tok.pad_token_id)
-        return self.config.pad_token_id
+        return None
 
     def init_weights(self, seed: int = 0) -> None:
         """Random init: backbone as lwz.model does, head normal(0, initializer_range)."""

@@ -121,7 +121,7 @@ def build_model(init: str, tokenizer_path: str | None, seed: int, **kw) -> Quali
     """The model to train: from --init (see module doc) with the tokenizer of --tokenizer or --init."""
     src = tokenizer_path or (init if os.path.isdir(init) else None)
     if src is None or (tokenizer_path is None and not has_tokenizer(src)):
-        raise ModelLoadError(f"{init}: no tokenizer there; pass --tokenizer <folder>")
+        raise ModelLoadError(f"{init}: no tokenizer files in this folder; pass --tokenizer <folder>")
     tok = load_tokenizer(src)
     if os.path.isdir(init) and any(f.endswith(".safetensors") for f in os.listdir(init)):
         return QualityRewardModel.from_pretrained(init, tokenizer=tok, allow_new_head=True, seed=seed, **kw)
