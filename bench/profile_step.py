@@ -18,7 +18,7 @@ by GPU name; None on CPU or an unknown GPU.
 
 Length mixes: "fixed" = every sequence exactly the max length; "longtail" = log-normal lengths
 (median max/8, sigma 1) capped at the max length, at least 16 tokens, drawn until tokens-per-step
-is reached (the last one trimmed), seeded. Goal: packed <= 0.6x padded step time on "longtail".
+is reached (the last one trimmed, the longest set to the max), seeded. Goal: packed <= 0.6x padded step time on "longtail".
 On CUDA: bf16 weights, activation checkpointing, AdamW; on CPU fp32 without checkpointing.
 """
 
@@ -72,7 +72,8 @@ def model_config(preset: str | None, config_path: str | None) -> ModelConfig:
 
 def sample_lengths(max_len: int, tokens: int, mix: str, seed: int, min_len: int = 16) -> list[int]:
     """Sequence lengths of one step: `fixed` = max_len each; `longtail` = log-normal, median
-    max_len / 8, sigma 1, clipped to [min_len, max_len]; both total `tokens` (at least one sequence)."""
+    max_len / 8, sigma 1, clipped to [min_len, max_len], the longest one set to max_len so every
+    case has its tail; both total about `tokens` (at least one sequence)."""
     min_len = min(min_len, max_len)
     if mix == "fixed":
         return [max_len] * max(1, tokens // max_len)
