@@ -59,18 +59,15 @@ def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None, reduce_
                 reshard_after_forward: bool = True) -> torch.nn.Module:
     """FSDP2: `fully_shard` every decoder block, then the root (embeddings, final norm, lm head).
 
-    Gradients are reduce-scattered as sums (divide factor 1): our losses are already normalised by
-    the global token/sequence counts of the whole mini-batch, so averaging over ranks would be
-    wrong by a factor of the world size."""
+    FSDP2 averages gradients over ranks. Our losses are already normalised by the global
+    token/sequence counts of the whole mini-batch, so the trainer multiplies each rank's loss by the
+    world size before backward (gloo cannot run the PREMUL_SUM that a divide factor of 1 needs)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in model.layers:
         fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    for m in model.modules():
-        if hasattr(m, "set_gradient_divide_factor"):
-            m.set_gradient_divide_factor(1.0)
     return model
 
 

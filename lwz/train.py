@@ -201,7 +201,7 @@ def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id) -> dict:
                                 kl_type=g.kl_type, loss_agg=g.loss_agg, global_tokens=max(n_tokens, 1),
                                 global_seqs=max(n_seqs, 1), cu_seqlens=mb["cu"], norm_const=cfg.norm_const,
                                 entropy=ent if g.entropy_coef > 0 else None, entropy_coef=g.entropy_coef)
-        loss.backward()
+        (loss * d.world).backward()  # FSDP2 averages over ranks; the loss is already globally normalised
         # stats are means over this micro-batch's unmasked tokens: re-weight to global sums
         n_mb = float(mask.sum())
         sums["tokens"] = sums.get("tokens", 0.0) + n_mb
