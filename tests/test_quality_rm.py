@@ -267,3 +267,27 @@ def test_config_file(tmp_path):
     bad.write_text("stepz = 3\n")
     with pytest.raises(SystemExit):
         train_rm.parse_args(["--config", str(bad), "--data", "d", "--init", "i", "--out", "o"])
+
+
+def test_chat_template_path(tmp_path):
+    folder = tmp_path / "rm"
+    make_hf("qwen2", folder, seed=11)
+    tok = make_tokenizer(folder)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} [PAD] {% endfor %}"
+    tok.save_pretrained(str(folder))
+    rm = QualityRewardModel.from_pretrained(str(folder)).eval()
+    assert rm._template_kind() == "chat"                    # "auto" picks the tokenizer's template
+    assert rm.render("w1", "w2 w3") == "w1 [PAD] w2 w3 [PAD] "
+    ids = rm.encode("w1", "w2 w3")                           # trailing pad stripped
+    assert ids == tok("w1 [PAD] w2 w3", add_special_tokens=False)["input_ids"]
+    # transformers reads the rightmost non-pad token: same score on the unstripped text
+    full = tok("w1 [PAD] w2 w3 [PAD]", add_special_tokens=False, return_tensors="pt")
+    hf = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        ref = hf(**full).logits[:, 0]
+    assert torch.allclose(rm(["w1"], ["w2 w3"]), ref, atol=1e-4, rtol=0)
+    rm.template = "Q: {prompt} A: {answer}"
+    assert rm.render("w1", "w2") == "Q: w1 A: w2"
+    rm.template = "no placeholders"
+    with pytest.raises(ValueError, match="template"):
+        rm.render("w1", "w2")

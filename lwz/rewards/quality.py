@@ -80,10 +80,20 @@ def has_tokenizer(folder: str) -> bool:
 
 
 def load_tokenizer(folder: str):
-    """The HF tokenizer saved in a local folder (nothing is downloaded)."""
-    from transformers import AutoTokenizer
+    """The HF tokenizer saved in a local folder (nothing is downloaded).
+
+    A generic tokenizer.json (tokenizer_class TokenizersBackend / PreTrainedTokenizerFast) is
+    loaded as such: AutoTokenizer in transformers 5 would otherwise build the class of config.json's
+    model_type (e.g. Qwen2Tokenizer) when the folder also holds a model, and lose the vocabulary.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    cls = AutoTokenizer
+    tc = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(tc) and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        if _read_json(tc).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            cls = PreTrainedTokenizerFast
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return cls.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - report which folder and why, in one line
         raise ModelLoadError(f"{folder}: cannot load tokenizer ({type(e).__name__}: {e})") from None
 
