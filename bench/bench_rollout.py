@@ -125,6 +125,8 @@ def main(argv=None) -> dict:
 
     row = dict(model=name, dtype=str(dtype).replace("torch.", ""), prompts=args.prompts,
                new_tokens=args.new_tokens, threads=torch.get_num_threads(), mean_prompt_len=sum(lens) / len(lens))
+    from lwz.attention import decode_backend
+    row["decode_attn"] = decode_backend(model.layers[0].self_attn.backend, device)
     tokens = args.prompts * args.new_tokens
     run_lwz(model, warm, min(8, args.new_tokens), device)
     row["lwz_s"] = run_lwz(model, prompts, args.new_tokens, device)
