@@ -84,6 +84,9 @@ PHRASES = [
     ("最多500字", (450, 500)),
     ("写一篇1万字的小说", (9000, 11000)),
     ("写一篇2000字内容丰富的文章", (1800, 2200)),
+    # both bounds stated
+    ("At least 1000 words and no more than 1,500 words.", (1000, 1500)),
+    ("不少于1000字，不超过1500字", (1000, 1500)),
     # no request
     ("Tell me a story about a dragon.", None),
     ("List 5 key ideas of stoicism.", None),

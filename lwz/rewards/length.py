@@ -113,7 +113,9 @@ def parse_length_request(prompt: str) -> Optional[tuple[int, int]]:
     at most N ("no more than", "up to", "under", "不超过", "以内") -> [0.9N, N]; at least N
     ("at least", "no less than", "N+ words", "不少于", "以上") -> [N, 1.1N]; an explicit range
     ("between A and B", "A-B words", "A到B字") -> [A, B]. Bounds are rounded to ints. Ranges beat
-    bounds, bounds beat exact counts; within a tier the earliest match in the text wins.
+    bounds, bounds beat exact counts; within a tier the earliest match in the text wins, except that
+    a lower and an upper bound both stated ("at least 1000 and no more than 1500 words",
+    "不少于1000字，不超过1500字") give [lower, upper].
     """
     if not prompt:
         return None
@@ -121,8 +123,21 @@ def parse_length_request(prompt: str) -> Optional[tuple[int, int]]:
         found = []
         for kind, pat in tier:
             for m in pat.finditer(prompt):
-                found.append((m.start(), -(m.end() - m.start()), kind, m.groups()))
-        for _, _, kind, g in sorted(found, key=lambda t: (t[0], t[1])):
+                found.append((m.start(), m.end(), kind, m.groups()))
+        # earliest first, the longer at equal start; drop matches overlapping a kept one
+        # ("超过2000字" inside "不超过2000字", "more than" inside "no more than")
+        kept, end = [], -1
+        for t in sorted(found, key=lambda t: (t[0], -t[1])):
+            if t[0] >= end:
+                kept.append(t)
+                end = t[1]
+        found = kept
+        # "at least A ... at most B" (both bounds stated) is the range [A, B]
+        lows = [_to_int(*g[:2]) for _, _, k, g in found if k == "at_least"]
+        highs = [_to_int(*g[:2]) for _, _, k, g in found if k == "at_most"]
+        if lows and highs and 0 < lows[0] <= highs[0]:
+            return _r(lows[0]), _r(highs[0])
+        for _, _, kind, g in found:
             rng = _to_range(kind, g)
             if rng is not None:
                 return rng
