@@ -255,6 +255,8 @@ def run(args) -> dict:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     cfg = model_config(args.preset, args.model_config)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ac = cuda if args.activation_checkpointing is None else args.activation_checkpointing
     model = Transformer.from_config(cfg, dtype=dtype, device=device, seed=args.seed,
                                     attn_backend=args.attn_backend, activation_checkpointing=ac)
@@ -320,6 +322,7 @@ def run(args) -> dict:
                   "tie_word_embeddings": cfg.tie_word_embeddings, "num_params": model.num_params()},
         "dtype": str(dtype).replace("torch.", ""), "activation_checkpointing": ac,
         "attn_backend": args.attn_backend, "device": str(device), "peak_flops": peak,
+        "cpu_threads": torch.get_num_threads(),
         "mfu_formula": MFU_FORMULA, "warmup": args.warmup, "iters": args.iters,
         "goal": "packed <= 0.6x padded step time on a long-tail length mix",
         "cases": cases, "table": rows,
@@ -362,6 +365,9 @@ def parse_args(argv=None):
                     default=None)
     ap.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
     ap.add_argument("--no-padded", action="store_true", help="skip the padded baseline")
+    ap.add_argument("--threads", type=int, default=None if cuda else 1,
+                    help="torch CPU threads (CPU default 1: OpenMP spin-waits make multi-thread timings "
+                         "erratic on a shared host)")
     ap.add_argument("--trace", default=None, help="write a torch profiler (chrome) trace of one packed step")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/profile_step-<gpu|cpu>.json)")
     a = ap.parse_args(argv)
