@@ -35,7 +35,7 @@ from lwz.distributed import (DTYPES, all_gather_objects, all_reduce_sum, init_di
                              shard_model)
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, Transformer, model_flops_per_token
-from lwz.packing import attn_coeff_for, padding_waste, plan_microbatches
+from lwz.packing import attn_coeff_for, pack_sequences, padding_waste, plan_microbatches
 from lwz.prompts import PromptCursor, PromptDataError, build_prompt, extract_answer, extract_think, load_prompts
 from lwz.rewards import group_advantages
 from lwz.rewards.format import FormatReward
@@ -126,11 +126,9 @@ def pack_samples(samples: list[Sample], device, pad_id: int):
         return dict(ids=ids, pos=torch.zeros(1, dtype=torch.long, device=device),
                     cu=torch.tensor([0, 1], dtype=torch.int32, device=device), max_len=1,
                     targets=torch.full((1,), -100, device=device), adv=z, old=z, ref=z, n_real=0)
-    ids, pos, tgt, adv, old, ref, cu = [], [], [], [], [], [], [0]
+    tgt, adv, old, ref = [], [], [], []
     for s in samples:
         L, P = s.tokens.numel(), s.n_prompt
-        ids.append(s.tokens)
-        pos.append(torch.arange(L))
         t = torch.full((L,), -100, dtype=torch.long)
         t[P - 1:L - 1] = s.tokens[P:]
         tgt.append(t)
@@ -142,11 +140,10 @@ def pack_samples(samples: list[Sample], device, pad_id: int):
             if src is not None:
                 x[P - 1:L - 1] = src
             dst.append(x)
-        cu.append(cu[-1] + L)
+    ids, cu, pos, max_len = pack_sequences([s.tokens.to(device) for s in samples])
     cat = lambda xs: torch.cat(xs).to(device)  # noqa: E731
-    return dict(ids=cat(ids), pos=cat(pos), cu=torch.tensor(cu, dtype=torch.int32, device=device),
-                max_len=max(s.tokens.numel() for s in samples), targets=cat(tgt), adv=cat(adv),
-                old=cat(old), ref=cat(ref), n_real=len(samples))
+    return dict(ids=ids, pos=pos, cu=cu, max_len=max_len, targets=cat(tgt), adv=cat(adv), old=cat(old),
+                ref=cat(ref), n_real=len(samples))
 
 
 def split_logp(logp: torch.Tensor, samples: list[Sample], cu: torch.Tensor) -> list[torch.Tensor]:
@@ -246,7 +243,7 @@ def rollout(policy, tok, records, cfg, d, step):
     out = []
     for j, (pi, resp_ids, logp) in enumerate(zip(batch.prompt_index.tolist(), batch.response_ids, batch.logprobs)):
         rec = records[pi]
-        resp = tok.decode(resp_ids, skip_special_tokens=False)
+        resp = tok.decode(resp_ids, skip_special_tokens=True)  # drop eos/pad, keep the tags
         out.append(dict(question=rec.prompt, prompt=texts[pi], prompt_ids=list(prompt_ids[pi]),
                         response_ids=resp_ids, response=resp, logp=torch.tensor(logp, dtype=torch.float32),
                         truncated=bool(batch.truncated[j]), stopped=batch.finish_reasons[j] == "stop_string",
