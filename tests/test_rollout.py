@@ -408,3 +408,22 @@ def test_cuda_generate_logprobs_match_trainer(tiny):
                  stop_token_ids=[0], generator=torch.Generator(device="cuda").manual_seed(0))
     same = sum(x[:2] == y[:2] for x, y in zip(s.response_ids, b.response_ids))
     assert same >= 0.8 * len(b), (s.response_ids, b.response_ids)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.7)])
+def test_sampler_draws_from_the_stated_distribution(top_k, top_p):
+    from lwz.rollout import _sample
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+    tok, logp, tlogp = _sample(logits, torch.rand(logits.shape, generator=g), 0.7, top_k, top_p, False)
+    p_full = torch.softmax(logits[0] / 0.7, -1)
+    keep = torch.ones(6, dtype=torch.bool)
+    if top_k:
+        keep[top_k:] = False
+    if top_p < 1:
+        keep = (p_full.cumsum(0) - p_full) < top_p
+    p_trunc = torch.where(keep, p_full, 0.0) / p_full[keep].sum()
+    freq = torch.bincount(tok, minlength=6).float() / tok.numel()
+    assert (freq - p_trunc).abs().max() < 0.01, (freq, p_trunc)
+    torch.testing.assert_close(logp, p_full.log()[tok])
+    torch.testing.assert_close(tlogp, p_trunc.log()[tok])
