@@ -23,12 +23,13 @@ class TokenizerError(ValueError):
     """The tokenizer folder is missing or unusable; the message is one line."""
 
 
-def load_tokenizer(path: str = DEFAULT_PATH):
+def load_tokenizer(path: str = DEFAULT_PATH, require_eos: bool = True, pad_from_eos: bool = True):
     """The HF tokenizer saved in folder `path`, loaded with no network access.
 
     Raises TokenizerError with one line when the folder or its tokenizer files are missing,
-    when transformers cannot load it, or when it has no EOS token. A missing pad token falls
-    back to EOS (as Qwen base tokenizers do).
+    when transformers cannot load it, or when it has no EOS token (require_eos; generation stops
+    on it, a reward model's tokenizer may lack one). A missing pad token falls back to EOS when
+    pad_from_eos (as Qwen base tokenizers do); reward models keep their own pad rule.
     """
     if not os.path.isdir(path):
         raise TokenizerError(f"tokenizer folder '{path}' not found (set tokenizer.path to a local HF tokenizer folder)")
@@ -38,18 +39,37 @@ def load_tokenizer(path: str = DEFAULT_PATH):
             f"tokenizer folder '{path}' has no tokenizer files (expected tokenizer.json and tokenizer_config.json)"
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
-    from transformers import AutoTokenizer
+    import json
 
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    # A generic tokenizer.json is loaded as such: AutoTokenizer in transformers 5 would otherwise
+    # build the class of config.json's model_type (e.g. Qwen2Tokenizer) when the folder also holds
+    # a model, and lose the vocabulary.
+    cls = AutoTokenizer
+    tc = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(tc) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        try:
+            with open(tc) as f:
+                if json.load(f).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+                    cls = PreTrainedTokenizerFast
+        except (OSError, ValueError):
+            pass
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = cls.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - one line instead of a deep traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TokenizerError(f"cannot load tokenizer from '{path}': {msg}") from None
-    if tok.eos_token_id is None:
+    if tok.eos_token_id is None and require_eos:  # generation needs it; a reward model's tokenizer may not
         raise TokenizerError(f"tokenizer in '{path}' has no eos_token (set it in tokenizer_config.json)")
-    if tok.pad_token_id is None:
+    if tok.pad_token_id is None and tok.eos_token is not None and pad_from_eos:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def has_tokenizer(path: str) -> bool:
+    """True when folder `path` holds tokenizer files."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in _FILES)
 
 
 def encode(tok, text: str) -> list[int]:

@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 
 from lwz.model import ModelConfig, ModelLoadError, Transformer
+from lwz.packing import pack_sequences
+from lwz.tokenizer import has_tokenizer, load_tokenizer
 
 SEQ_CLS_ARCHITECTURES = {
     "qwen2": "Qwen2ForSequenceClassification",
@@ -39,7 +41,6 @@ SEQ_CLS_ARCHITECTURES = {
     "llama": "LlamaForSequenceClassification",
 }
 RM_SETTINGS_NAME = "lwz_reward_model.json"  # template / max_length, next to config.json
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _KEEP_TAIL = 16
 PLAIN_TEMPLATE = "{prompt}\n\n{answer}"
 
@@ -47,16 +48,10 @@ PLAIN_TEMPLATE = "{prompt}\n\n{answer}"
 def pack_token_lists(seqs: Sequence[Sequence[int]], device=None):
     """Pack token lists into (input_ids[N] int64, position_ids[N] int64, cu_seqlens[B+1] int32,
     max_seqlen). Every list must be non-empty."""
-    lens = [len(s) for s in seqs]
-    if not seqs or min(lens) == 0:
+    if not seqs or min(len(s) for s in seqs) == 0:
         raise ValueError("pack_token_lists: every sequence needs at least one token")
-    input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
-    position_ids = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens])
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0).to(torch.int32)
-    if device is not None:
-        input_ids, position_ids, cu = input_ids.to(device), position_ids.to(device), cu.to(device)
-    return input_ids, position_ids, cu, max(lens)
+    ids, cu, pos, max_len = pack_sequences([torch.tensor(list(s), dtype=torch.int64, device=device) for s in seqs])
+    return ids, pos, cu, max_len
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -73,29 +68,6 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[i
     if cur:
         batches.append(cur)
     return batches
-
-
-def has_tokenizer(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES)
-
-
-def load_tokenizer(folder: str):
-    """The HF tokenizer saved in a local folder (nothing is downloaded).
-
-    A generic tokenizer.json (tokenizer_class TokenizersBackend / PreTrainedTokenizerFast) is
-    loaded as such: AutoTokenizer in transformers 5 would otherwise build the class of config.json's
-    model_type (e.g. Qwen2Tokenizer) when the folder also holds a model, and lose the vocabulary.
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    cls = AutoTokenizer
-    tc = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(tc) and os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        if _read_json(tc).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            cls = PreTrainedTokenizerFast
-    try:
-        return cls.from_pretrained(folder, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - report which folder and why, in one line
-        raise ModelLoadError(f"{folder}: cannot load tokenizer ({type(e).__name__}: {e})") from None
 
 
 def _read_json(path: str) -> dict:
@@ -285,7 +257,7 @@ class QualityRewardModel(nn.Module):
             if k in settings:
                 kw.setdefault(k, settings[k])
         if tokenizer is None and has_tokenizer(folder):
-            tokenizer = load_tokenizer(folder)
+            tokenizer = load_tokenizer(folder, require_eos=False, pad_from_eos=False)
 
         with torch.device("meta"):
             rm = cls(cfg, tokenizer=tokenizer, **kw)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from lwz.model import ModelLoadError
+from lwz.tokenizer import TokenizerError
 from lwz.rewards.quality import (QualityRewardModel, has_tokenizer, load_tokenizer, pack_token_lists,
                                  token_budget_batches)
 
@@ -122,7 +123,7 @@ def build_model(init: str, tokenizer_path: str | None, seed: int, **kw) -> Quali
     src = tokenizer_path or (init if os.path.isdir(init) else None)
     if src is None or (tokenizer_path is None and not has_tokenizer(src)):
         raise ModelLoadError(f"{init}: no tokenizer files in this folder; pass --tokenizer <folder>")
-    tok = load_tokenizer(src)
+    tok = load_tokenizer(src, require_eos=False, pad_from_eos=False)
     if os.path.isdir(init) and any(f.endswith(".safetensors") for f in os.listdir(init)):
         return QualityRewardModel.from_pretrained(init, tokenizer=tok, allow_new_head=True, seed=seed, **kw)
     return QualityRewardModel.from_config(init, tokenizer=tok, seed=seed, **kw)
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         train(args)
-    except (RMDataError, ModelLoadError) as e:
+    except (RMDataError, ModelLoadError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
