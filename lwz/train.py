@@ -16,6 +16,7 @@ One step, top to bottom:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -271,6 +272,8 @@ def main(argv=None) -> int:
         print(str(e) if str(e).startswith("config error") else f"config error: {e}", file=sys.stderr)
         return 2
     d = init_distributed(cfg.distributed.backend)
+    # rank 0 logs (attention backend, packing backend, ...); other ranks only warnings
+    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="lwz: %(message)s")
     try:
         return _run(cfg, d)
     except (ConfigError, ModelLoadError, PromptDataError, TokenizerError, FileNotFoundError, ValueError) as e:
