@@ -81,7 +81,34 @@ def build_policy(cfg, d, for_reference: bool = False) -> Transformer:
     return model
 
 
-def build_rewards(cfg, device):
+class HostedReward:
+    """A reward model that lives only on `hosts` (rewards.quality_ranks): every rank sends its
+    samples there, host h scores the samples whose global index i has i % len(hosts) == h, and the
+    scores come back. Every rank must call it at the same time (it uses collectives)."""
+
+    name = "quality"
+
+    def __init__(self, model, hosts: list[int], d):
+        self.model, self.hosts, self.d = model, hosts, d
+
+    def __call__(self, prompts, answers, meta):
+        parts = all_gather_objects(list(zip(prompts, answers, meta)), self.d.world)
+        flat = [x for part in parts for x in part]
+        mine = {}
+        if self.d.rank in self.hosts:
+            h = self.hosts.index(self.d.rank)
+            idx = list(range(h, len(flat), len(self.hosts)))
+            if idx:
+                p, a, m = zip(*[flat[i] for i in idx])
+                mine = dict(zip(idx, self.model(list(p), list(a), list(m)).tolist()))
+        scores = {}
+        for part in all_gather_objects(mine, self.d.world):
+            scores.update(part)
+        offset = sum(len(part) for part in parts[:self.d.rank])
+        return torch.tensor([scores[offset + i] for i in range(len(prompts))], dtype=torch.float32)
+
+
+def build_rewards(cfg, d):
     """The enabled rewards, in the order length, quality, format (matching rewards.weights)."""
     r = cfg.rewards
     fns, weights = [], []
@@ -93,7 +120,13 @@ def build_rewards(cfg, device):
         from lwz.rewards.quality import QualityRewardModel
         if not r.quality_path:
             raise ConfigError("rewards.quality=true needs rewards.quality_path (a reward-model folder)")
-        fns.append(QualityRewardModel.from_pretrained(r.quality_path, device=device).eval())
+        hosts = sorted(set(r.quality_ranks))
+        bad = [h for h in hosts if h >= d.world]
+        if bad:
+            raise ConfigError(f"rewards.quality_ranks = {hosts}: ranks {bad} do not exist (world size {d.world})")
+        load = not hosts or d.rank in hosts
+        model = QualityRewardModel.from_pretrained(r.quality_path, device=d.device).eval() if load else None
+        fns.append(HostedReward(model, hosts, d) if hosts else model)
         weights.append(r.weights[1])
     if r.format:
         fns.append(FormatReward(penalty_weight=r.format_repetition_weight))
@@ -301,7 +334,7 @@ def _run(cfg, d) -> int:
 
     policy = build_policy(cfg, d)
     ref = build_policy(cfg, d, for_reference=True) if cfg.grpo.kl_coef > 0 else None
-    reward_fns, weights = build_rewards(cfg, d.device)
+    reward_fns, weights = build_rewards(cfg, d)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

@@ -174,3 +174,34 @@ def test_tiny_default_learns(tmp_path):
     assert last >= first + 0.2, (first, last)
     assert "mean total reward: first 10 steps" in r.stdout
     assert os.path.isfile(os.path.join(tmp_path, "tiny", "curves.png"))
+
+
+def _score_by_length(prompts, answers, meta):
+    return torch.tensor([len(p) + 0.5 * len(a or "") + m["k"] for p, a, m in zip(prompts, answers, meta)])
+
+
+def _hosted_worker(rank, world, port, out_path):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from lwz.distributed import init_distributed
+    from lwz.train import HostedReward
+    d = init_distributed("gloo")
+    n = 3 + 2 * rank  # ranks hold different numbers of samples
+    prompts = [f"prompt {rank}-{i}" * (i + 1) for i in range(n)]
+    answers = [None if i == 1 else "answer" * i for i in range(n)]
+    meta = [{"k": 10 * rank + i} for i in range(n)]
+    # only rank 1 hosts the model; rank 0 has none and must still get its scores
+    fn = HostedReward(_score_by_length if rank == 1 else None, [1], d)
+    got = fn(prompts, answers, meta)
+    torch.save({"got": got, "want": _score_by_length(prompts, answers, meta)}, f"{out_path}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_quality_reward_hosted_on_one_rank(tmp_path):
+    """rewards.quality_ranks: only the host ranks load the reward model; every rank gets the
+    scores of its own samples, equal to scoring them locally."""
+    out = str(tmp_path / "hosted")
+    mp.spawn(_hosted_worker, args=(2, _port(), out), nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(f"{out}.{r}")
+        assert torch.equal(res["got"], res["want"].float())
