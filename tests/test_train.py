@@ -78,13 +78,18 @@ def test_world_size_invariance(tmp_path, loss_agg):
     assert moved > 1e-4
 
 
-def _torchrun(tmp_path, name, extra, nproc=2, timeout=600):
+def _torchrun_cmd(tmp_path, name, extra, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(ROOT, "lwz/train.py"), "--config", os.path.join(ROOT, "configs/tiny.toml"),
            f"--logging.run_dir={tmp_path}", f"--name={name}", "--logging.plot=false",
            "--rollout.max_new_tokens=16", "--rollout.prompts_per_step=2", "--rollout.group_size=4"] + extra
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     env.pop("TRITON_INTERPRET", None)
+    return cmd, env
+
+
+def _torchrun(tmp_path, name, extra, nproc=2, timeout=600):
+    cmd, env = _torchrun_cmd(tmp_path, name, extra, nproc)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -94,10 +99,11 @@ def _metrics(tmp_path, name):
 
 
 def test_two_process_run_and_exact_resume(tmp_path):
-    full = _torchrun(tmp_path, "full", ["--steps=4", "--checkpoint.every=2", "--checkpoint.export_hf=true"])
+    slow = ["--rollout.max_new_tokens=64", "--rollout.group_size=8"]  # steps long enough to kill one mid-run
+    full = _torchrun(tmp_path, "full", ["--steps=6", "--checkpoint.every=3", "--checkpoint.export_hf=true"] + slow)
     assert full.returncode == 0, full.stderr[-3000:]
     rows = _metrics(tmp_path, "full")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:
         for k in ("reward_total", "reward_length", "reward_format", "grad_norm", "entropy", "clip_frac_low",
                   "response_tokens_mean", "truncation_rate", "time_rollout", "tokens_per_s", "padding_waste"):
@@ -106,15 +112,33 @@ def test_two_process_run_and_exact_resume(tmp_path):
     import transformers
     transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "full" / "hf"))
 
-    # run 2 steps, stop, resume to 4: identical metrics (except timings) and parameters
-    part = _torchrun(tmp_path, "part", ["--steps=2", "--checkpoint.every=2"])
-    assert part.returncode == 0, part.stderr[-3000:]
-    res = _torchrun(tmp_path, "part", ["--steps=4", "--checkpoint.every=2", "--resume", "auto",
-                                       "--checkpoint.export_hf=true"])
+    # run 6 steps with a checkpoint every 3, kill the whole process group as soon as the step-3
+    # checkpoint is complete, `--resume auto` to 6: identical metrics
+    # (except timings) and parameters
+    import signal
+    import time
+    cmd, env = _torchrun_cmd(tmp_path, "part", ["--steps=6", "--checkpoint.every=3"] + slow)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    log = tmp_path / "part" / "metrics.jsonl"
+    done3 = tmp_path / "part" / "checkpoints" / "step_00000003" / "COMPLETE"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not done3.exists():
+        time.sleep(0.02)
+    # torchrun's workers may sit in their own process groups: kill every process of this run
+    os.killpg(proc.pid, signal.SIGKILL)
+    pattern = f"--logging.run_dir={tmp_path} --name=part"
+    subprocess.run(["pkill", "-KILL", "-f", "--", pattern], check=False)
+    proc.wait()
+    time.sleep(0.5)
+    assert subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True).stdout == b"", "workers survived"
+    assert len(log.read_text().splitlines()) < 6, "the run finished before it could be killed"
+    res = _torchrun(tmp_path, "part", ["--steps=6", "--checkpoint.every=3", "--resume", "auto",
+                                       "--checkpoint.export_hf=true"] + slow)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from" in res.stdout
+    assert "resumed from" in res.stdout and "step_00000003" in res.stdout
     a, b = _metrics(tmp_path, "full"), _metrics(tmp_path, "part")
-    assert len(a) == len(b) == 4
+    assert len(a) == len(b) == 6
     for ra, rb in zip(a, b):
         for k in ra:
             if not (k.startswith("time_") or k in ("tokens_per_s", "mfu")):
