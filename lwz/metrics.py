@@ -84,7 +84,7 @@ class MetricsLog:
             s = row["step"]
             bar = f"[{s:>4}/{self.total}]"
             parts = [f"{k}={row[k]:.3f}" for k in ("reward_total", "reward_length", "reward_format",
-                                                    "reward_quality", "answer_words_mean", "kl",
+                                                    "reward_quality", "answer_words_mean", "kl_mean",
                                                     "entropy", "grad_norm") if k in row and _finite(row[k])]
             parts.append(f"tok/s={row.get('tokens_per_s', 0):.0f}")
             parts.append(f"t={time.time() - self.t0:.0f}s")

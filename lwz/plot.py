@@ -9,8 +9,8 @@ from lwz.metrics import read_metrics
 
 PANELS = [
     ("rewards", ["reward_total", "reward_length", "reward_format", "reward_quality"]),
-    ("lengths (words / tokens)", ["answer_words_mean", "response_tokens_mean", "think_tokens_mean"]),
-    ("policy", ["entropy", "clip_frac_low", "clip_frac_high", "kl"]),
+    ("lengths (words / tokens)", ["answer_words_mean", "response_tokens_mean", "think_words_mean"]),
+    ("policy", ["entropy", "clip_frac_low", "clip_frac_high", "kl_mean", "logp_mismatch_mean"]),
 ]
 
 
