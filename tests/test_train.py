@@ -229,3 +229,28 @@ def test_quality_reward_hosted_on_one_rank(tmp_path):
     for r in range(2):
         res = torch.load(f"{out}.{r}")
         assert torch.equal(res["got"], res["want"].float())
+
+
+def test_non_finite_grad_norm_skips_the_update():
+    """A NaN advantage makes the gradient non-finite: the optimizer step is skipped and counted,
+    the weights stay as they were, and the next finite mini-batch updates normally."""
+    from lwz.config import load_config
+    from lwz.distributed import Dist
+    from lwz.train import build_policy, plan, train_minibatch
+    cfg = load_config(os.path.join(ROOT, "configs/tiny.toml"),
+                      [f"--model.path={ROOT}/assets/tiny-model", "--distributed.fsdp=false"])
+    d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), backend="none")
+    model = build_policy(cfg, d)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    samples = _fixed_samples()
+    samples[2].advantage = float("nan")
+    plans = plan(samples, cfg, 1, model.config.hidden_size)
+    out = train_minibatch(model, opt, samples, plans, cfg, d, pad_id=1)
+    assert out["skipped"] == 1.0 and not (out["grad_norm"] == out["grad_norm"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    samples[2].advantage = 0.5
+    out = train_minibatch(model, opt, samples, plans, cfg, d, pad_id=1)
+    assert out["skipped"] == 0.0
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
