@@ -151,12 +151,14 @@ step profile_fixed 90 "$RES/profile_step-fixed-$GPU_TAG.json" "$PYTHON" -m bench
   --out "$RES/profile_step-fixed-$GPU_TAG.json"
 
 # 5. CUDA tests (CUDA vs CPU twins, Triton kernels compiled for real vs the references)
+#    LWZ_TEST_INTERPRET=0: compiled kernels (test_kernels_cuda.py), not the interpreter
 TESTS=()
-for t in tests/test_packing.py tests/test_logprob.py tests/test_grpo_loss.py; do
+for t in tests/test_kernels_cuda.py tests/test_packing.py tests/test_rollout.py; do
   [[ -f "$t" ]] && TESTS+=("$t")
 done
 if (( ${#TESTS[@]} )); then
-  step tests_cuda 150 - "$PYTHON" -m pytest -q --no-header -p no:cacheprovider "${TESTS[@]}"
+  step tests_cuda 150 - env LWZ_TEST_INTERPRET=0 TRITON_INTERPRET=0 \
+    "$PYTHON" -m pytest -q --no-header -p no:cacheprovider "${TESTS[@]}"
 else
   skip tests_cuda "no test files"
 fi
