@@ -97,6 +97,22 @@ MERGE_BLOCK = 256
 if HAS_TRITON:
 
     @triton.jit
+    def _logit_tile(x_rows, w_rows, row_mask, col_mask, H, TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+        """One [BLOCK_T, BLOCK_V] tile of logits / TEMP in fp32: x_rows / w_rows are the row base
+        pointers of the hidden and weight tiles; masked rows and columns read zeros."""
+        offs_h = tl.arange(0, BLOCK_H)
+        acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+        for k in range(0, tl.cdiv(H, BLOCK_H)):
+            hk = k * BLOCK_H + offs_h
+            h_mask = hk < H
+            x = tl.load(x_rows + hk[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+            w = tl.load(w_rows + hk[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        return acc / TEMP
+
+
+    @triton.jit
     def _fwd_kernel(
         x_ptr, w_ptr, tgt_ptr, part_ptr,
         N, V, H, stride_xn, stride_wv, tiles_per_split, n_vtiles,
@@ -113,7 +129,6 @@ if HAS_TRITON:
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         row_mask = rows < N
         tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
-        offs_h = tl.arange(0, BLOCK_H)
         m = tl.full([BLOCK_T], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_T], tl.float32)
         t = tl.zeros([BLOCK_T], tl.float32)
@@ -126,14 +141,7 @@ if HAS_TRITON:
             cols = (tile0 + i) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
             col_mask = cols < V
             w_rows = w_ptr + cols[:, None] * stride_wv
-            acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
-            for k in range(0, tl.cdiv(H, BLOCK_H)):
-                hk = k * BLOCK_H + offs_h
-                h_mask = hk < H
-                x = tl.load(x_rows + hk[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-                w = tl.load(w_rows + hk[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
-                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-            z = acc / TEMP
+            z = _logit_tile(x_rows, w_rows, row_mask, col_mask, H, TEMP, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H)
             # padded vocab columns: -inf for the max, 0 (with p = 0) everywhere else
             z_max = tl.where(col_mask[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z_max, 1))
@@ -223,17 +231,9 @@ if HAS_TRITON:
         lcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = lcols < Vc
         cols = v_start + lcols
-        offs_h = tl.arange(0, BLOCK_H)
         x_rows = x_ptr + rows[:, None] * stride_xn
         w_rows = w_ptr + cols[:, None] * stride_wv
-        acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
-        for k in range(0, tl.cdiv(H, BLOCK_H)):
-            hk = k * BLOCK_H + offs_h
-            h_mask = hk < H
-            x = tl.load(x_rows + hk[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-            w = tl.load(w_rows + hk[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        z = acc / TEMP
+        z = _logit_tile(x_rows, w_rows, row_mask, col_mask, H, TEMP, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H)
         tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
         mx = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
         log_s = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
