@@ -161,26 +161,32 @@ def parse_prompt_line(obj, where: str) -> tuple[str, Optional[tuple[int, int]]]:
     return prompt, (lo, hi)
 
 
-def load_prompts(path: str) -> list[PromptRecord]:
-    """Reads a prompt JSONL file; raises PromptDataError `path:line: ...` on the first bad line."""
+def iter_jsonl(path: str, error=ValueError, what: str = "file"):
+    """Yield (line number, parsed object) of a JSONL file, skipping blank lines. A missing file,
+    bad UTF-8 or bad JSON raises `error` with one line `path[:line]: what is wrong`."""
     if not os.path.isfile(path):
-        raise PromptDataError(f"{path}: prompt file not found")
-    records: list[PromptRecord] = []
+        raise error(f"{path}: {what} not found")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise PromptDataError(f"{where}: not valid UTF-8") from None
+                raise error(f"{where}: not valid UTF-8") from None
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise PromptDataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            prompt, rng = parse_prompt_line(obj, where)
-            records.append(PromptRecord(prompt=prompt, length_range=rng, line=lineno))
+                raise error(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def load_prompts(path: str) -> list[PromptRecord]:
+    """Reads a prompt JSONL file; raises PromptDataError `path:line: ...` on the first bad line."""
+    records: list[PromptRecord] = []
+    for lineno, obj in iter_jsonl(path, PromptDataError, "prompt file"):
+        prompt, rng = parse_prompt_line(obj, f"{path}:{lineno}")
+        records.append(PromptRecord(prompt=prompt, length_range=rng, line=lineno))
     if not records:
         raise PromptDataError(f"{path}: no prompts in file")
     return records

@@ -241,7 +241,7 @@ def test_bt_training_learns_rule(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("line,msg", [
-    ("{not json", "not valid JSON"),
+    ("{not json", "invalid JSON"),
     ('{"prompt": "p", "chosen": "c"}', "'rejected' must be a string"),
     ('["a", "b"]', "expected an object"),
     ('{"prompt": "p", "chosen": 3, "rejected": "r"}', "'chosen' must be a string"),

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from lwz.model import ModelLoadError
+from lwz.prompts import iter_jsonl
 from lwz.tokenizer import TokenizerError
 from lwz.rewards.quality import (QualityRewardModel, has_tokenizer, load_tokenizer, pack_token_lists,
                                  token_budget_batches)
@@ -48,25 +49,16 @@ class Pair:
 
 def load_pairs(path: str) -> list[Pair]:
     """Read a JSONL of {prompt, chosen, rejected}; any bad line raises RMDataError(path:line: ...)."""
-    if not os.path.isfile(path):
-        raise RMDataError(f"{path}: preference file not found")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RMDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise RMDataError(f"{path}:{n}: expected an object with prompt/chosen/rejected, "
-                                  f"got {type(obj).__name__}")
-            for k in ("prompt", "chosen", "rejected"):
-                if not isinstance(obj.get(k), str):
-                    got = "missing" if k not in obj else type(obj[k]).__name__
-                    raise RMDataError(f"{path}:{n}: field {k!r} must be a string ({got})")
-            pairs.append(Pair(obj["prompt"], obj["chosen"], obj["rejected"], n))
+    for n, obj in iter_jsonl(path, RMDataError, "preference file"):
+        if not isinstance(obj, dict):
+            raise RMDataError(f"{path}:{n}: expected an object with prompt/chosen/rejected, "
+                              f"got {type(obj).__name__}")
+        for k in ("prompt", "chosen", "rejected"):
+            if not isinstance(obj.get(k), str):
+                got = "missing" if k not in obj else type(obj[k]).__name__
+                raise RMDataError(f"{path}:{n}: field {k!r} must be a string ({got})")
+        pairs.append(Pair(obj["prompt"], obj["chosen"], obj["rejected"], n))
     if not pairs:
         raise RMDataError(f"{path}: no preference pairs")
     return pairs
