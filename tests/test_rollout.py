@@ -3,7 +3,6 @@ recomputation, stop strings / tokens / lengths, seeds, shared prefill, compactio
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -272,11 +271,11 @@ def test_layout_for_packing(tiny):
 
 # ---- FSDP2 -----------------------------------------------------------------------------------------------
 
-def _fsdp_worker(rank, world, port, folder, prompts, expected):
+def _fsdp_worker(rank, world, store, folder, prompts, expected):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store: no port to race for with other processes on the machine
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         model = Transformer.from_pretrained(folder)
@@ -303,11 +302,15 @@ def test_generate_under_fsdp2(tmp_path):
     hf.save_pretrained(tmp_path)
     model = Transformer.from_pretrained(str(tmp_path))
     prompts = prompts_for(203, [5, 9])
-    expected = generate(model, prompts, max_new_tokens=6, greedy=True).response_ids
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_worker, args=(2, port, str(tmp_path), prompts, expected), nprocs=2, join=True)
+    # same thread count as the workers: a different reduction order could flip a near-tie in argmax
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = generate(model, prompts, max_new_tokens=6, greedy=True).response_ids
+    finally:
+        torch.set_num_threads(threads)
+    store = str(tmp_path / "store")
+    mp.spawn(_fsdp_worker, args=(2, store, str(tmp_path), prompts, expected), nprocs=2, join=True)
 
 
 # ---- benchmark smoke test -------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ resume, and a checkpoint killed mid-write."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -15,10 +14,12 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _join(rank, world, store):
+    """Join a gloo group through a file store (no port to race for), then lwz's own init."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    from lwz.distributed import init_distributed
+    return init_distributed("gloo")
 
 
 def _fixed_samples(vocab=1024):
@@ -33,17 +34,15 @@ def _fixed_samples(vocab=1024):
     return out
 
 
-def _update_worker(rank, world, port, out_path, loss_agg):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _update_worker(rank, world, store, out_path, loss_agg):
     torch.set_num_threads(1)
     from lwz.config import load_config
-    from lwz.distributed import full_state_dict, init_distributed
+    from lwz.distributed import full_state_dict
     from lwz.train import build_policy, plan, train_minibatch
     cfg = load_config(os.path.join(ROOT, "configs/tiny.toml"),
                       [f"--model.path={ROOT}/assets/tiny-model", "--grpo.max_tokens_per_microbatch=40", "--data.max_prompt_tokens=20", "--rollout.max_new_tokens=20",
                        f"--grpo.loss_agg={loss_agg}"])
-    d = init_distributed("gloo")
+    d = _join(rank, world, store)
     model = build_policy(cfg, d)
     # eps well above fp32 summation noise: Adam divides by |g|, which would turn 1e-12 reordering
     # differences in near-zero gradients into full-size steps
@@ -63,7 +62,8 @@ def test_world_size_invariance(tmp_path, loss_agg):
     results = []
     for world in (1, 2):
         out = str(tmp_path / f"w{world}.pt")
-        mp.spawn(_update_worker, args=(world, _port(), out, loss_agg), nprocs=world, join=True)
+        mp.spawn(_update_worker, args=(world, str(tmp_path / f"store{world}"), out, loss_agg), nprocs=world,
+                 join=True)
         results.append(torch.load(out))
     a, b = results
     assert a["stats"]["grad_norm"] > 0
@@ -204,12 +204,9 @@ def _score_by_length(prompts, answers, meta):
     return torch.tensor([len(p) + 0.5 * len(a or "") + m["k"] for p, a, m in zip(prompts, answers, meta)])
 
 
-def _hosted_worker(rank, world, port, out_path):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from lwz.distributed import init_distributed
+def _hosted_worker(rank, world, store, out_path):
     from lwz.train import HostedReward
-    d = init_distributed("gloo")
+    d = _join(rank, world, store)
     n = 3 + 2 * rank  # ranks hold different numbers of samples
     prompts = [f"prompt {rank}-{i}" * (i + 1) for i in range(n)]
     answers = [None if i == 1 else "answer" * i for i in range(n)]
@@ -225,7 +222,7 @@ def test_quality_reward_hosted_on_one_rank(tmp_path):
     """rewards.quality_ranks: only the host ranks load the reward model; every rank gets the
     scores of its own samples, equal to scoring them locally."""
     out = str(tmp_path / "hosted")
-    mp.spawn(_hosted_worker, args=(2, _port(), out), nprocs=2, join=True)
+    mp.spawn(_hosted_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     for r in range(2):
         res = torch.load(f"{out}.{r}")
         assert torch.equal(res["got"], res["want"].float())
