@@ -31,7 +31,6 @@ and prints a table. `main(argv)` returns the result dict.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -46,10 +45,7 @@ if ROOT not in sys.path:
 from kernels.grpo_loss import grpo_loss  # noqa: E402
 from kernels.reference import grpo_loss_reference  # noqa: E402
 
-try:  # the project's shared bench helpers (environment facts, JSON writer, tables)
-    from bench.common import env_info, format_table, gpu_tag, write_json  # noqa: E402
-except Exception:  # keep this script runnable on its own
-    env_info = format_table = gpu_tag = write_json = None
+from bench.common import env_info, format_table, gpu_tag, write_json  # noqa: E402
 
 MIN_BYTES_PER_TOKEN = 5 * 4 + 1 + 2 * 4
 BYTES_FORMULA = ("minimal = N*(5*4 + 1 + 2*4) B (read logp, old_logp, advantages, ref_logp, entropy "
@@ -57,30 +53,6 @@ BYTES_FORMULA = ("minimal = N*(5*4 + 1 + 2*4) B (read logp, old_logp, advantages
                  "seq-mean-token-mean)")
 LOSS_KW = dict(clip_low=0.2, clip_high=0.28, clip_c=3.0, kl_coef=1e-3, kl_type="k3", entropy_coef=1e-3,
                norm_const=4096.0)
-
-
-def _git_commit():
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def _env():
-    if env_info is not None:
-        return env_info()
-    import triton
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"device": "cuda" if gpu else "cpu", "gpu": gpu, "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda, "commit": _git_commit()}
-
-
-def _tag(gpu):
-    if gpu_tag is not None:
-        return gpu_tag(gpu)
-    return "cpu" if not gpu else "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
 
 
 def make_inputs(n, seq_len, device, seed=0):
@@ -144,7 +116,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     dev = torch.device("cuda" if cuda else "cpu")
-    env = _env()
+    env = env_info()
     n = a.tokens
     x = make_inputs(n, a.seq_len, dev)
     min_bytes = n * MIN_BYTES_PER_TOKEN
@@ -191,28 +163,18 @@ def main(argv=None):
                 row["loss_diff_vs_eager"] = abs(row["loss"] - ref_loss) if ref_loss is not None else None
 
     result = {"bench": "grpo_loss", "device": "cuda" if cuda else "cpu", "gpu": env.get("gpu"),
-              "torch": torch.__version__, "triton": env.get("triton"), "git_commit": env.get("commit") or _git_commit(),
+              "torch": torch.__version__, "triton": env.get("triton"), "git_commit": env.get("commit"),
               "env": env, "tokens": n, "seq_len": a.seq_len, "iters": a.iters, "loss_kwargs": LOSS_KW,
               "bytes_formula": BYTES_FORMULA, "min_bytes": min_bytes,
               "copy": {"bytes_read_plus_written": 2 * (min_bytes // 2), "ms": t_copy * 1e3, "gbps": copy_gbps},
               "results": rows}
-    out = a.out or os.path.join(ROOT, "bench", "results", f"grpo_loss-{_tag(env.get('gpu'))}.json")
-    if write_json is not None:
-        write_json(out, result)
-    else:
-        import json
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
+    out = a.out or os.path.join(ROOT, "bench", "results", f"grpo_loss-{gpu_tag(env.get('gpu'))}.json")
+    write_json(out, result)
     cols = ["mode", "impl", "status", "ms", "gbps", "pct_of_copy", "actual_gbps", "speedup_vs_eager",
             "loss_diff_vs_eager"]
     print(f"grpo_loss fwd+bwd, {n} tokens, {env.get('gpu') or 'cpu'}; d2d copy {copy_gbps:.1f} GB/s "
           f"({t_copy * 1e3:.4f} ms); {BYTES_FORMULA}")
-    if format_table is not None:
-        print(format_table(rows, cols))
-    else:
-        for r in rows:
-            print("  ".join(f"{c}={r.get(c)}" for c in cols))
+    print(format_table(rows, cols))
     print(f"wrote {out}")
     return result
 

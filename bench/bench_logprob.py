@@ -30,7 +30,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -40,18 +39,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.common import git_commit, matmul_seconds  # noqa: E402
 from kernels.logprob import fused_logprobs  # noqa: E402
 from kernels.reference import logprobs_reference  # noqa: E402
 
 FLOPS_FORMULA = "fwd: 2*T*H*V; fwd+bwd (recompute): 8*T*H*V"
-
-
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def _versions():
@@ -153,17 +145,12 @@ def _eager_bytes(T, V):
 
 
 def run_cuda(sizes, quick):
-    import triton
     from triton.testing import do_bench
 
     dev = torch.device("cuda")
     H, V, temp, dtype = 5120, 152064, 0.8, torch.bfloat16
     rep = 20 if quick else 100
-    a = torch.randn(8192, 8192, device=dev, dtype=dtype)
-    b = torch.randn(8192, 8192, device=dev, dtype=dtype)
-    mm_ms = do_bench(lambda: a @ b, rep=rep)
-    mm_tflops = 2 * 8192 ** 3 / (mm_ms * 1e-3) / 1e12
-    del a, b
+    mm_tflops = 2 * 8192 ** 3 / matmul_seconds(8192) / 1e12  # the bf16 GEMM ceiling, this run
     impls = _make_impls(temp, on_cuda=True)
     rows = []
     for T in sizes:
@@ -261,7 +248,7 @@ def main(argv=None):
     else:
         device = "cpu"
         rows = run_cpu(a.quick)
-    res = dict(device=device, torch=tv, triton=trv, git_commit=_git_commit(),
+    res = dict(device=device, torch=tv, triton=trv, git_commit=git_commit(),
                flops_formula=FLOPS_FORMULA, results=rows)
     slug = "cpu" if not on_cuda else "".join(c if c.isalnum() else "-" for c in device.lower())
     path = a.out or os.path.join(ROOT, "bench", "results", f"logprob-{slug}.json")

@@ -22,7 +22,6 @@ import platform
 import random
 import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -33,17 +32,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import lwz.packing as P  # noqa: E402
+from bench.common import git_commit  # noqa: E402
 
 CAP = 14336  # longest rollout (prompt + 14k answer budget)
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or None
-    except Exception:
-        return None
 
 
 def _device_tag() -> tuple[str, str]:
@@ -189,7 +180,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
 
     res = {
-        "bench": "pack", "device": device_name, "commit": _commit(),
+        "bench": "pack", "device": device_name, "commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "cuda": torch.version.cuda, "lwz_backend": P.BACKEND},

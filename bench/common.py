@@ -176,6 +176,16 @@ def _time_cuda(fn, iters: int) -> float:
     return start.elapsed_time(end) / 1e3 / iters
 
 
+def matmul_seconds(n: int = 8192, iters: int = 20) -> float:
+    """Seconds of one bf16 n x n x n matmul on the current GPU (the compute ceiling: 2n^3 FLOPs)."""
+    import torch
+    dev = torch.device("cuda")
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
+    return _time_cuda(lambda: torch.matmul(a, b, out=c), iters)
+
+
 def ceilings(n: int = 8192, copy_bytes: int = 2 * 2**30, iters: int = 20) -> dict:
     """The two roofline ceilings of the GPU: bf16 n^3 matmul FLOP/s and device-to-device copy
     bandwidth (bytes read + bytes written per second)."""
@@ -184,18 +194,12 @@ def ceilings(n: int = 8192, copy_bytes: int = 2 * 2**30, iters: int = 20) -> dic
         return {"status": "skipped: no CUDA device", "matmul_tflops": None, "copy_gbps": None}
     dev = torch.device("cuda")
 
-    def matmul_s():
-        a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-        c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
-        return _time_cuda(lambda: torch.matmul(a, b, out=c), iters)
-
     def copy_s():
         src = torch.empty(copy_bytes, device=dev, dtype=torch.uint8)
         dst = torch.empty_like(src)
         return _time_cuda(lambda: dst.copy_(src), iters)
 
-    t_mm = matmul_s()
+    t_mm = matmul_seconds(n, iters)
     t_cp = copy_s()
     torch.cuda.empty_cache()
     return {"status": "ok", "gpu": torch.cuda.get_device_name(0), "matmul_n": n, "matmul_dtype": "bf16",
