@@ -42,7 +42,7 @@ from lwz.rewards import group_advantages
 from lwz.rewards.format import FormatReward
 from lwz.rewards.length import LengthReward, count_words
 from lwz.rollout import full_params_for_generation, generate, logprob_mismatch
-from lwz.tokenizer import TokenizerError, load_tokenizer
+from lwz.tokenizer import TokenizerError, encode, load_tokenizer, pad_id
 
 
 @dataclass
@@ -159,7 +159,7 @@ def pack_samples(samples: list[Sample], device, pad_id: int):
         z = torch.zeros(1, device=device)
         return dict(ids=ids, pos=torch.zeros(1, dtype=torch.long, device=device),
                     cu=torch.tensor([0, 1], dtype=torch.int32, device=device), max_len=1,
-                    targets=torch.full((1,), -100, device=device), adv=z, old=z, ref=z, n_real=0)
+                    targets=torch.full((1,), -100, device=device), adv=z, old=z, ref=z)
     tgt, adv, old, ref = [], [], [], []
     for s in samples:
         L, P = s.tokens.numel(), s.n_prompt
@@ -177,7 +177,7 @@ def pack_samples(samples: list[Sample], device, pad_id: int):
     ids, cu, pos, max_len = pack_sequences([s.tokens.to(device) for s in samples])
     cat = lambda xs: torch.cat(xs).to(device)  # noqa: E731
     return dict(ids=ids, pos=pos, cu=cu, max_len=max_len, targets=cat(tgt), adv=cat(adv), old=cat(old),
-                ref=cat(ref), n_real=len(samples))
+                ref=cat(ref))
 
 
 def split_logp(logp: torch.Tensor, samples: list[Sample], cu: torch.Tensor) -> list[torch.Tensor]:
@@ -261,10 +261,10 @@ def rollout(policy, tok, records, cfg, d, step):
     r = cfg.rollout
     texts = [build_prompt(rec.prompt, think=cfg.data.think, template_en=cfg.data.template_en,
                           template_zh=cfg.data.template_zh) for rec in records]
-    prompt_ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    prompt_ids = [encode(tok, t) for t in texts]
     for i, p in enumerate(prompt_ids):
         if len(p) > cfg.data.max_prompt_tokens:
-            raise ValueError(f"prompt {records[i].line if hasattr(records[i], 'line') else i} has {len(p)} tokens, "
+            raise ValueError(f"{cfg.data.prompts}:{records[i].line}: the templated prompt has {len(p)} tokens, "
                              f"more than data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank)
     policy.eval()
@@ -320,12 +320,12 @@ def main(argv=None) -> int:
 
 def _run(cfg, d) -> int:
     torch.manual_seed(cfg.seed + d.rank)
-    run_dir = cfg.run_path if hasattr(cfg, "run_path") else os.path.join(cfg.logging.run_dir, cfg.name)
+    run_dir = cfg.run_path
     if d.is_main:
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.toml"))
     tok = load_tokenizer(cfg.tokenizer.path)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     records = load_prompts(cfg.data.prompts)
     cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=cfg.data.shuffle)
     if cfg.rollout.prompts_per_step % d.world:
@@ -372,14 +372,14 @@ def _run(cfg, d) -> int:
                    for part in all_gather_objects(payload, d.world) for p in part]
         full_plan = plan(samples, cfg, d.world, mcfg.hidden_size)
 
-        if cfg.rollout.old_logprobs == "recompute" or ref is not None:
-            recompute_logprobs(policy, samples, full_plan[d.rank], cfg, d, pad_id, "old_logp")
+        if cfg.rollout.old_logprobs == "recompute":
+            recompute_logprobs(policy, samples, full_plan[d.rank], cfg, d, pad, "old_logp")
         mism = logprob_mismatch_stats(samples)
         if cfg.rollout.old_logprobs == "rollout":
             for s in samples:
                 s.old_logp = s.rollout_logp
         if ref is not None:
-            recompute_logprobs(ref, samples, full_plan[d.rank], cfg, d, pad_id, "ref_logp")
+            recompute_logprobs(ref, samples, full_plan[d.rank], cfg, d, pad, "ref_logp")
         t_old = time.time()
 
         upd = []
@@ -389,7 +389,7 @@ def _run(cfg, d) -> int:
                 idx = list(range(len(samples)))[m::n_mini]
                 mini = [samples[i] for i in idx]
                 upd.append(train_minibatch(policy, optimizer, mini, plan(mini, cfg, d.world, mcfg.hidden_size),
-                                           cfg, d, pad_id))
+                                           cfg, d, pad))
         scheduler.step()
         t_upd = time.time()
         skipped_total += int(sum(u["skipped"] for u in upd))
