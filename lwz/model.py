@@ -197,7 +197,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
     """cos/sin [N, head_dim] for the given positions (fp32 angles, cast to the activations' dtype)."""
-    freqs = position_ids.float()[:, None] * inv_freq.to(position_ids.device)[None, :]
+    freqs = position_ids.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -286,6 +286,13 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.self_attn.backend = backend
 
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """cos/sin [N, head_dim] for `position_ids`. The inverse frequencies move to the device once
+        (a decode step must not pay a host-to-device copy)."""
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        return rope_cos_sin(self.inv_freq, position_ids, dtype)
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """The [V, H] output projection (the embedding matrix when tied)."""
@@ -324,7 +331,7 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen: int):
         """The decoder stack: [N] ids -> final-normed hidden [N, H]."""
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        cos, sin = self.rope(position_ids, x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = _activation_checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
@@ -426,15 +433,6 @@ class KVCache:
             t[dst, :upto] = t[src, :upto]
 
 
-def _inv_freq_on(model: "Transformer", device) -> torch.Tensor:
-    """model.inv_freq on `device`, copied once (a decode step must not pay a host-to-device copy)."""
-    src, cached = getattr(model, "_inv_freq_device", (None, None))
-    if src is not model.inv_freq or cached.device != torch.device(device):
-        cached = model.inv_freq.to(device)
-        model._inv_freq_device = (model.inv_freq, cached)
-    return cached
-
-
 def _prefill(model: "Transformer", input_ids, position_ids, cu_seqlens, max_seqlen: int,
              cache: KVCache, rows: torch.Tensor):
     """Packed prompt forward that also writes every token's k/v into cache[rows[b], position].
@@ -443,7 +441,7 @@ def _prefill(model: "Transformer", input_ids, position_ids, cu_seqlens, max_seql
     Returns the final-normed hidden [N, H], bit-for-bit the training forward's.
     """
     x = model.embed_tokens(input_ids)
-    cos, sin = rope_cos_sin(_inv_freq_on(model, x.device), position_ids, x.dtype)
+    cos, sin = model.rope(position_ids, x.dtype)
     seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     tok_rows = torch.repeat_interleave(rows.to(x.device), seq_lens)
     for li, layer in enumerate(model.layers):
@@ -465,7 +463,7 @@ def _decode_step(model: "Transformer", input_ids, position_ids, cache: KVCache, 
     position_ids + 1 (lets the SDPA path read only the filled part of the cache). Writes the new
     k/v at cache[row, position] and returns the final-normed hidden [B, H]."""
     x = model.embed_tokens(input_ids)
-    cos, sin = rope_cos_sin(_inv_freq_on(model, x.device), position_ids, x.dtype)
+    cos, sin = model.rope(position_ids, x.dtype)
     B = x.shape[0]
     idx_rows = torch.arange(B, device=x.device) if rows is None else rows
     lengths = position_ids + 1
