@@ -46,11 +46,35 @@ def _shard_files(folder: str) -> list[str]:
     raise ModelLoadError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} found")
 
 
+def _local_part(p: torch.Tensor):
+    """(tensor to write, (first, end) rows of the full tensor it holds, or None for all of it).
+
+    FSDP2 shards dim 0 like torch.chunk: with n rows over w ranks, rank r holds rows
+    [r*c, min((r+1)*c, n)), c = ceil(n / w) (possibly none)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        return p, None
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or len(p.placements) != 1 or not p.placements[0].is_shard(0):
+        raise ModelLoadError(f"loading into a parameter placed as {p.placements}: only FSDP2's dim-0 "
+                             f"shards on a 1-D mesh are supported")
+    local = p.to_local()
+    n, w, r = p.shape[0], mesh.size(), mesh.get_local_rank()
+    c = -(-n // w)
+    first = min(r * c, n)
+    assert local.shape[0] == min(n, first + c) - first, (local.shape, n, w, r)
+    return local, (first, first + local.shape[0])
+
+
 def load_state_into(module: torch.nn.Module, folder: str, name_map=our_name,
                     ignore: tuple[str, ...] = ()) -> None:
     """Stream the tensors of an HF folder into `module`'s parameters, shard by shard and tensor by
     tensor (never two copies of the weights in memory). Missing or unexpected tensors and shape
-    mismatches stop with the tensor names. `ignore`: HF names that may be present and are skipped."""
+    mismatches stop with the tensor names. `ignore`: HF names that may be present and are skipped.
+
+    Parameters already sharded by FSDP2 (DTensors, dim-0 shards) receive only their own rows, read
+    with a safetensors slice: a rank never holds more than its shard plus one tensor's rows."""
     from safetensors import safe_open
 
     params = dict(module.named_parameters())
@@ -69,16 +93,21 @@ def load_state_into(module: torch.nn.Module, folder: str, name_map=our_name,
                 if name not in params:
                     unexpected.append(key)
                     continue
+                p = params[name]
                 try:
-                    t = f.get_tensor(key)
+                    sl = f.get_slice(key)
+                    shape = tuple(sl.get_shape())
+                    if shape != tuple(p.shape):
+                        raise ModelLoadError(f"{path}: tensor {key!r} has shape {shape}, "
+                                             f"the model expects {tuple(p.shape)}")
+                    local, rows = _local_part(p)
+                    t = f.get_tensor(key) if rows is None else sl[rows[0]:rows[1]]
+                except ModelLoadError:
+                    raise
                 except Exception as e:  # data section shorter than the header says
                     raise ModelLoadError(f"{path}: cannot read tensor {key!r} ({e})") from None
-                p = params[name]
-                if tuple(t.shape) != tuple(p.shape):
-                    raise ModelLoadError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                         f"the model expects {tuple(p.shape)}")
                 with torch.no_grad():
-                    p.copy_(t)
+                    local.copy_(t)
                 seen.add(name)
     missing = sorted(set(params) - seen)
     if unexpected:
@@ -88,14 +117,20 @@ def load_state_into(module: torch.nn.Module, folder: str, name_map=our_name,
         raise ModelLoadError(f"{folder}: missing tensors {names[:8]}{' ...' if len(names) > 8 else ''}")
 
 
-def load_hf_model(cls, folder: str, dtype=torch.float32, device="cpu", **kw):
-    """Build `cls` (lwz.model.Transformer) from an HF folder: config.json + safetensors."""
+def load_hf_model(cls, folder: str, dtype=torch.float32, device="cpu", shard_fn=None, **kw):
+    """Build `cls` (lwz.model.Transformer) from an HF folder: config.json + safetensors.
+
+    shard_fn: optional callable applied to the model while it is still on the meta device (e.g.
+    FSDP2 wrapping by lwz.distributed.shard_model); each rank then allocates and reads only its
+    shard, so the full model is never materialised on one rank."""
     if not os.path.isdir(folder):
         raise ModelLoadError(f"{folder}: model folder not found")
     cfg = ModelConfig.from_hf(folder)
     with torch.device("meta"):
-        model = cls(cfg, **kw)
-    model = model.to_empty(device=device).to(dtype)
+        model = cls(cfg, **kw).to(dtype)
+    if shard_fn is not None:
+        shard_fn(model)
+    model = model.to_empty(device=device)
     # A checkpoint saved with tied embeddings but loaded untied (or the reverse) is a mismatch the
     # tensor names reveal; tied models simply have no lm_head.weight.
     load_state_into(model, folder)

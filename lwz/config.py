@@ -111,6 +111,10 @@ class RewardsConfig:
     length_on_broken_format: Literal["zero", "whole_response"] = "zero"  # no answer tags: reward 0, or measure all
     quality_path: Optional[str] = None  # folder of the quality reward model (train.py needs it when quality = true)
     quality_ranks: list[int] = field(default_factory=list)  # ranks hosting the quality model; [] = all
+    # FSDP2-shard the quality model over its hosting ranks, wrapped like the policy; auto = when
+    # there are several hosts and its weights exceed quality_fsdp_min_gib
+    quality_fsdp: Literal["auto", "on", "off"] = "auto"
+    quality_fsdp_min_gib: float = 2.0  # size threshold of quality_fsdp = "auto"
     format_repetition_weight: float = 1.0  # weight of the repeated-content penalty in the format reward
 
 

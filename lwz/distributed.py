@@ -56,8 +56,12 @@ def init_distributed(backend: str = "auto") -> Dist:
 
 
 def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
-                reshard_after_forward: bool = True) -> torch.nn.Module:
+                reshard_after_forward: bool = True, mesh=None, layers=None) -> torch.nn.Module:
     """FSDP2: `fully_shard` every decoder block, then the root (embeddings, final norm, lm head).
+
+    `mesh`: a 1-D DeviceMesh of the ranks that share the model (default: all ranks). `layers`: the
+    decoder blocks (default `model.layers`; a reward model passes `model.model.layers`). Works on a
+    model still on the meta device (then `to_empty` allocates only each rank's shard).
 
     FSDP2 averages gradients over ranks. Our losses are already normalised by the global
     token/sequence counts of the whole mini-batch, so the trainer multiplies each rank's loss by the
@@ -65,10 +69,23 @@ def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None, reduce_
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for block in model.layers:
-        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    kw = dict(mp_policy=mp, reshard_after_forward=reshard_after_forward, mesh=mesh)
+    for block in (model.layers if layers is None else layers):
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
     return model
+
+
+def subgroup_mesh(ranks: list[int], device: torch.device):
+    """A 1-D DeviceMesh over `ranks` (sorted). Every rank must call this (creating a process group
+    is collective); ranks outside get None."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ranks = sorted(ranks)
+    group = dist.new_group(ranks) if len(ranks) < dist.get_world_size() else dist.group.WORLD
+    if dist.get_rank() not in ranks:
+        return None
+    return DeviceMesh.from_group(group, device.type)
 
 
 def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
@@ -95,7 +112,8 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict:
-    """Full (unsharded) CPU state dict of an FSDP2 or plain model, on every rank."""
+    """Full (unsharded) CPU state dict of an FSDP2 or plain model: on rank 0 only (other ranks get
+    an empty dict, so the full model is never held on every rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not dist.is_initialized():

@@ -350,9 +350,11 @@ class Transformer(nn.Module):
     # -- Hugging Face folders (implemented in lwz/checkpoint.py) --
     @classmethod
     def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", attn_backend: str = "auto",
-                        activation_checkpointing: bool = False) -> "Transformer":
+                        activation_checkpointing: bool = False, shard_fn=None) -> "Transformer":
+        """Load an HF folder. shard_fn (e.g. FSDP2 wrapping) runs on the meta device first, so each
+        rank allocates and reads only its shard (lwz.checkpoint.load_hf_model)."""
         from lwz.checkpoint import load_hf_model
-        return load_hf_model(cls, path, dtype=dtype, device=device, attn_backend=attn_backend,
+        return load_hf_model(cls, path, dtype=dtype, device=device, shard_fn=shard_fn, attn_backend=attn_backend,
                              activation_checkpointing=activation_checkpointing)
 
     @classmethod

@@ -33,7 +33,7 @@ from kernels.grpo_loss import grpo_loss
 from lwz import checkpoint as ckpt
 from lwz.config import ConfigError, parse_args, save_config
 from lwz.distributed import (DTYPES, all_gather_objects, all_reduce_sum, init_distributed, set_grad_sync,
-                             shard_model)
+                             shard_model, subgroup_mesh)
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, Transformer, model_flops_per_token
 from lwz.packing import attn_coeff_for, pack_sequences, padding_waste, plan_microbatches
@@ -66,25 +66,34 @@ def build_policy(cfg, d, for_reference: bool = False) -> Transformer:
     m = cfg.model
     dtype = DTYPES[m.dtype] if d.device.type == "cuda" else torch.float32
     ac = m.activation_checkpointing and not for_reference
-    if m.init == "pretrained":
+    cuda = d.device.type == "cuda"
+
+    def shard(model):
+        return shard_model(model, DTYPES[cfg.distributed.param_dtype] if cuda else None,
+                           DTYPES[cfg.distributed.reduce_dtype] if cuda else None,
+                           cfg.distributed.reshard_after_forward)
+
+    if m.init == "pretrained":  # sharded before allocation: each rank reads only its shard
         model = Transformer.from_pretrained(m.path, dtype=dtype, device=d.device, attn_backend=m.attn_backend,
-                                            activation_checkpointing=ac)
+                                            activation_checkpointing=ac,
+                                            shard_fn=shard if cfg.distributed.fsdp else None)
     else:  # random init, identical on every rank (same seed) before sharding
         model = Transformer.from_config(m.path, dtype=dtype, device=d.device, seed=cfg.seed,
                                         attn_backend=m.attn_backend, activation_checkpointing=ac)
+        if cfg.distributed.fsdp:
+            shard(model)
     if for_reference:
         model.requires_grad_(False).eval()
-    if cfg.distributed.fsdp:
-        cuda = d.device.type == "cuda"
-        shard_model(model, DTYPES[cfg.distributed.param_dtype] if cuda else None,
-                    DTYPES[cfg.distributed.reduce_dtype] if cuda else None, cfg.distributed.reshard_after_forward)
     return model
 
 
 class HostedReward:
     """A reward model that lives only on `hosts` (rewards.quality_ranks): every rank sends its
     samples there, host h scores the samples whose global index i has i % len(hosts) == h, and the
-    scores come back. Every rank must call it at the same time (it uses collectives)."""
+    scores come back. Every rank must call it at the same time (it uses collectives); every host
+    scores, even nothing, because a model sharded over the hosts needs all of them in each forward.
+    Only valid answers travel; broken ones (None) get their floor from the calling rank's own
+    batch, as a local model gives them."""
 
     name = "quality"
 
@@ -92,20 +101,46 @@ class HostedReward:
         self.model, self.hosts, self.d = model, hosts, d
 
     def __call__(self, prompts, answers, meta):
-        parts = all_gather_objects(list(zip(prompts, answers, meta)), self.d.world)
+        from lwz.rewards.quality import fill_broken
+
+        valid = [i for i, a in enumerate(answers) if a is not None]
+        parts = all_gather_objects([(prompts[i], answers[i], meta[i]) for i in valid], self.d.world)
         flat = [x for part in parts for x in part]
         mine = {}
         if self.d.rank in self.hosts:
-            h = self.hosts.index(self.d.rank)
-            idx = list(range(h, len(flat), len(self.hosts)))
-            if idx:
-                p, a, m = zip(*[flat[i] for i in idx])
-                mine = dict(zip(idx, self.model(list(p), list(a), list(m)).tolist()))
+            idx = list(range(self.hosts.index(self.d.rank), len(flat), len(self.hosts)))
+            p, a, m = zip(*[flat[i] for i in idx]) if idx else ((), (), ())
+            mine = dict(zip(idx, self.model(list(p), list(a), list(m)).tolist()),
+                        broken_score=self.model.broken_score)
         scores = {}
         for part in all_gather_objects(mine, self.d.world):
             scores.update(part)
         offset = sum(len(part) for part in parts[:self.d.rank])
-        return torch.tensor([scores[offset + i] for i in range(len(prompts))], dtype=torch.float32)
+        got = torch.full((len(prompts),), float("nan"))
+        got[valid] = torch.tensor([scores[offset + j] for j in range(len(valid))], dtype=torch.float32)
+        return fill_broken(got, scores["broken_score"])
+
+
+def load_quality_model(cfg, d, hosts: list[int]):
+    """The quality reward model on this rank: whole, an FSDP2 shard (rewards.quality_fsdp), or None
+    on a rank that does not host it. Weights in the policy's dtype on CUDA, fp32 on CPU."""
+    from lwz.model import ModelConfig
+    from lwz.rewards.quality import QualityRewardModel
+
+    r = cfg.rewards
+    members = hosts or list(range(d.world))
+    dtype = DTYPES[cfg.model.dtype] if d.device.type == "cuda" else torch.float32
+    shard = r.quality_fsdp == "on"
+    if r.quality_fsdp == "auto" and len(members) > 1:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in QualityRewardModel(ModelConfig.from_hf(r.quality_path)).parameters())
+        shard = n * dtype.itemsize >= r.quality_fsdp_min_gib * 2**30
+    mesh = subgroup_mesh(members, d.device) if shard and d.world > 1 else None  # collective: every rank
+    if d.rank not in members:
+        return None
+    shard_fn = (lambda rm: QualityRewardModel.shard(rm, mesh)) if mesh is not None else None
+    return QualityRewardModel.from_pretrained(r.quality_path, dtype=dtype, device=d.device,
+                                              shard_fn=shard_fn).eval()
 
 
 def build_rewards(cfg, d):
@@ -117,15 +152,13 @@ def build_rewards(cfg, d):
                                 on_broken=r.length_on_broken_format))
         weights.append(r.weights[0])
     if r.quality:
-        from lwz.rewards.quality import QualityRewardModel
         if not r.quality_path:
             raise ConfigError("rewards.quality=true needs rewards.quality_path (a reward-model folder)")
         hosts = sorted(set(r.quality_ranks))
         bad = [h for h in hosts if h >= d.world]
         if bad:
             raise ConfigError(f"rewards.quality_ranks = {hosts}: ranks {bad} do not exist (world size {d.world})")
-        load = not hosts or d.rank in hosts
-        model = QualityRewardModel.from_pretrained(r.quality_path, device=d.device).eval() if load else None
+        model = load_quality_model(cfg, d, hosts)
         fns.append(HostedReward(model, hosts, d) if hosts else model)
         weights.append(r.weights[1])
     if r.format:

@@ -2,7 +2,6 @@
 checkpoint conversion, exact packing, and one-line errors for bad model folders."""
 
 import json
-import os
 
 import pytest
 import torch

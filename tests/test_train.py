@@ -200,8 +200,17 @@ def test_tiny_default_learns(tmp_path):
     assert os.path.isfile(os.path.join(tmp_path, "tiny", "curves.png"))
 
 
-def _score_by_length(prompts, answers, meta):
-    return torch.tensor([len(p) + 0.5 * len(a or "") + m["k"] for p, a, m in zip(prompts, answers, meta)])
+class _ScoreByLength:
+    """Stands in for a reward model: NaN for a broken answer, whose floor is the batch minimum."""
+    broken_score = "min"
+
+    def score_valid(self, prompts, answers, meta):
+        return torch.tensor([float("nan") if a is None else len(p) + 0.5 * len(a) + m["k"]
+                             for p, a, m in zip(prompts, answers, meta)])
+
+    def __call__(self, prompts, answers, meta):
+        from lwz.rewards.quality import fill_broken
+        return fill_broken(self.score_valid(prompts, answers, meta), self.broken_score)
 
 
 def _hosted_worker(rank, world, store, out_path):
@@ -212,9 +221,9 @@ def _hosted_worker(rank, world, store, out_path):
     answers = [None if i == 1 else "answer" * i for i in range(n)]
     meta = [{"k": 10 * rank + i} for i in range(n)]
     # only rank 1 hosts the model; rank 0 has none and must still get its scores
-    fn = HostedReward(_score_by_length if rank == 1 else None, [1], d)
+    fn = HostedReward(_ScoreByLength() if rank == 1 else None, [1], d)
     got = fn(prompts, answers, meta)
-    torch.save({"got": got, "want": _score_by_length(prompts, answers, meta)}, f"{out_path}.{rank}")
+    torch.save({"got": got, "want": _ScoreByLength()(prompts, answers, meta)}, f"{out_path}.{rank}")
     torch.distributed.destroy_process_group()
 
 

@@ -70,6 +70,19 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[i
     return batches
 
 
+def fill_broken(scores: torch.Tensor, broken_score) -> torch.Tensor:
+    """Give the NaN entries of `scores` [B] (answers that are None) the floor score: "min" = the
+    lowest of the batch's other scores (0.0 when there are none), or a number."""
+    broken = torch.isnan(scores)
+    if broken.any():
+        if broken_score == "min":
+            floor = float(scores[~broken].min()) if not broken.all() else 0.0
+        else:
+            floor = float(broken_score)
+        scores = scores.masked_fill(broken, floor)
+    return scores
+
+
 def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
@@ -114,6 +127,7 @@ class QualityRewardModel(nn.Module):
         self.max_tokens_per_batch = int(max_tokens_per_batch)
         self.broken_score = broken_score
         self.strip_trailing_pad = strip_trailing_pad
+        self.shard_group = None  # the process group of an FSDP2-sharded model (set by `shard`)
 
     @property
     def config(self) -> ModelConfig:
@@ -150,14 +164,27 @@ class QualityRewardModel(nn.Module):
 
     def score_tokens(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
         """Token lists -> rewards [B] fp32 on CPU, packed in micro-batches of the token budget.
-        Runs under the caller's grad mode."""
+        Runs under the caller's grad mode.
+
+        Sharded (FSDP2), every forward is a collective over the shard group, so every member must
+        call this together, even with no sequences: all run as many forwards as the busiest member,
+        padding with one-token dummy batches whose scores are dropped."""
         out = torch.empty(len(seqs), dtype=torch.float32)
-        if not seqs:
-            return out
         device = self.score.weight.device
-        for idx in token_budget_batches([len(s) for s in seqs], self.max_tokens_per_batch):
-            packed = pack_token_lists([seqs[i] for i in idx], device=device)
-            out[torch.tensor(idx)] = self.score_packed(*packed).detach().float().cpu()
+        batches = token_budget_batches([len(s) for s in seqs], self.max_tokens_per_batch) if seqs else []
+        group = self.shard_group
+        n = len(batches)
+        if group is not None:
+            t = torch.tensor([n], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+            n = int(t.item())
+        for b in range(n):
+            if b < len(batches):
+                idx = batches[b]
+                packed = pack_token_lists([seqs[i] for i in idx], device=device)
+                out[torch.tensor(idx)] = self.score_packed(*packed).detach().float().cpu()
+            else:
+                self.score_packed(*pack_token_lists([[0]], device=device))
         return out
 
     # ---- text path ------------------------------------------------------------------------------
@@ -199,42 +226,44 @@ class QualityRewardModel(nn.Module):
             ids = ids[:self.max_length - _KEEP_TAIL] + ids[-_KEEP_TAIL:]
         return ids
 
-    def forward(self, prompts: Sequence[str], answers: Sequence[Optional[str]],
-                meta: Optional[Sequence[dict]] = None) -> torch.Tensor:
-        """Rewards [B] fp32 (CPU) for texts; see the module docstring for template, truncation,
-        batching and the score of answers that are None."""
+    def score_valid(self, prompts: Sequence[str], answers: Sequence[Optional[str]],
+                    meta: Optional[Sequence[dict]] = None) -> torch.Tensor:
+        """Rewards [B] fp32 (CPU) of the texts, NaN where the answer is None. Sharded (FSDP2), call
+        the module itself instead (its forward hooks gather the root's parameters), on every
+        member of the shard group together, even with no texts (see score_tokens)."""
         meta = meta if meta is not None else [{}] * len(prompts)
         if not (len(prompts) == len(answers) == len(meta)):
             raise ValueError(f"QualityRewardModel: prompts/answers/meta lengths differ "
                              f"({len(prompts)}, {len(answers)}, {len(meta)})")
         valid = [i for i, a in enumerate(answers) if a is not None]
-        out = torch.zeros(len(prompts), dtype=torch.float32)
+        out = torch.full((len(prompts),), float("nan"), dtype=torch.float32)
+        seqs = [self.encode(meta[i].get("question") or prompts[i], answers[i]) for i in valid]
+        # FSDP2 writes its unsharded parameters in place, which inference tensors forbid
+        with torch.inference_mode() if self.shard_group is None else torch.no_grad():
+            scores = self.score_tokens(seqs)  # called even when empty: a sharded model needs every member
         if valid:
-            seqs = [self.encode(meta[i].get("question") or prompts[i], answers[i]) for i in valid]
-            with torch.inference_mode():
-                scores = self.score_tokens(seqs)
             out[torch.tensor(valid)] = scores
-        if len(valid) < len(prompts):
-            if self.broken_score == "min":
-                floor = float(out[torch.tensor(valid)].min()) if valid else 0.0
-            else:
-                floor = float(self.broken_score)
-            for i, a in enumerate(answers):
-                if a is None:
-                    out[i] = floor
         return out
+
+    def forward(self, prompts: Sequence[str], answers: Sequence[Optional[str]],
+                meta: Optional[Sequence[dict]] = None) -> torch.Tensor:
+        """Rewards [B] fp32 (CPU) for texts; see the module docstring for template, truncation,
+        batching and the score of answers that are None."""
+        return fill_broken(self.score_valid(prompts, answers, meta), self.broken_score)
 
     # ---- HF folders -----------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype=torch.float32, device="cpu", tokenizer=None,
-                        allow_new_head: bool = False, seed: int = 0, **kw) -> "QualityRewardModel":
+                        allow_new_head: bool = False, seed: int = 0, shard_fn=None,
+                        **kw) -> "QualityRewardModel":
         """Load an HF ...ForSequenceClassification folder with one label (`model.*` + `score.weight`)
         and, when present, its tokenizer and our settings file (template, max_length).
 
         allow_new_head=True also accepts a causal-LM folder (`model.*` [+ `lm_head.weight`], no
         `score.weight`): the backbone is loaded and the head is freshly initialised (for training).
-        Keyword arguments override the constructor's settings."""
+        shard_fn: applied on the meta device before allocation (FSDP2, see `shard`), so each rank
+        allocates and reads only its shard. Keyword arguments override the constructor's settings."""
         from lwz.checkpoint import load_state_into
 
         if not os.path.isdir(folder):
@@ -260,7 +289,11 @@ class QualityRewardModel(nn.Module):
             tokenizer = load_tokenizer(folder, require_eos=False, pad_from_eos=False)
 
         with torch.device("meta"):
-            rm = cls(cfg, tokenizer=tokenizer, **kw)
+            rm = cls(cfg, tokenizer=tokenizer, **kw).to(dtype)
+        if shard_fn is not None:
+            if allow_new_head:
+                raise ValueError("reward model: shard_fn cannot be combined with allow_new_head")
+            shard_fn(rm)
         rm = rm.to_empty(device=device)
         new_head = False
         if not is_cls and allow_new_head:
@@ -276,7 +309,18 @@ class QualityRewardModel(nn.Module):
             load_state_into(rm.model, folder, ignore=("lm_head.weight",))
         else:
             load_state_into(rm, folder, name_map=lambda k: k)
-        return rm.to(dtype)
+        return rm
+
+    @staticmethod
+    def shard(rm: "QualityRewardModel", mesh=None, reshard_after_forward: bool = True) -> "QualityRewardModel":
+        """FSDP2-wrap like the policy (each decoder block, then the root with the head) over `mesh`
+        (a 1-D DeviceMesh, default all ranks). Inference only: no gradient reduction."""
+        from lwz.distributed import shard_model
+        shard_model(rm, None, None, reshard_after_forward, mesh=mesh, layers=rm.model.layers)
+        # Known from here on: inside forward FSDP2 swaps in unsharded plain tensors, so the
+        # parameters cannot tell whether the model is sharded.
+        rm.shard_group = mesh.get_group() if mesh is not None else torch.distributed.group.WORLD
+        return rm
 
     @classmethod
     def from_config(cls, config, tokenizer=None, dtype=torch.float32, device="cpu", seed: int = 0,
