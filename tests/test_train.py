@@ -237,6 +237,26 @@ def test_quality_reward_hosted_on_one_rank(tmp_path):
         assert torch.equal(res["got"], res["want"].float())
 
 
+def test_pretrained_policy_and_sharded_quality_model_in_a_run(tmp_path):
+    """torchrun, 2 processes: the policy loads from an HF folder (sharded before allocation), a
+    quality reward model is FSDP2-sharded over both ranks, and the run scores and updates."""
+    from lwz.model import Transformer
+    from lwz.rewards.quality import QualityRewardModel
+    from lwz.tokenizer import load_tokenizer
+    Transformer.from_config(os.path.join(ROOT, "assets/tiny-model"), seed=1).save_pretrained(str(tmp_path / "pol"))
+    tok = load_tokenizer(os.path.join(ROOT, "assets/tokenizer"), require_eos=False, pad_from_eos=False)
+    rm = QualityRewardModel.from_config(os.path.join(ROOT, "assets/tiny-model"), tokenizer=tok, template="plain")
+    rm.save_pretrained(str(tmp_path / "rm"))
+    r = _torchrun(tmp_path, "rm", ["--steps=2", "--model.init=pretrained", f"--model.path={tmp_path / 'pol'}",
+                                   "--rewards.quality=true", f"--rewards.quality_path={tmp_path / 'rm'}",
+                                   "--rewards.quality_fsdp=on", "--rewards.weights=[1.0,1.0,1.0]"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _metrics(tmp_path, "rm")
+    assert [x["step"] for x in rows] == [1, 2]
+    for x in rows:
+        assert x["reward_quality"] == x["reward_quality"] and x["grad_norm"] > 0, x
+
+
 def test_non_finite_grad_norm_skips_the_update():
     """A NaN advantage makes the gradient non-finite: the optimizer step is skipped and counted,
     the weights stay as they were, and the next finite mini-batch updates normally."""
