@@ -54,6 +54,7 @@ class Sample:
     rollout_logp: torch.Tensor  # [Lr] fp32, from the sampler
     old_logp: torch.Tensor | None = None  # [Lr] fp32
     ref_logp: torch.Tensor | None = None  # [Lr] fp32
+    trainer_logp: torch.Tensor | None = None  # [Lr] fp32, the first update's forward (rollout mode)
 
     @property
     def n_response(self) -> int:
@@ -242,24 +243,32 @@ def recompute_logprobs(model, samples, my_plan, cfg, d, pad_id, field: str):
         logp, _ = policy_logprobs(model, mb, cfg.rollout.temperature, False)
         for i, lp in zip(mb_idx, split_logp(logp, mb_samples, mb["cu"])):
             mine[i] = lp
+    share_logprobs(samples, mine, field, d)
+
+
+def share_logprobs(samples, mine: dict, field: str, d) -> None:
+    """Set `field` of samples[i] = lp for every rank's {i: lp}, on every rank."""
     for part in all_gather_objects(mine, d.world):
         for i, lp in part.items():
             setattr(samples[i], field, lp)
 
 
-def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id) -> dict:
-    """One optimizer step over one mini-batch; every rank holds all `samples`, trains its share."""
+def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id, keep_logp: bool = False) -> dict:
+    """One optimizer step over one mini-batch; every rank holds all `samples`, trains its share.
+    keep_logp: store the forward's log-probs in each sample's `trainer_logp` (on every rank)."""
     g = cfg.grpo
     n_tokens = sum(s.n_response for s in samples)  # the global normalisers, exact on every rank
     n_seqs = sum(1 for s in samples if s.n_response > 0)
     my = plans[d.rank]
-    sums = {}
+    sums, kept = {}, {}
     for k, mb_idx in enumerate(my):
         set_grad_sync(model, k == len(my) - 1)
         mb_samples = [samples[i] for i in mb_idx]
         mb = pack_samples(mb_samples, d.device, pad_id)
         mask = mb["targets"] != -100
         logp, ent = policy_logprobs(model, mb, cfg.rollout.temperature, True)
+        if keep_logp:
+            kept.update(zip(mb_idx, split_logp(logp, mb_samples, mb["cu"])))
         loss, stats = grpo_loss(logp, mb["old"], mb["adv"], mask, mb["ref"] if g.kl_coef > 0 else None,
                                 clip_low=g.clip_low, clip_high=g.clip_high, clip_c=g.clip_c, kl_coef=g.kl_coef,
                                 kl_type=g.kl_type, loss_agg=g.loss_agg, global_tokens=max(n_tokens, 1),
@@ -274,6 +283,8 @@ def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id) -> dict:
         for key in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean", "kl_mean", "approx_kl"):
             if key in stats:
                 sums[key] = sums.get(key, 0.0) + float(stats[key]) * n_mb
+    if keep_logp:
+        share_logprobs(samples, kept, "trainer_logp", d)
     keys = sorted(sums)
     tot = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], d.device)))
     params = [p for p in model.parameters() if p.grad is not None]
@@ -407,7 +418,6 @@ def _run(cfg, d) -> int:
 
         if cfg.rollout.old_logprobs == "recompute":
             recompute_logprobs(policy, samples, full_plan[d.rank], cfg, d, pad, "old_logp")
-        mism = logprob_mismatch_stats(samples)
         if cfg.rollout.old_logprobs == "rollout":
             for s in samples:
                 s.old_logp = s.rollout_logp
@@ -421,8 +431,11 @@ def _run(cfg, d) -> int:
             for m in range(n_mini):
                 idx = list(range(len(samples)))[m::n_mini]
                 mini = [samples[i] for i in idx]
+                # in rollout mode the first update's forward sees the sampling policy's weights:
+                # its log-probs measure the rollout/trainer mismatch at no extra cost
+                first = not upd and cfg.rollout.old_logprobs == "rollout"
                 upd.append(train_minibatch(policy, optimizer, mini, plan(mini, cfg, d.world, mcfg.hidden_size),
-                                           cfg, d, pad))
+                                           cfg, d, pad, keep_logp=first))
         scheduler.step()
         t_upd = time.time()
         skipped_total += int(sum(u["skipped"] for u in upd))
@@ -430,7 +443,8 @@ def _run(cfg, d) -> int:
         # metrics: sums over ranks of this rank's rollouts
         row = step_metrics(step + 1, local, R, answers, reward_fns, weights, d)
         row.update({k: sum(u[k] for u in upd) / len(upd) for k in upd[0]})
-        row.update(mism)
+        row.update(logprob_mismatch_stats(samples, "old_logp" if cfg.rollout.old_logprobs == "recompute"
+                                          else "trainer_logp"))
         row["skipped_total"] = skipped_total
         row["lr"] = scheduler.get_last_lr()[0]
         trained = sum(s.tokens.numel() for s in samples)
@@ -460,9 +474,11 @@ def _run(cfg, d) -> int:
     return 0
 
 
-def logprob_mismatch_stats(samples) -> dict:
-    """Rollout-vs-trainer log-prob mismatch over all sequences (needs old_logp recomputed)."""
-    have = [s for s in samples if s.old_logp is not None and s.n_response > 0]
+def logprob_mismatch_stats(samples, field: str) -> dict:
+    """Rollout-vs-trainer log-prob mismatch over the sequences whose `field` holds the trainer's
+    log-probs under the sampling weights ("old_logp" recomputed, or "trainer_logp": the first
+    mini-batch's update forward in rollout mode)."""
+    have = [s for s in samples if getattr(s, field) is not None and s.n_response > 0]
     if not have:
         return {}
     Lr = max(s.n_response for s in have)
@@ -470,7 +486,7 @@ def logprob_mismatch_stats(samples) -> dict:
     b = torch.zeros(len(have), Lr)
     mask = torch.zeros(len(have), Lr, dtype=torch.bool)
     for i, s in enumerate(have):
-        a[i, :s.n_response], b[i, :s.n_response], mask[i, :s.n_response] = s.rollout_logp, s.old_logp, True
+        a[i, :s.n_response], b[i, :s.n_response], mask[i, :s.n_response] = s.rollout_logp, getattr(s, field), True
     lengths = torch.tensor([s.n_response for s in have])
     out = logprob_mismatch(a, b, mask, lengths)
     return {f"logp_mismatch_{k}": float(v) for k, v in out.items() if isinstance(v, (int, float))}

@@ -108,6 +108,7 @@ def test_two_process_run_and_exact_resume(tmp_path):
         for k in ("reward_total", "reward_length", "reward_format", "grad_norm", "entropy", "clip_frac_low",
                   "response_tokens_mean", "truncation_rate", "time_rollout", "tokens_per_s", "padding_waste"):
             assert k in r and r[k] == r[k] and abs(r[k]) != float("inf"), (k, r)
+        assert r["logp_mismatch_mean"] < 1e-3, r  # recomputed old log-probs vs the sampler's
     # the HF export loads in transformers
     import transformers
     transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "full" / "hf"))
@@ -249,12 +250,17 @@ def test_pretrained_policy_and_sharded_quality_model_in_a_run(tmp_path):
     rm.save_pretrained(str(tmp_path / "rm"))
     r = _torchrun(tmp_path, "rm", ["--steps=2", "--model.init=pretrained", f"--model.path={tmp_path / 'pol'}",
                                    "--rewards.quality=true", f"--rewards.quality_path={tmp_path / 'rm'}",
-                                   "--rewards.quality_fsdp=on", "--rewards.weights=[1.0,1.0,1.0]"])
+                                   "--rewards.quality_fsdp=on", "--rewards.weights=[1.0,1.0,1.0]",
+                                   "--rollout.old_logprobs=rollout", "--grpo.mini_batches=2"])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _metrics(tmp_path, "rm")
     assert [x["step"] for x in rows] == [1, 2]
     for x in rows:
         assert x["reward_quality"] == x["reward_quality"] and x["grad_norm"] > 0, x
+        # rollout mode: the first mini-batch's update forward measures the sampler/trainer mismatch
+        # (half the sequences with 2 mini-batches); fp32 on CPU, the two paths agree closely
+        assert 0 < x["logp_mismatch_tokens"] < x["response_tokens_mean"] * 8, x
+        assert x["logp_mismatch_mean"] < 1e-3, x
 
 
 def test_non_finite_grad_norm_skips_the_update():
