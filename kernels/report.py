@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-MODULES = ("kernels.logprob", "kernels.grpo_loss")
+MODULES = ("kernels.logprob", "kernels.grpo_loss", "kernels.decode_attention")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,8 @@ except Exception:  # ImportError, or a flash-attn built for another torch
 try:
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen
 
-    # torch 2.11 spelled causality `is_causal=True`; later releases use `window_size=(-1, 0)`.
+    # Keyword names differ between torch releases (window_size vs is_causal; enable_gqa,
+    # block_table and seqused_k are absent from 2.11): callers check this set.
     _VARLEN_PARAMS = set(inspect.signature(_torch_varlen).parameters)
 except Exception:
     _torch_varlen = None
@@ -118,15 +120,19 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, max_leng
     None (row b). `max_length` (host int >= lengths.max()) lets the SDPA path read only
     cache[:, :max_length]. Returns [B, Hq, D].
 
-    Backends (same names as varlen_attention; "auto" picks flash > varlen > sdpa by device):
+    Kernels (see decode_backend for the choice):
       flash  -- flash_attn_with_kvcache(cache_seqlens=lengths, cache_batch_idx=rows)
       varlen -- torch varlen_attn over the cache seen as a paged cache with one page per row
                 (block_table = rows, seqused_k = lengths); S must suit the kernel's page size
                 (the rollout engine rounds S up to a multiple of 256 on CUDA)
+      triton -- our split-K kernel (kernels.decode_attention), reading rows in place
       sdpa   -- masked SDPA (any device, the CPU path; gathers rows when `rows` is given)
-    The CUDA branches cannot run on the CPU CI; the SDPA branch is the tested one.
+    flash and varlen cannot run on the CPU CI; triton is tested there under the interpreter.
     """
     backend = decode_backend(backend, q.device)
+    if backend == "triton":
+        from kernels.decode_attention import decode_attention_triton
+        return decode_attention_triton(q, k_cache, v_cache, lengths, scale, rows=rows, max_length=max_length)
     if backend == "flash":
         B = q.shape[0]
         idx = (torch.arange(B, device=q.device) if rows is None else rows).to(torch.int32)
@@ -138,16 +144,28 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, max_leng
     return _decode_sdpa(q, k_cache, v_cache, lengths, scale, rows, max_length)
 
 
+DECODE_KERNELS = ("flash", "varlen", "triton", "sdpa")
+
+
 def decode_backend(requested: str, device: torch.device) -> str:
-    """The kernel decode_attention will use for `requested` on `device`: "flash" (flash-attn's
-    flash_attn_with_kvcache), "varlen" (torch varlen_attn with block_table/seqused_k/enable_gqa,
-    i.e. a torch that has them) or "sdpa". CUDA kernels read cache rows in place, so the rollout
-    engine passes row indices instead of compacting the cache when this is not "sdpa"."""
+    """The kernel decode_attention will use for the model's attention backend `requested` on
+    `device`. On CUDA: "flash" (flash-attn's flash_attn_with_kvcache) when installed, else "varlen"
+    (torch varlen_attn with block_table/seqused_k/enable_gqa, a torch that has them), else
+    "triton" (kernels.decode_attention); "sdpa" on CPU or when the model asks for sdpa. All but
+    sdpa read cache rows in place, so the rollout engine passes row indices instead of compacting
+    the cache. LWZ_DECODE_KERNEL=<one of DECODE_KERNELS> forces a kernel (benchmarks, tests)."""
+    forced = os.environ.get("LWZ_DECODE_KERNEL", "")
+    if forced:
+        if forced not in DECODE_KERNELS:
+            raise ValueError(f"LWZ_DECODE_KERNEL: got {forced!r}, expected one of {DECODE_KERNELS}")
+        return forced
     backend = resolve_backend(requested, device)
     if backend == "flash" and _flash_kvcache is not None:
         return "flash"
     if backend in ("flash", "varlen") and {"block_table", "seqused_k", "enable_gqa"} <= _VARLEN_PARAMS:
         return "varlen"
+    if backend in ("flash", "varlen"):
+        return "triton"
     return "sdpa"
 
 

@@ -12,8 +12,9 @@ How it runs (one rollout batch):
      the rows are then copied to the n - 1 other samples (the prompt is never recomputed).
   3. Decode loop: one token per live sequence per step (model.decode_step). Sequences that finish
      leave the batch: on CPU/SDPA the cache rows of the survivors are compacted (index_select);
-     on CUDA (flash / torch varlen backends) the survivors' row indices are passed to the kernel
-     (paged cache with one page per row, or flash-attn's cache_batch_idx), so nothing is copied.
+     on CUDA the survivors' row indices are passed to the kernel (flash-attn's cache_batch_idx,
+     torch varlen_attn's paged cache with one page per row, or our Triton split-K kernel,
+     kernels/decode_attention.py), so nothing is copied.
      Either way a group whose one answer runs to 14k tokens keeps only that sequence busy.
 
 Log-probs. Every sampled token gets two numbers:
@@ -446,8 +447,8 @@ def _generate_chunk(model, prompts, prompt_offset, *, n, max_new_tokens, tempera
     S = max(S, max(plen))
     backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
     kernel = decode_backend(backend, device)
-    if kernel != "sdpa":
-        S = -(-S // 256) * 256  # paged kernels want page sizes in multiples of 256
+    if kernel in ("flash", "varlen"):
+        S = -(-S // 256) * 256  # their paged kernels want page sizes in multiples of 256
     if compact == "auto":
         compact = kernel == "sdpa"
 
