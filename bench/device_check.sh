@@ -6,8 +6,8 @@
 #
 # Steps: environment, extension build, the two ceilings (bf16 8192^3 matmul, device-to-device copy),
 # the CUDA tests (CUDA vs CPU twins, Triton kernels in bf16 vs references), the microbenchmarks
-# (log-prob, GRPO loss, packing, rollout) at their CUDA default sizes, and profile_step at 14336
-# tokens for the Qwen2.5-1.5B shape. Every step runs under `timeout`; a failure is recorded, never
+# (log-prob, GRPO loss, packing, rollout, decode attention) at their CUDA default sizes, and
+# profile_step at 14336 tokens for the Qwen2.5-1.5B shape. Every step runs under `timeout`; a failure is recorded, never
 # fatal. Outputs: bench/results/<date>-<gpu>.json and .md (every JSON written during the run merged),
 # per-step logs in bench/results/logs-<date>-<gpu>/, and as the last lines a table: step, status,
 # seconds, key number.
@@ -21,7 +21,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|-n) DRY=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -168,6 +168,7 @@ bench_step bench_logprob bench.bench_logprob 60
 bench_step bench_grpo_loss bench.bench_grpo_loss 45
 bench_step bench_pack bench.bench_pack 45
 bench_step bench_rollout bench.bench_rollout 90
+bench_step bench_decode_attn bench.bench_decode_attention 30
 
 # 7. collect: merged JSON + markdown, and the table as the last lines
 if [[ $DRY -eq 1 ]]; then

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "device_check.sh")
 
 DRY_RUN_STEPS = ["env", "build", "ext_import", "ceilings", "profile_step", "profile_fixed", "tests_cuda",
-                 "bench_logprob", "bench_grpo_loss", "bench_pack", "bench_rollout", "collect"]
+                 "bench_logprob", "bench_grpo_loss", "bench_pack", "bench_rollout", "bench_decode_attn", "collect"]
 
 
 def _finite_pos(x):
