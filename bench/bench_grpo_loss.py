@@ -15,8 +15,9 @@ the loss with respect to logp and entropy), for
 Bytes (the formula the GB/s columns use):
     minimal  = N * (5*4 + 1 + 2*4) = 29 B/token: read logp, old_logp, advantages, ref_logp,
                entropy (fp32) and the mask (bool) once, write dlogp and dentropy (fp32) once.
-    triton   = N * (21 + 8 + 8 + 8) = 45 B/token (+1 in seq-mean-token-mean: the mask is read
-               twice): the forward also writes the two unscaled per-token gradients, which the
+    triton   = N * (21 + 8 + 8 + 8) = 45 B/token (+9 in seq-mean-token-mean: an int32 cumsum
+               of the mask for n_i, 1 B read + 4 B written, and a 4-byte 1/n_i lookup per token):
+               the forward also writes the two unscaled per-token gradients, which the
                backward reads and rescales ("gradient in forward", Liger style).
 GB/s = bytes / time; "% copy" = minimal-bytes GB/s / the copy's GB/s, where the copy moves the
 minimal bytes (it reads 29/2 and writes 29/2 B/token, GB/s counting read + write).
@@ -49,7 +50,7 @@ from bench.common import env_info, format_table, gpu_tag, write_json  # noqa: E4
 
 MIN_BYTES_PER_TOKEN = 5 * 4 + 1 + 2 * 4
 BYTES_FORMULA = ("minimal = N*(5*4 + 1 + 2*4) B (read logp, old_logp, advantages, ref_logp, entropy "
-                 "fp32 + mask bool; write dlogp, dentropy fp32); triton actual = N*45 B (+N in "
+                 "fp32 + mask bool; write dlogp, dentropy fp32); triton actual = N*45 B (+9N in "
                  "seq-mean-token-mean)")
 LOSS_KW = dict(clip_low=0.2, clip_high=0.28, clip_c=3.0, kl_coef=1e-3, kl_type="k3", entropy_coef=1e-3,
                norm_const=4096.0)
@@ -152,7 +153,7 @@ def main(argv=None):
                 continue
             if name == "torch_eager":
                 eager_s, ref_loss = secs, loss
-            moved = n * (45 + (1 if mode == "seq-mean-token-mean" else 0)) if name == "triton" else None
+            moved = n * (45 + (9 if mode == "seq-mean-token-mean" else 0)) if name == "triton" else None
             row.update(status="ok", ms=secs * 1e3, gbps=min_bytes / secs / 1e9,
                        pct_of_copy=100 * (min_bytes / secs / 1e9) / copy_gbps,
                        actual_gbps=None if moved is None else moved / secs / 1e9, loss=loss)

@@ -62,13 +62,15 @@ micro-batches or ranks.
 
 Triton implementation (Liger-style "gradient in forward"): the loss is a scalar, so the per-token
 gradient is known in the forward pass up to the upstream scalar and the normaliser.
-    forward  = `_grpo_fwd_kernel` (one program per BLOCK tokens, or one per sequence where n_i
-               or the local count of active sequences is needed: seq-mean-token-mean, and the
-               other seq-* modes without global_seqs; a sequence's program loops over it, so a
-               batch of a few very long sequences uses few SMs there) writes the unscaled
-               per-token gradients and per-program partial sums [G, 16], then the one-program
+    forward  = `_grpo_fwd_kernel` (one program per BLOCK tokens in every mode, so a batch of a
+               few very long sequences still fills the GPU) writes the unscaled per-token
+               gradients and per-program partial sums [G, 16], then the one-program
                `_grpo_finalize_kernel` sums the partials in a fixed order (deterministic, no
-               atomics), applies the normaliser and writes loss and stats.
+               atomics), applies the normaliser and writes loss and stats. seq-mean-token-mean
+               weights each token by 1/n_i: n_i comes from an exact integer cumsum of the mask
+               (torch, on the device), and each token finds its sequence by a binary search over
+               cu_seqlens inside the kernel. A seq-* mode without global_seqs counts the active
+               sequences the same way.
     backward = `_grpo_bwd_kernel`: dlogp = g_t * grad_output * scale (and the same for entropy).
 All float hyper-parameters are tl.constexpr (they are fixed for a run) and the per-step
 normaliser travels in an fp32 tensor: no Python float reaches a runtime kernel argument, which
@@ -91,7 +93,7 @@ KL_TYPES = {"k1": 1, "k2": 2, "k3": 3}
 
 # Slots of the per-program partial sums (fwd kernel -> finalize kernel).
 _NSLOT = 16
-P_POL, P_KL, P_ENT, P_TOK, P_CLO, P_CHI, P_DUAL, P_RATIO, P_KLRAW, P_AKL, P_ENTRAW, P_SEQ = range(12)
+P_POL, P_KL, P_ENT, P_TOK, P_CLO, P_CHI, P_DUAL, P_RATIO, P_KLRAW, P_AKL, P_ENTRAW = range(11)
 # Slots of the finalized stats vector.
 STAT_NAMES = ("policy_loss", "kl_loss", "entropy_loss", "clip_frac_low", "clip_frac_high",
               "dual_clip_frac", "ratio_mean", "kl_mean", "approx_kl", "entropy_mean", "n_tokens")
@@ -112,125 +114,110 @@ def _clamp(x, lo, hi):
 
 @triton.jit
 def _grpo_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr,  # inputs [N] / [B+1]
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr, seqw_ptr,  # [N] / [B+1] / [B]
     glogp_ptr, gent_ptr, part_ptr,  # outputs: unscaled grads [N], partial sums [G, 16]
-    N, NSEQ,
+    N, NSEQ, SEARCH_STEPS,
     R_LO: tl.constexpr, R_HI: tl.constexpr,  # 1 - clip_low, 1 + clip_high
     HAS_DUAL: tl.constexpr, CLIP_C: tl.constexpr,
     HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr, KL_COEF: tl.constexpr,
     HAS_ENT: tl.constexpr, ENT_COEF: tl.constexpr,
-    SEQ_GRID: tl.constexpr,  # one program per sequence (seq-* modes) instead of per BLOCK tokens
-    SEQ_MEAN: tl.constexpr,  # weight tokens by 1/n_i (seq-mean-token-mean)
+    SEQ_MEAN: tl.constexpr,  # weight each token by its sequence's seqw = 1/n_i (seq-mean-token-mean)
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    if SEQ_GRID:
-        start = tl.load(cu_ptr + pid)
-        # NSEQ == 0 (empty batch) still launches one program: it must see an empty range.
-        end = tl.maximum(tl.load(cu_ptr + pid + 1, mask=pid < NSEQ, other=0), start)
-    else:
-        start = pid * BLOCK
-        end = tl.minimum(start + BLOCK, N)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
 
-    # Sequence mean: n_i must be known before any gradient is written, so count first (this
-    # re-reads only the 1-byte mask of the sequence).
-    inv_n = 1.0
-    if SEQ_MEAN:
-        n_act = 0.0
-        for s in range(start, end, BLOCK):
-            offs = s + tl.arange(0, BLOCK)
-            m = tl.load(mask_ptr + offs, mask=offs < end, other=0)
-            n_act += tl.sum((m != 0).to(tl.float32), axis=0)
-        inv_n = tl.where(n_act > 0.0, 1.0 / tl.maximum(n_act, 1.0), 0.0)
-
-    a_pol = 0.0
+    # block sums of the parts that only some specialisations compute
     a_kl = 0.0
     a_ent = 0.0
-    a_tok = 0.0
-    a_clo = 0.0
-    a_chi = 0.0
     a_dual = 0.0
-    a_ratio = 0.0
     a_klraw = 0.0
-    a_akl = 0.0
     a_entraw = 0.0
-    for s in range(start, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        inb = offs < end
-        m = tl.load(mask_ptr + offs, mask=inb, other=0)
-        act = inb & (m != 0)
-        # Masked lanes read 0: their values (possibly NaN/inf) never enter the arithmetic.
-        lp = tl.load(logp_ptr + offs, mask=act, other=0.0)
-        old = tl.load(old_ptr + offs, mask=act, other=0.0)
-        adv = tl.load(adv_ptr + offs, mask=act, other=0.0)
+    m = tl.load(mask_ptr + offs, mask=inb, other=0)
+    act = inb & (m != 0)
+    # Masked lanes read 0: their values (possibly NaN/inf) never enter the arithmetic.
+    lp = tl.load(logp_ptr + offs, mask=act, other=0.0)
+    old = tl.load(old_ptr + offs, mask=act, other=0.0)
+    adv = tl.load(adv_ptr + offs, mask=act, other=0.0)
+    w = act.to(tl.float32)  # the token's weight in the loss sums: 1, or 1/n_i in SEQ_MEAN
+    if SEQ_MEAN:
+        # The token's sequence: the largest s with cu[s] <= t (binary search over the tiny,
+        # cached cu_seqlens; empty sequences are skipped because a later equal bound wins).
+        lo = tl.zeros([BLOCK], dtype=tl.int32)
+        hi = tl.zeros([BLOCK], dtype=tl.int32) + (NSEQ - 1)
+        for _ in range(SEARCH_STEPS):
+            mid = (lo + hi + 1) // 2
+            go = tl.load(cu_ptr + mid, mask=act, other=0) <= offs
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid - 1)
+        w = tl.load(seqw_ptr + lo, mask=act, other=0.0)
 
-        lr_raw = lp - old
-        lr = _clamp(lr_raw, -20.0, 20.0)
-        lr_in = (lr_raw >= -20.0) & (lr_raw <= 20.0)  # torch.clamp passes grad on [lo, hi]
-        r = tl.exp(lr)
-        s1 = r * adv
-        s2 = _clamp(r, R_LO, R_HI) * adv
-        pg0 = -tl.minimum(s1, s2)
-        r_in = ((r >= R_LO) & (r <= R_HI)).to(tl.float32)
-        # d(-min(s1, s2))/dr: s1 path gives A, s2 path gives A only inside the clip window; on a
-        # tie torch splits the gradient half/half between the two arguments.
-        sel = tl.where(s1 < s2, 1.0, tl.where(s1 == s2, 0.5 + 0.5 * r_in, 0.0))
-        dpg = tl.where(lr_in, -adv * r * sel, 0.0)
-        pg = pg0
-        if HAS_DUAL:
-            neg = adv < 0.0
-            cap = -CLIP_C * adv
-            pg = tl.where(neg, tl.minimum(pg0, cap), pg0)
-            dsel = tl.where(pg0 < cap, 1.0, tl.where(pg0 == cap, 0.5, 0.0))
-            dpg = tl.where(neg, dpg * dsel, dpg)
-            a_dual += tl.sum((act & neg & (pg0 > cap)).to(tl.float32), axis=0)
+    lr_raw = lp - old
+    lr = _clamp(lr_raw, -20.0, 20.0)
+    lr_in = (lr_raw >= -20.0) & (lr_raw <= 20.0)  # torch.clamp passes grad on [lo, hi]
+    r = tl.exp(lr)
+    s1 = r * adv
+    s2 = _clamp(r, R_LO, R_HI) * adv
+    pg0 = -tl.minimum(s1, s2)
+    r_in = ((r >= R_LO) & (r <= R_HI)).to(tl.float32)
+    # d(-min(s1, s2))/dr: s1 path gives A, s2 path gives A only inside the clip window; on a
+    # tie torch splits the gradient half/half between the two arguments.
+    sel = tl.where(s1 < s2, 1.0, tl.where(s1 == s2, 0.5 + 0.5 * r_in, 0.0))
+    dpg = tl.where(lr_in, -adv * r * sel, 0.0)
+    pg = pg0
+    if HAS_DUAL:
+        neg = adv < 0.0
+        cap = -CLIP_C * adv
+        pg = tl.where(neg, tl.minimum(pg0, cap), pg0)
+        dsel = tl.where(pg0 < cap, 1.0, tl.where(pg0 == cap, 0.5, 0.0))
+        dpg = tl.where(neg, dpg * dsel, dpg)
+        a_dual = tl.sum((act & neg & (pg0 > cap)).to(tl.float32), axis=0)
 
-        g = dpg
-        if HAS_REF:
-            ref = tl.load(ref_ptr + offs, mask=act, other=0.0)
-            d_raw = ref - lp
-            d = _clamp(d_raw, -20.0, 20.0)
-            d_in = ((d_raw >= -20.0) & (d_raw <= 20.0)).to(tl.float32)
-            if KL_TYPE == 1:
-                k = -d
-                dk = d_in  # d(-d)/dlogp = +1 inside the clamp
-            elif KL_TYPE == 2:
-                k = 0.5 * d * d
-                dk = -d * d_in
-            else:
-                e = tl.exp(d)
-                k = e - d - 1.0
-                dk = (1.0 - e) * d_in
-            kl = _clamp(k, -10.0, 10.0)
-            dkl = tl.where((k >= -10.0) & (k <= 10.0), dk, 0.0)
-            kl = tl.where(act, kl, 0.0)
-            a_klraw += tl.sum(kl, axis=0)
-            if KL_COEF != 0.0:
-                g = g + KL_COEF * dkl
-                a_kl += tl.sum(KL_COEF * kl, axis=0)
-        if HAS_ENT:
-            ent = tl.load(ent_ptr + offs, mask=act, other=0.0)
-            a_entraw += tl.sum(ent, axis=0)
-            if ENT_COEF != 0.0:
-                a_ent += tl.sum(-ENT_COEF * ent, axis=0)
-            tl.store(gent_ptr + offs, tl.where(act, -ENT_COEF * inv_n, 0.0), mask=inb)
+    g = dpg
+    if HAS_REF:
+        ref = tl.load(ref_ptr + offs, mask=act, other=0.0)
+        d_raw = ref - lp
+        d = _clamp(d_raw, -20.0, 20.0)
+        d_in = ((d_raw >= -20.0) & (d_raw <= 20.0)).to(tl.float32)
+        if KL_TYPE == 1:
+            k = -d
+            dk = d_in  # d(-d)/dlogp = +1 inside the clamp
+        elif KL_TYPE == 2:
+            k = 0.5 * d * d
+            dk = -d * d_in
+        else:
+            e = tl.exp(d)
+            k = e - d - 1.0
+            dk = (1.0 - e) * d_in
+        kl = _clamp(k, -10.0, 10.0)
+        dkl = tl.where((k >= -10.0) & (k <= 10.0), dk, 0.0)
+        kl = tl.where(act, kl, 0.0)
+        a_klraw = tl.sum(kl, axis=0)
+        if KL_COEF != 0.0:
+            g = g + KL_COEF * dkl
+            a_kl = tl.sum(KL_COEF * kl * w, axis=0)
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + offs, mask=act, other=0.0)
+        a_entraw = tl.sum(ent, axis=0)
+        if ENT_COEF != 0.0:
+            a_ent = tl.sum(-ENT_COEF * ent * w, axis=0)
+        tl.store(gent_ptr + offs, tl.where(act, -ENT_COEF * w, 0.0), mask=inb)
 
-        tl.store(glogp_ptr + offs, tl.where(act, g * inv_n, 0.0), mask=inb)
-        actf = act.to(tl.float32)
-        a_pol += tl.sum(tl.where(act, pg, 0.0), axis=0)
-        a_tok += tl.sum(actf, axis=0)
-        a_clo += tl.sum((act & (adv < 0.0) & (r < R_LO)).to(tl.float32), axis=0)
-        a_chi += tl.sum((act & (adv > 0.0) & (r > R_HI)).to(tl.float32), axis=0)
-        a_ratio += tl.sum(tl.where(act, r, 0.0), axis=0)
-        a_akl += tl.sum(tl.where(act, 0.5 * lr * lr, 0.0), axis=0)
+    tl.store(glogp_ptr + offs, tl.where(act, g * w, 0.0), mask=inb)
+    actf = act.to(tl.float32)
+    a_pol = tl.sum(tl.where(act, pg * w, 0.0), axis=0)
+    a_tok = tl.sum(actf, axis=0)
+    a_clo = tl.sum((act & (adv < 0.0) & (r < R_LO)).to(tl.float32), axis=0)
+    a_chi = tl.sum((act & (adv > 0.0) & (r > R_HI)).to(tl.float32), axis=0)
+    a_ratio = tl.sum(tl.where(act, r, 0.0), axis=0)
+    a_akl = tl.sum(tl.where(act, 0.5 * lr * lr, 0.0), axis=0)
 
-    # inv_n is constant over a program (a sequence in SEQ_MEAN mode): apply it to the sums once,
-    # which is exactly sum_t loss_t / n_i of the reference.
-    # One 16-wide store per program; slots 12..15 are written as 0 (the finalize sums all 16).
+    # One 16-wide store per program; slots 11..15 are written as 0 (the finalize sums all 16).
     cols = tl.arange(0, 16)
-    v = tl.where(cols == 0, a_pol * inv_n, 0.0)
-    v = tl.where(cols == 1, a_kl * inv_n, v)
-    v = tl.where(cols == 2, a_ent * inv_n, v)
+    v = tl.where(cols == 0, a_pol, 0.0)
+    v = tl.where(cols == 1, a_kl, v)
+    v = tl.where(cols == 2, a_ent, v)
     v = tl.where(cols == 3, a_tok, v)
     v = tl.where(cols == 4, a_clo, v)
     v = tl.where(cols == 5, a_chi, v)
@@ -239,7 +226,6 @@ def _grpo_fwd_kernel(
     v = tl.where(cols == 8, a_klraw, v)
     v = tl.where(cols == 9, a_akl, v)
     v = tl.where(cols == 10, a_entraw, v)
-    v = tl.where(cols == 11, (a_tok > 0.0).to(tl.float32), v)  # active sequence (used in SEQ_GRID)
     tl.store(part_ptr + pid * 16 + cols, v)
 
 
@@ -251,8 +237,7 @@ def _pick(v, cols, k):
 @triton.jit
 def _grpo_finalize_kernel(
     part_ptr, den_ptr, loss_ptr, out_ptr, G,
-    HAS_DEN: tl.constexpr,  # den_ptr holds the full denominator (global normaliser given)
-    DEN_SEQS: tl.constexpr,  # else: den = (local seqs if DEN_SEQS else local tokens) * den_ptr[0]
+    HAS_DEN: tl.constexpr,  # den_ptr holds the full denominator; else den = local tokens (token-mean)
     ROWS: tl.constexpr,
 ):
     cols = tl.arange(0, 16)
@@ -265,10 +250,7 @@ def _grpo_finalize_kernel(
     n_tok = _pick(acc, cols, 3)
     den = tl.load(den_ptr)
     if not HAS_DEN:
-        if DEN_SEQS:
-            den = den * _pick(acc, cols, 11)
-        else:
-            den = den * n_tok
+        den = den * n_tok
     scale = tl.where(den > 0.0, 1.0 / tl.where(den > 0.0, den, 1.0), 0.0)
     inv_tok = 1.0 / tl.maximum(n_tok, 1.0)
     pol = _pick(acc, cols, 0) * scale
@@ -284,7 +266,6 @@ def _grpo_finalize_kernel(
     for k in tl.static_range(3, 10):
         out = tl.where(cols == k, _pick(means, cols, k + 1), out)
     out = tl.where(cols == 10, n_tok, out)
-    out = tl.where(cols == 11, _pick(acc, cols, 11), out)
     out = tl.where(cols == 12, scale, out)
     tl.store(out_ptr + cols, out)
 
@@ -312,18 +293,23 @@ def count_normalisers(mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None
     tokens; seqs = sequences with at least one active token (fully masked sequences are not
     counted); seqs is None when cu_seqlens is None.
     """
-    act = (mask != 0).to(torch.int64)
-    tokens = act.sum()
+    tokens = (mask != 0).sum()
     if cu_seqlens is None:
         return tokens, None
-    return tokens, (_seq_active_counts(act, cu_seqlens) > 0).sum()
+    return tokens, (_seq_active_counts(mask, cu_seqlens) > 0).sum()
 
 
-def _seq_active_counts(act_i64: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Active tokens per sequence [B] int64 from a 0/1 int64 vector [N] (exact integer cumsum)."""
-    csum = torch.nn.functional.pad(torch.cumsum(act_i64, 0), (1, 0))
+def _seq_active_counts(mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Active tokens (mask != 0) per sequence [B] int32: an exact integer cumsum of the mask read
+    at the sequence ends (int32 suffices: cu_seqlens is int32). No host sync."""
+    act = mask if mask.dtype == torch.bool else mask != 0
+    csum = torch.cumsum(act, 0, dtype=torch.int32)
     cu = cu_seqlens.long()
-    return csum[cu[1:]] - csum[cu[:-1]]
+
+    def before(i):  # active tokens before position i (0 at i = 0)
+        return torch.where(i > 0, csum[(i - 1).clamp(min=0)], 0) if csum.numel() else torch.zeros_like(i)
+
+    return (before(cu[1:]) - before(cu[:-1])).to(torch.int32)
 
 
 def _check_vec(name, t, n, dtypes):
@@ -377,13 +363,18 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, entropy, cu_seqlens, k
                          "(e.g. the maximum response length)")
 
 
-def _denominator(loss_agg, global_tokens, global_seqs, norm_const, device):
-    """(den tensor [1] fp32, has_den): the full denominator when a global normaliser is given,
-    else the factor the finalize kernel multiplies the local count by."""
+def _denominator(loss_agg, global_tokens, global_seqs, norm_const, mask, cu_seqlens):
+    """(den tensor [1] fp32, has_den): the full denominator of the loss sums, or (1.0, False) for
+    token-mean without global_tokens, where the finalize kernel uses the local token count. A seq-*
+    mode without global_seqs counts this micro-batch's sequences with an active token on the device
+    (no host sync)."""
+    device = mask.device
     g = global_tokens if loss_agg == "token-mean" else global_seqs
     mult = float(norm_const) if loss_agg == "seq-mean-token-sum-norm" else 1.0
     if g is None:
-        return torch.full((1,), mult, dtype=torch.float32, device=device), False
+        if loss_agg == "token-mean":
+            return torch.ones(1, dtype=torch.float32, device=device), False
+        g = count_normalisers(mask, cu_seqlens)[1]
     if isinstance(g, torch.Tensor):
         den = g.detach().reshape(1).to(device=device, dtype=torch.float32)
         return (den * mult if mult != 1.0 else den.contiguous()), True
@@ -406,22 +397,19 @@ class _GRPOLossFunction(torch.autograd.Function):
     def forward(ctx, logp, entropy, old_logp, advantages, mask, ref_logp, cu_seqlens, den, cfg):
         n = logp.shape[0]
         dev = logp.device
-        # One program per sequence only where the kernel itself needs per-sequence facts: n_i
-        # (seq-mean-token-mean) or the local count of active sequences (a seq-* mode with no
-        # global_seqs). Otherwise BLOCK-token programs, which balance better when a few very
-        # long sequences make up the batch.
-        seq_mode = cfg["loss_agg"] != "token-mean"
-        seq_grid = cfg["loss_agg"] == "seq-mean-token-mean" or (seq_mode and not cfg["has_den"])
+        seq_mean = cfg["loss_agg"] == "seq-mean-token-mean"
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)  # free reinterpretation; the kernel tests != 0
-        if seq_grid:
+        grid_n = max(triton.cdiv(n, FWD_BLOCK), 1)
+        if seq_mean:  # per-sequence weights 1/n_i, looked up per token by the kernel
             nseq = cu_seqlens.numel() - 1
-            grid_n = max(nseq, 1)
-            cu = cu_seqlens
+            counts = _seq_active_counts(mask, cu_seqlens)
+            seqw = torch.where(counts > 0, 1.0 / counts.clamp(min=1).to(torch.float32), 0.0)
+            cu, steps = cu_seqlens, max(nseq, 1).bit_length()
         else:
-            nseq = 0
-            grid_n = max(triton.cdiv(n, FWD_BLOCK), 1)
+            nseq, steps = 0, 0
             cu = _dummy_i32(dev) if cu_seqlens is None else cu_seqlens  # not read in this mode
+            seqw = logp  # not read either
         has_ref = ref_logp is not None
         has_ent = entropy is not None
         glogp = torch.empty(n, dtype=torch.float32, device=dev)
@@ -429,18 +417,17 @@ class _GRPOLossFunction(torch.autograd.Function):
         part = torch.empty((grid_n, _NSLOT), dtype=torch.float32, device=dev)
         _grpo_fwd_kernel[(grid_n,)](
             logp, old_logp, advantages, mask, ref_logp if has_ref else logp,
-            entropy if has_ent else logp, cu, glogp, gent, part, n, nseq,
+            entropy if has_ent else logp, cu, seqw, glogp, gent, part, n, nseq, steps,
             R_LO=1.0 - cfg["clip_low"], R_HI=1.0 + cfg["clip_high"],
             HAS_DUAL=cfg["clip_c"] is not None, CLIP_C=float(cfg["clip_c"] or 0.0),
             HAS_REF=has_ref, KL_TYPE=KL_TYPES[cfg["kl_type"]], KL_COEF=float(cfg["kl_coef"]),
             HAS_ENT=has_ent, ENT_COEF=float(cfg["entropy_coef"]),
-            SEQ_GRID=seq_grid, SEQ_MEAN=cfg["loss_agg"] == "seq-mean-token-mean",
-            BLOCK=FWD_BLOCK, num_warps=FWD_WARPS,
+            SEQ_MEAN=seq_mean, BLOCK=FWD_BLOCK, num_warps=FWD_WARPS,
         )
         loss = torch.empty((), dtype=torch.float32, device=dev)
         out = torch.empty(_NSLOT, dtype=torch.float32, device=dev)
         _grpo_finalize_kernel[(1,)](part, den, loss, out, grid_n, HAS_DEN=cfg["has_den"],
-                                    DEN_SEQS=seq_mode, ROWS=FIN_ROWS, num_warps=FIN_WARPS)
+                                    ROWS=FIN_ROWS, num_warps=FIN_WARPS)
         ctx.save_for_backward(glogp, gent if has_ent else None, out)
         ctx.has_ent = has_ent
         ctx.mark_non_differentiable(out)
@@ -492,7 +479,7 @@ def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, clip_low, clip
     if not logp.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("grpo_loss: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 "
                          "(set before triton is imported); use impl='torch' or 'auto'")
-    den, has_den = _denominator(loss_agg, global_tokens, global_seqs, norm_const, logp.device)
+    den, has_den = _denominator(loss_agg, global_tokens, global_seqs, norm_const, mask, cu_seqlens)
     cfg = dict(clip_low=float(clip_low), clip_high=float(clip_high),
                clip_c=None if clip_c is None else float(clip_c), kl_coef=float(kl_coef),
                kl_type=kl_type, entropy_coef=float(entropy_coef), loss_agg=loss_agg, has_den=has_den)
@@ -506,13 +493,13 @@ def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, clip_low, clip
 
 # ------------------------------------------------------------------- ahead-of-time compile specs
 
-def _fwd_spec(name, seq_grid, seq_mean, has_ref, kl_type, has_ent, dual):
+def _fwd_spec(name, seq_mean, has_ref, kl_type, has_ent, dual):
     sig = {"logp_ptr": "*fp32", "old_ptr": "*fp32", "adv_ptr": "*fp32", "mask_ptr": "*u8",
-           "ref_ptr": "*fp32", "ent_ptr": "*fp32", "cu_ptr": "*i32", "glogp_ptr": "*fp32",
-           "gent_ptr": "*fp32", "part_ptr": "*fp32", "N": "i32", "NSEQ": "i32"}
+           "ref_ptr": "*fp32", "ent_ptr": "*fp32", "cu_ptr": "*i32", "seqw_ptr": "*fp32", "glogp_ptr": "*fp32",
+           "gent_ptr": "*fp32", "part_ptr": "*fp32", "N": "i32", "NSEQ": "i32", "SEARCH_STEPS": "i32"}
     consts = dict(R_LO=0.8, R_HI=1.28, HAS_DUAL=dual, CLIP_C=3.0 if dual else 0.0, HAS_REF=has_ref,
                   KL_TYPE=kl_type, KL_COEF=0.001 if has_ref else 0.0, HAS_ENT=has_ent,
-                  ENT_COEF=0.001 if has_ent else 0.0, SEQ_GRID=seq_grid, SEQ_MEAN=seq_mean,
+                  ENT_COEF=0.001 if has_ent else 0.0, SEQ_MEAN=seq_mean,
                   BLOCK=FWD_BLOCK)
     sig.update({k: "constexpr" for k in consts})
     return dict(name=name, fn=_grpo_fwd_kernel, signature=sig, constexprs=consts,
@@ -522,12 +509,12 @@ def _fwd_spec(name, seq_grid, seq_mean, has_ref, kl_type, has_ent, dual):
 # Each Triton kernel at its shipped block size; the forward in its lightest and heaviest
 # specialisations (token-mean without extras; seq-mean-token-mean with k3 KL, entropy, dual clip).
 AOT_SPECS = [
-    _fwd_spec("grpo_fwd_token_mean", False, False, False, 3, False, False),
-    _fwd_spec("grpo_fwd_seq_mean_k3_ent_dual", True, True, True, 3, True, True),
+    _fwd_spec("grpo_fwd_token_mean", False, False, 3, False, False),
+    _fwd_spec("grpo_fwd_seq_mean_k3_ent_dual", True, True, 3, True, True),
     dict(name="grpo_finalize", fn=_grpo_finalize_kernel,
          signature={"part_ptr": "*fp32", "den_ptr": "*fp32", "loss_ptr": "*fp32", "out_ptr": "*fp32",
-                    "G": "i32", "HAS_DEN": "constexpr", "DEN_SEQS": "constexpr", "ROWS": "constexpr"},
-         constexprs=dict(HAS_DEN=True, DEN_SEQS=False, ROWS=FIN_ROWS), num_warps=FIN_WARPS, num_stages=1),
+                    "G": "i32", "HAS_DEN": "constexpr", "ROWS": "constexpr"},
+         constexprs=dict(HAS_DEN=True, ROWS=FIN_ROWS), num_warps=FIN_WARPS, num_stages=1),
     dict(name="grpo_bwd", fn=_grpo_bwd_kernel,
          signature={"glogp_ptr": "*fp32", "gent_ptr": "*fp32", "gout_ptr": "*fp32", "scale_ptr": "*fp32",
                     "dlogp_ptr": "*fp32", "dent_ptr": "*fp32", "N": "i32", "HAS_ENT": "constexpr",

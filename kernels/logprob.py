@@ -55,6 +55,7 @@ torch.compile/Inductor); each temperature value compiles once.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -409,6 +410,17 @@ def _vocab_chunk(N, V, elem_bytes, block_v, budget):
     return min(vc, V)
 
 
+_fallbacks_logged: set[str] = set()
+
+
+def _log_fallback_once(what: str, err: Exception) -> None:
+    """Say once which GEMM path is unavailable (the benchmarks' logs show why a path is slower)."""
+    if what not in _fallbacks_logged:
+        _fallbacks_logged.add(what)
+        logging.getLogger("lwz").warning("fused log-prob backward: %s unavailable (%s: %s); using a fallback",
+                                         what, type(err).__name__, str(err)[:120])
+
+
 def _acc_mm(out32, a, b):
     """out32 += a @ b with fp32 accumulation and fp32 output (a, b may be half precision)."""
     if a.dtype == torch.float32:
@@ -416,11 +428,14 @@ def _acc_mm(out32, a, b):
     elif a.is_cuda:
         try:  # torch >= 2.8: half inputs, fp32 accumulate and output, in place
             torch.addmm(out32, a, b, out_dtype=torch.float32, out=out32)
-        except (TypeError, RuntimeError):
-            try:
-                out32 += torch.mm(a, b, out_dtype=torch.float32)
-            except (TypeError, RuntimeError):  # older torch: no out_dtype
-                out32 += torch.mm(a, b).float()
+            return
+        except (TypeError, RuntimeError) as e:
+            _log_fallback_once("addmm(out_dtype=fp32) in place", e)
+        try:  # an fp32 [N, H] temporary
+            out32 += torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError) as e:  # older torch: no out_dtype; half-precision product
+            _log_fallback_once("mm(out_dtype=fp32)", e)
+            out32 += torch.mm(a, b).float()
     else:
         out32.addmm_(a.float(), b.float())
 

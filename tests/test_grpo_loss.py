@@ -119,6 +119,30 @@ def test_matches_reference(loss_agg, kl_type, clip):
         assert oracle[1]["dual_clip_frac"] > 0
 
 
+@pytest.mark.parametrize("loss_agg", MODES)
+@pytest.mark.parametrize("given_seqs", [False, True])
+def test_long_sequences_across_program_blocks(loss_agg, given_seqs):
+    """Sequences longer than a program's block of tokens (1024), sequences starting mid-block and
+    an empty sequence: each token still finds its own sequence's 1/n_i, and a seq-* mode with no
+    global_seqs counts the active sequences itself."""
+    b32 = make_batch(seed=11, lengths=(1500, 7, 3, 1200, 1, 2049, 5, 0, 14, 6))
+    b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in b32.items()}
+    kw = dict(kl_type="k3", clip="dual", loss_agg=loss_agg, grad_out=-0.9)
+    if given_seqs:
+        kw["global_seqs"] = 13  # as if other micro-batches held more sequences
+    oracle, torch32, got = run("ref", b64, **kw), run("ref", b32, **kw), run("triton", b32, **kw)
+    assert_like_torch("loss", got[0], torch32[0], oracle[0])
+    for k in STAT_NAMES:
+        assert_like_torch(k, got[1][k], torch32[1][k], oracle[1][k])
+    assert_like_torch("dlogp", got[2], torch32[2], oracle[2])
+    assert_like_torch("dentropy", got[3], torch32[3], oracle[3])
+    if loss_agg == "seq-mean-token-mean":  # tokens of the longest sequence weigh 1/n of theirs
+        cu = b32["cu_seqlens"].long()
+        n5 = int(b32["mask"][cu[5]:cu[6]].sum())
+        g5 = oracle[3][cu[5]:cu[6]][b32["mask"][cu[5]:cu[6]]]
+        assert torch.allclose(g5, g5[:1].expand_as(g5)) and n5 > 1024
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_optional_inputs_absent(impl):
     """No ref_logp, no entropy, mask as float: the stats of the missing parts are 0."""
