@@ -90,6 +90,9 @@ def _interpreting() -> bool:
 # op, not per element, so it gets tiles that cover the small test shapes in few steps.
 GPU_CONFIG = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 GPU_BWD_CONFIG = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, GROUP_T=8, num_warps=8, num_stages=3)
+# fp32 inputs ("ieee" dots, no tensor cores; fp32 models or tests): the bf16 tiles would spill
+GPU_FP32_CONFIG = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=2)
+GPU_FP32_BWD_CONFIG = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=32, GROUP_T=8, num_warps=8, num_stages=2)
 INTERP_CONFIG = dict(BLOCK_T=64, BLOCK_V=256, BLOCK_H=64, num_warps=4, num_stages=1)
 INTERP_BWD_CONFIG = dict(BLOCK_T=64, BLOCK_V=256, BLOCK_H=64, GROUP_T=2, num_warps=4, num_stages=1)
 MERGE_BLOCK = 256
@@ -259,23 +262,25 @@ if HAS_TRITON:
 
 
 # ---- AOT specs (kernels/report.py compiles these for sm_90 with no GPU) -----------------------------
-def _aot_specs():
+def _aot_specs(dtype="bf16"):
+    """Specs of the three kernels at the shipped configuration for `dtype` ("bf16" | "fp32")."""
     if not HAS_TRITON:
         return []
-    c, b = GPU_CONFIG, GPU_BWD_CONFIG
-    fwd_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "tgt_ptr": "*i64", "part_ptr": "*fp32",
+    c, b = (GPU_CONFIG, GPU_BWD_CONFIG) if dtype == "bf16" else (GPU_FP32_CONFIG, GPU_FP32_BWD_CONFIG)
+    prec = "tf32" if dtype == "bf16" else "ieee"
+    fwd_sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "tgt_ptr": "*i64", "part_ptr": "*fp32",
                "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i32", "stride_wv": "i32",
                "tiles_per_split": "i32", "n_vtiles": "i32"}
-    fwd_const = {"TEMP": 1.0, "DOT_PRECISION": "tf32", "BLOCK_T": c["BLOCK_T"],
+    fwd_const = {"TEMP": 1.0, "DOT_PRECISION": prec, "BLOCK_T": c["BLOCK_T"],
                  "BLOCK_V": c["BLOCK_V"], "BLOCK_H": c["BLOCK_H"]}
     merge_sig = {"part_ptr": "*fp32", "tgt_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",
                  "max_ptr": "*fp32", "logs_ptr": "*fp32", "N": "i32", "n_splits": "i32"}
-    bwd_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "tgt_ptr": "*i64", "max_ptr": "*fp32",
+    bwd_sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "tgt_ptr": "*i64", "max_ptr": "*fp32",
                "logs_ptr": "*fp32",
-               "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dl_ptr": "*bf16",
+               "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dl_ptr": f"*{dtype}",
                "N": "i32", "V": "i32", "H": "i32", "v_start": "i32", "Vc": "i32",
                "stride_xn": "i32", "stride_wv": "i32", "stride_dl": "i32"}
-    bwd_const = {"TEMP": 1.0, "HAS_GLOGP": True, "HAS_GENT": True, "DOT_PRECISION": "tf32",
+    bwd_const = {"TEMP": 1.0, "HAS_GLOGP": True, "HAS_GENT": True, "DOT_PRECISION": prec,
                  "BLOCK_T": b["BLOCK_T"], "BLOCK_V": b["BLOCK_V"], "BLOCK_H": b["BLOCK_H"],
                  "GROUP_T": b["GROUP_T"]}
     for k in fwd_const:
@@ -285,20 +290,21 @@ def _aot_specs():
     merge_sig["BLOCK"] = "constexpr"
     # aligned at the target shapes (torch allocations are 16-byte aligned; H = 5120 etc.)
     ptrs = lambda sig: [k for k, v in sig.items() if v.startswith("*")]  # noqa: E731
+    sfx = "" if dtype == "bf16" else "_fp32"
     return [
-        dict(name="logprob_fwd", fn=_fwd_kernel, signature=fwd_sig, constexprs=fwd_const,
+        dict(name="logprob_fwd" + sfx, fn=_fwd_kernel, signature=fwd_sig, constexprs=fwd_const,
              num_warps=c["num_warps"], num_stages=c["num_stages"],
              divisible=ptrs(fwd_sig) + ["H", "stride_xn", "stride_wv"]),
         dict(name="logprob_merge", fn=_merge_kernel, signature=merge_sig,
              constexprs={"BLOCK": MERGE_BLOCK}, num_warps=4, num_stages=1,
              divisible=ptrs(merge_sig)),
-        dict(name="logprob_bwd_dlogits", fn=_bwd_dlogits_kernel, signature=bwd_sig,
+        dict(name="logprob_bwd_dlogits" + sfx, fn=_bwd_dlogits_kernel, signature=bwd_sig,
              constexprs=bwd_const, num_warps=b["num_warps"], num_stages=b["num_stages"],
              divisible=ptrs(bwd_sig) + ["H", "v_start", "stride_xn", "stride_wv", "stride_dl"]),
     ]
 
 
-AOT_SPECS = _aot_specs()
+AOT_SPECS = _aot_specs("bf16") + [s for s in _aot_specs("fp32") if s["name"] != "logprob_merge"]
 
 
 # ---- checks ---------------------------------------------------------------------------------------
@@ -354,8 +360,10 @@ def _check_inputs(hidden, weight, targets, temperature, impl):
 
 
 # ---- Triton launchers -------------------------------------------------------------------------------
-def _cfg(device, bwd=False):
+def _cfg(device, dtype, bwd=False):
     if device.type == "cuda" and not _interpreting():
+        if dtype == torch.float32:
+            return GPU_FP32_BWD_CONFIG if bwd else GPU_FP32_CONFIG
         return GPU_BWD_CONFIG if bwd else GPU_CONFIG
     return INTERP_BWD_CONFIG if bwd else INTERP_CONFIG
 
@@ -386,7 +394,7 @@ def triton_forward(hidden, weight, targets, temperature):
     log_s = torch.empty_like(logp)
     if N == 0:
         return logp, ent, (mx, log_s)
-    c = _cfg(dev)
+    c = _cfg(dev, hidden.dtype)
     n_tb = triton.cdiv(N, c["BLOCK_T"])
     n_vt = triton.cdiv(V, c["BLOCK_V"])
     splits = _num_splits(n_tb, n_vt, dev)
@@ -452,7 +460,7 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
         if dw is not None:
             dw.zero_()
         return (dx32.to(hidden.dtype) if need_dx else None), dw
-    c = _cfg(dev, bwd=True)
+    c = _cfg(dev, hidden.dtype, bwd=True)
     on_gpu = dev.type == "cuda" and not _interpreting()
     # GEMM dtype: tensor cores on GPU (bf16/fp16 dA, fp32 accumulate in cuBLAS); fp32 elsewhere
     dl_dtype = hidden.dtype if on_gpu else torch.float32

@@ -36,7 +36,8 @@ def test_logprob_kernels_compile_without_spills(rows):
     from kernels import logprob
 
     by_name = {r["name"]: r for r in rows}
-    for name in ("logprob_fwd", "logprob_bwd_dlogits", "logprob_merge"):
+    for name in ("logprob_fwd", "logprob_bwd_dlogits", "logprob_merge", "logprob_fwd_fp32",
+                 "logprob_bwd_dlogits_fp32"):
         r = by_name[name]
         assert r["error"] is None, r
         assert 0 < r["reg"] <= 255, r
@@ -45,4 +46,5 @@ def test_logprob_kernels_compile_without_spills(rows):
     # shipped block sizes are the ones compiled
     assert by_name["logprob_fwd"]["num_warps"] == logprob.GPU_CONFIG["num_warps"]
     assert by_name["logprob_bwd_dlogits"]["num_stages"] == logprob.GPU_BWD_CONFIG["num_stages"]
+    assert by_name["logprob_fwd_fp32"]["num_stages"] == logprob.GPU_FP32_CONFIG["num_stages"]
     print("\n" + rep.format_table(rows))
