@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -30,19 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.common import _time_cuda, env_info, format_table, gpu_tag, write_json  # noqa: E402
-
-
-def _time(fn, iters: int, cuda: bool) -> float:
-    if cuda:
-        return _time_cuda(fn, iters)
-    fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from bench.common import env_info, format_table, gpu_tag, time_call, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -76,7 +62,7 @@ def main(argv=None):
 
     src = torch.empty(kv_bytes // 2, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    t_copy = _time(lambda: dst.copy_(src), a.iters, cuda)
+    t_copy = time_call(lambda: dst.copy_(src), a.iters, cuda)
     copy_gbps = 2 * src.numel() / t_copy / 1e9
     del src, dst
 
@@ -98,7 +84,7 @@ def main(argv=None):
         row = {"kernel": name}
         try:
             out = fn()
-            secs = _time(fn, a.iters, cuda)
+            secs = time_call(fn, a.iters, cuda)
         except Exception as e:  # report, keep going
             row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
             results.append(row)

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -46,7 +44,7 @@ if ROOT not in sys.path:
 from kernels.grpo_loss import grpo_loss  # noqa: E402
 from kernels.reference import grpo_loss_reference  # noqa: E402
 
-from bench.common import env_info, format_table, gpu_tag, write_json  # noqa: E402
+from bench.common import env_info, format_table, gpu_tag, time_call, write_json  # noqa: E402
 
 MIN_BYTES_PER_TOKEN = 5 * 4 + 1 + 2 * 4
 BYTES_FORMULA = ("minimal = N*(5*4 + 1 + 2*4) B (read logp, old_logp, advantages, ref_logp, entropy "
@@ -82,28 +80,6 @@ def _step_fn(fn, x, mode):
     return step
 
 
-def _time(step, iters, cuda):
-    """Median seconds of one call (CUDA: events around each call, after warm-up)."""
-    for _ in range(3):
-        step()
-    times = []
-    if cuda:
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            step()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-    else:
-        for _ in range(iters):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.bench_grpo_loss", description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
@@ -125,7 +101,7 @@ def main(argv=None):
     # bandwidth bar: a device-to-device copy moving the minimal bytes (half read, half written)
     src = torch.empty(min_bytes // 2, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    t_copy = _time(lambda: dst.copy_(src), a.iters, cuda)
+    t_copy = time_call(lambda: dst.copy_(src), a.iters, cuda)
     copy_gbps = 2 * src.numel() / t_copy / 1e9
     del src, dst
 
@@ -144,7 +120,7 @@ def main(argv=None):
             row = {"mode": mode, "impl": name, "tokens": n}
             try:
                 step = _step_fn(fn, x, mode)
-                secs = _time(step, a.iters, cuda)
+                secs = time_call(step, a.iters, cuda)
                 loss = fn(x["logp"], x["old_logp"], x["advantages"], x["mask"], x["ref_logp"], loss_agg=mode,
                           cu_seqlens=x["cu_seqlens"], entropy=x["entropy"], **LOSS_KW)[0].item()
             except Exception as e:  # report, keep benchmarking the others

@@ -29,9 +29,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -39,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.common import git_commit, matmul_seconds  # noqa: E402
+from bench.common import git_commit, matmul_seconds, time_call  # noqa: E402
 from kernels.logprob import fused_logprobs  # noqa: E402
 from kernels.reference import logprobs_reference  # noqa: E402
 
@@ -101,15 +99,6 @@ def _fwd_bwd(fn, x, w, t, gl, ge):
     loss.backward()
 
 
-def _cpu_time(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def run_cpu(quick):
     T, H, V = (256 if quick else 512), 64, 4099
     reps = 3 if quick else 5
@@ -133,8 +122,8 @@ def run_cpu(quick):
 
         fwd()
         fb()  # warm-up
-        rows.append(dict(T=T, H=H, V=V, dtype="fp32", impl=name, fwd_s=_cpu_time(fwd, reps),
-                         fwd_bwd_s=_cpu_time(fb, reps), max_abs_err_logp=err,
+        rows.append(dict(T=T, H=H, V=V, dtype="fp32", impl=name, fwd_s=time_call(fwd, reps, False, warmup=0),
+                         fwd_bwd_s=time_call(fb, reps, False, warmup=0), max_abs_err_logp=err,
                          err_vs="fp64 reference"))
     return rows
 

@@ -21,7 +21,6 @@ import os
 import platform
 import random
 import re
-import statistics
 import sys
 import time
 
@@ -32,7 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import lwz.packing as P  # noqa: E402
-from bench.common import git_commit  # noqa: E402
+from bench.common import git_commit, time_call  # noqa: E402
 
 CAP = 14336  # longest rollout (prompt + 14k answer budget)
 
@@ -48,29 +47,6 @@ def lognormal_lengths(n: int, seed: int = 0, mu: float = 7.6, sigma: float = 1.0
     """Long-tail answer lengths: log-normal (median e^mu ~ 2000 tokens), capped at CAP, >= 16."""
     rng = random.Random(seed)
     return [max(16, min(CAP, int(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
-
-
-def _time(fn, iters: int, cuda: bool, stat=statistics.median) -> float:
-    """Seconds per call: median (default) or another statistic of `iters` timed calls."""
-    for _ in range(2):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        return stat(times)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return stat(times)
 
 
 def bench_pack(tokens: int, hidden: int, dtype: torch.dtype, device: str, iters: int) -> dict:
@@ -99,11 +75,11 @@ def bench_pack(tokens: int, hidden: int, dtype: torch.dtype, device: str, iters:
            "device": device, "backend": P.BACKEND if (P.HAVE_EXT and (not cuda or P.BUILT_WITH_CUDA))
            else "torch fallback"}
     t = {
-        "pack_lwz": _time(lambda: P.pack_with_layout(x, st, cu, total), iters, cuda),
-        "pack_index_select": _time(lambda: xf.index_select(0, idx), iters, cuda),
-        "copy_d2d": _time(lambda: flat_dst.copy_(flat_src), iters, cuda),
-        "unpack_lwz": _time(lambda: P.unpack_with_layout(packed, st, cu, L, 0), iters, cuda),
-        "unpack_index_copy": _time(lambda: packed.new_zeros(B * L, hidden).index_copy_(0, idx, packed),
+        "pack_lwz": time_call(lambda: P.pack_with_layout(x, st, cu, total), iters, cuda),
+        "pack_index_select": time_call(lambda: xf.index_select(0, idx), iters, cuda),
+        "copy_d2d": time_call(lambda: flat_dst.copy_(flat_src), iters, cuda),
+        "unpack_lwz": time_call(lambda: P.unpack_with_layout(packed, st, cu, L, 0), iters, cuda),
+        "unpack_index_copy": time_call(lambda: packed.new_zeros(B * L, hidden).index_copy_(0, idx, packed),
                                    iters, cuda),
     }
     # Every variant allocates its output (as a caller would), except the reference copy.
@@ -124,12 +100,12 @@ def bench_planner(n: int, ranks: int, max_tokens: int, iters: int) -> dict:
     out["python_ms"] = (time.perf_counter() - t0) * 1e3
     if P.HAVE_EXT:
         lt = torch.tensor(lengths, dtype=torch.int64)
-        out["cpp_ms"] = _time(lambda: P.plan_microbatches(lt, max_tokens, ranks, backend="cpp"), iters, False) * 1e3
-        out["cpp_ms_from_list"] = _time(lambda: P.plan_microbatches(lengths, max_tokens, ranks, backend="cpp"),
+        out["cpp_ms"] = time_call(lambda: P.plan_microbatches(lt, max_tokens, ranks, backend="cpp"), iters, False) * 1e3
+        out["cpp_ms_from_list"] = time_call(lambda: P.plan_microbatches(lengths, max_tokens, ranks, backend="cpp"),
                                         iters, False) * 1e3
-        out["cpp_op_only_ms"] = _time(lambda: torch.ops.lwz.plan_microbatches(lt, max_tokens, ranks, -1),
+        out["cpp_op_only_ms"] = time_call(lambda: torch.ops.lwz.plan_microbatches(lt, max_tokens, ranks, -1),
                                       iters, False) * 1e3
-        out["cpp_ms_min"] = _time(lambda: P.plan_microbatches(lt, max_tokens, ranks, backend="cpp"), 5 * iters,
+        out["cpp_ms_min"] = time_call(lambda: P.plan_microbatches(lt, max_tokens, ranks, backend="cpp"), 5 * iters,
                                   False, stat=min) * 1e3
         out["plans_equal"] = P.plan_microbatches(lengths, max_tokens, ranks, backend="cpp") == py
         out["speedup"] = out["python_ms"] / out["cpp_ms"]

@@ -163,6 +163,31 @@ def format_table(rows: list[dict], cols: list[str] | None = None) -> str:
 
 # ---------------------------------------------------------------------------- ceilings
 
+def time_call(fn, iters: int, cuda: bool, warmup: int = 2, stat=None) -> float:
+    """Seconds of one call of `fn`: the median (or `stat`) of `iters` timed calls after `warmup`
+    untimed ones. CUDA: events around each call; CPU: perf_counter."""
+    import statistics
+    import torch
+    for _ in range(warmup):
+        fn()
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return (stat or statistics.median)(times)
+
+
 def _time_cuda(fn, iters: int) -> float:
     import torch
     fn()
