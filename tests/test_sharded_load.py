@@ -31,6 +31,16 @@ def _tiny_cfg(**over):
     return ModelConfig.from_hf(raw)
 
 
+def _probe(model):
+    """Hidden states of two packed sequences (9 and 14 tokens)."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 1021, (23,), generator=g)
+    cu = torch.tensor([0, 9, 23], dtype=torch.int32)
+    pos = torch.cat([torch.arange(9), torch.arange(14)])
+    with torch.no_grad():
+        return model(ids, pos, cu, 14)
+
+
 def _policy_worker(rank, world, store, folder, out):
     from lwz.distributed import full_state_dict, shard_model
     from lwz.model import Transformer
@@ -42,12 +52,7 @@ def _policy_worker(rank, world, store, folder, out):
     full0 = full_state_dict(model)  # rank 0 only
     full = {k: v.full_tensor() for k, v in model.state_dict().items()}  # on every rank
     assert (rank == 0) == bool(full0) and all(torch.equal(full0[k], full[k]) for k in full0)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(2, 1021, (23,), generator=g)
-    cu = torch.tensor([0, 9, 23], dtype=torch.int32)
-    pos = torch.cat([torch.arange(9), torch.arange(14)])
-    with torch.no_grad():
-        hidden = model(ids, pos, cu, 14)
+    hidden = _probe(model)
     torch.save(dict(full=full, local=local, hidden=hidden), f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
@@ -75,12 +80,7 @@ def test_policy_loads_sharded(tmp_path, world):
     assert sum(locals_) == total
     assert max(locals_) < total / world + 2 * 1021
     # and computes what the whole model computes
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(2, 1021, (23,), generator=g)
-    cu = torch.tensor([0, 9, 23], dtype=torch.int32)
-    pos = torch.cat([torch.arange(9), torch.arange(14)])
-    with torch.no_grad():
-        hidden = ref(ids, pos, cu, 14)
+    hidden = _probe(ref)
     for r in range(world):
         torch.testing.assert_close(torch.load(f"{out}.{r}")["hidden"], hidden, rtol=1e-5, atol=1e-5)
 
