@@ -116,7 +116,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, max_leng
     """One new query per sequence against its cached keys (used by the rollout engine).
 
     q [B, Hq, D]; k_cache/v_cache [R, S, Hkv, D] with the first `lengths[b]` slots of row
-    `rows[b]` valid (the new token's k/v already written); lengths int64 [B]; rows int64 [B] or
+    `rows[b]` valid (the new token's k/v already written); lengths int32/int64 [B]; rows int64 [B] or
     None (row b). `max_length` (host int >= lengths.max()) lets the SDPA path read only
     cache[:, :max_length]. Returns [B, Hq, D].
 

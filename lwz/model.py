@@ -468,7 +468,7 @@ def _decode_step(model: "Transformer", input_ids, position_ids, cache: KVCache, 
     cos, sin = model.rope(position_ids, x.dtype)
     B = x.shape[0]
     idx_rows = torch.arange(B, device=x.device) if rows is None else rows
-    lengths = position_ids + 1
+    lengths = (position_ids + 1).to(torch.int32)  # once per step: the CUDA kernels take int32
     for li, layer in enumerate(model.layers):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
