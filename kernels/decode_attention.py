@@ -23,6 +23,8 @@ empty splits (m = -inf, l = 0) drop out of the merge. All offsets into the cache
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -99,10 +101,15 @@ def _decode_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, D: tl.constexpr, D_PAD: t
     tl.store(o_ptr + i * D + d, o.to(o_ptr.dtype.element_ty), mask=d < D)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    """Multiprocessors of a CUDA device (4 elsewhere); asked once, not on every decode step."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _num_splits(batch_heads: int, max_len: int, device) -> int:
     """Enough programs to fill the GPU twice over, never a split shorter than one tile."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(-(-2 * sms // max(batch_heads, 1)), -(-max_len // BLOCK_N), 64))
+    return max(1, min(-(-2 * _sm_count(device) // max(batch_heads, 1)), -(-max_len // BLOCK_N), 64))
 
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale: float, rows=None, max_length=None,
