@@ -619,6 +619,8 @@ def validate(cfg: Config) -> Config:
         )
     for i, rank in enumerate(w.quality_ranks):
         ge(f"rewards.quality_ranks[{i}]", rank, 0)
+    finite("rewards.quality_fsdp_min_gib", w.quality_fsdp_min_gib)
+    ge("rewards.quality_fsdp_min_gib", w.quality_fsdp_min_gib, 0)
     finite("rewards.format_repetition_weight", w.format_repetition_weight)
     ge("rewards.format_repetition_weight", w.format_repetition_weight, 0)
 

@@ -205,6 +205,7 @@ def test_wrong_type_toml(tmp_path):
     ("--rewards.default_length_range=[-1,40]", "rewards.default_length_range", "[-1, 40]", "0 <= lo"),
     ("--rewards.length_max_words=500", "rewards.length_max_words", "500", "upper bound 800"),
     ("--rewards.weights=[1,1]", "rewards.weights", "[1.0, 1.0]", "3 numbers"),
+    ("--rewards.quality_fsdp_min_gib=-2", "rewards.quality_fsdp_min_gib", "-2.0", ">= 0"),
     ("--rewards.weights=[1,-1,1]", "rewards.weights[1]", "-1.0", ">= 0"),
     ("--optim.grad_clip=0", "optim.grad_clip", "0.0", "> 0"),
     ("--optim.lr=-1e-6", "optim.lr", "-1e-06", ">= 0"),
@@ -228,6 +229,7 @@ def test_impossible_values(arg, key, value, allowed):
     ("--grpo.loss_agg=sum", "grpo.loss_agg", "'token-mean'"),
     ("--grpo.pack_cost=flops", "grpo.pack_cost", "'tokens', 'quadratic'"),
     ("--rewards.length_on_broken_format=half", "rewards.length_on_broken_format", "'zero', 'whole_response'"),
+    ("--rewards.quality_fsdp=yes", "rewards.quality_fsdp", "'auto', 'on', 'off'"),
     ("--optim.schedule=linear", "optim.schedule", "'cosine', 'constant'"),
     ("--distributed.backend=mpi", "distributed.backend", "'auto', 'nccl', 'gloo'"),
 ])
