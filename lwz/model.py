@@ -435,6 +435,22 @@ class KVCache:
             t[dst, :upto] = t[src, :upto]
 
 
+def _forward_with_cache(model: "Transformer", input_ids, position_ids, cache: KVCache, rows, attend):
+    """Embeddings, the decoder blocks in Block.forward's order, final norm; every token's k/v is
+    also written to cache[rows[t], position_ids[t]]. attend(li, attn, q, k, v) -> o [N, Hq, D] is
+    the attention of layer li (packed varlen for prefill, against the cache for decode)."""
+    x = model.embed_tokens(input_ids)
+    cos, sin = model.rope(position_ids, x.dtype)
+    for li, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)
+        cache.k[li].index_put_((rows, position_ids), k)
+        cache.v[li].index_put_((rows, position_ids), v)
+        x = x + attn.o_proj(attend(li, attn, q, k, v).reshape(x.shape[0], -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.norm(x)
+
+
 def _prefill(model: "Transformer", input_ids, position_ids, cu_seqlens, max_seqlen: int,
              cache: KVCache, rows: torch.Tensor):
     """Packed prompt forward that also writes every token's k/v into cache[rows[b], position].
@@ -442,20 +458,11 @@ def _prefill(model: "Transformer", input_ids, position_ids, cu_seqlens, max_seql
     input_ids/position_ids [N], cu_seqlens [P+1] int32, rows int64 [P] (cache row of each sequence).
     Returns the final-normed hidden [N, H], bit-for-bit the training forward's.
     """
-    x = model.embed_tokens(input_ids)
-    cos, sin = model.rope(position_ids, x.dtype)
     seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    tok_rows = torch.repeat_interleave(rows.to(x.device), seq_lens)
-    for li, layer in enumerate(model.layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q, k, v = attn.qkv(h, cos, sin)
-        cache.k[li].index_put_((tok_rows, position_ids), k)
-        cache.v[li].index_put_((tok_rows, position_ids), v)
-        o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, attn.scale, attn.backend)
-        x = x + attn.o_proj(o.reshape(x.shape[0], -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.norm(x)
+    tok_rows = torch.repeat_interleave(rows.to(input_ids.device), seq_lens)
+    return _forward_with_cache(
+        model, input_ids, position_ids, cache, tok_rows,
+        lambda li, attn, q, k, v: varlen_attention(q, k, v, cu_seqlens, max_seqlen, attn.scale, attn.backend))
 
 
 def _decode_step(model: "Transformer", input_ids, position_ids, cache: KVCache, rows=None,
@@ -464,22 +471,12 @@ def _decode_step(model: "Transformer", input_ids, position_ids, cache: KVCache, 
     each sequence (None: row b, the compacted layout); max_length = a host-side bound on
     position_ids + 1 (lets the SDPA path read only the filled part of the cache). Writes the new
     k/v at cache[row, position] and returns the final-normed hidden [B, H]."""
-    x = model.embed_tokens(input_ids)
-    cos, sin = model.rope(position_ids, x.dtype)
-    B = x.shape[0]
-    idx_rows = torch.arange(B, device=x.device) if rows is None else rows
+    idx_rows = torch.arange(input_ids.shape[0], device=input_ids.device) if rows is None else rows
     lengths = (position_ids + 1).to(torch.int32)  # once per step: the CUDA kernels take int32
-    for li, layer in enumerate(model.layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q, k, v = attn.qkv(h, cos, sin)
-        cache.k[li].index_put_((idx_rows, position_ids), k)
-        cache.v[li].index_put_((idx_rows, position_ids), v)
-        o = decode_attention(q, cache.k[li], cache.v[li], lengths, attn.scale, rows=rows,
-                             max_length=max_length, backend=attn.backend)
-        x = x + attn.o_proj(o.reshape(B, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.norm(x)
+    return _forward_with_cache(
+        model, input_ids, position_ids, cache, idx_rows,
+        lambda li, attn, q, k, v: decode_attention(q, cache.k[li], cache.v[li], lengths, attn.scale, rows=rows,
+                                                   max_length=max_length, backend=attn.backend))
 
 
 Transformer.prefill = _prefill
