@@ -52,16 +52,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype) -> Transfor
         raise ValueError(f"--model: expected tiny | qwen2.5-1.5b | auto, got {name!r}")
     with torch.device(device):  # random init directly on the device (1.5B params on CPU are slow)
         model = Transformer(cfg)
-        std = cfg.initializer_range
-        with torch.no_grad():
-            g = torch.Generator(device=device).manual_seed(0)
-            for pname, p in model.named_parameters():
-                if pname.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif pname.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, std, generator=g)
+    model.init_weights(0)
     return model.to(dtype=dtype).eval()
 
 

@@ -299,8 +299,10 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def init_weights(self, seed: int | None = None) -> None:
-        """Random init from the config (normal(0, initializer_range), norms 1, biases 0)."""
-        g = torch.Generator(device="cpu")
+        """Random init from the config (normal(0, initializer_range), norms 1, biases 0), drawn on
+        the parameters' device (a model built on the GPU never goes through host memory)."""
+        dev = self.embed_tokens.weight.device
+        g = torch.Generator(device=dev)
         if seed is not None:
             g.manual_seed(seed)
         std = self.config.initializer_range
@@ -311,7 +313,7 @@ class Transformer(nn.Module):
                 elif name.endswith("bias"):
                     p.zero_()
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                    p.copy_(torch.randn(p.shape, generator=g, device=dev) * std)
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, targets=None,
                 temperature: float = 1.0, return_entropy: bool = False):
