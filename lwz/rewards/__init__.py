@@ -18,7 +18,17 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["group_advantages", "compute_rewards"]
+__all__ = ["group_advantages", "compute_rewards", "batch_meta"]
+
+
+def batch_meta(name: str, prompts: Sequence[str], answers: Sequence, meta: Optional[Sequence[dict]]) -> Sequence[dict]:
+    """The per-sample meta of a reward call ([{}] * B when None), after checking that prompts,
+    answers and meta have one entry per sample (a ValueError naming the reward otherwise)."""
+    meta = meta if meta is not None else [{}] * len(prompts)
+    if not (len(prompts) == len(answers) == len(meta)):
+        raise ValueError(f"{name}: prompts/answers/meta lengths differ "
+                         f"({len(prompts)}, {len(answers)}, {len(meta)})")
+    return meta
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int,

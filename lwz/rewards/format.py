@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from lwz.rewards import batch_meta
+
 _TAG = re.compile(r"</?(?:think|answer)>")
 _EXPECTED = ["<think>", "</think>", "<answer>", "</answer>"]
 
@@ -111,10 +113,7 @@ class FormatReward:
 
     def __call__(self, prompts: Sequence[str], answers: Sequence[Optional[str]],
                  meta: Optional[Sequence[dict]] = None) -> torch.Tensor:
-        meta = meta if meta is not None else [{}] * len(prompts)
-        if not (len(prompts) == len(answers) == len(meta)):
-            raise ValueError(f"FormatReward: prompts/answers/meta lengths differ "
-                             f"({len(prompts)}, {len(answers)}, {len(meta)})")
+        meta = batch_meta("FormatReward", prompts, answers, meta)
         vals = []
         for m in meta:
             text = m.get("response") or ""

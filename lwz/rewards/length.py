@@ -17,6 +17,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from lwz.rewards import batch_meta
+
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _EN_WORD = re.compile(r"\b[a-zA-Z]+\b")
 
@@ -228,9 +230,6 @@ class LengthReward:
 
     def __call__(self, prompts: Sequence[str], answers: Sequence[Optional[str]],
                  meta: Optional[Sequence[dict]] = None) -> torch.Tensor:
-        meta = meta if meta is not None else [{}] * len(prompts)
-        if not (len(prompts) == len(answers) == len(meta)):
-            raise ValueError(f"LengthReward: prompts/answers/meta lengths differ "
-                             f"({len(prompts)}, {len(answers)}, {len(meta)})")
+        meta = batch_meta("LengthReward", prompts, answers, meta)
         vals = [self.score(p, a, m) for p, a, m in zip(prompts, answers, meta)]
         return torch.tensor(vals, dtype=torch.float32)

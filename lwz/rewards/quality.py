@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from lwz.model import ModelConfig, ModelLoadError, Transformer
 from lwz.packing import pack_sequences
+from lwz.rewards import batch_meta
 from lwz.tokenizer import has_tokenizer, load_tokenizer
 
 SEQ_CLS_ARCHITECTURES = {
@@ -231,10 +232,7 @@ class QualityRewardModel(nn.Module):
         """Rewards [B] fp32 (CPU) of the texts, NaN where the answer is None. Sharded (FSDP2), call
         the module itself instead (its forward hooks gather the root's parameters), on every
         member of the shard group together, even with no texts (see score_tokens)."""
-        meta = meta if meta is not None else [{}] * len(prompts)
-        if not (len(prompts) == len(answers) == len(meta)):
-            raise ValueError(f"QualityRewardModel: prompts/answers/meta lengths differ "
-                             f"({len(prompts)}, {len(answers)}, {len(meta)})")
+        meta = batch_meta("QualityRewardModel", prompts, answers, meta)
         valid = [i for i, a in enumerate(answers) if a is not None]
         out = torch.full((len(prompts),), float("nan"), dtype=torch.float32)
         seqs = [self.encode(meta[i].get("question") or prompts[i], answers[i]) for i in valid]
