@@ -363,18 +363,17 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, entropy, cu_seqlens, k
                          "(e.g. the maximum response length)")
 
 
-def _denominator(loss_agg, global_tokens, global_seqs, norm_const, mask, cu_seqlens):
+def _denominator(loss_agg, global_tokens, global_seqs, norm_const, counts, device):
     """(den tensor [1] fp32, has_den): the full denominator of the loss sums, or (1.0, False) for
     token-mean without global_tokens, where the finalize kernel uses the local token count. A seq-*
-    mode without global_seqs counts this micro-batch's sequences with an active token on the device
-    (no host sync)."""
-    device = mask.device
+    mode without global_seqs counts this micro-batch's sequences with an active token from
+    `counts` (active tokens per sequence, on the device: no host sync)."""
     g = global_tokens if loss_agg == "token-mean" else global_seqs
     mult = float(norm_const) if loss_agg == "seq-mean-token-sum-norm" else 1.0
     if g is None:
         if loss_agg == "token-mean":
             return torch.ones(1, dtype=torch.float32, device=device), False
-        g = count_normalisers(mask, cu_seqlens)[1]
+        g = (counts > 0).sum()
     if isinstance(g, torch.Tensor):
         den = g.detach().reshape(1).to(device=device, dtype=torch.float32)
         return (den * mult if mult != 1.0 else den.contiguous()), True
@@ -394,17 +393,15 @@ def _dummy_i32(device):
 
 class _GRPOLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, entropy, old_logp, advantages, mask, ref_logp, cu_seqlens, den, cfg):
+    def forward(ctx, logp, entropy, old_logp, advantages, mask, ref_logp, cu_seqlens, seqw, den, cfg):
         n = logp.shape[0]
         dev = logp.device
-        seq_mean = cfg["loss_agg"] == "seq-mean-token-mean"
+        seq_mean = seqw is not None
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)  # free reinterpretation; the kernel tests != 0
         grid_n = max(triton.cdiv(n, FWD_BLOCK), 1)
         if seq_mean:  # per-sequence weights 1/n_i, looked up per token by the kernel
             nseq = cu_seqlens.numel() - 1
-            counts = _seq_active_counts(mask, cu_seqlens)
-            seqw = torch.where(counts > 0, 1.0 / counts.clamp(min=1).to(torch.float32), 0.0)
             cu, steps = cu_seqlens, max(nseq, 1).bit_length()
         else:
             nseq, steps = 0, 0
@@ -447,7 +444,7 @@ class _GRPOLossFunction(torch.autograd.Function):
                 glogp, gent if ctx.has_ent else glogp, go, out[_O_SCALE:], dlogp,
                 dent if ctx.has_ent else dlogp, n, HAS_ENT=ctx.has_ent, BLOCK=BWD_BLOCK,
                 num_warps=BWD_WARPS)
-        return dlogp, dent, None, None, None, None, None, None, None
+        return dlogp, dent, None, None, None, None, None, None, None, None
 
 
 def _stats_from_out(out: torch.Tensor) -> dict:
@@ -479,7 +476,13 @@ def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, clip_low, clip
     if not logp.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("grpo_loss: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 "
                          "(set before triton is imported); use impl='torch' or 'auto'")
-    den, has_den = _denominator(loss_agg, global_tokens, global_seqs, norm_const, mask, cu_seqlens)
+    counts = None  # active tokens per sequence, computed once for the weights and the denominator
+    if loss_agg == "seq-mean-token-mean" or (loss_agg != "token-mean" and global_seqs is None):
+        counts = _seq_active_counts(mask, cu_seqlens)
+    den, has_den = _denominator(loss_agg, global_tokens, global_seqs, norm_const, counts, logp.device)
+    seqw = None
+    if loss_agg == "seq-mean-token-mean":
+        seqw = torch.where(counts > 0, 1.0 / counts.clamp(min=1).to(torch.float32), 0.0)
     cfg = dict(clip_low=float(clip_low), clip_high=float(clip_high),
                clip_c=None if clip_c is None else float(clip_c), kl_coef=float(kl_coef),
                kl_type=kl_type, entropy_coef=float(entropy_coef), loss_agg=loss_agg, has_den=has_den)
@@ -487,7 +490,7 @@ def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, clip_low, clip
         logp.contiguous(), None if entropy is None else entropy.contiguous(),
         old_logp.detach().contiguous(), advantages.detach().contiguous(), mask.detach().contiguous(),
         None if ref_logp is None else ref_logp.detach().contiguous(),
-        None if cu_seqlens is None else cu_seqlens.contiguous(), den, cfg)
+        None if cu_seqlens is None else cu_seqlens.contiguous(), seqw, den, cfg)
     return loss, _stats_from_out(out)
 
 
