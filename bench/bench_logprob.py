@@ -99,6 +99,22 @@ def _fwd_bwd(fn, x, w, t, gl, ge):
     loss.backward()
 
 
+def _step_fns(fn, x, w, t, gl, ge):
+    """(forward without grad, forward + backward, the grad-requiring copies of x and w) of one
+    implementation on fixed inputs."""
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            fn(x, w, t)
+
+    def fb():
+        xr.grad = wr.grad = None
+        _fwd_bwd(fn, xr, wr, t, gl, ge)
+
+    return fwd, fb, xr, wr
+
+
 def run_cpu(quick):
     T, H, V = (256 if quick else 512), 64, 4099
     reps = 3 if quick else 5
@@ -107,23 +123,12 @@ def run_cpu(quick):
     ref_lp, _ = logprobs_reference(x.double(), w.double(), t, temp)
     rows = []
     for name, fn in _make_impls(temp, on_cuda=False).items():
-        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
         with torch.no_grad():
             lp, _ = fn(x, w, t)
         err = (lp.double() - ref_lp).abs().max().item()
-
-        def fwd():
-            with torch.no_grad():
-                fn(x, w, t)
-
-        def fb():
-            xr.grad = wr.grad = None
-            _fwd_bwd(fn, xr, wr, t, gl, ge)
-
-        fwd()
-        fb()  # warm-up
-        rows.append(dict(T=T, H=H, V=V, dtype="fp32", impl=name, fwd_s=time_call(fwd, reps, False, warmup=0),
-                         fwd_bwd_s=time_call(fb, reps, False, warmup=0), max_abs_err_logp=err,
+        fwd, fb, _, _ = _step_fns(fn, x, w, t, gl, ge)
+        rows.append(dict(T=T, H=H, V=V, dtype="fp32", impl=name, fwd_s=time_call(fwd, reps, False, warmup=1),
+                         fwd_bwd_s=time_call(fb, reps, False, warmup=1), max_abs_err_logp=err,
                          err_vs="fp64 reference"))
     return rows
 
@@ -156,21 +161,12 @@ def run_cuda(sizes, quick):
                                      f"{free / 2**30:.0f} GiB free"
                     rows.append(row)
                     continue
-            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            fwd, fb, xr, wr = _step_fns(fn, x, w, t, gl, ge)
             try:
                 with torch.no_grad():
                     lp, _ = fn(x, w, t)
                 row["max_abs_err_logp"] = (lp.float() - ref_lp).abs().max().item()
                 row["err_vs"] = "chunked torch (bf16 GEMM, fp32 softmax)"
-
-                def fwd():
-                    with torch.no_grad():
-                        fn(x, w, t)
-
-                def fb():
-                    xr.grad = wr.grad = None
-                    _fwd_bwd(fn, xr, wr, t, gl, ge)
-
                 fwd_ms = do_bench(fwd, rep=rep)
                 fb_ms = do_bench(fb, rep=rep)
                 torch.cuda.synchronize()
