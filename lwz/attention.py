@@ -116,8 +116,8 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, max_leng
     """One new query per sequence against its cached keys (used by the rollout engine).
 
     q [B, Hq, D]; k_cache/v_cache [R, S, Hkv, D] with the first `lengths[b]` slots of row
-    `rows[b]` valid (the new token's k/v already written); lengths int32/int64 [B]; rows int64 [B] or
-    None (row b). `max_length` (host int >= lengths.max()) lets the SDPA path read only
+    `rows[b]` valid (the new token's k/v already written); lengths and rows int32/int64 [B]
+    (rows None: row b). `max_length` (host int >= lengths.max()) lets the SDPA path read only
     cache[:, :max_length]. Returns [B, Hq, D].
 
     Kernels (see decode_backend for the choice):

@@ -474,10 +474,12 @@ def _decode_step(model: "Transformer", input_ids, position_ids, cache: KVCache, 
     position_ids + 1 (lets the SDPA path read only the filled part of the cache). Writes the new
     k/v at cache[row, position] and returns the final-normed hidden [B, H]."""
     idx_rows = torch.arange(input_ids.shape[0], device=input_ids.device) if rows is None else rows
-    lengths = (position_ids + 1).to(torch.int32)  # once per step: the CUDA kernels take int32
+    # once per step, not per layer: the attention kernels take int32 lengths and rows
+    lengths = (position_ids + 1).to(torch.int32)
+    rows32 = None if rows is None else rows.to(torch.int32)
     return _forward_with_cache(
         model, input_ids, position_ids, cache, idx_rows,
-        lambda li, attn, q, k, v: decode_attention(q, cache.k[li], cache.v[li], lengths, attn.scale, rows=rows,
+        lambda li, attn, q, k, v: decode_attention(q, cache.k[li], cache.v[li], lengths, attn.scale, rows=rows32,
                                                    max_length=max_length, backend=attn.backend))
 
 
