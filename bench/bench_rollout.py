@@ -1,7 +1,7 @@
 """Benchmark of the rollout engine (lwz.rollout.generate) against transformers.generate.
 
     python -m bench.bench_rollout [--prompts 64] [--new-tokens 512] [--model auto|tiny|qwen2.5-1.5b]
-                                  [--repeats 2] [--threads N] [--no-hf] [--out PATH]
+                                  [--repeats 2] [--threads N] [--no-hf] [--no-tail] [--out PATH]
 
 Decode throughput = prompts * new_tokens / wall time of the whole generate call (prefill included),
 sampling at temperature 0.8 / top-p 1.0 with no stop token, so every sequence produces exactly
@@ -14,6 +14,13 @@ CUDA).
 Transformers runs the same weights: our model is saved with save_pretrained into a temporary
 folder and loaded with AutoModelForCausalLM.from_pretrained (its default SDPA attention and
 dynamic cache). Each engine runs once untimed (a small warm-up) and then timed.
+
+Long tail (second table): RL answers have very unequal lengths. --tail-prompts prompts x
+--tail-group samples with --tail-rows cache rows, a stop-token set sized so that an answer stops
+with probability ~1/--tail-mean per token (geometric lengths, capped at --tail-max-new): lwz's
+continuous admission (one generate call, batch_size = rows) against static batches of whole
+groups (one generate call per batch, each decoding until its longest answer ends, as an engine
+without admission does), same rows, same run. Throughput = response tokens / wall time.
 
 Writes bench/results/rollout-<gpu-tag|cpu>.json (device, versions, commit) and prints a table.
 `main(argv)` returns the JSON dict.
@@ -72,6 +79,45 @@ def run_lwz(model, prompts, new_tokens, device, seed=0):
     return dt
 
 
+def run_tail(model, prompts, n, rows, max_new, stop_ids, device, continuous, seed=0):
+    """Seconds and response lengths of the long-tail scenario (see the module docstring)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(n=n, max_new_tokens=max_new, temperature=0.8, top_p=1.0, stop_token_ids=stop_ids, generator=g)
+    _sync(device)
+    t = time.perf_counter()
+    if continuous:
+        outs = [generate(model, prompts, batch_size=rows, **kw)]
+    else:
+        per = max(1, rows // n)
+        outs = [generate(model, prompts[i:i + per], **kw) for i in range(0, len(prompts), per)]
+    _sync(device)
+    return time.perf_counter() - t, torch.cat([o.response_lengths for o in outs])
+
+
+def long_tail(model, cfg, device, args) -> dict:
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, cfg.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(16, 129, (args.tail_prompts,), generator=g)]
+    k = max(1, round(cfg.vocab_size / args.tail_mean))
+    stop_ids = torch.linspace(2, cfg.vocab_size - 1, k).long().unique().tolist()
+    row = dict(scenario="long-tail", samples=args.tail_prompts * args.tail_group, group=args.tail_group,
+               rows=args.tail_rows, max_new_tokens=args.tail_max_new, stop_ids=len(stop_ids))
+    run_tail(model, prompts[:1], args.tail_group, args.tail_rows, 4, stop_ids, device, True)  # warm-up
+    for name, cont in (("static", False), ("continuous", True)):
+        best = None
+        for r in range(args.repeats):
+            dt, lens = run_tail(model, prompts, args.tail_group, args.tail_rows, args.tail_max_new, stop_ids,
+                                device, cont, seed=r)
+            tps = float(lens.sum()) / dt
+            if best is None or tps > best[0]:
+                best = (tps, dt, lens)
+        tps, dt, lens = best
+        row[f"{name}_s"], row[f"{name}_tokens_per_s"] = dt, tps
+        row[f"{name}_mean_len"], row[f"{name}_max_len"] = float(lens.float().mean()), int(lens.max())
+    row["continuous_vs_static"] = row["continuous_tokens_per_s"] / row["static_tokens_per_s"]
+    return row
+
+
 def run_hf(hf, prompts, new_tokens, device, pad_id, seed=0):
     L = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), L), pad_id, dtype=torch.int64)
@@ -101,6 +147,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=0, help="timed runs per engine, fastest counts (0: 2 on CPU, 1 on CUDA)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers.generate")
+    ap.add_argument("--no-tail", action="store_true", help="skip the long-tail scenario")
+    ap.add_argument("--tail-prompts", type=int, default=8)
+    ap.add_argument("--tail-group", type=int, default=4, help="samples per prompt in the long-tail scenario")
+    ap.add_argument("--tail-rows", type=int, default=8, help="cache rows (batch_size) in the long-tail scenario")
+    ap.add_argument("--tail-max-new", type=int, default=0, help="0: 512 on CUDA, 128 on CPU")
+    ap.add_argument("--tail-mean", type=float, default=0, help="target mean answer length; 0: 64 on CUDA, 32 on CPU")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/rollout-<gpu|cpu>.json)")
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -111,6 +163,8 @@ def main(argv=None) -> dict:
     name = args.model if args.model != "auto" else ("qwen2.5-1.5b" if device.type == "cuda" else "tiny")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.repeats = args.repeats or (1 if device.type == "cuda" else 2)
+    args.tail_max_new = args.tail_max_new or (512 if device.type == "cuda" else 128)
+    args.tail_mean = args.tail_mean or (64 if device.type == "cuda" else 32)
     model = build_model(name, device, dtype)
     cfg = model.config
     g = torch.Generator().manual_seed(1)
@@ -118,7 +172,7 @@ def main(argv=None) -> dict:
     prompts = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
     warm = prompts[: min(4, len(prompts))]
 
-    row = dict(model=name, dtype=str(dtype).replace("torch.", ""), prompts=args.prompts,
+    row = dict(scenario="fixed-length", model=name, dtype=str(dtype).replace("torch.", ""), prompts=args.prompts,
                new_tokens=args.new_tokens, repeats=args.repeats, threads=torch.get_num_threads(), mean_prompt_len=sum(lens) / len(lens))
     from lwz.attention import decode_backend
     row["decode_attn"] = decode_backend(model.layers[0].self_attn.backend, device)
@@ -138,15 +192,19 @@ def main(argv=None) -> dict:
         row["hf_tokens_per_s"] = tokens / row["hf_s"]
         row["speedup"] = row["lwz_tokens_per_s"] / row["hf_tokens_per_s"]
         del hf
+    rows = [row]
+    if not args.no_tail:
+        rows.append(long_tail(model, cfg, device, args))
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
     import transformers
     info = env_info()
     result = {"bench": "rollout", **info, "transformers": transformers.__version__,
-              "device": info.get("gpu") or "cpu", "results": [row]}
+              "device": info.get("gpu") or "cpu", "results": rows}
     path = write_json(args.out or f"rollout-{gpu_tag()}.json", result)
-    print(format_table([row]))
+    for r in rows:  # the two scenarios have different columns
+        print(format_table([r]))
     print(f"wrote {path}")
     return result
 

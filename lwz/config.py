@@ -78,7 +78,7 @@ class RolloutConfig:
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])  # stop after any of these
     old_logprobs: Literal["recompute", "rollout"] = "recompute"  # pi_old: recomputed by the trainer, or the sampler's
-    batch_size: int = 0  # most sequences decoded at once; 0 = all of the step's sequences
+    batch_size: int = 0  # KV-cache rows = most sequences decoded at once (waiting ones take finished rows); 0 = all of the step's sequences
 
 
 @dataclass

@@ -427,9 +427,9 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[1]
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        """A new cache holding rows `rows` (in that order): compaction after sequences finish."""
-        return KVCache([t.index_select(0, rows) for t in self.k], [t.index_select(0, rows) for t in self.v])
+    def head(self, rows: int) -> "KVCache":
+        """A view of the first `rows` rows (the live ones of the rollout's compacted layout)."""
+        return KVCache([t[:rows] for t in self.k], [t[:rows] for t in self.v])
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, upto: int) -> None:
         """cache[dst, :upto] = cache[src, :upto] (fan a prefilled prompt out to its n samples)."""

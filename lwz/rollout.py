@@ -4,18 +4,21 @@
                      stop_strings=("</answer>",), tokenizer=tok, generator=g)
     packed = to_packed(batch)          # the training stream: input_ids, position_ids, cu_seqlens, targets
 
-How it runs (one rollout batch):
-  1. A static KV cache [B, S, Hkv, D] per layer is allocated once (B = prompts * n,
-     S = the longest prompt + its token budget - 1).
-  2. The P distinct prompts are prefilled as ONE packed varlen batch through the same blocks as
-     training (model.prefill), writing their k/v into the cache row of each prompt's first sample;
-     the rows are then copied to the n - 1 other samples (the prompt is never recomputed).
-  3. Decode loop: one token per live sequence per step (model.decode_step). Sequences that finish
-     leave the batch: on CPU/SDPA the cache rows of the survivors are compacted (index_select);
-     on CUDA the survivors' row indices are passed to the kernel (flash-attn's cache_batch_idx,
-     torch varlen_attn's paged cache with one page per row, or our Triton split-K kernel,
-     kernels/decode_attention.py), so nothing is copied.
-     Either way a group whose one answer runs to 14k tokens keeps only that sequence busy.
+How it runs (one rollout batch of B = prompts * n samples, `batch_size` = R cache rows):
+  1. A static KV cache [R, S, Hkv, D] per layer is allocated once (S = the longest prompt + its
+     token budget - 1); R = batch_size, or B when batch_size is 0.
+  2. Continuous admission: samples wait in a queue (prompt by prompt) and enter free rows. A
+     prompt is prefilled once, as part of ONE packed varlen batch of the admitted prompts, through
+     the same blocks as training (model.prefill), into its first sample's row; its other samples
+     get a copy of those rows (the prompt is never recomputed while a sibling is still decoding).
+  3. Decode loop: one token per live sequence per step (model.decode_step). A sequence that
+     finishes frees its row and a waiting sample takes it before the next token is drawn, so the
+     batch stays full until the queue runs dry: with R < B the decode does not wait, batch after
+     batch, for the longest answer of each (a 14k-token answer keeps one row busy, not R).
+     On CPU/SDPA the live rows are kept contiguous (a survivor beyond the new end moves into a
+     finished row: only those rows are copied); on CUDA the live rows' indices are passed to the
+     kernel (flash-attn's cache_batch_idx, torch varlen_attn's paged cache with one page per row,
+     or our Triton split-K kernel, kernels/decode_attention.py), so nothing is copied.
 
 Log-probs. Every sampled token gets two numbers:
   logprobs        log softmax(logits / temperature)[token], BEFORE top-k / top-p truncation.
@@ -27,11 +30,12 @@ Log-probs. Every sampled token gets two numbers:
                   nothing is truncated. Greedy decoding gives 0 here (a point mass) and the
                   temperature-T log-prob (T = 1 when temperature is 0) in `logprobs`.
 
-Sampling noise. Each step draws uniform noise for ALL B samples of the batch (not just the live
-ones), turns it into Exp(1) noise E and picks argmax(log p - log E) (the exponential race =
-sampling from p), so a sample's tokens depend only on the seed, its position in the batch and
-the step: the same seed gives the same samples whatever the compaction schedule. `batch_size` chunking draws chunks one after
-another from the same generator, so chunked and unchunked runs differ (each is repeatable).
+Sampling noise. Each step draws uniform noise for all R rows (live or not), turns it into Exp(1)
+noise E and picks argmax(log p - log E) (the exponential race = sampling from p). A sample uses
+the noise row of the slot it was admitted to (the smallest free one), whatever cache row holds it,
+so compacted and indexed layouts draw the same samples; with batch_size 0 sample s always uses
+row s. The same seed and batch_size give the same samples; another batch_size gives other
+(equally valid) samples, since the admission schedule changes which noise a sample meets.
 
 Stop conditions, checked after every token, the finishing token kept in the response:
   "stop_token"   the token is in stop_token_ids (e.g. eos),
@@ -44,18 +48,19 @@ Stop conditions, checked after every token, the finishing token kept in the resp
 FSDP2. Wrap generation in `full_params_for_generation(model)`: every FSDP module (each
 fully_shard'ed block and the root) is unsharded for the duration and resharded afterwards.
 Memory while generating: one full copy of the parameters in the param dtype (e.g. 3.1 GB for
-a 1.5B model in bf16) on every rank, plus the KV cache 2 * layers * B * S * Hkv * D * bytes
+a 1.5B model in bf16) on every rank, plus the KV cache 2 * layers * R * S * Hkv * D * bytes
 (Qwen2.5-1.5B, bf16: 28 KiB per token, so 64 sequences x 15k tokens = 27 GB).
 
-The cache is static: every row is sized for its whole budget (prompt + max_new_tokens) up front.
-Bound it with `batch_size` (sequences per chunk); KVCache.nbytes_for(cfg, B, S, dtype) gives the
-size. A page pool filled on demand (the varlen kernel already reads the cache through a block
-table) would let B follow the real lengths instead; not done yet.
+The cache is static: every row is sized for the longest sample's budget (prompt + max_new_tokens)
+up front; batch_size bounds it (KVCache.nbytes_for(cfg, R, S, dtype) gives the size). A page pool
+filled on demand (the varlen kernel already reads the cache through a block table) would let the
+number of rows follow the real lengths instead; not done yet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -398,8 +403,8 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
     response with that token kept; stop_strings (needs `tokenizer`, an HF tokenizer or a
     tokenizers.Tokenizer) end it after the token completing the string. max_context (default
     the model's max_position_embeddings) bounds prompt + response; a prompt that leaves no room
-    for one new token raises ValueError. batch_size > 0 runs at most that many sequences at a time
-    (whole prompt groups; at least one group). compact: True = copy the survivors' cache rows
+    for one new token raises ValueError. batch_size > 0 decodes at most that many sequences at a
+    time (cache rows), admitting waiting samples into rows as others finish. compact: True = copy the survivors' cache rows
     when sequences finish, False = keep the cache and pass the survivors' row indices to attention,
     "auto" = copy on the SDPA path, indices on CUDA kernels. Returns a RolloutBatch (CPU tensors).
     """
@@ -428,92 +433,152 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
     params = dict(n=n, max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                   top_k=int(top_k), greedy=greedy, stop_token_ids=tuple(int(t) for t in stop_token_ids),
                   stopper=stopper, generator=generator, max_context=max_context, compact=compact)
-    per_chunk = max(1, batch_size // n) if batch_size > 0 else max(1, len(prompts))
-    chunks = []
-    for c0 in range(0, len(prompts), per_chunk):
-        chunks.append(_generate_chunk(model, prompts[c0:c0 + per_chunk], c0, **params))
-    return _assemble(chunks, prompts, n, pad_id, params)
+    num = len(prompts) * n
+    slots = min(batch_size, num) if batch_size > 0 else num
+    samples = _decode_all(model, prompts, slots, **params) if num else []
+    return _assemble(samples, prompts, n, pad_id, params)
 
 
-def _generate_chunk(model, prompts, prompt_offset, *, n, max_new_tokens, temperature, top_p, top_k,
-                    greedy, stop_token_ids, stopper, generator, max_context, compact):
-    """Generate for one chunk of prompts; returns per-sample python lists (in sample order)."""
+def _compact_order(keep: list[int], old: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Compacted layout: live sequence i sits in cache row i. After the sequences not in `keep`
+    (sorted indices into the old live list of length `old`) finish, the survivors must fill rows
+    0..len(keep)-1. Survivors already there stay; each one beyond moves into a hole (a finished row)
+    so only those rows are copied. Returns (perm, moves): perm[j] = old index now in row j,
+    moves = (src row, dst row) pairs."""
+    k = len(keep)
+    stay = {i for i in keep if i < k}
+    movers = [i for i in keep if i >= k]
+    holes = [j for j in range(k) if j not in stay]
+    perm = list(range(k))
+    for j, i in zip(holes, movers):
+        perm[j] = i
+    return perm, list(zip(movers, holes))
+
+
+def _admit(model, cache, prompts, n, new, new_rows, live, live_rows, prompt_hidden, device):
+    """Write the prompts of the new samples `new` (sample ids) into cache rows `new_rows` and return
+    the logits of their first token [len(new), V].
+
+    A prompt is prefilled (all such prompts as one packed varlen batch) only when no live sibling
+    (another sample of the same prompt) holds it already; otherwise the sibling's cache rows are
+    copied. The final hidden state of each prompt's last token is kept in `prompt_hidden`, so every
+    sample of a prompt starts from the same logits."""
+    holder = {}  # prompt -> a cache row that holds (or, once prefilled, will hold) its k/v
+    for b, r in zip(live, live_rows):
+        holder.setdefault(b // n, r)
+    fill, copies = [], []  # (prompt, row) to prefill; (src row, dst row) to copy
+    for b, r in zip(new, new_rows):
+        p = b // n
+        if p in holder:
+            copies.append((holder[p], r))
+        else:
+            holder[p] = r
+            fill.append((p, r))
+    if fill:
+        lens = torch.tensor([len(prompts[p]) for p, _ in fill], dtype=torch.int64)
+        ids = torch.tensor([t for p, _ in fill for t in prompts[p]], dtype=torch.int64, device=device)
+        pos = torch.cat([torch.arange(int(L)) for L in lens]).to(device)
+        cu = torch.zeros(len(fill) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lens, 0)
+        rows = torch.tensor([r for _, r in fill], dtype=torch.int64, device=device)
+        hidden = model.prefill(ids, pos, cu.to(device), int(lens.max()), cache, rows)
+        last = hidden[(cu[1:] - 1).long().to(device)]
+        for i, (p, _) in enumerate(fill):
+            prompt_hidden[p] = last[i]
+    if copies:  # fan a held prompt out to more samples (a copy of its rows, not a recompute)
+        src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=device)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=device)
+        cache.copy_rows(src, dst, max(len(prompts[b // n]) for b in new))
+    distinct = sorted({b // n for b in new})
+    where = {p: i for i, p in enumerate(distinct)}
+    logits = model.logits(torch.stack([prompt_hidden[p] for p in distinct]))  # once per prompt
+    return logits[torch.tensor([where[b // n] for b in new], device=device)]
+
+
+def _decode_all(model, prompts, slots, *, n, max_new_tokens, temperature, top_p, top_k, greedy,
+                stop_token_ids, stopper, generator, max_context, compact):
+    """Generate all len(prompts) * n samples through `slots` cache rows with continuous admission:
+    whenever sequences finish, waiting samples are admitted into the freed rows at once (their
+    prompt prefilled or copied from a live sibling), so the decode batch stays full until the
+    queue runs dry. Returns per-sample dicts in sample order (sample b is prompt b // n's)."""
     device, dtype = _model_device_dtype(model)
-    P = len(prompts)
-    B = P * n
-    plen = [len(p) for p in prompts for _ in range(n)]  # per sample
+    B = len(prompts) * n
+    plen = [len(prompts[b // n]) for b in range(B)]
     cap = [min(max_new_tokens, max_context - lp) for lp in plen]  # new-token budget per sample
-    S = max(lp + c - 1 for lp, c in zip(plen, cap))  # cache slots: the last token is never fed back
-    S = max(S, max(plen))
+    S = max(max(lp + c - 1, lp) for lp, c in zip(plen, cap))  # the last token is never fed back
     backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
     kernel = decode_backend(backend, device)
     if kernel in ("flash", "varlen"):
         S = -(-S // 256) * 256  # their paged kernels want page sizes in multiples of 256
     if compact == "auto":
         compact = kernel == "sdpa"
-
-    cache = KVCache.allocate(model.config, B, S, dtype, device)
-
-    # 1. prefill the P distinct prompts as one packed batch into rows p * n
-    lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
-    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
-    pos = torch.cat([torch.arange(int(L)) for L in lens]).to(device)
-    cu = torch.zeros(P + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lens, 0)
-    first_rows = torch.arange(P, device=device) * n
-    hidden = model.prefill(ids, pos, cu.to(device), int(lens.max()), cache, first_rows)
-    last = hidden[(cu[1:] - 1).long().to(device)]  # [P, H]
-    logits = model.logits(last).repeat_interleave(n, dim=0)  # [B, V], each sample draws its own token
-    if n > 1:  # fan the prefilled prompt out to the group's other samples (a copy, not a recompute)
-        src = first_rows.repeat_interleave(n - 1)
-        dst = (torch.arange(P, device=device)[:, None] * n + torch.arange(1, n, device=device)).reshape(-1)
-        cache.copy_rows(src, dst, int(lens.max()))
+    cache = KVCache.allocate(model.config, slots, S, dtype, device)
 
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.int64, device=device)
     max_cap = max(cap)
     out_tok = torch.zeros(B, max_cap, dtype=torch.int64, device=device)
     out_lp = torch.zeros(B, max_cap, dtype=torch.float32, device=device)
     out_tlp = torch.zeros(B, max_cap, dtype=torch.float32, device=device)
-    resp: list[list[int]] = [[] for _ in range(B)]  # host copies (stop strings need them)
-    reasons = [None] * B
-    n_out = [0] * B
     cap_t = torch.tensor(cap, dtype=torch.int64, device=device)
     plen_t = torch.tensor(plen, dtype=torch.int64, device=device)
+    count_t = torch.zeros(B, dtype=torch.int64, device=device)  # tokens sampled so far, per sample
+    count = [0] * B
+    resp: list[list[int]] = [[] for _ in range(B)]  # host copies (stop strings need them)
+    reasons = [None] * B
 
-    may_complete = stopper.may_complete(logits.shape[-1], device) if stopper.strings else None
-    active = torch.arange(B, device=device)  # sample ids of live sequences
-    active_l = list(range(B))
-    rows = None if compact else active.clone()  # cache rows of live sequences (index mode)
     gen = generator
     if gen is not None and gen.device != device and not greedy:
         # draw the noise where the logits live: a device generator seeded from the given one
         gen = torch.Generator(device=device)
         gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-    step = 0
+    may_complete = None
+    pending = list(range(B))[::-1]  # a stack: the next sample to admit is pending[-1]
+    free = list(range(slots))  # free slots (min-heap); a slot picks the noise row, and the cache row in index mode
+    prompt_hidden: dict = {}
+    live: list[int] = []  # sample ids decoding now; in compact mode live[i] sits in cache row i
+    slot_of: list[int] = []
+    active = torch.zeros(0, dtype=torch.int64, device=device)  # == live, on the device
+    slots_t = torch.zeros(0, dtype=torch.int64, device=device)  # == slot_of, on the device
+    tok = logits = None
     while True:
+        if pending and len(live) < slots:
+            new = [pending.pop() for _ in range(min(len(pending), slots - len(live)))]
+            new_slots = [heapq.heappop(free) for _ in new]
+            rows = list(range(len(live), len(live) + len(new))) if compact else new_slots
+            live_rows = range(len(live)) if compact else slot_of
+            new_logits = _admit(model, cache, prompts, n, new, rows, live, live_rows, prompt_hidden, device)
+            logits = new_logits if logits is None else torch.cat([logits, new_logits])
+            live, slot_of = live + new, slot_of + new_slots
+            active = torch.cat([active, torch.tensor(new, dtype=torch.int64, device=device)])
+            slots_t = torch.cat([slots_t, torch.tensor(new_slots, dtype=torch.int64, device=device)])
+            if may_complete is None and stopper.strings:
+                may_complete = stopper.may_complete(logits.shape[-1], device)
         noise = None
         if not greedy:
-            noise = torch.rand((B, logits.shape[-1]), dtype=torch.float32, device=device, generator=gen)
-            noise = noise[active] if len(active_l) < B else noise
+            noise = torch.rand((slots, logits.shape[-1]), dtype=torch.float32, device=device, generator=gen)
+            noise = noise[slots_t] if len(live) < slots or slot_of != list(range(slots)) else noise
         tok, lp, tlp = _sample(logits, noise, temperature, top_k, top_p, greedy)
+        step = count_t[active]
         out_tok[active, step] = tok
         out_lp[active, step] = lp
         out_tlp[active, step] = tlp
+        count_t[active] = step + 1
         done = step + 1 >= cap_t[active]
         is_stop = torch.isin(tok, stop_ids) if stop_ids.numel() else torch.zeros_like(done)
         check = may_complete[tok] & ~is_stop if may_complete is not None else ~is_stop
         # the one host sync per step
         tok_l, done_l, stop_l, check_l = torch.stack([tok, done | is_stop, is_stop, check]).tolist()
-        for i, b in enumerate(active_l):
+        for i, b in enumerate(live):
             resp[b].append(tok_l[i])
-        str_hit = [False] * len(active_l)
+            count[b] += 1
+        str_hit = [False] * len(live)
         if stopper.strings:
-            check = [i for i in range(len(active_l)) if check_l[i]]
-            hits = stopper.hits([resp[active_l[i]][-stopper.window:] for i in check])
+            check = [i for i in range(len(live)) if check_l[i]]
+            hits = stopper.hits([resp[live[i]][-stopper.window:] for i in check])
             for i, h in zip(check, hits):
                 str_hit[i] = h
         keep = []
-        for i, b in enumerate(active_l):
+        for i, b in enumerate(live):
             if stop_l[i]:
                 reasons[b] = "stop_token"
             elif str_hit[i]:
@@ -522,37 +587,38 @@ def _generate_chunk(model, prompts, prompt_offset, *, n, max_new_tokens, tempera
                 reasons[b] = "length"
             else:
                 keep.append(i)
-                continue
-            n_out[b] = step + 1
-        step += 1
-        if not keep:
-            break
-        if len(keep) < len(active_l):
-            keep_t = torch.tensor(keep, dtype=torch.int64, device=device)
-            active = active[keep_t]
-            tok = tok[keep_t]
+        if len(keep) < len(live):
+            for i in set(range(len(live))) - set(keep):
+                heapq.heappush(free, slot_of[i])
             if compact:
-                cache = cache.select(keep_t)
+                perm, moves = _compact_order(keep, len(live))
+                if moves:  # a row holds k/v up to (not including) its newest token
+                    cache.copy_rows(torch.tensor([s for s, _ in moves], device=device),
+                                    torch.tensor([d for _, d in moves], device=device),
+                                    max(plen[live[s]] + count[live[s]] - 1 for s, _ in moves))
             else:
-                rows = rows[keep_t]
-            active_l = [active_l[i] for i in keep]
-        # the token sampled at step-1 sits at position plen + step - 1
-        positions = plen_t[active] + (step - 1)
-        max_len = max(plen[b] for b in active_l) + step
-        hidden = model.decode_step(tok, positions, cache, rows=rows, max_length=max_len)
+                perm = keep
+            perm_t = torch.tensor(perm, dtype=torch.int64, device=device)
+            active, slots_t, tok = active[perm_t], slots_t[perm_t], tok[perm_t]
+            live, slot_of = [live[i] for i in perm], [slot_of[i] for i in perm]
+        if not live:
+            if not pending:
+                break
+            logits = None
+            continue
+        # the newest token of sample b sits at position plen + count - 1
+        positions = plen_t[active] + count_t[active] - 1
+        max_len = max(plen[b] + count[b] for b in live)
+        view = cache.head(len(live)) if compact else cache
+        hidden = model.decode_step(tok, positions, view, rows=None if compact else slots_t, max_length=max_len)
         logits = model.logits(hidden)
 
     out_tok, out_lp, out_tlp = out_tok.cpu(), out_lp.cpu(), out_tlp.cpu()
-    samples = []
-    for b in range(B):
-        L = n_out[b]
-        samples.append(dict(prompt_index=prompt_offset + b // n, response=out_tok[b, :L], logp=out_lp[b, :L],
-                            tlogp=out_tlp[b, :L], reason=reasons[b]))
-    return samples
+    return [dict(prompt_index=b // n, response=out_tok[b, :count[b]], logp=out_lp[b, :count[b]],
+                 tlogp=out_tlp[b, :count[b]], reason=reasons[b]) for b in range(B)]
 
 
-def _assemble(chunks, prompts, n, pad_id, params) -> RolloutBatch:
-    samples = [s for c in chunks for s in c]
+def _assemble(samples, prompts, n, pad_id, params) -> RolloutBatch:
     S = len(samples)
     Lp = max((len(prompts[s["prompt_index"]]) for s in samples), default=0)
     Lr = max((len(s["response"]) for s in samples), default=0)

@@ -244,6 +244,75 @@ def test_compaction_does_not_change_results(tiny):
     assert g1.response_ids == g2.response_ids and g2.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+def test_compact_order_moves_only_survivors_beyond_the_new_end():
+    from lwz.rollout import _compact_order
+    # rows 0..5 live; 1, 2 and 4 finish: survivors 0, 3, 5 must fill rows 0..2
+    perm, moves = _compact_order([0, 3, 5], 6)
+    assert perm == [0, 3, 5] and moves == [(3, 1), (5, 2)]  # row 1 <- old row 3, row 2 <- old row 5
+    perm, moves = _compact_order([1, 4, 5], 6)
+    assert perm == [4, 1, 5] and moves == [(4, 0), (5, 2)]
+    assert _compact_order([0, 1], 4) == ([0, 1], [])  # survivors already in place: nothing copied
+    assert _compact_order([], 3) == ([], [])
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_continuous_admission_refills_freed_rows(tiny, monkeypatch, compact):
+    """batch_size < number of samples: a finished sequence's row goes to the next waiting sample at
+    once, so every sampling step runs full rows until the queue is empty; the results equal one
+    batch holding everything (greedy), and compacted == indexed rows (sampling)."""
+    import lwz.rollout as ro
+    model, _ = tiny
+    prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3, 6])
+    kw = dict(n=2, max_new_tokens=24, stop_token_ids=list(range(200)))  # greedy stops at varied steps
+    sizes, prefilled = [], []
+    real_sample, real_prefill = ro._sample, Transformer.prefill
+
+    def spy_sample(logits, *a):
+        sizes.append(logits.shape[0])
+        return real_sample(logits, *a)
+
+    def spy_prefill(self, ids, *a):
+        prefilled.append(ids.numel())
+        return real_prefill(self, ids, *a)
+
+    whole = generate(model, prompts, greedy=True, **kw)
+    monkeypatch.setattr(ro, "_sample", spy_sample)
+    monkeypatch.setattr(Transformer, "prefill", spy_prefill)
+    slots = 4
+    part = generate(model, prompts, greedy=True, batch_size=slots, compact=compact, **kw)
+    assert part.response_ids == whole.response_ids
+    assert torch.allclose(part.response_logprobs, whole.response_logprobs, atol=1e-5)
+    lens = part.response_lengths.tolist()
+    assert len(set(lens)) > 2, lens  # sequences really finished at different steps
+    assert max(sizes) == slots and sum(sizes) == sum(lens)
+    # full rows until the queue ran dry, then only the last sequences draining
+    first_short = next((i for i, s in enumerate(sizes) if s < slots), len(sizes))
+    assert all(a >= b for a, b in zip(sizes[first_short:], sizes[first_short + 1:])), sizes
+    assert first_short * slots >= sum(lens) - (slots - 1) * max(lens), (sizes, lens)
+    # static batches of whole groups would take, per batch of `slots` samples, its longest
+    chunked_steps = sum(max(lens[c:c + slots]) for c in range(0, len(lens), slots))
+    assert len(sizes) < chunked_steps, (len(sizes), chunked_steps)
+    # a prompt whose sibling is still decoding is copied from that sibling's rows, not prefilled again
+    assert sum(len(p) for p in prompts) <= sum(prefilled) < sum(len(p) * 2 for p in prompts)
+    one = generate(model, prompts[:3], greedy=True, batch_size=1, compact=compact, **kw)
+    assert one.response_ids == whole.response_ids[:6]
+
+
+def test_continuous_admission_sampling_ignores_cache_layout(tiny):
+    """Sampling with fewer rows than samples: where a sequence sits in the cache (compacted rows or
+    row indices) does not change what it draws; same seed, same samples."""
+    model, _ = tiny
+    prompts = prompts_for(1024, [7, 2, 15, 4, 9])
+    kw = dict(n=3, batch_size=4, stop_token_ids=[0] + list(range(8, 60)))
+    a = sample(model, prompts, 5, compact=True, **kw)
+    b = sample(model, prompts, 5, compact=False, **kw)
+    c = sample(model, prompts, 5, compact=False, **kw)
+    assert len(set(a.response_lengths.tolist())) > 2, a.response_lengths
+    assert a.response_ids == b.response_ids == c.response_ids
+    assert torch.allclose(a.response_logprobs, b.response_logprobs, atol=1e-5)
+    assert a.prompt_index.tolist() == [i for i in range(5) for _ in range(3)]
+
+
 def test_layout_for_packing(tiny):
     model, _ = tiny
     prompts = prompts_for(1024, [3, 8])
@@ -319,14 +388,19 @@ def test_bench_rollout_tiny(tmp_path):
     import json
     from bench import bench_rollout
     out = tmp_path / "r.json"
-    res = bench_rollout.main(["--prompts", "4", "--new-tokens", "8", "--out", str(out)])
+    res = bench_rollout.main(["--prompts", "4", "--new-tokens", "8", "--tail-prompts", "3", "--tail-group", "2",
+                              "--tail-rows", "3", "--tail-max-new", "24", "--tail-mean", "8", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(res))
     for key in ("device", "torch", "transformers", "commit"):
         assert data[key]
-    for r in data["results"]:
-        for k in ("lwz_tokens_per_s", "hf_tokens_per_s", "speedup"):
-            assert math.isfinite(r[k]) and r[k] > 0
+    fixed, tail = data["results"]
+    assert fixed["scenario"] == "fixed-length" and tail["scenario"] == "long-tail"
+    for k in ("lwz_tokens_per_s", "hf_tokens_per_s", "speedup"):
+        assert math.isfinite(fixed[k]) and fixed[k] > 0
+    for k in ("static_tokens_per_s", "continuous_tokens_per_s", "continuous_vs_static"):
+        assert math.isfinite(tail[k]) and tail[k] > 0
+    assert tail["samples"] == 6 and 1 <= tail["continuous_mean_len"] <= tail["continuous_max_len"] <= 24
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------
