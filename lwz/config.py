@@ -78,7 +78,8 @@ class RolloutConfig:
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])  # stop after any of these
     old_logprobs: Literal["recompute", "rollout"] = "recompute"  # pi_old: recomputed by the trainer, or the sampler's
-    batch_size: int = 0  # KV-cache rows = most sequences decoded at once (waiting ones take finished rows); 0 = all of the step's sequences
+    batch_size: int = 0  # KV-cache rows = most sequences decoded at once (waiting ones take finished rows); 0 = auto: all on CPU, what fits on CUDA
+    cache_mem_fraction: float = 0.9  # batch_size = 0 on CUDA: share of the free memory (weights gathered) given to the KV cache
 
 
 @dataclass
@@ -565,6 +566,9 @@ def validate(cfg: Config) -> Config:
         if not s:
             raise _fail(f"rollout.stop_strings[{i}]", s, "a non-empty string")
     ge("rollout.batch_size", r.batch_size, 0)
+    finite("rollout.cache_mem_fraction", r.cache_mem_fraction)
+    if not (0.0 < r.cache_mem_fraction <= 1.0):
+        raise _fail("rollout.cache_mem_fraction", r.cache_mem_fraction, "in (0, 1]")
 
     g = cfg.grpo
     finite("grpo.clip_low", g.clip_low)

@@ -52,7 +52,8 @@ a 1.5B model in bf16) on every rank, plus the KV cache 2 * layers * R * S * Hkv 
 (Qwen2.5-1.5B, bf16: 28 KiB per token, so 64 sequences x 15k tokens = 27 GB).
 
 The cache is static: every row is sized for the longest sample's budget (prompt + max_new_tokens)
-up front; batch_size bounds it (KVCache.nbytes_for(cfg, R, S, dtype) gives the size). A page pool
+up front; batch_size bounds it (KVCache.nbytes_for(cfg, R, S, dtype) gives the size), and on CUDA
+batch_size = 0 sizes R to the free memory (cache_rows). A page pool
 filled on demand (the varlen kernel already reads the cache through a block table) would let the
 number of rows follow the real lengths instead; not done yet.
 """
@@ -107,6 +108,7 @@ class RolloutBatch:
     top_k: int = 0
     greedy: bool = False
     pad_id: int = 0
+    cache_rows: int = 0  # KV-cache rows the engine decoded through (sequences at once)
 
     def __len__(self) -> int:
         return int(self.prompt_index.numel())
@@ -395,8 +397,8 @@ def _model_device_dtype(model):
 def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, greedy: bool = False, stop_token_ids=(),
              stop_strings=(), tokenizer=None, generator: torch.Generator | None = None,
-             max_context: int | None = None, batch_size: int = 0, compact: str | bool = "auto",
-             pad_id: int | None = None) -> RolloutBatch:
+             max_context: int | None = None, batch_size: int = 0, cache_mem_fraction: float = 0.9,
+             compact: str | bool = "auto", pad_id: int | None = None) -> RolloutBatch:
     """Sample `n` responses for each prompt (lists of token ids) with a KV cache.
 
     temperature 0 means greedy. top_k = 0 and top_p = 1 disable truncation. stop_token_ids end a
@@ -404,7 +406,9 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
     tokenizers.Tokenizer) end it after the token completing the string. max_context (default
     the model's max_position_embeddings) bounds prompt + response; a prompt that leaves no room
     for one new token raises ValueError. batch_size > 0 decodes at most that many sequences at a
-    time (cache rows), admitting waiting samples into rows as others finish. compact: True = copy the survivors' cache rows
+    time (cache rows), admitting waiting samples into rows as others finish; batch_size = 0 means
+    all of them on the CPU and, on CUDA, as many as fit in `cache_mem_fraction` of the free memory
+    (see cache_rows; the result's `cache_rows` says how many). compact: True = copy the survivors' cache rows
     when sequences finish, False = keep the cache and pass the survivors' row indices to attention,
     "auto" = copy on the SDPA path, indices on CUDA kernels. Returns a RolloutBatch (CPU tensors).
     """
@@ -418,6 +422,8 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"generate: top_k must be >= 0, got {top_k}")
+    if not 0.0 < cache_mem_fraction <= 1.0:
+        raise ValueError(f"generate: cache_mem_fraction must be in (0, 1], got {cache_mem_fraction}")
     greedy = greedy or temperature == 0
     cfg = model.config
     max_context = int(max_context or cfg.max_position_embeddings)
@@ -434,9 +440,60 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
                   top_k=int(top_k), greedy=greedy, stop_token_ids=tuple(int(t) for t in stop_token_ids),
                   stopper=stopper, generator=generator, max_context=max_context, compact=compact)
     num = len(prompts) * n
-    slots = min(batch_size, num) if batch_size > 0 else num
-    samples = _decode_all(model, prompts, slots, **params) if num else []
-    return _assemble(samples, prompts, n, pad_id, params)
+    samples, rows = [], 0
+    if num:
+        device, dtype = _model_device_dtype(model)
+        S = _cache_len(model, [len(p) for p in prompts], max_new_tokens, max_context)
+        rows = cache_rows(model.config, S, dtype, num, batch_size, _free_bytes(device), cache_mem_fraction)
+        samples = _decode_all(model, prompts, rows, S, **params)
+    out = _assemble(samples, prompts, n, pad_id, params)
+    out.cache_rows = rows
+    return out
+
+
+def _free_bytes(device) -> int | None:
+    """Free memory of a CUDA device in bytes (None elsewhere: the CPU cache is not budgeted)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def cache_rows(cfg, S: int, dtype, num: int, batch_size: int, free_bytes: int | None,
+               mem_fraction: float) -> int:
+    """KV-cache rows for `num` samples with S cache slots each.
+
+    batch_size > 0: that many (at most num); it must fit in the free memory when that is known.
+    batch_size = 0: all num on the CPU (free_bytes None); on CUDA as many as fit in
+    mem_fraction of the free memory (measured with the full parameters already gathered; the
+    rest is left to prefill/decode activations and the logits). Raises ValueError, naming the
+    setting, when not even the requested rows (or one row) fit."""
+    row = KVCache.nbytes_for(cfg, 1, S, dtype)
+    gib = 2 ** 30
+    if batch_size > 0:
+        rows = min(batch_size, num)
+        if free_bytes is not None and rows * row > free_bytes:
+            raise ValueError(f"rollout.batch_size={batch_size}: {rows} KV-cache rows of {S} tokens need "
+                             f"{rows * row / gib:.1f} GiB, {free_bytes / gib:.1f} GiB free on the device; "
+                             f"lower it (0 sizes it to the free memory)")
+        return rows
+    if free_bytes is None:
+        return num
+    rows = min(num, int(free_bytes * mem_fraction) // row)
+    if rows < 1:
+        raise ValueError(f"rollout.batch_size=0 (auto): one KV-cache row of {S} tokens needs {row / gib:.2f} GiB, "
+                         f"but rollout.cache_mem_fraction={mem_fraction} of the {free_bytes / gib:.1f} GiB free "
+                         f"is less; shorten rollout.max_new_tokens or free memory")
+    return rows
+
+
+def _cache_len(model, prompt_lens, max_new_tokens, max_context) -> int:
+    """Cache slots per row: the longest prompt + its token budget - 1 (the last token is never
+    fed back), rounded up to 256 for the paged CUDA kernels that want such page sizes."""
+    S = max(max(lp + min(max_new_tokens, max_context - lp) - 1, lp) for lp in prompt_lens)
+    backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
+    if decode_backend(backend, _model_device_dtype(model)[0]) in ("flash", "varlen"):
+        S = -(-S // 256) * 256
+    return S
 
 
 def _compact_order(keep: list[int], old: int) -> tuple[list[int], list[tuple[int, int]]]:
@@ -495,7 +552,7 @@ def _admit(model, cache, prompts, n, new, new_rows, live, live_rows, prompt_hidd
     return logits[torch.tensor([where[b // n] for b in new], device=device)]
 
 
-def _decode_all(model, prompts, slots, *, n, max_new_tokens, temperature, top_p, top_k, greedy,
+def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top_p, top_k, greedy,
                 stop_token_ids, stopper, generator, max_context, compact):
     """Generate all len(prompts) * n samples through `slots` cache rows with continuous admission:
     whenever sequences finish, waiting samples are admitted into the freed rows at once (their
@@ -505,13 +562,9 @@ def _decode_all(model, prompts, slots, *, n, max_new_tokens, temperature, top_p,
     B = len(prompts) * n
     plen = [len(prompts[b // n]) for b in range(B)]
     cap = [min(max_new_tokens, max_context - lp) for lp in plen]  # new-token budget per sample
-    S = max(max(lp + c - 1, lp) for lp, c in zip(plen, cap))  # the last token is never fed back
-    backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
-    kernel = decode_backend(backend, device)
-    if kernel in ("flash", "varlen"):
-        S = -(-S // 256) * 256  # their paged kernels want page sizes in multiples of 256
     if compact == "auto":
-        compact = kernel == "sdpa"
+        backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
+        compact = decode_backend(backend, device) == "sdpa"
     cache = KVCache.allocate(model.config, slots, S, dtype, device)
 
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.int64, device=device)

@@ -301,7 +301,8 @@ def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id, keep_logp:
 
 
 def rollout(policy, tok, records, cfg, d, step):
-    """Generate this rank's share of the step's prompts. Returns per-sample dicts (CPU)."""
+    """Generate this rank's share of the step's prompts. Returns (per-sample dicts (CPU), the KV-cache
+    rows the engine decoded through)."""
     r = cfg.rollout
     texts = [build_prompt(rec.prompt, think=cfg.data.think, template_en=cfg.data.template_en,
                           template_zh=cfg.data.template_zh) for rec in records]
@@ -316,7 +317,7 @@ def rollout(policy, tok, records, cfg, d, step):
         batch = generate(policy, prompt_ids, n=r.group_size, max_new_tokens=r.max_new_tokens,
                          temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                          stop_token_ids=[tok.eos_token_id], stop_strings=list(r.stop_strings), tokenizer=tok,
-                         generator=gen, batch_size=r.batch_size)
+                         generator=gen, batch_size=r.batch_size, cache_mem_fraction=r.cache_mem_fraction)
     policy.train()
     out = []
     for j, (pi, resp_ids, logp) in enumerate(zip(batch.prompt_index.tolist(), batch.response_ids, batch.logprobs)):
@@ -326,7 +327,7 @@ def rollout(policy, tok, records, cfg, d, step):
                         response_ids=resp_ids, response=resp, logp=torch.tensor(logp, dtype=torch.float32),
                         truncated=bool(batch.truncated[j]), stopped=batch.finish_reasons[j] == "stop_string",
                         length_range=rec.length_range))
-    return out
+    return out, batch.cache_rows
 
 
 def score(samples, reward_fns, weights, cfg):
@@ -404,7 +405,7 @@ def _run(cfg, d) -> int:
         t0 = time.time()
         step_records = cursor.next(records, cfg.rollout.prompts_per_step)
         mine = step_records[d.rank::d.world]
-        local = rollout(policy, tok, mine, cfg, d, step)
+        local, cache_rows = rollout(policy, tok, mine, cfg, d, step)
         t_roll = time.time()
         R, adv, answers = score(local, reward_fns, weights, cfg)
         t_rew = time.time()
@@ -446,6 +447,7 @@ def _run(cfg, d) -> int:
         row.update(logprob_mismatch_stats(samples, "old_logp" if cfg.rollout.old_logprobs == "recompute"
                                           else "trainer_logp"))
         row["skipped_total"] = skipped_total
+        row["rollout_cache_rows"] = cache_rows  # rank 0's (batch_size = 0 sizes it to the free memory)
         row["lr"] = scheduler.get_last_lr()[0]
         trained = sum(s.tokens.numel() for s in samples)
         # forward+backward per PPO epoch, plus one forward (1/3 of fwd+bwd) per recomputation

@@ -313,6 +313,35 @@ def test_continuous_admission_sampling_ignores_cache_layout(tiny):
     assert a.prompt_index.tolist() == [i for i in range(5) for _ in range(3)]
 
 
+def test_cache_rows_follow_batch_size_and_free_memory(tiny, monkeypatch):
+    import lwz.rollout as ro
+    from lwz.model import KVCache
+    model, _ = tiny
+    cfg = model.config
+    row = KVCache.nbytes_for(cfg, 1, 100, torch.float32)
+    assert ro.cache_rows(cfg, 100, torch.float32, 12, 0, None, 0.9) == 12  # CPU: all
+    assert ro.cache_rows(cfg, 100, torch.float32, 12, 5, None, 0.9) == 5
+    assert ro.cache_rows(cfg, 100, torch.float32, 3, 5, None, 0.9) == 3
+    # auto on a device: rows that fit in the fraction of the free memory, at most all samples
+    assert ro.cache_rows(cfg, 100, torch.float32, 12, 0, 10 * row, 0.5) == 5
+    assert ro.cache_rows(cfg, 100, torch.float32, 12, 0, 100 * row, 0.9) == 12
+    with pytest.raises(ValueError, match=r"rollout.batch_size=0 \(auto\): one KV-cache row of 100 tokens"):
+        ro.cache_rows(cfg, 100, torch.float32, 12, 0, row, 0.5)
+    with pytest.raises(ValueError, match=r"rollout.batch_size=8: 8 KV-cache rows of 100 tokens need"):
+        ro.cache_rows(cfg, 100, torch.float32, 12, 8, 7 * row, 0.9)
+    # generate with a budgeted device: batch_size 0 decodes through the rows that fit, same results
+    prompts = prompts_for(1024, [7, 2, 15])
+    kw = dict(n=2, max_new_tokens=12, greedy=True, stop_token_ids=list(range(200)))
+    whole = generate(model, prompts, **kw)
+    assert whole.cache_rows == 6
+    S = 15 + 12 - 1
+    monkeypatch.setattr(ro, "_free_bytes", lambda device: 4 * KVCache.nbytes_for(cfg, 1, S, torch.float32))
+    budget = generate(model, prompts, cache_mem_fraction=0.8, **kw)
+    assert budget.cache_rows == 3 and budget.response_ids == whole.response_ids
+    with pytest.raises(ValueError, match="cache_mem_fraction"):
+        generate(model, prompts, cache_mem_fraction=0.0, **kw)
+
+
 def test_layout_for_packing(tiny):
     model, _ = tiny
     prompts = prompts_for(1024, [3, 8])

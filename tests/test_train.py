@@ -106,9 +106,11 @@ def test_two_process_run_and_exact_resume(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:
         for k in ("reward_total", "reward_length", "reward_format", "grad_norm", "entropy", "clip_frac_low",
-                  "response_tokens_mean", "truncation_rate", "time_rollout", "tokens_per_s", "padding_waste"):
+                  "response_tokens_mean", "truncation_rate", "time_rollout", "tokens_per_s", "padding_waste",
+                  "rollout_cache_rows"):
             assert k in r and r[k] == r[k] and abs(r[k]) != float("inf"), (k, r)
         assert r["logp_mismatch_mean"] < 1e-3, r  # recomputed old log-probs vs the sampler's
+        assert r["rollout_cache_rows"] == 2 * 8  # CPU, batch_size 0: all of the rank's 2 prompts x 8 answers
     # the HF export loads in transformers
     import transformers
     transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "full" / "hf"))
