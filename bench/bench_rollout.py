@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
     row = dict(scenario="fixed-length", model=name, dtype=str(dtype).replace("torch.", ""), prompts=args.prompts,
                new_tokens=args.new_tokens, repeats=args.repeats, threads=torch.get_num_threads(), mean_prompt_len=sum(lens) / len(lens))
     from lwz.attention import decode_backend
-    row["decode_attn"] = decode_backend(model.layers[0].self_attn.backend, device)
+    row["decode_attn"] = decode_backend(model.layers[0].self_attn.backend, device, dtype)
     tokens = args.prompts * args.new_tokens
     run_lwz(model, warm, min(8, args.new_tokens), device)
     row["lwz_s"] = min(run_lwz(model, prompts, args.new_tokens, device, seed=r) for r in range(args.repeats))

@@ -175,8 +175,9 @@ if HAS_TRITON:
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = rows < N
-        n64 = N.to(tl.int64)
-        stride_k = n_splits.to(tl.int64) * N
+        # tl.cast, not .to: the JIT turns an int argument equal to 1 into a constant, which has no .to
+        n64 = tl.cast(N, tl.int64)
+        stride_k = tl.cast(n_splits, tl.int64) * N
         mx = tl.full([BLOCK], float("-inf"), tl.float32)
         for k in range(0, n_splits):
             mk = tl.load(part_ptr + k * n64 + rows, mask=mask, other=0.0)
@@ -304,7 +305,19 @@ def _aot_specs(dtype="bf16"):
     ]
 
 
+def _merge_spec_ones():
+    """The merge kernel as the JIT compiles it for one token and one vocabulary split: an int
+    argument equal to 1 becomes a constant there, so `.to()` on it does not compile."""
+    spec = dict(next(s for s in _aot_specs("bf16") if s["name"] == "logprob_merge"))
+    spec["name"] = "logprob_merge_n1"
+    spec["signature"] = {**spec["signature"], "N": "constexpr", "n_splits": "constexpr"}
+    spec["constexprs"] = {**spec["constexprs"], "N": 1, "n_splits": 1}
+    return spec
+
+
 AOT_SPECS = _aot_specs("bf16") + [s for s in _aot_specs("fp32") if s["name"] != "logprob_merge"]
+if AOT_SPECS:
+    AOT_SPECS.append(_merge_spec_ones())
 
 
 # ---- checks ---------------------------------------------------------------------------------------

@@ -41,17 +41,24 @@ except Exception:
 _logged: set[str] = set()
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """Map a config value ("auto" | "flash" | "varlen" | "sdpa") to the backend that will run."""
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Map a config value ("auto" | "flash" | "varlen" | "sdpa") to the backend that will run for
+    tensors on `device` of `dtype` (None: not known, assumed fp16/bf16). The flash kernels (both
+    flash-attn's and the one behind torch's varlen_attn) take fp16/bf16 only, so "auto" picks SDPA
+    for an fp32 model on CUDA."""
     if requested not in BACKENDS:
         raise ValueError(f"model.attn_backend: got {requested!r}, expected one of {BACKENDS}")
     cuda = device.type == "cuda"
+    half = dtype is None or dtype in (torch.float16, torch.bfloat16)
     if requested == "auto":
-        if cuda and _flash_varlen is not None:
+        if cuda and half and _flash_varlen is not None:
             return "flash"
-        if cuda and _torch_varlen is not None:
+        if cuda and half and _torch_varlen is not None:
             return "varlen"
         return "sdpa"
+    if requested in ("flash", "varlen") and not half:
+        raise ValueError(f"model.attn_backend={requested!r} needs fp16/bf16 tensors, got {dtype}; "
+                         f"use 'auto' or 'sdpa' for this dtype")
     if requested == "flash" and (_flash_varlen is None or not cuda):
         raise ValueError("model.attn_backend='flash' needs flash-attn installed and CUDA tensors")
     if requested == "varlen" and (_torch_varlen is None or not cuda):
@@ -67,7 +74,7 @@ def _log_once(backend: str) -> None:
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float, backend: str = "auto"):
     """Causal attention inside each packed sequence. q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]."""
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, q.dtype)
     _log_once(backend)
     if backend == "flash":
         return _flash_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
@@ -129,7 +136,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, max_leng
       sdpa   -- masked SDPA (any device, the CPU path; gathers rows when `rows` is given)
     flash and varlen cannot run on the CPU CI; triton is tested there under the interpreter.
     """
-    backend = decode_backend(backend, q.device)
+    backend = decode_backend(backend, q.device, q.dtype)
     if backend == "triton":
         from kernels.decode_attention import decode_attention_triton
         return decode_attention_triton(q, k_cache, v_cache, lengths, scale, rows=rows, max_length=max_length)
@@ -147,7 +154,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, max_leng
 DECODE_KERNELS = ("flash", "varlen", "triton", "sdpa")
 
 
-def decode_backend(requested: str, device: torch.device) -> str:
+def decode_backend(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The kernel decode_attention will use for the model's attention backend `requested` on
     `device`. On CUDA: "flash" (flash-attn's flash_attn_with_kvcache) when installed, else "varlen"
     (torch varlen_attn with block_table/seqused_k/enable_gqa, a torch that has them), else
@@ -159,7 +166,7 @@ def decode_backend(requested: str, device: torch.device) -> str:
         if forced not in DECODE_KERNELS:
             raise ValueError(f"LWZ_DECODE_KERNEL: got {forced!r}, expected one of {DECODE_KERNELS}")
         return forced
-    backend = resolve_backend(requested, device)
+    backend = resolve_backend(requested, device, dtype)
     if backend == "flash" and _flash_kvcache is not None:
         return "flash"
     if backend in ("flash", "varlen") and {"block_table", "seqused_k", "enable_gqa"} <= _VARLEN_PARAMS:

@@ -491,7 +491,7 @@ def _cache_len(model, prompt_lens, max_new_tokens, max_context) -> int:
     fed back), rounded up to 256 for the paged CUDA kernels that want such page sizes."""
     S = max(max(lp + min(max_new_tokens, max_context - lp) - 1, lp) for lp in prompt_lens)
     backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
-    if decode_backend(backend, _model_device_dtype(model)[0]) in ("flash", "varlen"):
+    if decode_backend(backend, *_model_device_dtype(model)) in ("flash", "varlen"):
         S = -(-S // 256) * 256
     return S
 
@@ -564,7 +564,7 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
     cap = [min(max_new_tokens, max_context - lp) for lp in plen]  # new-token budget per sample
     if compact == "auto":
         backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
-        compact = decode_backend(backend, device) == "sdpa"
+        compact = decode_backend(backend, device, dtype) == "sdpa"
     cache = KVCache.allocate(model.config, slots, S, dtype, device)
 
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.int64, device=device)
@@ -580,10 +580,11 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
     reasons = [None] * B
 
     gen = generator
-    if gen is not None and gen.device != device and not greedy:
+    same = gen is not None and gen.device.type == device.type and gen.device.index in (None, device.index)
+    if gen is not None and not same and not greedy:
         # draw the noise where the logits live: a device generator seeded from the given one
         gen = torch.Generator(device=device)
-        gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
     may_complete = None
     pending = list(range(B))[::-1]  # a stack: the next sample to admit is pending[-1]
     free = list(range(slots))  # free slots (min-heap); a slot picks the noise row, and the cache row in index mode

@@ -37,7 +37,7 @@ def test_logprob_kernels_compile_without_spills(rows):
 
     by_name = {r["name"]: r for r in rows}
     for name in ("logprob_fwd", "logprob_bwd_dlogits", "logprob_merge", "logprob_fwd_fp32",
-                 "logprob_bwd_dlogits_fp32"):
+                 "logprob_bwd_dlogits_fp32", "logprob_merge_n1"):
         r = by_name[name]
         assert r["error"] is None, r
         assert 0 < r["reg"] <= 255, r

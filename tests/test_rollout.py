@@ -376,10 +376,12 @@ def _fsdp_worker(rank, world, store, folder, prompts, expected):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
+        from torch.distributed.device_mesh import init_device_mesh
         model = Transformer.from_pretrained(folder)
+        mesh = init_device_mesh("cpu", (world,))  # a CPU test even where CUDA exists (FSDP2 defaults to it)
         for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         with pytest.raises(ValueError, match="full_params_for_generation"):
             generate(model, prompts, max_new_tokens=6, greedy=True)
         with full_params_for_generation(model):
@@ -417,12 +419,16 @@ def test_bench_rollout_tiny(tmp_path):
     import json
     from bench import bench_rollout
     out = tmp_path / "r.json"
-    res = bench_rollout.main(["--prompts", "4", "--new-tokens", "8", "--tail-prompts", "3", "--tail-group", "2",
+    # the tiny CPU case even on a GPU machine (its CUDA default is the 1.5B shape)
+    res = bench_rollout.main(["--model", "tiny", "--device", "cpu", "--prompts", "4", "--new-tokens", "8",
+                              "--tail-prompts", "3", "--tail-group", "2",
                               "--tail-rows", "3", "--tail-max-new", "24", "--tail-mean", "8", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(res))
-    for key in ("device", "torch", "transformers", "commit"):
+    for key in ("device", "torch", "transformers"):
         assert data[key]
+    if os.path.isdir(os.path.join(ROOT, ".git")):  # a checkout without .git (the device copy) has none
+        assert data["commit"]
     fixed, tail = data["results"]
     assert fixed["scenario"] == "fixed-length" and tail["scenario"] == "long-tail"
     for k in ("lwz_tokens_per_s", "hf_tokens_per_s", "speedup"):
@@ -433,6 +439,22 @@ def test_bench_rollout_tiny(tmp_path):
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------
+
+def test_attention_backend_follows_device_and_dtype():
+    """The flash kernels take fp16/bf16 only: auto gives SDPA for an fp32 model on CUDA, and an
+    explicit flash/varlen request with fp32 is one clear error (no CUDA needed to decide)."""
+    import lwz.attention as attn
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert attn.resolve_backend("auto", cpu, torch.bfloat16) == "sdpa"
+    assert attn.resolve_backend("auto", cuda, torch.float32) == "sdpa"
+    assert attn.decode_backend("auto", cuda, torch.float32) == "sdpa"
+    if attn._torch_varlen is not None or attn._flash_varlen is not None:
+        assert attn.resolve_backend("auto", cuda, torch.bfloat16) in ("flash", "varlen")
+        assert attn.decode_backend("auto", cuda, torch.float16) in ("flash", "varlen", "triton")
+    if attn._torch_varlen is not None:
+        with pytest.raises(ValueError, match=r"model.attn_backend='varlen' needs fp16/bf16 tensors"):
+            attn.resolve_backend("varlen", cuda, torch.float32)
+
 
 def test_decode_attention_sdpa_matches_reference():
     from lwz.attention import decode_attention, decode_backend
@@ -475,12 +497,16 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-@pytest.mark.parametrize("backend", ["flash", "varlen"])
-def test_cuda_decode_attention_matches_sdpa(backend):
-    from lwz.attention import decode_attention, decode_backend
+@pytest.mark.parametrize("kernel", ["flash", "varlen", "triton"])
+def test_cuda_decode_attention_matches_sdpa(kernel, monkeypatch):
+    import lwz.attention as attn
+    from lwz.attention import decode_attention
     dev = torch.device("cuda")
-    if decode_backend(backend, dev) != backend:
-        pytest.skip(f"{backend} decode kernel not available")
+    if kernel == "flash" and attn._flash_kvcache is None:
+        pytest.skip("flash-attn is not installed")
+    if kernel == "varlen" and not {"block_table", "seqused_k", "enable_gqa"} <= attn._VARLEN_PARAMS:
+        pytest.skip("this torch's varlen_attn has no block_table / seqused_k")
+    monkeypatch.setenv("LWZ_DECODE_KERNEL", kernel)
     g = torch.Generator(device=dev).manual_seed(0)
     R, S, Hq, Hkv, D = 6, 512, 12, 2, 128
     kc = torch.randn(R, S, Hkv, D, generator=g, device=dev, dtype=torch.bfloat16)
@@ -488,8 +514,10 @@ def test_cuda_decode_attention_matches_sdpa(backend):
     q = torch.randn(4, Hq, D, generator=g, device=dev, dtype=torch.bfloat16)
     rows = torch.tensor([5, 0, 2, 3], device=dev)
     lengths = torch.tensor([300, 1, 512, 77], device=dev)
-    ref = decode_attention(q.float(), kc.float(), vc.float(), lengths, D ** -0.5, rows=rows, backend="sdpa")
-    out = decode_attention(q, kc, vc, lengths, D ** -0.5, rows=rows, backend=backend)
+    monkeypatch.setenv("LWZ_DECODE_KERNEL", "sdpa")
+    ref = decode_attention(q.float(), kc.float(), vc.float(), lengths, D ** -0.5, rows=rows)
+    monkeypatch.setenv("LWZ_DECODE_KERNEL", kernel)
+    out = decode_attention(q, kc, vc, lengths, D ** -0.5, rows=rows)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
