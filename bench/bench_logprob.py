@@ -65,14 +65,15 @@ def _inputs(T, H, V, dtype, device, seed=0):
     return x, w, t, gl, ge
 
 
-def _make_impls(temp, on_cuda):
+def _make_impls(temp, on_cuda, compile_torch=True):
     def fused(impl):
         return lambda x, w, t: fused_logprobs(x, w, t, temp, return_entropy=True, impl=impl)
 
     impls = {}
     if on_cuda:
         impls["triton"] = fused("triton")
-        impls["torch_chunked_compiled"] = torch.compile(fused("torch"), dynamic=False)
+        if compile_torch:  # dynamo unrolls the chunk loop: minutes of compiling at 32k tokens
+            impls["torch_chunked_compiled"] = torch.compile(fused("torch"), dynamic=False)
     else:
         impls["torch_chunked"] = fused("torch")
     impls["torch_eager"] = lambda x, w, t: logprobs_reference(x, w, t, temp, compute_dtype=x.dtype)
@@ -138,14 +139,14 @@ def _eager_bytes(T, V):
     return 24 * T * V
 
 
-def run_cuda(sizes, quick):
+def run_cuda(sizes, quick, compile_torch=True):
     from triton.testing import do_bench
 
     dev = torch.device("cuda")
     H, V, temp, dtype = 5120, 152064, 0.8, torch.bfloat16
     rep = 20 if quick else 100
     mm_tflops = 2 * 8192 ** 3 / matmul_seconds(8192) / 1e12  # the bf16 GEMM ceiling, this run
-    impls = _make_impls(temp, on_cuda=True)
+    impls = _make_impls(temp, on_cuda=True, compile_torch=compile_torch)
     rows = []
     for T in sizes:
         x, w, t, gl, ge = _inputs(T, H, V, dtype, dev, seed=T)
@@ -167,8 +168,8 @@ def run_cuda(sizes, quick):
                     lp, _ = fn(x, w, t)
                 row["max_abs_err_logp"] = (lp.float() - ref_lp).abs().max().item()
                 row["err_vs"] = "chunked torch (bf16 GEMM, fp32 softmax)"
-                fwd_ms = do_bench(fwd, rep=rep)
-                fb_ms = do_bench(fb, rep=rep)
+                fwd_ms = do_bench(fwd, rep=rep, return_mode="median")
+                fb_ms = do_bench(fb, rep=rep, return_mode="median")
                 torch.cuda.synchronize()
                 xr.grad = wr.grad = None
                 base = torch.cuda.memory_allocated()
@@ -220,6 +221,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="fused log-prob benchmark")
     ap.add_argument("--sizes", default="4096,8192,16384,32768", help="token counts T (CUDA)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes / repetitions")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the chunked torch path (CUDA)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/logprob-<dev>.json)")
     a = ap.parse_args(argv)
     tv, trv = _versions()
@@ -229,7 +231,7 @@ def main(argv=None):
         if a.quick:
             sizes = sizes[:2]
         device = torch.cuda.get_device_name()
-        rows = run_cuda(sizes, a.quick)
+        rows = run_cuda(sizes, a.quick, compile_torch=not a.no_compile)
     else:
         device = "cpu"
         rows = run_cpu(a.quick)

@@ -57,10 +57,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype) -> Transfor
         cfg = ModelConfig(**QWEN25_1_5B)
     else:
         raise ValueError(f"--model: expected tiny | qwen2.5-1.5b | auto, got {name!r}")
-    with torch.device(device):  # random init directly on the device (1.5B params on CPU are slow)
-        model = Transformer(cfg)
-    model.init_weights(0)
-    return model.to(dtype=dtype).eval()
+    return Transformer.from_config(cfg, dtype=dtype, device=device, seed=0).eval()
 
 
 def _sync(device):

@@ -32,6 +32,10 @@ RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 # ---------------------------------------------------------------------------- environment
 
 def git_commit() -> str | None:
+    """The checkout's commit (+ "-dirty"), or $LWZ_COMMIT where there is no .git (a copied tree,
+    e.g. the GPU machine's: device_check is started with LWZ_COMMIT=<commit>)."""
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        return os.environ.get("LWZ_COMMIT") or None
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10)

@@ -4,24 +4,25 @@
 #   bash bench/device_check.sh            # run every step
 #   bash bench/device_check.sh --dry-run  # print every step (command + time limit); runs anywhere
 #
-# Steps: environment, extension build, the two ceilings (bf16 8192^3 matmul, device-to-device copy),
-# the CUDA tests (CUDA vs CPU twins, Triton kernels in bf16 vs references), the microbenchmarks
-# (log-prob, GRPO loss, packing, rollout, decode attention) at their CUDA default sizes, and
-# profile_step at 14336 tokens for the Qwen2.5-1.5B shape. Every step runs under `timeout`; a failure is recorded, never
-# fatal. Outputs: bench/results/<date>-<gpu>.json and .md (every JSON written during the run merged),
+# Steps, cheapest first so a short run still reports the most: environment, extension build, the
+# two ceilings (bf16 8192^3 matmul, device-to-device copy), the CUDA tests (CUDA vs CPU twins,
+# Triton kernels in bf16 vs references), the packing, decode-attention and rollout benchmarks,
+# profile_step at 14336 tokens for the Qwen2.5-1.5B shape, then the log-prob and GRPO-loss kernel
+# benchmarks. Every step runs under `timeout`; a failure is recorded, never fatal. Outputs: bench/results/<date>-<gpu>.json and .md (every JSON written during the run merged),
 # per-step logs in bench/results/logs-<date>-<gpu>/, and as the last lines a table: step, status,
 # seconds, key number.
 #
 # Environment: PYTHON (default .venv/bin/python if present, else python3), BUDGET_S (default 470,
 # the whole run), MAX_JOBS (extension build jobs, default: all cores), SKIP (comma-separated step
-# names to skip, e.g. SKIP=build,tests_cuda), RESULTS (output folder, default bench/results).
+# names to skip, e.g. SKIP=build,tests_cuda), RESULTS (output folder, default bench/results),
+# LWZ_COMMIT (the commit the results are recorded under where the tree has no .git, as on a copy).
 set -uo pipefail
 
 DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|-n) DRY=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -140,7 +141,26 @@ step ext_import 60 - "$PYTHON" -c "import lwz.packing as p; print('lwz.packing b
 # 3. ceilings
 step ceilings 90 "$RES/ceilings-$GPU_TAG.json" "$PYTHON" -m bench.common ceilings --json "$RES/ceilings-$GPU_TAG.json"
 
-# 4. the long-sequence step profile: Qwen2.5-1.5B shape at 14336 tokens, long-tail mix (the padded
+# 4. CUDA tests (CUDA vs CPU twins, Triton kernels compiled for real vs the references); only the
+#    tests with "cuda" in their names or files: the CPU tests run in CI.
+#    LWZ_TEST_INTERPRET=0: compiled kernels (test_kernels_cuda.py), not the interpreter
+TESTS=()
+for t in tests/test_kernels_cuda.py tests/test_packing.py tests/test_rollout.py; do
+  [[ -f "$t" ]] && TESTS+=("$t")
+done
+if (( ${#TESTS[@]} )); then
+  step tests_cuda 150 - env LWZ_TEST_INTERPRET=0 TRITON_INTERPRET=0 \
+    "$PYTHON" -m pytest -q --no-header -p no:cacheprovider -k cuda "${TESTS[@]}"
+else
+  skip tests_cuda "no test files"
+fi
+
+# 5. microbenchmarks at their CUDA default sizes, the quick ones first
+bench_step bench_pack bench.bench_pack 45
+bench_step bench_decode_attn bench.bench_decode_attention 30
+bench_step bench_rollout bench.bench_rollout 90
+
+# 6. the long-sequence step profile: Qwen2.5-1.5B shape at 14336 tokens, long-tail mix (the padded
 #    baseline may run out of memory: that is recorded as its result), then one fixed 14336 sequence
 #    (padded = packed tokens: isolates the fused log-prob saving)
 step profile_step 150 "$RES/profile_step-$GPU_TAG.json" "$PYTHON" -m bench.profile_step --preset qwen2.5-1.5b \
@@ -150,27 +170,12 @@ step profile_fixed 90 "$RES/profile_step-fixed-$GPU_TAG.json" "$PYTHON" -m bench
   --preset qwen2.5-1.5b --seq-lens 14336 --lengths-mix fixed --tokens-per-step 14336 --warmup 1 --iters 2 \
   --out "$RES/profile_step-fixed-$GPU_TAG.json"
 
-# 5. CUDA tests (CUDA vs CPU twins, Triton kernels compiled for real vs the references)
-#    LWZ_TEST_INTERPRET=0: compiled kernels (test_kernels_cuda.py), not the interpreter
-TESTS=()
-for t in tests/test_kernels_cuda.py tests/test_packing.py tests/test_rollout.py; do
-  [[ -f "$t" ]] && TESTS+=("$t")
-done
-if (( ${#TESTS[@]} )); then
-  step tests_cuda 150 - env LWZ_TEST_INTERPRET=0 TRITON_INTERPRET=0 \
-    "$PYTHON" -m pytest -q --no-header -p no:cacheprovider "${TESTS[@]}"
-else
-  skip tests_cuda "no test files"
-fi
+# 7. the Triton kernel benchmarks vs eager torch (torch.compile of the references is left out: it
+#    alone takes minutes at these sizes)
+bench_step bench_logprob bench.bench_logprob 60 --quick --no-compile
+bench_step bench_grpo_loss bench.bench_grpo_loss 45 --no-compile
 
-# 6. microbenchmarks at their CUDA default sizes
-bench_step bench_logprob bench.bench_logprob 60
-bench_step bench_grpo_loss bench.bench_grpo_loss 45
-bench_step bench_pack bench.bench_pack 45
-bench_step bench_rollout bench.bench_rollout 90
-bench_step bench_decode_attn bench.bench_decode_attention 30
-
-# 7. collect: merged JSON + markdown, and the table as the last lines
+# 8. collect: merged JSON + markdown, and the table as the last lines
 if [[ $DRY -eq 1 ]]; then
   printf '[dry-run] step %-16s %s\n' collect "$PYTHON -m bench.common collect --steps $STEPS_TSV --since $MARK --results-dir $RES --out $RES/$TAG"
   echo
