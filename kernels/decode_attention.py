@@ -37,10 +37,10 @@ SPLIT_WARPS, MERGE_WARPS = 4, 4
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, len_ptr, row_ptr,  # q [B, Hq, D]; caches [R, S, Hkv, D]; [B] int32 each
     m_ptr, l_ptr, acc_ptr,  # outputs: [B, Hq, SPLITS] fp32 (m, l), [B, Hq, SPLITS, D] fp32
-    S, SPLIT_LEN,  # cache slots per row; keys per split (a multiple of BLOCK_N)
+    S, SPLIT_LEN, SPLITS,  # cache slots per row; keys per split (a multiple of BLOCK_N); splits
     scale,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, REP: tl.constexpr,
-    REP_PAD: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    REP_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)  # kv head
@@ -85,8 +85,8 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, D: tl.constexpr, D_PAD: tl.constexpr,
-                         SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+def _decode_merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, D: tl.constexpr, D_PAD: tl.constexpr,
+                         SPLITS_PAD: tl.constexpr):
     i = tl.program_id(0)  # b * Hq + query head
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, D_PAD)
@@ -138,10 +138,12 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale: float, rows=Non
         return out
     d_pad = triton.next_power_of_2(D)
     _decode_split_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, lengths.to(torch.int32), idx, m, l, acc, S, split_len, float(scale),
+        q, k_cache, v_cache, lengths.to(torch.int32), idx, m, l, acc, S, split_len, splits, float(scale),
         HQ=Hq, HKV=Hkv, D=D, REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D_PAD=max(16, d_pad),
-        SPLITS=splits, BLOCK_N=BLOCK_N, num_warps=SPLIT_WARPS, num_stages=2)
-    _decode_merge_kernel[(B * Hq,)](m, l, acc, out, D=D, D_PAD=d_pad, SPLITS=splits,
+        BLOCK_N=BLOCK_N, num_warps=SPLIT_WARPS, num_stages=2)
+    # the split count is a run-time argument (it follows the live batch and context every step); only
+    # its power-of-two padding is compiled in, so a rollout compiles a handful of variants, not dozens
+    _decode_merge_kernel[(B * Hq,)](m, l, acc, out, splits, D=D, D_PAD=d_pad,
                                     SPLITS_PAD=triton.next_power_of_2(splits), num_warps=MERGE_WARPS)
     return out
 
@@ -168,13 +170,13 @@ AOT_SPECS = [
     dict(name="decode_split", fn=_decode_split_kernel,
          signature={"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "len_ptr": "*i32", "row_ptr": "*i32",
                     "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "S": "i32", "SPLIT_LEN": "i32",
-                    "scale": "fp32", "HQ": "constexpr", "HKV": "constexpr", "D": "constexpr", "REP": "constexpr",
-                    "REP_PAD": "constexpr", "D_PAD": "constexpr", "SPLITS": "constexpr", "BLOCK_N": "constexpr"},
-         constexprs=dict(HQ=28, HKV=4, D=128, REP=7, REP_PAD=16, D_PAD=128, SPLITS=8, BLOCK_N=BLOCK_N),
+                    "SPLITS": "i32", "scale": "fp32", "HQ": "constexpr", "HKV": "constexpr", "D": "constexpr",
+                    "REP": "constexpr", "REP_PAD": "constexpr", "D_PAD": "constexpr", "BLOCK_N": "constexpr"},
+         constexprs=dict(HQ=28, HKV=4, D=128, REP=7, REP_PAD=16, D_PAD=128, BLOCK_N=BLOCK_N),
          num_warps=SPLIT_WARPS, num_stages=2,
          divisible=("q_ptr", "k_ptr", "v_ptr", "m_ptr", "l_ptr", "acc_ptr", "S", "SPLIT_LEN")),
     dict(name="decode_merge", fn=_decode_merge_kernel,
-         signature={"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16", "D": "constexpr",
-                    "D_PAD": "constexpr", "SPLITS": "constexpr", "SPLITS_PAD": "constexpr"},
-         constexprs=dict(D=128, D_PAD=128, SPLITS=8, SPLITS_PAD=8), num_warps=MERGE_WARPS, num_stages=1),
+         signature={"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16", "SPLITS": "i32",
+                    "D": "constexpr", "D_PAD": "constexpr", "SPLITS_PAD": "constexpr"},
+         constexprs=dict(D=128, D_PAD=128, SPLITS_PAD=8), num_warps=MERGE_WARPS, num_stages=1),
 ]
