@@ -442,23 +442,33 @@ def _log_fallback_once(what: str, err: Exception) -> None:
                                          what, type(err).__name__, str(err)[:120])
 
 
+_ACC_MM_PATHS = ["addmm", "mm", "half"]  # the half-input paths still worth trying, best first
+
+
 def _acc_mm(out32, a, b):
-    """out32 += a @ b with fp32 accumulation and fp32 output (a, b may be half precision)."""
+    """out32 += a @ b with fp32 accumulation and fp32 output (a, b may be half precision).
+
+    Half inputs on CUDA try, best first: addmm with out_dtype=fp32 in place (no temporary); mm with
+    out_dtype=fp32 plus an add (an fp32 [N, H] temporary); a half-precision product. A path this
+    torch rejects is dropped for good at its first failure (no exception per vocabulary chunk)."""
     if a.dtype == torch.float32:
         out32.addmm_(a, b if b.dtype == torch.float32 else b.float())
-    elif a.is_cuda:
-        try:  # torch >= 2.8: half inputs, fp32 accumulate and output, in place
-            torch.addmm(out32, a, b, out_dtype=torch.float32, out=out32)
-            return
-        except (TypeError, RuntimeError) as e:
-            _log_fallback_once("addmm(out_dtype=fp32) in place", e)
-        try:  # an fp32 [N, H] temporary
-            out32 += torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError) as e:  # older torch: no out_dtype; half-precision product
-            _log_fallback_once("mm(out_dtype=fp32)", e)
-            out32 += torch.mm(a, b).float()
-    else:
+        return
+    if not a.is_cuda:
         out32.addmm_(a.float(), b.float())
+        return
+    while len(_ACC_MM_PATHS) > 1:
+        path = _ACC_MM_PATHS[0]
+        try:
+            if path == "addmm":
+                torch.addmm(out32, a, b, out_dtype=torch.float32, out=out32)
+            else:
+                out32 += torch.mm(a, b, out_dtype=torch.float32)
+            return
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            _log_fallback_once(f"{path}(out_dtype=fp32)", e)
+            _ACC_MM_PATHS.pop(0)
+    out32 += torch.mm(a, b).float()
 
 
 def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,

@@ -242,9 +242,18 @@ def test_cuda_matches_cpu(dtype, feat):
     fill = True if dtype == torch.bool else 3
     assert same(P.unpack(cpu[0], cpu[1], starts, L, fill),
                 P.unpack(gpu[0], gpu[1], starts.cuda(), L, fill).cpu())
-    # misaligned views (storage offset) take the narrow-vector path
-    xv = rand_data((B * L * max(1, x[0, 0].numel()) + 1,), dtype, gen)[1:].reshape(x.shape)
-    assert same(P.pack(xv, starts, lengths)[0], P.pack(xv.cuda(), starts, lengths)[0].cpu())
+    # misaligned views (storage offset) take the narrow-vector path: sliced on the GPU itself (a
+    # copy to the GPU would be a fresh, aligned allocation), then unpacked back
+    flat = rand_data((B * L * max(1, x[0, 0].numel()) + 1,), dtype, gen)
+    xv = flat[1:].reshape(x.shape)
+    xg = flat.cuda()[1:].reshape(x.shape)
+    assert xg.data_ptr() % 16 != 0
+    pv, pg = P.pack(xv, starts, lengths), P.pack(xg, starts.cuda(), lengths.cuda())
+    assert same(pv[0], pg[0].cpu())
+    buf = torch.empty(pg[0].numel() + 1, dtype=dtype, device="cuda")
+    shifted = buf[1:].view(pg[0].shape).copy_(pg[0])  # the packed stream at a misaligned address
+    assert same(P.unpack(pv[0], pv[1], starts, L, fill),
+                P.unpack(shifted, pg[1], starts.cuda(), L, fill).cpu())
 
 
 @needs_cuda
