@@ -112,6 +112,18 @@ def main(argv=None):
     if not a.no_compile and (cuda or a.compile):
         impls["torch_compile"] = torch.compile(grpo_loss_reference)
 
+    out = a.out or os.path.join(ROOT, "bench", "results", f"grpo_loss-{gpu_tag(env.get('gpu'))}.json")
+
+    def save(rows, complete):  # after every mode too: a run cut short keeps what it measured
+        result = {"bench": "grpo_loss", "device": "cuda" if cuda else "cpu", "gpu": env.get("gpu"),
+                  "torch": torch.__version__, "triton": env.get("triton"), "git_commit": env.get("commit"),
+                  "env": env, "tokens": n, "seq_len": a.seq_len, "iters": a.iters, "loss_kwargs": LOSS_KW,
+                  "bytes_formula": BYTES_FORMULA, "min_bytes": min_bytes, "complete": complete,
+                  "copy": {"bytes_read_plus_written": 2 * (min_bytes // 2), "ms": t_copy * 1e3, "gbps": copy_gbps},
+                  "results": rows}
+        write_json(out, result)
+        return result
+
     rows = []
     for mode in a.modes.split(","):
         ref_loss = None
@@ -138,15 +150,9 @@ def main(argv=None):
             if row["mode"] == mode and row.get("status") == "ok":
                 row["speedup_vs_eager"] = eager_s / (row["ms"] / 1e3) if eager_s else None
                 row["loss_diff_vs_eager"] = abs(row["loss"] - ref_loss) if ref_loss is not None else None
+        save(rows, False)
+    result = save(rows, True)
 
-    result = {"bench": "grpo_loss", "device": "cuda" if cuda else "cpu", "gpu": env.get("gpu"),
-              "torch": torch.__version__, "triton": env.get("triton"), "git_commit": env.get("commit"),
-              "env": env, "tokens": n, "seq_len": a.seq_len, "iters": a.iters, "loss_kwargs": LOSS_KW,
-              "bytes_formula": BYTES_FORMULA, "min_bytes": min_bytes,
-              "copy": {"bytes_read_plus_written": 2 * (min_bytes // 2), "ms": t_copy * 1e3, "gbps": copy_gbps},
-              "results": rows}
-    out = a.out or os.path.join(ROOT, "bench", "results", f"grpo_loss-{gpu_tag(env.get('gpu'))}.json")
-    write_json(out, result)
     cols = ["mode", "impl", "status", "ms", "gbps", "pct_of_copy", "actual_gbps", "speedup_vs_eager",
             "loss_diff_vs_eager"]
     print(f"grpo_loss fwd+bwd, {n} tokens, {env.get('gpu') or 'cpu'}; d2d copy {copy_gbps:.1f} GB/s "

@@ -26,7 +26,6 @@ prints a table. `main(argv)` returns the JSON dict.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -37,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.common import git_commit, matmul_seconds, time_call  # noqa: E402
+from bench.common import git_commit, matmul_seconds, time_call, write_json  # noqa: E402
 from kernels.logprob import fused_logprobs  # noqa: E402
 from kernels.reference import logprobs_reference  # noqa: E402
 
@@ -139,7 +138,8 @@ def _eager_bytes(T, V):
     return 24 * T * V
 
 
-def run_cuda(sizes, quick, compile_torch=True):
+def run_cuda(sizes, quick, compile_torch=True, on_size=None):
+    """Rows of every size x implementation; on_size(rows) after each size (partial results)."""
     from triton.testing import do_bench
 
     dev = torch.device("cuda")
@@ -193,6 +193,8 @@ def run_cuda(sizes, quick, compile_torch=True):
             rows.append(row)
         del x, w, t, gl, ge
         torch.cuda.empty_cache()
+        if on_size is not None:
+            on_size(rows)
     return rows
 
 
@@ -226,22 +228,24 @@ def main(argv=None):
     a = ap.parse_args(argv)
     tv, trv = _versions()
     on_cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    device = torch.cuda.get_device_name() if on_cuda else "cpu"
+    slug = "cpu" if not on_cuda else "".join(c if c.isalnum() else "-" for c in device.lower())
+    path = a.out or os.path.join(ROOT, "bench", "results", f"logprob-{slug}.json")
+
+    def save(rows, complete):  # after every size too: a run cut short keeps what it measured
+        res = dict(device=device, torch=tv, triton=trv, git_commit=git_commit(), complete=complete,
+                   flops_formula=FLOPS_FORMULA, results=rows)
+        write_json(path, res)
+        return res
+
     if on_cuda:
         sizes = [int(s) for s in a.sizes.split(",") if s]
         if a.quick:
             sizes = sizes[:2]
-        device = torch.cuda.get_device_name()
-        rows = run_cuda(sizes, a.quick, compile_torch=not a.no_compile)
+        rows = run_cuda(sizes, a.quick, compile_torch=not a.no_compile, on_size=lambda r: save(r, False))
     else:
-        device = "cpu"
         rows = run_cpu(a.quick)
-    res = dict(device=device, torch=tv, triton=trv, git_commit=git_commit(),
-               flops_formula=FLOPS_FORMULA, results=rows)
-    slug = "cpu" if not on_cuda else "".join(c if c.isalnum() else "-" for c in device.lower())
-    path = a.out or os.path.join(ROOT, "bench", "results", f"logprob-{slug}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=2)
+    res = save(rows, True)
     print(f"device: {device}  torch {tv}  triton {trv}  ({FLOPS_FORMULA})")
     print(format_table(rows))
     print(f"wrote {path}")
