@@ -6,9 +6,11 @@
 #
 # Steps, cheapest first so a short run still reports the most: environment, extension build, the
 # two ceilings (bf16 8192^3 matmul, device-to-device copy), the CUDA tests (CUDA vs CPU twins,
-# Triton kernels in bf16 vs references), the packing, decode-attention and rollout benchmarks,
-# profile_step at 14336 tokens for the Qwen2.5-1.5B shape, then the log-prob and GRPO-loss kernel
-# benchmarks. Every step runs under `timeout`; a failure is recorded, never fatal. Outputs: bench/results/<date>-<gpu>.json and .md (every JSON written during the run merged),
+# Triton kernels in bf16 vs references), two steps of the tiny default trained on the GPU in bf16,
+# the packing, decode-attention and rollout benchmarks, profile_step at 14336 tokens for the
+# Qwen2.5-1.5B shape, then the log-prob and GRPO-loss kernel benchmarks. Every step runs under
+# `timeout`; a failure is recorded, never fatal. Outputs: bench/results/<date>-<gpu>.json and .md
+# (every JSON written during the run merged),
 # per-step logs in bench/results/logs-<date>-<gpu>/, and as the last lines a table: step, status,
 # seconds, key number.
 #
@@ -22,7 +24,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|-n) DRY=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -155,12 +157,18 @@ else
   skip tests_cuda "no test files"
 fi
 
-# 5. microbenchmarks at their CUDA default sizes, the quick ones first
+# 5. the trainer end to end on the GPU: nccl, FSDP2, CUDA rollout, fused kernels in bf16, 2 steps
+#    of the tiny default (its metrics land in the step's log folder)
+step train_tiny 90 - "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 lwz/train.py \
+  --config configs/tiny.toml --steps=2 --model.dtype=bfloat16 --rollout.max_new_tokens=64 \
+  --logging.run_dir="$LOGS/runs"
+
+# 6. microbenchmarks at their CUDA default sizes, the quick ones first
 bench_step bench_pack bench.bench_pack 45
 bench_step bench_decode_attn bench.bench_decode_attention 30
 bench_step bench_rollout bench.bench_rollout 90
 
-# 6. the long-sequence step profile: Qwen2.5-1.5B shape at 14336 tokens, long-tail mix (the padded
+# 7. the long-sequence step profile: Qwen2.5-1.5B shape at 14336 tokens, long-tail mix (the padded
 #    baseline may run out of memory: that is recorded as its result), then one fixed 14336 sequence
 #    (padded = packed tokens: isolates the fused log-prob saving)
 step profile_step 150 "$RES/profile_step-$GPU_TAG.json" "$PYTHON" -m bench.profile_step --preset qwen2.5-1.5b \
@@ -170,12 +178,12 @@ step profile_fixed 90 "$RES/profile_step-fixed-$GPU_TAG.json" "$PYTHON" -m bench
   --preset qwen2.5-1.5b --seq-lens 14336 --lengths-mix fixed --tokens-per-step 14336 --warmup 1 --iters 2 \
   --out "$RES/profile_step-fixed-$GPU_TAG.json"
 
-# 7. the Triton kernel benchmarks vs eager torch (torch.compile of the references is left out: it
+# 8. the Triton kernel benchmarks vs eager torch (torch.compile of the references is left out: it
 #    alone takes minutes at these sizes)
 bench_step bench_logprob bench.bench_logprob 60 --quick --no-compile
 bench_step bench_grpo_loss bench.bench_grpo_loss 45 --no-compile
 
-# 8. collect: merged JSON + markdown, and the table as the last lines
+# 9. collect: merged JSON + markdown, and the table as the last lines
 if [[ $DRY -eq 1 ]]; then
   printf '[dry-run] step %-16s %s\n' collect "$PYTHON -m bench.common collect --steps $STEPS_TSV --since $MARK --results-dir $RES --out $RES/$TAG"
   echo
