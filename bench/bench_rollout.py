@@ -20,7 +20,10 @@ Long tail (second table): RL answers have very unequal lengths. --tail-prompts p
 with probability ~1/--tail-mean per token (geometric lengths, capped at --tail-max-new): lwz's
 continuous admission (one generate call, batch_size = rows) against static batches of whole
 groups (one generate call per batch, each decoding until its longest answer ends, as an engine
-without admission does), same rows, same run. Throughput = response tokens / wall time.
+without admission does), same rows, same run. Throughput = response tokens / wall time; rounds =
+decode steps; fill = response tokens / (rounds * rows), the share of row-steps doing work. On a
+GPU a decode step costs about the same at any fill (it reads the weights once), so the rounds
+ratio is what continuous admission saves there; on a CPU a step's cost follows the live rows.
 
 Writes bench/results/rollout-<gpu-tag|cpu>.json (device, versions, commit) and prints a table.
 `main(argv)` returns the JSON dict.
@@ -88,7 +91,7 @@ def run_tail(model, prompts, n, rows, max_new, stop_ids, device, continuous, see
         per = max(1, rows // n)
         outs = [generate(model, prompts[i:i + per], **kw) for i in range(0, len(prompts), per)]
     _sync(device)
-    return time.perf_counter() - t, torch.cat([o.response_lengths for o in outs])
+    return time.perf_counter() - t, torch.cat([o.response_lengths for o in outs]), sum(o.rounds for o in outs)
 
 
 def long_tail(model, cfg, device, args) -> dict:
@@ -103,13 +106,14 @@ def long_tail(model, cfg, device, args) -> dict:
     for name, cont in (("static", False), ("continuous", True)):
         best = None
         for r in range(args.repeats):
-            dt, lens = run_tail(model, prompts, args.tail_group, args.tail_rows, args.tail_max_new, stop_ids,
-                                device, cont, seed=r)
+            dt, lens, rounds = run_tail(model, prompts, args.tail_group, args.tail_rows, args.tail_max_new,
+                                        stop_ids, device, cont, seed=r)
             tps = float(lens.sum()) / dt
             if best is None or tps > best[0]:
-                best = (tps, dt, lens)
-        tps, dt, lens = best
-        row[f"{name}_s"], row[f"{name}_tokens_per_s"] = dt, tps
+                best = (tps, dt, lens, rounds)
+        tps, dt, lens, rounds = best
+        row[f"{name}_s"], row[f"{name}_tokens_per_s"], row[f"{name}_rounds"] = dt, tps, rounds
+        row[f"{name}_fill"] = float(lens.sum()) / (rounds * args.tail_rows)  # live share of the rows
         row[f"{name}_mean_len"], row[f"{name}_max_len"] = float(lens.float().mean()), int(lens.max())
     row["continuous_vs_static"] = row["continuous_tokens_per_s"] / row["static_tokens_per_s"]
     return row

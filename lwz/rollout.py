@@ -109,6 +109,7 @@ class RolloutBatch:
     greedy: bool = False
     pad_id: int = 0
     cache_rows: int = 0  # KV-cache rows the engine decoded through (sequences at once)
+    rounds: int = 0  # sampling rounds (one token for every live sequence each)
 
     def __len__(self) -> int:
         return int(self.prompt_index.numel())
@@ -440,14 +441,14 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
                   top_k=int(top_k), greedy=greedy, stop_token_ids=tuple(int(t) for t in stop_token_ids),
                   stopper=stopper, generator=generator, max_context=max_context, compact=compact)
     num = len(prompts) * n
-    samples, rows = [], 0
+    samples, rows, rounds = [], 0, 0
     if num:
         device, dtype = _model_device_dtype(model)
         S = _cache_len(model, [len(p) for p in prompts], max_new_tokens, max_context)
         rows = cache_rows(model.config, S, dtype, num, batch_size, _free_bytes(device), cache_mem_fraction)
-        samples = _decode_all(model, prompts, rows, S, **params)
+        samples, rounds = _decode_all(model, prompts, rows, S, **params)
     out = _assemble(samples, prompts, n, pad_id, params)
-    out.cache_rows = rows
+    out.cache_rows, out.rounds = rows, rounds
     return out
 
 
@@ -557,7 +558,8 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
     """Generate all len(prompts) * n samples through `slots` cache rows with continuous admission:
     whenever sequences finish, waiting samples are admitted into the freed rows at once (their
     prompt prefilled or copied from a live sibling), so the decode batch stays full until the
-    queue runs dry. Returns per-sample dicts in sample order (sample b is prompt b // n's)."""
+    queue runs dry. Returns (per-sample dicts in sample order (sample b is prompt b // n's), the
+    number of sampling rounds)."""
     device, dtype = _model_device_dtype(model)
     B = len(prompts) * n
     plen = [len(prompts[b // n]) for b in range(B)]
@@ -594,6 +596,7 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
     active = torch.zeros(0, dtype=torch.int64, device=device)  # == live, on the device
     slots_t = torch.zeros(0, dtype=torch.int64, device=device)  # == slot_of, on the device
     tok = logits = None
+    rounds = 0
     while True:
         if pending and len(live) < slots:
             new = [pending.pop() for _ in range(min(len(pending), slots - len(live)))]
@@ -612,6 +615,7 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
             noise = torch.rand((slots, logits.shape[-1]), dtype=torch.float32, device=device, generator=gen)
             noise = noise[slots_t] if len(live) < slots or slot_of != list(range(slots)) else noise
         tok, lp, tlp = _sample(logits, noise, temperature, top_k, top_p, greedy)
+        rounds += 1
         step = count_t[active]
         out_tok[active, step] = tok
         out_lp[active, step] = lp
@@ -669,7 +673,7 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
 
     out_tok, out_lp, out_tlp = out_tok.cpu(), out_lp.cpu(), out_tlp.cpu()
     return [dict(prompt_index=b // n, response=out_tok[b, :count[b]], logp=out_lp[b, :count[b]],
-                 tlogp=out_tlp[b, :count[b]], reason=reasons[b]) for b in range(B)]
+                 tlogp=out_tlp[b, :count[b]], reason=reasons[b]) for b in range(B)], rounds
 
 
 def _assemble(samples, prompts, n, pad_id, params) -> RolloutBatch:

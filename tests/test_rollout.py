@@ -284,7 +284,7 @@ def test_continuous_admission_refills_freed_rows(tiny, monkeypatch, compact):
     assert torch.allclose(part.response_logprobs, whole.response_logprobs, atol=1e-5)
     lens = part.response_lengths.tolist()
     assert len(set(lens)) > 2, lens  # sequences really finished at different steps
-    assert max(sizes) == slots and sum(sizes) == sum(lens)
+    assert max(sizes) == slots and sum(sizes) == sum(lens) and part.rounds == len(sizes)
     # full rows until the queue ran dry, then only the last sequences draining
     first_short = next((i for i, s in enumerate(sizes) if s < slots), len(sizes))
     assert all(a >= b for a, b in zip(sizes[first_short:], sizes[first_short + 1:])), sizes
@@ -436,6 +436,8 @@ def test_bench_rollout_tiny(tmp_path):
     for k in ("static_tokens_per_s", "continuous_tokens_per_s", "continuous_vs_static"):
         assert math.isfinite(tail[k]) and tail[k] > 0
     assert tail["samples"] == 6 and 1 <= tail["continuous_mean_len"] <= tail["continuous_max_len"] <= 24
+    for k in ("static", "continuous"):
+        assert tail[f"{k}_rounds"] >= tail[f"{k}_max_len"] and 0 < tail[f"{k}_fill"] <= 1
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------
