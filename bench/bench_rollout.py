@@ -3,7 +3,8 @@
     python -m bench.bench_rollout [--prompts 64] [--new-tokens 512] [--model auto|tiny|qwen2.5-1.5b]
                                   [--repeats 2] [--threads N] [--no-hf] [--no-tail] [--out PATH]
 
-Decode throughput = prompts * new_tokens / wall time of the whole generate call (prefill included),
+Decode throughput = prompts * new_tokens / wall time of the whole generate call (prefill included;
+on CUDA also without CUDA graphs, `graphs_speedup`),
 sampling at temperature 0.8 / top-p 1.0 with no stop token, so every sequence produces exactly
 `new_tokens` tokens on both sides. Prompt lengths are random in [16, 128] (the same prompts for
 both engines; transformers gets them left-padded with an attention mask, the usual batched use).
@@ -68,11 +69,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_lwz(model, prompts, new_tokens, device, seed=0):
+def run_lwz(model, prompts, new_tokens, device, seed=0, cuda_graphs=True):
     g = torch.Generator(device=device).manual_seed(seed)
     _sync(device)
     t = time.perf_counter()
-    out = generate(model, prompts, max_new_tokens=new_tokens, temperature=0.8, top_p=1.0, generator=g)
+    out = generate(model, prompts, max_new_tokens=new_tokens, temperature=0.8, top_p=1.0, generator=g,
+                   cuda_graphs=cuda_graphs)
     _sync(device)
     dt = time.perf_counter() - t
     assert int(out.response_lengths.sum()) == len(prompts) * new_tokens
@@ -181,6 +183,13 @@ def main(argv=None) -> dict:
     run_lwz(model, warm, min(8, args.new_tokens), device)
     row["lwz_s"] = min(run_lwz(model, prompts, args.new_tokens, device, seed=r) for r in range(args.repeats))
     row["lwz_tokens_per_s"] = tokens / row["lwz_s"]
+    if device.type == "cuda":  # the same without CUDA graphs: what replaying the decode step saves
+        import lwz.rollout as ro
+        row["cuda_graphs"] = not ro._GRAPHS_FAILED and row["decode_attn"] != "sdpa"
+        run_lwz(model, warm, min(8, args.new_tokens), device, cuda_graphs=False)
+        row["lwz_eager_s"] = min(run_lwz(model, prompts, args.new_tokens, device, seed=r, cuda_graphs=False)
+                                 for r in range(args.repeats))
+        row["graphs_speedup"] = row["lwz_eager_s"] / row["lwz_s"]
     if not args.no_hf:
         import transformers as tf
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0

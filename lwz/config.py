@@ -80,6 +80,7 @@ class RolloutConfig:
     old_logprobs: Literal["recompute", "rollout"] = "recompute"  # pi_old: recomputed by the trainer, or the sampler's
     batch_size: int = 0  # KV-cache rows = most sequences decoded at once (waiting ones take finished rows); 0 = auto: all on CPU, what fits on CUDA
     cache_mem_fraction: float = 0.9  # batch_size = 0 on CUDA: share of the free memory (weights gathered) given to the KV cache
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA decode kernels only; eager if a capture fails)
 
 
 @dataclass

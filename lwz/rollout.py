@@ -18,7 +18,9 @@ How it runs (one rollout batch of B = prompts * n samples, `batch_size` = R cach
      On CPU/SDPA the live rows are kept contiguous (a survivor beyond the new end moves into a
      finished row: only those rows are copied); on CUDA the live rows' indices are passed to the
      kernel (flash-attn's cache_batch_idx, torch varlen_attn's paged cache with one page per row,
-     or our Triton split-K kernel, kernels/decode_attention.py), so nothing is copied.
+     or our Triton split-K kernel, kernels/decode_attention.py), so nothing is copied, and each
+     decode step is replayed from a CUDA graph (one per power-of-two batch size, the batch padded
+     with a spare row; _DecodeGraphs), so a small model's decode is not bound by launch overhead.
 
 Log-probs. Every sampled token gets two numbers:
   logprobs        log softmax(logits / temperature)[token], BEFORE top-k / top-p truncation.
@@ -62,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -399,7 +402,7 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
              top_p: float = 1.0, top_k: int = 0, greedy: bool = False, stop_token_ids=(),
              stop_strings=(), tokenizer=None, generator: torch.Generator | None = None,
              max_context: int | None = None, batch_size: int = 0, cache_mem_fraction: float = 0.9,
-             compact: str | bool = "auto", pad_id: int | None = None) -> RolloutBatch:
+             compact: str | bool = "auto", cuda_graphs: bool = True, pad_id: int | None = None) -> RolloutBatch:
     """Sample `n` responses for each prompt (lists of token ids) with a KV cache.
 
     temperature 0 means greedy. top_k = 0 and top_p = 1 disable truncation. stop_token_ids end a
@@ -411,7 +414,9 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
     all of them on the CPU and, on CUDA, as many as fit in `cache_mem_fraction` of the free memory
     (see cache_rows; the result's `cache_rows` says how many). compact: True = copy the survivors' cache rows
     when sequences finish, False = keep the cache and pass the survivors' row indices to attention,
-    "auto" = copy on the SDPA path, indices on CUDA kernels. Returns a RolloutBatch (CPU tensors).
+    "auto" = copy on the SDPA path, indices on CUDA kernels. cuda_graphs: replay each decode step
+    from a CUDA graph where the kernel allows (see _DecodeGraphs; falls back to eager decoding, with
+    a warning, if a capture fails). Returns a RolloutBatch (CPU tensors).
     """
     if n < 1:
         raise ValueError(f"generate: n must be >= 1, got {n}")
@@ -439,7 +444,8 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
     stopper = _StopStrings(stop_strings, tokenizer)
     params = dict(n=n, max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                   top_k=int(top_k), greedy=greedy, stop_token_ids=tuple(int(t) for t in stop_token_ids),
-                  stopper=stopper, generator=generator, max_context=max_context, compact=compact)
+                  stopper=stopper, generator=generator, max_context=max_context, compact=compact,
+                  cuda_graphs=cuda_graphs)
     num = len(prompts) * n
     samples, rows, rounds = [], 0, 0
     if num:
@@ -553,8 +559,82 @@ def _admit(model, cache, prompts, n, new, new_rows, live, live_rows, prompt_hidd
     return logits[torch.tensor([where[b // n] for b in new], device=device)]
 
 
+_GRAPHS_FAILED: list = []  # set after a capture failed: later rollouts run eagerly at once
+
+
+class _DecodeGraphs:
+    """Decode steps replayed from CUDA graphs: one graph per padded batch size (powers of two and
+    the row count), captured on first use and dropped with the rollout (the parameters gathered
+    for generation must keep their storage while the graphs live).
+
+    A graph fixes its kernels' shapes and launch grids, so the live batch (B sequences) is padded to
+    the graph's size with a spare cache row `pad_row` at position 0 whose outputs are dropped, and
+    the attention splits are sized for the whole cache (max_length = S) instead of the longest live
+    context. Replaying one graph launches the whole step (~30 kernels per layer) from the GPU: the
+    decode of a small model stops being bound by Python's launch overhead.
+
+    capture=False runs exactly the same padded steps eagerly (how the CPU tests check the padding).
+    """
+
+    def __init__(self, model, cache, S: int, pad_row: int, capture: bool):
+        self.model, self.cache, self.S, self.pad_row, self.capture = model, cache, S, pad_row, capture
+        self.device = cache.k[0].device
+        self.states: dict = {}  # padded size -> (tok, pos, rows, graph or None, logits or None)
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def _step(self, tok, pos, rows):
+        hidden = self.model.decode_step(tok, pos, self.cache, rows=rows, max_length=self.S)
+        return self.model.logits(hidden)
+
+    def _size(self, B: int) -> int:
+        return min(1 << (B - 1).bit_length(), self.pad_row)  # pad_row == the number of live rows
+
+    def _state(self, size: int):
+        st = self.states.get(size)
+        if st is None:
+            tok = torch.zeros(size, dtype=torch.int64, device=self.device)
+            pos = torch.zeros(size, dtype=torch.int64, device=self.device)
+            rows = torch.full((size,), self.pad_row, dtype=torch.int64, device=self.device)
+            graph = logits = None
+            if self.capture:
+                # warm up on a side stream (Triton compiles, cuBLAS workspaces), then capture
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._step(tok, pos, rows)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    logits = self._step(tok, pos, rows)
+            st = self.states[size] = (tok, pos, rows, graph, logits)
+        return st
+
+    def __call__(self, tok, positions, rows):
+        """tok, positions, rows int64 [B] (rows: cache rows, < pad_row) -> logits fp32 [B, V]."""
+        B = tok.shape[0]
+        t, p, r, graph, logits = self._state(self._size(B))
+        t[:B].copy_(tok)
+        p[:B].copy_(positions)
+        r[:B].copy_(rows)
+        if B < t.shape[0]:  # padding: the spare row at position 0 (earlier steps may have left live rows)
+            t[B:].zero_()
+            p[B:].zero_()
+            r[B:].fill_(self.pad_row)
+        if graph is None:
+            return self._step(t, p, r)[:B]
+        graph.replay()
+        return logits[:B]
+
+
+def _want_graphs(device, kernel: str, compact: bool, cuda_graphs: bool) -> bool:
+    """Graphs need CUDA, a kernel that reads cache rows in place (not the compacted SDPA layout),
+    cuda_graphs on, and no capture failure earlier in this process."""
+    return bool(cuda_graphs) and not compact and kernel != "sdpa" and device.type == "cuda" and not _GRAPHS_FAILED
+
+
 def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top_p, top_k, greedy,
-                stop_token_ids, stopper, generator, max_context, compact):
+                stop_token_ids, stopper, generator, max_context, compact, cuda_graphs):
     """Generate all len(prompts) * n samples through `slots` cache rows with continuous admission:
     whenever sequences finish, waiting samples are admitted into the freed rows at once (their
     prompt prefilled or copied from a live sibling), so the decode batch stays full until the
@@ -564,10 +644,16 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
     B = len(prompts) * n
     plen = [len(prompts[b // n]) for b in range(B)]
     cap = [min(max_new_tokens, max_context - lp) for lp in plen]  # new-token budget per sample
+    backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
+    kernel = decode_backend(backend, device, dtype)
     if compact == "auto":
-        backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
-        compact = decode_backend(backend, device, dtype) == "sdpa"
-    cache = KVCache.allocate(model.config, slots, S, dtype, device)
+        compact = kernel == "sdpa"
+    graphs = None
+    if _want_graphs(device, kernel, compact, cuda_graphs):
+        cache = KVCache.allocate(model.config, slots + 1, S, dtype, device)  # + the padding row
+        graphs = _DecodeGraphs(model, cache, S, pad_row=slots, capture=device.type == "cuda")
+    else:
+        cache = KVCache.allocate(model.config, slots, S, dtype, device)
 
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.int64, device=device)
     max_cap = max(cap)
@@ -667,6 +753,16 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
         # the newest token of sample b sits at position plen + count - 1
         positions = plen_t[active] + count_t[active] - 1
         max_len = max(plen[b] + count[b] for b in live)
+        if graphs is not None:
+            try:
+                logits = graphs(tok, positions, slots_t)
+                continue
+            except Exception as e:  # a kernel that cannot be captured: this and later rollouts run eagerly
+                _GRAPHS_FAILED.append(f"{type(e).__name__}: {e}")
+                logging.getLogger("lwz").warning("rollout: CUDA graph capture failed (%s); decoding eagerly",
+                                                 _GRAPHS_FAILED[-1][:200])
+                graphs = None
+                torch.cuda.synchronize(device)
         view = cache.head(len(live)) if compact else cache
         hidden = model.decode_step(tok, positions, view, rows=None if compact else slots_t, max_length=max_len)
         logits = model.logits(hidden)
