@@ -55,9 +55,9 @@ a 1.5B model in bf16) on every rank, plus the KV cache 2 * layers * R * S * Hkv 
 
 The cache is static: every row is sized for the longest sample's budget (prompt + max_new_tokens)
 up front; batch_size bounds it (KVCache.nbytes_for(cfg, R, S, dtype) gives the size), and on CUDA
-batch_size = 0 sizes R to the free memory (cache_rows). A page pool
-filled on demand (the varlen kernel already reads the cache through a block table) would let the
-number of rows follow the real lengths instead; not done yet.
+batch_size = 0 sizes R to the free memory (cache_rows). A page pool filled on demand (the varlen
+kernel already reads the cache through a block table) would let the number of rows follow the
+real lengths instead; not done yet.
 """
 
 from __future__ import annotations
@@ -587,7 +587,7 @@ class _DecodeGraphs:
         return self.model.logits(hidden)
 
     def _size(self, B: int) -> int:
-        return min(1 << (B - 1).bit_length(), self.pad_row)  # pad_row == the number of live rows
+        return min(1 << (B - 1).bit_length(), self.pad_row)  # pad_row == the rows sequences may use
 
     def _state(self, size: int):
         st = self.states.get(size)
