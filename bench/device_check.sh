@@ -157,11 +157,12 @@ else
   skip tests_cuda "no test files"
 fi
 
-# 5. the trainer end to end on the GPU: nccl, FSDP2, CUDA rollout, fused kernels in bf16, 2 steps
-#    of the tiny default (its metrics land in the step's log folder)
+# 5. the trainer end to end on the GPU as the big configs run it: nccl, FSDP2 with fp32 master
+#    weights and bf16 compute, varlen attention, the CUDA rollout (Triton decode kernel, CUDA graphs),
+#    the bf16 Triton log-prob and GRPO kernels; 2 steps of the tiny default (metrics in the log folder)
 step train_tiny 90 - "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 lwz/train.py \
-  --config configs/tiny.toml --steps=2 --model.dtype=bfloat16 --rollout.max_new_tokens=64 \
-  --logging.run_dir="$LOGS/runs"
+  --config configs/tiny.toml --steps=2 --distributed.backend=auto --model.dtype=float32 \
+  --distributed.param_dtype=bfloat16 --rollout.max_new_tokens=64 --logging.run_dir="$LOGS/runs"
 
 # 6. microbenchmarks at their CUDA default sizes, the quick ones first
 bench_step bench_pack bench.bench_pack 45

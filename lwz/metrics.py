@@ -42,7 +42,13 @@ class NVML:
 
             pynvml.nvmlInit()
             self.pynvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            # by PCI address: NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES, torch does not
+            p = torch.cuda.get_device_properties(device)
+            try:
+                self.handle = pynvml.nvmlDeviceGetHandleByPciBusId(
+                    f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0".encode())
+            except Exception:  # right when all GPUs are visible
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
         except Exception:
             self.handle = None
 

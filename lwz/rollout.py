@@ -450,8 +450,13 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
     samples, rows, rounds = [], 0, 0
     if num:
         device, dtype = _model_device_dtype(model)
-        S = _cache_len(model, [len(p) for p in prompts], max_new_tokens, max_context)
-        rows = cache_rows(model.config, S, dtype, num, batch_size, _free_bytes(device), cache_mem_fraction)
+        backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
+        kernel = decode_backend(backend, device, dtype)
+        params["compact"] = kernel == "sdpa" if compact == "auto" else bool(compact)
+        params["cuda_graphs"] = _want_graphs(device, kernel, params["compact"], cuda_graphs)
+        S = _cache_len(kernel, [len(p) for p in prompts], max_new_tokens, max_context)
+        rows = cache_rows(model.config, S, dtype, num, batch_size, _free_bytes(device), cache_mem_fraction,
+                          spare=int(params["cuda_graphs"]))
         samples, rounds = _decode_all(model, prompts, rows, S, **params)
     out = _assemble(samples, prompts, n, pad_id, params)
     out.cache_rows, out.rounds = rows, rounds
@@ -459,15 +464,18 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
 
 
 def _free_bytes(device) -> int | None:
-    """Free memory of a CUDA device in bytes (None elsewhere: the CPU cache is not budgeted)."""
+    """Memory a CUDA allocation can get, in bytes: the driver's free memory plus what torch's caching
+    allocator holds but does not use (the previous step's cache and activations). None elsewhere:
+    the CPU cache is not budgeted."""
     if torch.device(device).type != "cuda":
         return None
-    return torch.cuda.mem_get_info(device)[0]
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def cache_rows(cfg, S: int, dtype, num: int, batch_size: int, free_bytes: int | None,
-               mem_fraction: float) -> int:
-    """KV-cache rows for `num` samples with S cache slots each.
+               mem_fraction: float, spare: int = 0) -> int:
+    """KV-cache rows for `num` samples with S cache slots each (plus `spare` rows the engine
+    allocates besides them: the CUDA graphs' padding row).
 
     batch_size > 0: that many (at most num); it must fit in the free memory when that is known.
     batch_size = 0: all num on the CPU (free_bytes None); on CUDA as many as fit in
@@ -478,14 +486,14 @@ def cache_rows(cfg, S: int, dtype, num: int, batch_size: int, free_bytes: int | 
     gib = 2 ** 30
     if batch_size > 0:
         rows = min(batch_size, num)
-        if free_bytes is not None and rows * row > free_bytes:
+        if free_bytes is not None and (rows + spare) * row > free_bytes:
             raise ValueError(f"rollout.batch_size={batch_size}: {rows} KV-cache rows of {S} tokens need "
                              f"{rows * row / gib:.1f} GiB, {free_bytes / gib:.1f} GiB free on the device; "
                              f"lower it (0 sizes it to the free memory)")
         return rows
     if free_bytes is None:
         return num
-    rows = min(num, int(free_bytes * mem_fraction) // row)
+    rows = min(num, int(free_bytes * mem_fraction) // row - spare)
     if rows < 1:
         raise ValueError(f"rollout.batch_size=0 (auto): one KV-cache row of {S} tokens needs {row / gib:.2f} GiB, "
                          f"but rollout.cache_mem_fraction={mem_fraction} of the {free_bytes / gib:.1f} GiB free "
@@ -493,12 +501,11 @@ def cache_rows(cfg, S: int, dtype, num: int, batch_size: int, free_bytes: int | 
     return rows
 
 
-def _cache_len(model, prompt_lens, max_new_tokens, max_context) -> int:
+def _cache_len(kernel: str, prompt_lens, max_new_tokens, max_context) -> int:
     """Cache slots per row: the longest prompt + its token budget - 1 (the last token is never
-    fed back), rounded up to 256 for the paged CUDA kernels that want such page sizes."""
+    fed back), rounded up to 256 for the paged CUDA kernels (flash, varlen) that want such pages."""
     S = max(max(lp + min(max_new_tokens, max_context - lp) - 1, lp) for lp in prompt_lens)
-    backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
-    if decode_backend(backend, *_model_device_dtype(model)) in ("flash", "varlen"):
+    if kernel in ("flash", "varlen"):
         S = -(-S // 256) * 256
     return S
 
@@ -635,7 +642,8 @@ def _want_graphs(device, kernel: str, compact: bool, cuda_graphs: bool) -> bool:
 
 def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top_p, top_k, greedy,
                 stop_token_ids, stopper, generator, max_context, compact, cuda_graphs):
-    """Generate all len(prompts) * n samples through `slots` cache rows with continuous admission:
+    """Generate all len(prompts) * n samples through `slots` cache rows with continuous admission
+    (compact: the live rows kept contiguous, for SDPA; cuda_graphs: replay the decode steps):
     whenever sequences finish, waiting samples are admitted into the freed rows at once (their
     prompt prefilled or copied from a live sibling), so the decode batch stays full until the
     queue runs dry. Returns (per-sample dicts in sample order (sample b is prompt b // n's), the
@@ -644,12 +652,8 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
     B = len(prompts) * n
     plen = [len(prompts[b // n]) for b in range(B)]
     cap = [min(max_new_tokens, max_context - lp) for lp in plen]  # new-token budget per sample
-    backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
-    kernel = decode_backend(backend, device, dtype)
-    if compact == "auto":
-        compact = kernel == "sdpa"
     graphs = None
-    if _want_graphs(device, kernel, compact, cuda_graphs):
+    if cuda_graphs:  # decided by generate (_want_graphs)
         cache = KVCache.allocate(model.config, slots + 1, S, dtype, device)  # + the padding row
         graphs = _DecodeGraphs(model, cache, S, pad_row=slots, capture=device.type == "cuda")
     else:

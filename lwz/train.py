@@ -64,8 +64,12 @@ class Sample:
 # ---- building blocks ---------------------------------------------------------------------------
 
 def build_policy(cfg, d, for_reference: bool = False) -> Transformer:
+    """The policy (master weights in model.dtype), or the frozen reference model (stored in the
+    compute dtype distributed.param_dtype: it has no optimizer, so no reason for fp32 shards).
+    fp32 on CPU."""
     m = cfg.model
-    dtype = DTYPES[m.dtype] if d.device.type == "cuda" else torch.float32
+    dtype = DTYPES[cfg.distributed.param_dtype if for_reference else m.dtype] if d.device.type == "cuda" \
+        else torch.float32
     ac = m.activation_checkpointing and not for_reference
     cuda = d.device.type == "cuda"
 
@@ -124,13 +128,14 @@ class HostedReward:
 
 def load_quality_model(cfg, d, hosts: list[int]):
     """The quality reward model on this rank: whole, an FSDP2 shard (rewards.quality_fsdp), or None
-    on a rank that does not host it. Weights in the policy's dtype on CUDA, fp32 on CPU."""
+    on a rank that does not host it. Weights in the policy's compute dtype (distributed.param_dtype)
+    on CUDA, fp32 on CPU."""
     from lwz.model import ModelConfig
     from lwz.rewards.quality import QualityRewardModel
 
     r = cfg.rewards
     members = hosts or list(range(d.world))
-    dtype = DTYPES[cfg.model.dtype] if d.device.type == "cuda" else torch.float32
+    dtype = DTYPES[cfg.distributed.param_dtype] if d.device.type == "cuda" else torch.float32
     shard = r.quality_fsdp == "on"
     if r.quality_fsdp == "auto" and len(members) > 1:
         with torch.device("meta"):
@@ -262,7 +267,8 @@ def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id, keep_logp:
     my = plans[d.rank]
     sums, kept = {}, {}
     for k, mb_idx in enumerate(my):
-        set_grad_sync(model, k == len(my) - 1)
+        # reduce-scatter every micro-batch (sharded accumulation) unless asked to keep full gradients
+        set_grad_sync(model, not cfg.distributed.accumulate_unsharded or k == len(my) - 1)
         mb_samples = [samples[i] for i in mb_idx]
         mb = pack_samples(mb_samples, d.device, pad_id)
         mask = mb["targets"] != -100
@@ -378,6 +384,14 @@ def _run(cfg, d) -> int:
         raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a "
                           f"multiple of the world size {d.world} (each rank samples whole groups)")
 
+    if not cfg.distributed.fsdp and d.world > 1:
+        raise ConfigError(f"distributed.fsdp=false with {d.world} processes would train {d.world} unsynchronised "
+                          f"copies (there is no DDP path); use distributed.fsdp=true")
+    if d.device.type == "cuda" and cfg.model.dtype != "float32" and d.is_main:
+        print(f"warning: model.dtype={cfg.model.dtype} keeps the master weights and AdamW state in "
+              f"{cfg.model.dtype}: updates smaller than half an ulp (most at lr={cfg.optim.lr:g}) round away; "
+              f"model.dtype=float32 with distributed.param_dtype=bfloat16 computes in bf16 without that loss",
+              file=sys.stderr, flush=True)
     policy = build_policy(cfg, d)
     ref = build_policy(cfg, d, for_reference=True) if cfg.grpo.kl_coef > 0 else None
     reward_fns, weights = build_rewards(cfg, d)
@@ -404,6 +418,8 @@ def _run(cfg, d) -> int:
 
     for step in range(start, cfg.steps):
         t0 = time.time()
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
         step_records = cursor.next(records, cfg.rollout.prompts_per_step)
         mine = step_records[d.rank::d.world]
         local, cache_rows = rollout(policy, tok, mine, cfg, d, step)
@@ -460,6 +476,8 @@ def _run(cfg, d) -> int:
         if peak:  # model FLOPs of the training passes over their wall time, all GPUs
             row["mfu"] = flops / (t_upd - t_rew) / (peak * d.world)
         row.update(nvml.read())
+        if d.device.type == "cuda":  # this rank's peak of the step (rollout cache, training activations)
+            row["gpu_peak_alloc_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         log.write(row)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
             ckpt.save_training_state(ckdir, step + 1, policy, optimizer, d.rank,
@@ -470,8 +488,9 @@ def _run(cfg, d) -> int:
     if cfg.checkpoint.export_hf and start < cfg.steps:
         from lwz.distributed import full_state_dict
         sd = full_state_dict(policy)
-        if d.is_main:
-            ckpt.save_hf_model(sd, mcfg, os.path.join(run_dir, "hf"))
+        if d.is_main:  # in the compute dtype on CUDA (bf16 for the paper's models), as HF ships them
+            export_dtype = DTYPES[cfg.distributed.param_dtype] if d.device.type == "cuda" else None
+            ckpt.save_hf_model(sd, mcfg, os.path.join(run_dir, "hf"), dtype=export_dtype)
     if d.is_main:
         summarize(run_dir, cfg)
     return 0
@@ -537,8 +556,12 @@ def summarize(run_dir, cfg) -> None:
             b = sum(r[key] for r in rows[-k:]) / k
             print(f"  {key}: {a:.3f} -> {b:.3f}", flush=True)
     if cfg.logging.plot:
-        from lwz.plot import plot_run
-        print(f"curves: {plot_run(run_dir)}", flush=True)
+        try:  # a finished run stays a success without matplotlib (or a display backend)
+            from lwz.plot import plot_run
+            print(f"curves: {plot_run(run_dir)}", flush=True)
+        except Exception as e:
+            print(f"warning: no plot ({type(e).__name__}: {e}); `python -m lwz.plot {run_dir}` redraws it",
+                  file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

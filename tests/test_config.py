@@ -56,7 +56,7 @@ def test_round_trip_defaults_and_edited(tmp_path):
     assert load_config(p, []) == Config()
     cfg = load_config(None, [
         "--name=run-ü", "--rollout.stop_strings=[\"</answer>\", \"a\\\"b\\\\c\\nd\"]",
-        "--grpo.clip_c=3.0", "--model.tie_word_embeddings=false", "--data.template_en=Q: {question}\tA:",
+        "--grpo.clip_c=3.0", "--distributed.accumulate_unsharded=true", "--data.template_en=Q: {question}\tA:",
         "--optim.betas=0.8,0.95", "--rewards.quality_ranks=1,3", "--optim.lr=3.5e-7",
         "--rewards.quality_path=/x/y z",
     ])
@@ -66,7 +66,7 @@ def test_round_trip_defaults_and_edited(tmp_path):
     assert back == cfg
     assert back.rollout.stop_strings == ["</answer>", 'a"b\\c\nd']
     assert back.optim.betas == (0.8, 0.95)
-    assert back.model.tie_word_embeddings is False
+    assert back.distributed.accumulate_unsharded is True
     assert to_toml(back) == to_toml(cfg)
 
 
@@ -103,7 +103,7 @@ def test_toml_file_and_overrides(tmp_path):
     ("--name='quoted'", "name", "quoted"),
     ("--grpo.clip_c=2.5", "grpo.clip_c", 2.5),
     ("--grpo.clip_c=none", "grpo.clip_c", None),
-    ("--model.tie_word_embeddings=true", "model.tie_word_embeddings", True),
+    ("--distributed.accumulate_unsharded=true", "distributed.accumulate_unsharded", True),
     ("--rollout.stop_strings=[\"</answer>\", \"<|user|>\"]", "rollout.stop_strings", ["</answer>", "<|user|>"]),
     ("--rollout.stop_strings=</answer>,<|user|>", "rollout.stop_strings", ["</answer>", "<|user|>"]),
     ("--rollout.stop_strings=[]", "rollout.stop_strings", []),

@@ -358,6 +358,11 @@ def test_cache_rows_follow_batch_size_and_free_memory(tiny, monkeypatch):
         ro.cache_rows(cfg, 100, torch.float32, 12, 0, row, 0.5)
     with pytest.raises(ValueError, match=r"rollout.batch_size=8: 8 KV-cache rows of 100 tokens need"):
         ro.cache_rows(cfg, 100, torch.float32, 12, 8, 7 * row, 0.9)
+    # the CUDA graphs' padding row is budgeted too
+    assert ro.cache_rows(cfg, 100, torch.float32, 12, 0, 10 * row, 0.5, spare=1) == 4
+    assert ro.cache_rows(cfg, 100, torch.float32, 12, 7, 8 * row, 0.9, spare=1) == 7
+    with pytest.raises(ValueError, match="rollout.batch_size=8"):
+        ro.cache_rows(cfg, 100, torch.float32, 12, 8, 8 * row, 0.9, spare=1)
     # generate with a budgeted device: batch_size 0 decodes through the rows that fit, same results
     prompts = prompts_for(1024, [7, 2, 15])
     kw = dict(n=2, max_new_tokens=12, greedy=True, stop_token_ids=list(range(200)))

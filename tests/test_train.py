@@ -34,14 +34,14 @@ def _fixed_samples(vocab=1024):
     return out
 
 
-def _update_worker(rank, world, store, out_path, loss_agg):
+def _update_worker(rank, world, store, out_path, loss_agg, accumulate_unsharded):
     torch.set_num_threads(1)
     from lwz.config import load_config
     from lwz.distributed import full_state_dict
     from lwz.train import build_policy, plan, train_minibatch
     cfg = load_config(os.path.join(ROOT, "configs/tiny.toml"),
                       [f"--model.path={ROOT}/assets/tiny-model", "--grpo.max_tokens_per_microbatch=40", "--data.max_prompt_tokens=20", "--rollout.max_new_tokens=20",
-                       f"--grpo.loss_agg={loss_agg}"])
+                       f"--grpo.loss_agg={loss_agg}", f"--distributed.accumulate_unsharded={accumulate_unsharded}"])
     d = _join(rank, world, store)
     model = build_policy(cfg, d)
     # eps well above fp32 summation noise: Adam divides by |g|, which would turn 1e-12 reordering
@@ -57,13 +57,16 @@ def _update_worker(rank, world, store, out_path, loss_agg):
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
-def test_world_size_invariance(tmp_path, loss_agg):
+@pytest.mark.parametrize("loss_agg,accumulate_unsharded", [("token-mean", False), ("seq-mean-token-mean", False),
+                                                           ("token-mean", True)])
+def test_world_size_invariance(tmp_path, loss_agg, accumulate_unsharded):
+    """One mini-batch over several micro-batches: the same update on 1 and 2 ranks, with a
+    reduce-scatter per micro-batch (the default) or one per mini-batch (accumulate_unsharded)."""
     results = []
     for world in (1, 2):
         out = str(tmp_path / f"w{world}.pt")
-        mp.spawn(_update_worker, args=(world, str(tmp_path / f"store{world}"), out, loss_agg), nprocs=world,
-                 join=True)
+        mp.spawn(_update_worker, args=(world, str(tmp_path / f"store{world}"), out, loss_agg, accumulate_unsharded),
+                 nprocs=world, join=True)
         results.append(torch.load(out))
     a, b = results
     assert a["stats"]["grad_norm"] > 0
@@ -183,6 +186,12 @@ def test_bad_config_is_one_line(tmp_path):
     assert r.returncode == 2
     assert "unknown key 'rollout.group_sise'" in r.stderr and "group_size" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fsdp_off_with_several_processes_is_refused(tmp_path):
+    r = _torchrun(tmp_path, "nofsdp", ["--distributed.fsdp=false", "--steps=1"])
+    assert r.returncode != 0
+    assert "distributed.fsdp=false with 2 processes would train 2 unsynchronised copies" in r.stderr
 
 
 def test_tiny_default_learns(tmp_path):
