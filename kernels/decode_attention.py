@@ -35,9 +35,9 @@ SPLIT_WARPS, MERGE_WARPS = 4, 4
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, row_ptr,  # q [B, Hq, D]; caches [R, S, Hkv, D]; [B] int32 each
+    q_ptr, k_ptr, v_ptr, len_ptr, bt_ptr,  # q [B, Hq, D]; caches [pages, PAGE, Hkv, D]; lengths [B]; table [B, BT_STRIDE]
     m_ptr, l_ptr, acc_ptr,  # outputs: [B, Hq, SPLITS] fp32 (m, l), [B, Hq, SPLITS, D] fp32
-    S, SPLIT_LEN, SPLITS,  # cache slots per row; keys per split (a multiple of BLOCK_N); splits
+    PAGE, BT_STRIDE, SPLIT_LEN, SPLITS,  # slots per page; table row stride; keys per split (a multiple of BLOCK_N); splits
     scale,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, REP: tl.constexpr,
     REP_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -46,7 +46,7 @@ def _decode_split_kernel(
     h = tl.program_id(1)  # kv head
     sp = tl.program_id(2)
     L = tl.load(len_ptr + b)
-    row = tl.load(row_ptr + b).to(tl.int64)
+    bt = bt_ptr + b * BT_STRIDE
     start = sp * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, L)
 
@@ -61,11 +61,14 @@ def _decode_split_kernel(
     m = tl.full((REP_PAD,), float("-inf"), tl.float32)
     l = tl.zeros((REP_PAD,), tl.float32)
     acc = tl.zeros((REP_PAD, D_PAD), tl.float32)
-    base = row * S * HKV * D + h * D  # int64: R * S * Hkv * D can pass 2^31
     for n0 in range(start, end, BLOCK_N):
+        # a tile never straddles two pages: PAGE is a multiple of BLOCK_N, or one page holds the row
+        j = n0 // PAGE
+        page = tl.load(bt + j).to(tl.int64)
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
-        off = base + n.to(tl.int64)[:, None] * (HKV * D) + d[None, :]
+        slot = page * PAGE + (n - j * PAGE).to(tl.int64)  # int64: pages * PAGE * Hkv * D can pass 2^31
+        off = slot[:, None] * (HKV * D) + h * D + d[None, :]
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_ptr + off, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + off, mask=kv_mask, other=0.0)
@@ -113,11 +116,20 @@ def _num_splits(batch_heads: int, max_len: int, device) -> int:
 
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale: float, rows=None, max_length=None,
-                            num_splits: int | None = None):
+                            num_splits: int | None = None, block_table=None):
     """See the module docstring. lengths int [B] >= 1; max_length (host int >= lengths.max(),
-    default S) bounds the split sizes; num_splits overrides the heuristic (tests)."""
+    default S) bounds the split sizes; num_splits overrides the heuristic (tests). block_table
+    int32 [B, S // P]: a paged cache k_cache/v_cache [pages, P, Hkv, D] (P a multiple of BLOCK_N)."""
     B, Hq, D = q.shape
-    R, S, Hkv, Dk = k_cache.shape
+    R, P, Hkv, Dk = k_cache.shape
+    if block_table is None:  # the static cache: one page (its row) per sequence
+        S = P
+        block_table = (torch.arange(B, device=q.device) if rows is None else rows).to(torch.int32)[:, None]
+    else:
+        S = P * block_table.shape[1]
+        if block_table.shape[1] > 1 and P % BLOCK_N:
+            raise ValueError(f"decode attention: page size {P} must be a multiple of {BLOCK_N}")
+    block_table = block_table.to(torch.int32).contiguous()
     if Dk != D or v_cache.shape != k_cache.shape or Hq % Hkv:
         raise ValueError(f"decode attention: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)} / "
                          f"{tuple(v_cache.shape)}")
@@ -129,7 +141,6 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale: float, rows=Non
     splits = num_splits or _num_splits(B * Hkv, max_len, q.device)
     split_len = -(-max(-(-max_len // splits), 1) // BLOCK_N) * BLOCK_N
     splits = max(1, -(-max_len // split_len))
-    idx = (torch.arange(B, device=q.device) if rows is None else rows).to(torch.int32)
     m = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
@@ -138,7 +149,8 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale: float, rows=Non
         return out
     d_pad = triton.next_power_of_2(D)
     _decode_split_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, lengths.to(torch.int32), idx, m, l, acc, S, split_len, splits, float(scale),
+        q, k_cache, v_cache, lengths.to(torch.int32), block_table, m, l, acc, P, block_table.shape[1], split_len,
+        splits, float(scale),
         HQ=Hq, HKV=Hkv, D=D, REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D_PAD=max(16, d_pad),
         BLOCK_N=BLOCK_N, num_warps=SPLIT_WARPS, num_stages=2)
     # the split count is a run-time argument (it follows the live batch and context every step); only
@@ -168,13 +180,14 @@ def decode_attention_reference(q, k_cache, v_cache, lengths, scale: float, rows=
 # ahead-of-time report (kernels.report).
 AOT_SPECS = [
     dict(name="decode_split", fn=_decode_split_kernel,
-         signature={"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "len_ptr": "*i32", "row_ptr": "*i32",
-                    "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "S": "i32", "SPLIT_LEN": "i32",
+         signature={"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "len_ptr": "*i32", "bt_ptr": "*i32",
+                    "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "PAGE": "i32", "BT_STRIDE": "i32",
+                    "SPLIT_LEN": "i32",
                     "SPLITS": "i32", "scale": "fp32", "HQ": "constexpr", "HKV": "constexpr", "D": "constexpr",
                     "REP": "constexpr", "REP_PAD": "constexpr", "D_PAD": "constexpr", "BLOCK_N": "constexpr"},
          constexprs=dict(HQ=28, HKV=4, D=128, REP=7, REP_PAD=16, D_PAD=128, BLOCK_N=BLOCK_N),
          num_warps=SPLIT_WARPS, num_stages=2,
-         divisible=("q_ptr", "k_ptr", "v_ptr", "m_ptr", "l_ptr", "acc_ptr", "S", "SPLIT_LEN")),
+         divisible=("q_ptr", "k_ptr", "v_ptr", "m_ptr", "l_ptr", "acc_ptr", "PAGE", "SPLIT_LEN")),
     dict(name="decode_merge", fn=_decode_merge_kernel,
          signature={"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16", "SPLITS": "i32",
                     "D": "constexpr", "D_PAD": "constexpr", "SPLITS_PAD": "constexpr"},

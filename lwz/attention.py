@@ -119,13 +119,16 @@ except Exception:
     _flash_kvcache = None
 
 
-def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, max_length=None, backend="auto"):
+def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, block_table=None, max_length=None,
+                     backend="auto"):
     """One new query per sequence against its cached keys (used by the rollout engine).
 
-    q [B, Hq, D]; k_cache/v_cache [R, S, Hkv, D] with the first `lengths[b]` slots of row
-    `rows[b]` valid (the new token's k/v already written); lengths and rows int32/int64 [B]
-    (rows None: row b). `max_length` (host int >= lengths.max()) lets the SDPA path read only
-    cache[:, :max_length]. Returns [B, Hq, D].
+    q [B, Hq, D]; static cache: k_cache/v_cache [R, S, Hkv, D] with the first `lengths[b]` slots of
+    row `rows[b]` valid (the new token's k/v already written); lengths and rows int32/int64 [B]
+    (rows None: row b). Paged cache: k_cache/v_cache [pages, P, Hkv, D] and block_table int32
+    [B, S // P]: sequence b's positions [j*P, (j+1)*P) live in page block_table[b, j] (P a multiple
+    of 64 for triton, of 256 for flash and varlen). `max_length` (host int >= lengths.max()) lets
+    the SDPA path read only the first max_length positions. Returns [B, Hq, D].
 
     Kernels (see decode_backend for the choice):
       flash  -- flash_attn_with_kvcache(cache_seqlens=lengths, cache_batch_idx=rows)
@@ -139,15 +142,25 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, max_leng
     backend = decode_backend(backend, q.device, q.dtype)
     if backend == "triton":
         from kernels.decode_attention import decode_attention_triton
-        return decode_attention_triton(q, k_cache, v_cache, lengths, scale, rows=rows, max_length=max_length)
+        return decode_attention_triton(q, k_cache, v_cache, lengths, scale, rows=rows, max_length=max_length,
+                                       block_table=block_table)
     if backend == "flash":
         B = q.shape[0]
-        idx = (torch.arange(B, device=q.device) if rows is None else rows).to(torch.int32)
-        out = _flash_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=lengths.to(torch.int32),
-                             cache_batch_idx=idx, softmax_scale=scale, causal=True)
-        return out[:, 0]
+        kw = dict(cache_seqlens=lengths.to(torch.int32), softmax_scale=scale, causal=True)
+        if block_table is not None:
+            kw["block_table"] = block_table
+        else:
+            kw["cache_batch_idx"] = (torch.arange(B, device=q.device) if rows is None else rows).to(torch.int32)
+        return _flash_kvcache(q[:, None], k_cache, v_cache, **kw)[:, 0]
     if backend == "varlen":
-        return _decode_varlen_paged(q, k_cache, v_cache, lengths, scale, rows)
+        return _decode_varlen_paged(q, k_cache, v_cache, lengths, scale, rows, block_table)
+    if block_table is not None:  # gather each sequence's pages into one row (the CPU path: a copy)
+        P = k_cache.shape[1]
+        n = -(-int(max_length if max_length is not None else block_table.shape[1] * P) // P)
+        pages = block_table[:, :n].long()
+        k_cache = k_cache[pages].flatten(1, 2)
+        v_cache = v_cache[pages].flatten(1, 2)
+        rows = None
     return _decode_sdpa(q, k_cache, v_cache, lengths, scale, rows, max_length)
 
 
@@ -176,15 +189,17 @@ def decode_backend(requested: str, device: torch.device, dtype: torch.dtype | No
     return "sdpa"
 
 
-def _decode_varlen_paged(q, k_cache, v_cache, lengths, scale, rows):
+def _decode_varlen_paged(q, k_cache, v_cache, lengths, scale, rows, block_table=None):
     B = q.shape[0]
-    idx = torch.arange(B, device=q.device) if rows is None else rows
-    block_table = idx.to(torch.int32)[:, None].contiguous()  # one page (= one cache row) per sequence
+    if block_table is None:  # the static cache: one page (= one cache row) per sequence
+        idx = torch.arange(B, device=q.device) if rows is None else rows
+        block_table = idx.to(torch.int32)[:, None].contiguous()
     cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32)
     kw = {"scale": scale, "seqused_k": lengths.to(torch.int32), "block_table": block_table,
           "enable_gqa": k_cache.shape[2] != q.shape[1]}
     # a single query that is the newest token sees every valid key: no causal mask needed
-    return _torch_varlen(q, k_cache, v_cache, cu_q, None, 1, k_cache.shape[1], **kw)
+    max_k = k_cache.shape[1] * block_table.shape[1]
+    return _torch_varlen(q, k_cache, v_cache, cu_q, None, 1, max_k, **kw)
 
 
 def _decode_sdpa(q, k_cache, v_cache, lengths, scale, rows=None, max_length=None):

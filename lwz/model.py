@@ -399,21 +399,37 @@ from lwz.attention import decode_attention  # noqa: E402
 
 @dataclass
 class KVCache:
-    """Static per-layer key/value cache: k[l], v[l] are [B, S, Hkv, D] in the model's dtype.
+    """Per-layer key/value cache in the model's dtype, static or paged.
 
-    Row b holds one sequence; slot s holds the key/value of its token at position s. Memory is
-    2 * layers * B * S * Hkv * D * bytes(dtype). On CUDA the same tensors are read as a paged cache
-    with one page per row (block_table = row index), so dropping finished rows costs no copy.
+    Static (block_table None): k[l], v[l] are [R, S, Hkv, D]; row r holds one sequence, slot s the
+    key/value of its token at position s. Memory 2 * layers * R * S * Hkv * D * bytes(dtype). On
+    CUDA the kernels read it as a paged cache with one page per row, so dropping finished rows
+    costs no copy.
+    Paged: k[l], v[l] are [pages, P, Hkv, D] and block_table int32 [R, S // P] maps row r's
+    positions [j*P, (j+1)*P) to page block_table[r, j]; the rollout engine hands pages to rows as
+    their sequences grow, so memory follows the real lengths (2 * layers * pages * P * Hkv * D *
+    bytes) instead of every row's whole budget.
     """
 
     k: list
     v: list
+    block_table: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device) -> "KVCache":
         shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
         return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)],
                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)])
+
+    @classmethod
+    def allocate_paged(cls, cfg: ModelConfig, pages: int, page: int, rows: int, max_len: int,
+                       dtype: torch.dtype, device) -> "KVCache":
+        """`pages` pages of `page` slots, and a block table for `rows` rows of up to `max_len`
+        positions (every entry page 0 until the engine assigns pages)."""
+        shape = (pages, page, cfg.num_key_value_heads, cfg.head_dim)
+        table = torch.zeros(rows, -(-max_len // page), dtype=torch.int32, device=device)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)], table)
 
     @staticmethod
     def nbytes_for(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
@@ -428,14 +444,26 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[1]
 
+    def where(self, rows: torch.Tensor, positions: torch.Tensor):
+        """The index pair that addresses (row, position) in k[l] / v[l]: (row, position) for a
+        static cache, (page, offset in the page) for a paged one."""
+        if self.block_table is None:
+            return rows, positions
+        P = self.k[0].shape[1]
+        return self.block_table[rows, positions // P].long(), positions % P
+
     def head(self, rows: int) -> "KVCache":
-        """A view of the first `rows` rows (the live ones of the rollout's compacted layout)."""
+        """A view of the first `rows` rows (the live ones of the rollout's compacted layout; static)."""
         return KVCache([t[:rows] for t in self.k], [t[:rows] for t in self.v])
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, upto: int) -> None:
-        """cache[dst, :upto] = cache[src, :upto] (fan a prefilled prompt out to its n samples)."""
+        """Static: cache[dst, :upto] = cache[src, :upto] (fan a prefilled prompt out to its n
+        samples). Paged: src/dst are page indices and whole pages are copied (upto unused)."""
         for t in self.k + self.v:
-            t[dst, :upto] = t[src, :upto]
+            if self.block_table is None:
+                t[dst, :upto] = t[src, :upto]
+            else:
+                t[dst] = t[src]
 
 
 def _forward_with_cache(model: "Transformer", input_ids, position_ids, cache: KVCache, rows, attend):
@@ -444,11 +472,12 @@ def _forward_with_cache(model: "Transformer", input_ids, position_ids, cache: KV
     the attention of layer li (packed varlen for prefill, against the cache for decode)."""
     x = model.embed_tokens(input_ids)
     cos, sin = model.rope(position_ids, x.dtype)
+    where = cache.where(rows, position_ids)  # once for all layers
     for li, layer in enumerate(model.layers):
         attn = layer.self_attn
         q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)
-        cache.k[li].index_put_((rows, position_ids), k)
-        cache.v[li].index_put_((rows, position_ids), v)
+        cache.k[li].index_put_(where, k)
+        cache.v[li].index_put_(where, v)
         x = x + attn.o_proj(attend(li, attn, q, k, v).reshape(x.shape[0], -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.norm(x)
@@ -471,17 +500,19 @@ def _prefill(model: "Transformer", input_ids, position_ids, cu_seqlens, max_seql
 def _decode_step(model: "Transformer", input_ids, position_ids, cache: KVCache, rows=None,
                  max_length: int | None = None):
     """One new token per sequence. input_ids/position_ids int64 [B]; rows int64 [B] = cache row of
-    each sequence (None: row b, the compacted layout); max_length = a host-side bound on
-    position_ids + 1 (lets the SDPA path read only the filled part of the cache). Writes the new
-    k/v at cache[row, position] and returns the final-normed hidden [B, H]."""
+    each sequence (None: row b, the compacted layout; a paged cache needs rows); max_length = a
+    host-side bound on position_ids + 1 (lets the SDPA path read only the filled part of the cache).
+    Writes the new k/v at cache[row, position] and returns the final-normed hidden [B, H]."""
     idx_rows = torch.arange(input_ids.shape[0], device=input_ids.device) if rows is None else rows
-    # once per step, not per layer: the attention kernels take int32 lengths and rows
+    # once per step, not per layer: the attention kernels take int32 lengths, rows and block tables
     lengths = (position_ids + 1).to(torch.int32)
     rows32 = None if rows is None else rows.to(torch.int32)
+    table = None if cache.block_table is None else cache.block_table.index_select(0, idx_rows)
     return _forward_with_cache(
         model, input_ids, position_ids, cache, idx_rows,
         lambda li, attn, q, k, v: decode_attention(q, cache.k[li], cache.v[li], lengths, attn.scale, rows=rows32,
-                                                   max_length=max_length, backend=attn.backend))
+                                                   block_table=table, max_length=max_length,
+                                                   backend=attn.backend))
 
 
 Transformer.prefill = _prefill

@@ -52,6 +52,47 @@ def test_matches_reference(shape, dtype, splits):
     assert err <= 2 * err_torch + 4 * ulp, (err, err_torch, ulp)
 
 
+def _paged(k, v, rows, page, g):
+    """The rows' caches cut into `page`-slot pages scattered over a shuffled pool with spare pages:
+    (k_pages, v_pages, block_table int32 [B, S // page]) holding the same keys and values."""
+    R, S, Hkv, D = k.shape
+    n = S // page
+    B = rows.numel()
+    order = torch.randperm(B * n + 3, generator=g)  # 3 pages nobody uses
+    table = order[:B * n].reshape(B, n).to(torch.int32)
+    kp = torch.randn(B * n + 3, page, Hkv, D, generator=g).to(k.dtype)  # garbage where no row points
+    vp = torch.randn(B * n + 3, page, Hkv, D, generator=g).to(k.dtype)
+    for b in range(B):
+        for j in range(n):
+            kp[table[b, j]] = k[rows[b], j * page:(j + 1) * page]
+            vp[table[b, j]] = v[rows[b], j * page:(j + 1) * page]
+    return kp, vp, table
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_paged_cache_reads_the_same_keys(dtype, splits, monkeypatch):
+    """A paged cache (pages scattered in the pool, rows sharing none) gives what the static rows
+    give, in the Triton kernel and in the SDPA path; a page size the kernel cannot tile is refused."""
+    from lwz.attention import decode_attention
+    q, k, v, lengths, rows = _case((3, 6, 2, 12, 5, 256), dtype, seed=4)
+    lengths[2] = 130  # ends inside the third page
+    g = torch.Generator().manual_seed(5)
+    kp, vp, table = _paged(k, v, rows, 64, g)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths, 0.3, rows=rows)
+    static = decode_attention_triton(q, k, v, lengths, 0.3, rows=rows, num_splits=splits)
+    paged = decode_attention_triton(q, kp, vp, lengths, 0.3, block_table=table, num_splits=splits)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(paged, static, atol=tol, rtol=tol)
+    torch.testing.assert_close(paged.double(), ref, atol=10 * tol, rtol=10 * tol)
+    monkeypatch.setenv("LWZ_DECODE_KERNEL", "sdpa")
+    sd = decode_attention(q, kp, vp, lengths, 0.3, block_table=table, max_length=int(lengths.max()))
+    torch.testing.assert_close(sd.double(), ref, atol=10 * tol, rtol=10 * tol)
+    kp2, vp2, table2 = _paged(k, v, rows, 32, g)
+    with pytest.raises(ValueError, match="page size 32 must be a multiple of 64"):
+        decode_attention_triton(q, kp2, vp2, lengths, 0.3, block_table=table2)
+
+
 def test_rows_and_splits_do_not_change_the_result():
     """Reading rows in place = reading a compacted copy; 1 split = many splits (to rounding)."""
     q, k, v, lengths, rows = _case((3, 6, 2, 12, 5, 200), torch.float32, seed=1)
