@@ -83,6 +83,11 @@ class RolloutConfig:
     batch_size: int = 0  # KV-cache rows = most sequences decoded at once (waiting ones take finished rows); 0 = auto: all on CPU, what fits on CUDA
     cache_mem_fraction: float = 0.9  # batch_size = 0 on CUDA: share of the free memory (weights gathered) given to the KV cache
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA decode kernels only; eager if a capture fails)
+    # 0 = static KV cache (every row sized for the whole budget); N = paged cache of N-token pages
+    # (a multiple of 64 for the Triton kernel, of 256 for flash-attn / torch's paged varlen): memory follows the
+    # real lengths, rows (batch_size) only cap the sequences in flight; sequences that cannot grow
+    # give their pages back and are recomputed later (logged as rollout_preemptions)
+    page_size: int = 0
 
 
 @dataclass
@@ -573,6 +578,7 @@ def validate(cfg: Config) -> Config:
         if not s:
             raise _fail(f"rollout.stop_strings[{i}]", s, "a non-empty string")
     ge("rollout.batch_size", r.batch_size, 0)
+    ge("rollout.page_size", r.page_size, 0)
     finite("rollout.cache_mem_fraction", r.cache_mem_fraction)
     if not (0.0 < r.cache_mem_fraction <= 1.0):
         raise _fail("rollout.cache_mem_fraction", r.cache_mem_fraction, "in (0, 1]")

@@ -113,6 +113,7 @@ class RolloutBatch:
     pad_id: int = 0
     cache_rows: int = 0  # KV-cache rows the engine decoded through (sequences at once)
     rounds: int = 0  # sampling rounds (one token for every live sequence each)
+    preemptions: int = 0  # paged cache: sequences that gave their pages back and were recomputed
 
     def __len__(self) -> int:
         return int(self.prompt_index.numel())
@@ -402,7 +403,8 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
              top_p: float = 1.0, top_k: int = 0, greedy: bool = False, stop_token_ids=(),
              stop_strings=(), tokenizer=None, generator: torch.Generator | None = None,
              max_context: int | None = None, batch_size: int = 0, cache_mem_fraction: float = 0.9,
-             compact: str | bool = "auto", cuda_graphs: bool = True, pad_id: int | None = None) -> RolloutBatch:
+             compact: str | bool = "auto", cuda_graphs: bool = True, page_size: int = 0, num_pages: int = 0,
+             pad_id: int | None = None) -> RolloutBatch:
     """Sample `n` responses for each prompt (lists of token ids) with a KV cache.
 
     temperature 0 means greedy. top_k = 0 and top_p = 1 disable truncation. stop_token_ids end a
@@ -416,7 +418,11 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
     when sequences finish, False = keep the cache and pass the survivors' row indices to attention,
     "auto" = copy on the SDPA path, indices on CUDA kernels. cuda_graphs: replay each decode step
     from a CUDA graph where the kernel allows (see _DecodeGraphs; falls back to eager decoding, with
-    a warning, if a capture fails). Returns a RolloutBatch (CPU tensors).
+    a warning, if a capture fails). page_size > 0: a paged KV cache of `page_size`-token pages
+    (a multiple of 64; of 256 with flash-attn or torch's paged varlen kernel), num_pages of them
+    (0: on CUDA what fits in cache_mem_fraction of the free memory, on the CPU every row's whole
+    budget); rows then only bound how many sequences decode at once, and memory follows the real
+    lengths. Returns a RolloutBatch (CPU tensors).
     """
     if n < 1:
         raise ValueError(f"generate: n must be >= 1, got {n}")
@@ -430,6 +436,8 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
         raise ValueError(f"generate: top_k must be >= 0, got {top_k}")
     if not 0.0 < cache_mem_fraction <= 1.0:
         raise ValueError(f"generate: cache_mem_fraction must be in (0, 1], got {cache_mem_fraction}")
+    if page_size < 0 or num_pages < 0:
+        raise ValueError(f"generate: page_size and num_pages must be >= 0, got {page_size}, {num_pages}")
     greedy = greedy or temperature == 0
     cfg = model.config
     max_context = int(max_context or cfg.max_position_embeddings)
@@ -447,20 +455,52 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
                   stopper=stopper, generator=generator, max_context=max_context, compact=compact,
                   cuda_graphs=cuda_graphs)
     num = len(prompts) * n
-    samples, rows, rounds = [], 0, 0
+    samples, rows, rounds, preemptions = [], 0, 0, 0
     if num:
         device, dtype = _model_device_dtype(model)
         backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
         kernel = decode_backend(backend, device, dtype)
-        params["compact"] = kernel == "sdpa" if compact == "auto" else bool(compact)
+        params["compact"] = kernel == "sdpa" and not page_size if compact == "auto" else bool(compact)
+        if page_size and params["compact"]:
+            raise ValueError("generate: a paged cache (page_size > 0) reads rows in place; compact must be False")
         params["cuda_graphs"] = _want_graphs(device, kernel, params["compact"], cuda_graphs)
         S = _cache_len(kernel, [len(p) for p in prompts], max_new_tokens, max_context)
-        rows = cache_rows(model.config, S, dtype, num, batch_size, _free_bytes(device), cache_mem_fraction,
-                          spare=int(params["cuda_graphs"]))
-        samples, rounds = _decode_all(model, prompts, rows, S, **params)
+        if page_size:
+            multiple = 256 if kernel in ("flash", "varlen") else 64 if kernel == "triton" else 1
+            if page_size % multiple:
+                raise ValueError(f"rollout.page_size={page_size}: the {kernel} decode kernel needs a multiple "
+                                 f"of {multiple}")
+            rows = min(batch_size, num) if batch_size > 0 else num
+            params["num_pages"] = cache_pages(model.config, S, page_size, dtype, rows + params["cuda_graphs"],
+                                              _free_bytes(device), cache_mem_fraction, num_pages)
+            params["page_size"] = page_size
+        else:
+            rows = cache_rows(model.config, S, dtype, num, batch_size, _free_bytes(device), cache_mem_fraction,
+                              spare=int(params["cuda_graphs"]))
+        samples, rounds, preemptions = _decode_all(model, prompts, rows, S, **params)
     out = _assemble(samples, prompts, n, pad_id, params)
-    out.cache_rows, out.rounds = rows, rounds
+    out.cache_rows, out.rounds, out.preemptions = rows, rounds, preemptions
     return out
+
+
+def cache_pages(cfg, S: int, page: int, dtype, rows: int, free_bytes: int | None, mem_fraction: float,
+                num_pages: int = 0) -> int:
+    """Pages of a paged KV cache: num_pages when given; else every row's whole budget on the CPU
+    (free_bytes None: nothing is ever preempted), or what fits in mem_fraction of the free memory on
+    CUDA (less the scratch page). Raises ValueError when the pool cannot hold one whole sequence."""
+    per_seq = -(-S // page)
+    page_bytes = KVCache.nbytes_for(cfg, 1, page, dtype)
+    if num_pages:
+        pages = num_pages
+    elif free_bytes is None:
+        pages = rows * per_seq
+    else:
+        pages = int(free_bytes * mem_fraction) // page_bytes - 1
+    if pages < per_seq:
+        have = "" if free_bytes is None else f" ({free_bytes / 2**30:.1f} GiB free)"
+        raise ValueError(f"rollout: a KV-cache pool of {max(pages, 0)} pages of {page} tokens{have} cannot hold one "
+                         f"sequence of {S} tokens ({per_seq} pages); shorten rollout.max_new_tokens or free memory")
+    return pages
 
 
 def _free_bytes(device) -> int | None:
@@ -526,44 +566,90 @@ def _compact_order(keep: list[int], old: int) -> tuple[list[int], list[tuple[int
     return perm, list(zip(movers, holes))
 
 
-def _admit(model, cache, prompts, n, new, new_rows, live, live_rows, prompt_hidden, device):
-    """Write the prompts of the new samples `new` (sample ids) into cache rows `new_rows` and return
-    the logits of their first token [len(new), V].
+class _Pages:
+    """Host-side allocator of a paged KV cache: the free pages, each row's pages in order, and the
+    device block table kept in step with them (unassigned entries point at a scratch page that no
+    row owns, so a padded or stale read never touches another sequence's keys)."""
 
-    A prompt is prefilled (all such prompts as one packed varlen batch) only when no live sibling
-    (another sample of the same prompt) holds it already; otherwise the sibling's cache rows are
-    copied. The final hidden state of each prompt's last token is kept in `prompt_hidden`, so every
-    sample of a prompt starts from the same logits."""
+    def __init__(self, cache, pages: int, rows: int):
+        self.table, self.P, self.scratch = cache.block_table, cache.k[0].shape[1], pages
+        self.free = list(range(pages - 1, -1, -1))  # pop() hands out the low pages first
+        self.of: dict[int, list[int]] = {}
+        # left free at admission for the live sequences to grow, unless every row's whole budget fits
+        self.watermark = 0 if pages >= rows * self.table.shape[1] else max(1, pages // 100)
+        self.table.fill_(pages)
+
+    def need(self, length: int) -> int:
+        return -(-length // self.P)
+
+    def give(self, grants: list[tuple[int, int]]) -> None:
+        """grants: (row, pages to add) pairs; one block-table write for all of them."""
+        rows, cols, got = [], [], []
+        for row, k in grants:
+            have = self.of.setdefault(row, [])
+            for _ in range(k):
+                rows.append(row), cols.append(len(have)), got.append(self.free.pop())
+                have.append(got[-1])
+        if got:
+            self.table[torch.tensor(rows), torch.tensor(cols)] = torch.tensor(got, dtype=torch.int32).to(
+                self.table.device)
+
+    def release(self, row: int) -> None:
+        self.free.extend(self.of.pop(row, []))
+        self.table[row] = self.scratch
+
+
+def _admit(model, cache, prompts, n, new, new_rows, live, live_rows, prompt_hidden, device,
+           resumed=None, pages=None):
+    """Write the new samples `new` (sample ids) into cache rows `new_rows` and return the logits of
+    their next token [len(new), V].
+
+    A fresh sample's prompt is prefilled (all such prompts as one packed varlen batch) only when no
+    live sibling (another sample of the same prompt) holds it already; otherwise the sibling's
+    cache rows (pages, for a paged cache, whose pages the caller has granted) are copied. The final
+    hidden state of each prompt's last token is kept in `prompt_hidden`, so every sample of a prompt
+    starts from the same logits. `resumed` maps a sample that was preempted (paged cache) to the
+    tokens it generated: it comes back by prefilling its prompt and those tokens."""
+    resumed = resumed or {}
     holder = {}  # prompt -> a cache row that holds (or, once prefilled, will hold) its k/v
     for b, r in zip(live, live_rows):
         holder.setdefault(b // n, r)
-    fill, copies = [], []  # (prompt, row) to prefill; (src row, dst row) to copy
+    fill, copies = [], []  # (key, tokens, row) to prefill; (src row, dst row, prompt length) to copy
     for b, r in zip(new, new_rows):
         p = b // n
-        if p in holder:
-            copies.append((holder[p], r))
+        if b in resumed:
+            fill.append((("s", b), prompts[p] + resumed[b], r))
+        elif p in holder:
+            copies.append((holder[p], r, len(prompts[p])))
         else:
             holder[p] = r
-            fill.append((p, r))
+            fill.append((("p", p), prompts[p], r))
+    own = {}  # resumed sample -> hidden state of its last token
     if fill:
-        lens = torch.tensor([len(prompts[p]) for p, _ in fill], dtype=torch.int64)
-        ids = torch.tensor([t for p, _ in fill for t in prompts[p]], dtype=torch.int64, device=device)
+        lens = torch.tensor([len(t) for _, t, _ in fill], dtype=torch.int64)
+        ids = torch.tensor([x for _, t, _ in fill for x in t], dtype=torch.int64, device=device)
         pos = torch.cat([torch.arange(int(L)) for L in lens]).to(device)
         cu = torch.zeros(len(fill) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lens, 0)
-        rows = torch.tensor([r for _, r in fill], dtype=torch.int64, device=device)
+        rows = torch.tensor([r for _, _, r in fill], dtype=torch.int64, device=device)
         hidden = model.prefill(ids, pos, cu.to(device), int(lens.max()), cache, rows)
         last = hidden[(cu[1:] - 1).long().to(device)]
-        for i, (p, _) in enumerate(fill):
-            prompt_hidden[p] = last[i]
+        for i, ((kind, key), _, _) in enumerate(fill):
+            (prompt_hidden if kind == "p" else own)[key] = last[i]
     if copies:  # fan a held prompt out to more samples (a copy of its rows, not a recompute)
-        src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=device)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=device)
-        cache.copy_rows(src, dst, max(len(prompts[b // n]) for b in new))
-    distinct = sorted({b // n for b in new})
-    where = {p: i for i, p in enumerate(distinct)}
-    logits = model.logits(torch.stack([prompt_hidden[p] for p in distinct]))  # once per prompt
-    return logits[torch.tensor([where[b // n] for b in new], device=device)]
+        if pages is None:
+            src, dst = [s for s, _, _ in copies], [d for _, d, _ in copies]
+            upto = max(L for _, _, L in copies)
+        else:  # whole pages; the last may carry the sibling's newer tokens, which are rewritten
+            src = [pg for s, _, L in copies for pg in pages.of[s][:pages.need(L)]]
+            dst = [pg for _, d, L in copies for pg in pages.of[d][:pages.need(L)]]
+            upto = 0
+        cache.copy_rows(torch.tensor(src, device=device), torch.tensor(dst, device=device), upto)
+    keys = [("s", b) if b in resumed else ("p", b // n) for b in new]
+    distinct = sorted(set(keys))
+    where = {k: i for i, k in enumerate(distinct)}
+    logits = model.logits(torch.stack([own[k] if kind == "s" else prompt_hidden[k] for kind, k in distinct]))
+    return logits[torch.tensor([where[k] for k in keys], device=device)]
 
 
 _GRAPHS_FAILED: list = []  # set after a capture failed: later rollouts run eagerly at once
@@ -641,23 +727,27 @@ def _want_graphs(device, kernel: str, compact: bool, cuda_graphs: bool) -> bool:
 
 
 def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top_p, top_k, greedy,
-                stop_token_ids, stopper, generator, max_context, compact, cuda_graphs):
+                stop_token_ids, stopper, generator, max_context, compact, cuda_graphs, page_size=0, num_pages=0):
     """Generate all len(prompts) * n samples through `slots` cache rows with continuous admission
     (compact: the live rows kept contiguous, for SDPA; cuda_graphs: replay the decode steps):
     whenever sequences finish, waiting samples are admitted into the freed rows at once (their
     prompt prefilled or copied from a live sibling), so the decode batch stays full until the
-    queue runs dry. Returns (per-sample dicts in sample order (sample b is prompt b // n's), the
-    number of sampling rounds)."""
+    queue runs dry. page_size > 0: a paged cache of num_pages pages; a row gets pages as its
+    sequence grows, and when none is left the latest admitted sequences give theirs back and wait
+    in the queue (recomputed from their tokens when readmitted). Returns (per-sample dicts in sample
+    order (sample b is prompt b // n's), sampling rounds, preemptions)."""
     device, dtype = _model_device_dtype(model)
     B = len(prompts) * n
     plen = [len(prompts[b // n]) for b in range(B)]
     cap = [min(max_new_tokens, max_context - lp) for lp in plen]  # new-token budget per sample
-    graphs = None
-    if cuda_graphs:  # decided by generate (_want_graphs)
-        cache = KVCache.allocate(model.config, slots + 1, S, dtype, device)  # + the padding row
-        graphs = _DecodeGraphs(model, cache, S, pad_row=slots, capture=device.type == "cuda")
+    extra = 1 if cuda_graphs else 0  # the graphs' padding row (cuda_graphs decided by generate)
+    pages = None
+    if page_size:  # + a scratch page for the block-table entries no row owns
+        cache = KVCache.allocate_paged(model.config, num_pages + 1, page_size, slots + extra, S, dtype, device)
+        pages = _Pages(cache, num_pages, slots)
     else:
-        cache = KVCache.allocate(model.config, slots, S, dtype, device)
+        cache = KVCache.allocate(model.config, slots + extra, S, dtype, device)
+    graphs = _DecodeGraphs(model, cache, S, pad_row=slots, capture=device.type == "cuda") if cuda_graphs else None
 
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.int64, device=device)
     max_cap = max(cap)
@@ -686,14 +776,28 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
     active = torch.zeros(0, dtype=torch.int64, device=device)  # == live, on the device
     slots_t = torch.zeros(0, dtype=torch.int64, device=device)  # == slot_of, on the device
     tok = logits = None
-    rounds = 0
+    rounds = preemptions = 0
     while True:
+        new, need = [], []
         if pending and len(live) < slots:
-            new = [pending.pop() for _ in range(min(len(pending), slots - len(live)))]
+            spare_pages = len(pages.free) if pages is not None else 0
+            while pending and len(live) + len(new) < slots:
+                if pages is not None:  # room for its tokens so far, and a reserve for the live ones to grow
+                    k = pages.need(plen[pending[-1]] + count[pending[-1]])
+                    if k > spare_pages - (pages.watermark if live or new else 0):
+                        break
+                    spare_pages -= k
+                    need.append(k)
+                new.append(pending.pop())
+        if new:
             new_slots = [heapq.heappop(free) for _ in new]
             rows = list(range(len(live), len(live) + len(new))) if compact else new_slots
             live_rows = range(len(live)) if compact else slot_of
-            new_logits = _admit(model, cache, prompts, n, new, rows, live, live_rows, prompt_hidden, device)
+            if pages is not None:
+                pages.give(list(zip(rows, need)))
+            resumed = {b: resp[b] for b in new if count[b]}
+            new_logits = _admit(model, cache, prompts, n, new, rows, live, live_rows, prompt_hidden, device,
+                                resumed, pages)
             logits = new_logits if logits is None else torch.cat([logits, new_logits])
             live, slot_of = live + new, slot_of + new_slots
             active = torch.cat([active, torch.tensor(new, dtype=torch.int64, device=device)])
@@ -738,6 +842,8 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
         if len(keep) < len(live):
             for i in set(range(len(live))) - set(keep):
                 heapq.heappush(free, slot_of[i])
+                if pages is not None:
+                    pages.release(slot_of[i])
             if compact:
                 perm, moves = _compact_order(keep, len(live))
                 if moves:  # a row holds k/v up to (not including) its newest token
@@ -749,6 +855,20 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
             perm_t = torch.tensor(perm, dtype=torch.int64, device=device)
             active, slots_t, tok = active[perm_t], slots_t[perm_t], tok[perm_t]
             live, slot_of = [live[i] for i in perm], [slot_of[i] for i in perm]
+        if pages is not None and live:
+            # a sequence whose newest token starts a page needs one now; while the pool cannot give
+            # them all, the latest admitted sequence gives its pages back and waits in the queue
+            while True:
+                needy = [i for i, b in enumerate(live) if pages.need(plen[b] + count[b]) > len(pages.of[slot_of[i]])]
+                if len(needy) <= len(pages.free):
+                    break
+                b, slot = live.pop(), slot_of.pop()
+                pages.release(slot)
+                heapq.heappush(free, slot)
+                pending.append(b)
+                preemptions += 1
+                active, slots_t, tok = active[:-1], slots_t[:-1], tok[:-1]
+            pages.give([(slot_of[i], 1) for i in needy])
         if not live:
             if not pending:
                 break
@@ -773,7 +893,7 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
 
     out_tok, out_lp, out_tlp = out_tok.cpu(), out_lp.cpu(), out_tlp.cpu()
     return [dict(prompt_index=b // n, response=out_tok[b, :count[b]], logp=out_lp[b, :count[b]],
-                 tlogp=out_tlp[b, :count[b]], reason=reasons[b]) for b in range(B)], rounds
+                 tlogp=out_tlp[b, :count[b]], reason=reasons[b]) for b in range(B)], rounds, preemptions
 
 
 def _assemble(samples, prompts, n, pad_id, params) -> RolloutBatch:

@@ -307,8 +307,8 @@ def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id, keep_logp:
 
 
 def rollout(policy, tok, records, cfg, d, step):
-    """Generate this rank's share of the step's prompts. Returns (per-sample dicts (CPU), the KV-cache
-    rows the engine decoded through)."""
+    """Generate this rank's share of the step's prompts. Returns (per-sample dicts (CPU), engine
+    metrics: the KV-cache rows decoded through and the paged cache's preemptions)."""
     r = cfg.rollout
     texts = [build_prompt(rec.prompt, think=cfg.data.think, template_en=cfg.data.template_en,
                           template_zh=cfg.data.template_zh) for rec in records]
@@ -324,7 +324,7 @@ def rollout(policy, tok, records, cfg, d, step):
                          temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                          stop_token_ids=[tok.eos_token_id], stop_strings=list(r.stop_strings), tokenizer=tok,
                          generator=gen, batch_size=r.batch_size, cache_mem_fraction=r.cache_mem_fraction,
-                         cuda_graphs=r.cuda_graphs)
+                         cuda_graphs=r.cuda_graphs, page_size=r.page_size)
     policy.train()
     out = []
     for j, (pi, resp_ids, logp) in enumerate(zip(batch.prompt_index.tolist(), batch.response_ids, batch.logprobs)):
@@ -334,7 +334,7 @@ def rollout(policy, tok, records, cfg, d, step):
                         response_ids=resp_ids, response=resp, logp=torch.tensor(logp, dtype=torch.float32),
                         truncated=bool(batch.truncated[j]), stopped=batch.finish_reasons[j] == "stop_string",
                         length_range=rec.length_range))
-    return out, batch.cache_rows
+    return out, dict(rollout_cache_rows=batch.cache_rows, rollout_preemptions=batch.preemptions)
 
 
 def score(samples, reward_fns, weights, cfg):
@@ -422,7 +422,7 @@ def _run(cfg, d) -> int:
             torch.cuda.reset_peak_memory_stats(d.device)
         step_records = cursor.next(records, cfg.rollout.prompts_per_step)
         mine = step_records[d.rank::d.world]
-        local, cache_rows = rollout(policy, tok, mine, cfg, d, step)
+        local, engine = rollout(policy, tok, mine, cfg, d, step)
         t_roll = time.time()
         R, adv, answers = score(local, reward_fns, weights, cfg)
         t_rew = time.time()
@@ -464,7 +464,7 @@ def _run(cfg, d) -> int:
         row.update(logprob_mismatch_stats(samples, "old_logp" if cfg.rollout.old_logprobs == "recompute"
                                           else "trainer_logp"))
         row["skipped_total"] = skipped_total
-        row["rollout_cache_rows"] = cache_rows  # rank 0's (batch_size = 0 sizes it to the free memory)
+        row.update(engine)  # rank 0's rows (batch_size = 0 sizes them to the free memory) and preemptions
         row["lr"] = scheduler.get_last_lr()[0]
         trained = sum(s.tokens.numel() for s in samples)
         # forward+backward per PPO epoch, plus one forward (1/3 of fwd+bwd) per recomputation

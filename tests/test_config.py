@@ -192,6 +192,7 @@ def test_wrong_type_toml(tmp_path):
     ("--rollout.top_k=-1", "rollout.top_k", "-1", ">= 0"),
     ("--rollout.batch_size=-1", "rollout.batch_size", "-1", ">= 0"),
     ("--rollout.cache_mem_fraction=0", "rollout.cache_mem_fraction", "0.0", "(0, 1]"),
+    ("--rollout.page_size=-8", "rollout.page_size", "-8", ">= 0"),
     ("--rollout.cache_mem_fraction=1.5", "rollout.cache_mem_fraction", "1.5", "(0, 1]"),
     ("--grpo.clip_low=1", "grpo.clip_low", "1.0", "[0, 1)"),
     ("--grpo.clip_low=-0.1", "grpo.clip_low", "-0.1", "[0, 1)"),

@@ -128,6 +128,10 @@ def test_generation_through_the_triton_kernel(monkeypatch):
     assert len(set(ref.response_lengths.tolist())) > 1  # sequences left the batch at different steps
     assert out.response_ids == ref.response_ids
     torch.testing.assert_close(out.response_logprobs, ref.response_logprobs, atol=1e-5, rtol=1e-5)
+    # a paged cache with 64-token pages: the kernel reads through the block table
+    paged = generate(model, prompts, generator=torch.Generator().manual_seed(0), page_size=64, **kw)
+    assert paged.response_ids == ref.response_ids
+    torch.testing.assert_close(paged.response_logprobs, ref.response_logprobs, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_forced_kernel_is_one_clear_error(monkeypatch):

@@ -313,14 +313,16 @@ def test_continuous_admission_sampling_ignores_cache_layout(tiny):
     assert a.prompt_index.tolist() == [i for i in range(5) for _ in range(3)]
 
 
-def test_graph_padding_gives_the_eager_results(tiny, monkeypatch):
+@pytest.mark.parametrize("page_size", [0, 8])
+def test_graph_padding_gives_the_eager_results(tiny, monkeypatch, page_size):
     """The steps a CUDA graph replays (batch padded to a power of two with a spare cache row at
     position 0, attention sized for the whole cache), run eagerly here: the same tokens and
     log-probs as the plain decode, also while rows are handed to newly admitted samples."""
     import lwz.rollout as ro
     model, _ = tiny
     prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3])
-    kw = dict(n=2, max_new_tokens=20, batch_size=5, compact=False, stop_token_ids=[0] + list(range(8, 60)))
+    kw = dict(n=2, max_new_tokens=20, batch_size=5, compact=False, stop_token_ids=[0] + list(range(8, 60)),
+              page_size=page_size)
     plain_greedy = generate(model, prompts, greedy=True, **kw)
     plain = sample(model, prompts, 9, **kw)
     sizes = []
@@ -340,6 +342,45 @@ def test_graph_padding_gives_the_eager_results(tiny, monkeypatch):
     assert len(set(plain.response_lengths.tolist())) > 2
     assert {s for s, _ in sizes} <= {1, 2, 4, 5} and any(pad for _, pad in sizes)  # padded steps happened
     assert all(s in (1, 2, 4, 5) and 0 <= pad < s for s, pad in sizes)
+
+
+def test_paged_cache_gives_the_static_results(tiny):
+    """A paged KV cache (pages handed out as sequences grow, prompts copied page by page to
+    siblings) samples what the static cache samples: same seed, same rows, same tokens."""
+    model, _ = tiny
+    prompts = prompts_for(1024, [7, 2, 15, 4, 9])
+    kw = dict(n=3, max_new_tokens=24, batch_size=6, compact=False, stop_token_ids=[0] + list(range(8, 40)))
+    static = sample(model, prompts, 6, **kw)
+    paged = sample(model, prompts, 6, page_size=8, **kw)
+    assert paged.response_ids == static.response_ids
+    torch.testing.assert_close(paged.response_logprobs, static.response_logprobs, atol=1e-5, rtol=1e-5)
+    assert paged.preemptions == 0 and len(set(static.response_lengths.tolist())) > 2
+
+
+def test_paged_cache_preempts_and_recomputes_when_pages_run_out(tiny, monkeypatch):
+    """With too few pages for every admitted sequence to grow, the latest admitted ones give their
+    pages back and come back later by recomputing their tokens: greedy answers are unchanged."""
+    model, _ = tiny
+    prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3, 6])
+    kw = dict(n=2, max_new_tokens=30, batch_size=6, compact=False, greedy=True,
+              stop_token_ids=list(range(200)))
+    static = generate(model, prompts, **kw)
+    lens = static.response_lengths.tolist()
+    assert len(set(lens)) > 2 and max(lens) == 30, lens
+    S = 15 + 30 - 1
+    per_seq = -(-S // 4)
+    paged = generate(model, prompts, page_size=4, num_pages=per_seq + 4, **kw)
+    assert paged.preemptions > 0
+    assert paged.response_ids == static.response_ids
+    torch.testing.assert_close(paged.response_logprobs, static.response_logprobs, atol=1e-4, rtol=1e-4)
+    # the pool must hold one whole sequence; the kernel's tile size bounds the page size
+    with pytest.raises(ValueError, match=rf"pool of {per_seq - 1} pages of 4 tokens cannot hold one sequence"):
+        generate(model, prompts, page_size=4, num_pages=per_seq - 1, **kw)
+    monkeypatch.setenv("LWZ_DECODE_KERNEL", "triton")
+    with pytest.raises(ValueError, match="page_size=48: the triton decode kernel needs a multiple of 64"):
+        generate(model, prompts, page_size=48, **kw)
+    with pytest.raises(ValueError, match="compact must be False"):
+        generate(model, prompts, page_size=64, **{**kw, "compact": True})
 
 
 def test_cache_rows_follow_batch_size_and_free_memory(tiny, monkeypatch):

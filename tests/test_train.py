@@ -102,7 +102,8 @@ def _metrics(tmp_path, name):
 
 
 def test_two_process_run_and_exact_resume(tmp_path):
-    slow = ["--rollout.max_new_tokens=64", "--rollout.group_size=8"]  # steps long enough to kill one mid-run
+    # steps long enough to kill one mid-run; the paged KV cache in a real run
+    slow = ["--rollout.max_new_tokens=64", "--rollout.group_size=8", "--rollout.page_size=16"]
     full = _torchrun(tmp_path, "full", ["--steps=6", "--checkpoint.every=3", "--checkpoint.export_hf=true"] + slow)
     assert full.returncode == 0, full.stderr[-3000:]
     rows = _metrics(tmp_path, "full")
@@ -114,6 +115,7 @@ def test_two_process_run_and_exact_resume(tmp_path):
             assert k in r and r[k] == r[k] and abs(r[k]) != float("inf"), (k, r)
         assert r["logp_mismatch_mean"] < 1e-3, r  # recomputed old log-probs vs the sampler's
         assert r["rollout_cache_rows"] == 1 * 8  # CPU, batch_size 0: all of the rank's 1 prompt x 8 answers
+        assert r["rollout_preemptions"] == 0  # the CPU pool holds every row's whole budget
     # the HF export loads in transformers
     import transformers
     transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "full" / "hf"))
