@@ -21,8 +21,10 @@ Long tail (second table): RL answers have very unequal lengths. --tail-prompts p
 with probability ~1/--tail-mean per token (geometric lengths, capped at --tail-max-new): lwz's
 continuous admission (one generate call, batch_size = rows) against static batches of whole
 groups (one generate call per batch, each decoding until its longest answer ends, as an engine
-without admission does), same rows, same run. Throughput = response tokens / wall time; rounds =
-decode steps; fill = response tokens / (rounds * rows), the share of row-steps doing work. On a
+without admission does), and a paged cache (--tail-page tokens a page) holding as many tokens as
+the static rows but shared by 4x the rows (what paging buys for the same memory), same run.
+Throughput = response tokens / wall time; rounds = decode steps; fill = response tokens /
+(rounds * rows), the share of the static rows' steps doing work (above 1 for the paged run). On a
 GPU a decode step costs about the same at any fill (it reads the weights once), so the rounds
 ratio is what continuous admission saves there; on a CPU a step's cost follows the live rows.
 
@@ -81,19 +83,26 @@ def run_lwz(model, prompts, new_tokens, device, seed=0, cuda_graphs=True):
     return dt
 
 
-def run_tail(model, prompts, n, rows, max_new, stop_ids, device, continuous, seed=0):
-    """Seconds and response lengths of the long-tail scenario (see the module docstring)."""
+def run_tail(model, prompts, n, rows, max_new, stop_ids, device, mode, page=0, seed=0):
+    """Seconds, response lengths, rounds and preemptions of the long-tail scenario (see the module
+    docstring). mode: "static" batches of whole groups, "continuous" admission into `rows` rows, or
+    "paged": a paged cache holding as many tokens as `rows` static rows, shared by 4x the rows."""
     g = torch.Generator(device=device).manual_seed(seed)
     kw = dict(n=n, max_new_tokens=max_new, temperature=0.8, top_p=1.0, stop_token_ids=stop_ids, generator=g)
     _sync(device)
     t = time.perf_counter()
-    if continuous:
+    if mode == "continuous":
         outs = [generate(model, prompts, batch_size=rows, **kw)]
+    elif mode == "paged":
+        S = max(len(p) for p in prompts) + max_new - 1
+        outs = [generate(model, prompts, batch_size=4 * rows, page_size=page, num_pages=rows * -(-S // page),
+                         **kw)]
     else:
         per = max(1, rows // n)
         outs = [generate(model, prompts[i:i + per], **kw) for i in range(0, len(prompts), per)]
     _sync(device)
-    return time.perf_counter() - t, torch.cat([o.response_lengths for o in outs]), sum(o.rounds for o in outs)
+    return (time.perf_counter() - t, torch.cat([o.response_lengths for o in outs]), sum(o.rounds for o in outs),
+            sum(o.preemptions for o in outs))
 
 
 def long_tail(model, cfg, device, args) -> dict:
@@ -104,20 +113,25 @@ def long_tail(model, cfg, device, args) -> dict:
     stop_ids = torch.linspace(2, cfg.vocab_size - 1, k).long().unique().tolist()
     row = dict(scenario="long-tail", samples=args.tail_prompts * args.tail_group, group=args.tail_group,
                rows=args.tail_rows, max_new_tokens=args.tail_max_new, stop_ids=len(stop_ids))
-    run_tail(model, prompts[:1], args.tail_group, args.tail_rows, 4, stop_ids, device, True)  # warm-up
-    for name, cont in (("static", False), ("continuous", True)):
+    row["page_size"] = args.tail_page
+    for mode in ("static", "continuous", "paged"):
+        run_tail(model, prompts[:1], args.tail_group, args.tail_rows, 4, stop_ids, device, mode,
+                 args.tail_page)  # warm-up (and CUDA graph capture)
         best = None
         for r in range(args.repeats):
-            dt, lens, rounds = run_tail(model, prompts, args.tail_group, args.tail_rows, args.tail_max_new,
-                                        stop_ids, device, cont, seed=r)
+            dt, lens, rounds, pre = run_tail(model, prompts, args.tail_group, args.tail_rows, args.tail_max_new,
+                                             stop_ids, device, mode, args.tail_page, seed=r)
             tps = float(lens.sum()) / dt
             if best is None or tps > best[0]:
-                best = (tps, dt, lens, rounds)
-        tps, dt, lens, rounds = best
-        row[f"{name}_s"], row[f"{name}_tokens_per_s"], row[f"{name}_rounds"] = dt, tps, rounds
-        row[f"{name}_fill"] = float(lens.sum()) / (rounds * args.tail_rows)  # live share of the rows
-        row[f"{name}_mean_len"], row[f"{name}_max_len"] = float(lens.float().mean()), int(lens.max())
+                best = (tps, dt, lens, rounds, pre)
+        tps, dt, lens, rounds, pre = best
+        row[f"{mode}_s"], row[f"{mode}_tokens_per_s"], row[f"{mode}_rounds"] = dt, tps, rounds
+        row[f"{mode}_fill"] = float(lens.sum()) / (rounds * args.tail_rows)  # work per round / static rows
+        row[f"{mode}_mean_len"], row[f"{mode}_max_len"] = float(lens.float().mean()), int(lens.max())
+        if mode == "paged":
+            row["paged_preemptions"] = pre
     row["continuous_vs_static"] = row["continuous_tokens_per_s"] / row["static_tokens_per_s"]
+    row["paged_vs_static"] = row["paged_tokens_per_s"] / row["static_tokens_per_s"]
     return row
 
 
@@ -156,6 +170,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tail-rows", type=int, default=8, help="cache rows (batch_size) in the long-tail scenario")
     ap.add_argument("--tail-max-new", type=int, default=0, help="0: 512 on CUDA, 128 on CPU")
     ap.add_argument("--tail-mean", type=float, default=0, help="target mean answer length; 0: 64 on CUDA, 32 on CPU")
+    ap.add_argument("--tail-page", type=int, default=0, help="page size of the paged run; 0: 256 on CUDA, 16 on CPU")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/rollout-<gpu|cpu>.json)")
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -168,6 +183,7 @@ def main(argv=None) -> dict:
     args.repeats = args.repeats or (1 if device.type == "cuda" else 2)
     args.tail_max_new = args.tail_max_new or (512 if device.type == "cuda" else 128)
     args.tail_mean = args.tail_mean or (64 if device.type == "cuda" else 32)
+    args.tail_page = args.tail_page or (256 if device.type == "cuda" else 16)
     model = build_model(name, device, dtype)
     cfg = model.config
     g = torch.Generator().manual_seed(1)

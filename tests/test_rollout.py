@@ -508,11 +508,14 @@ def test_bench_rollout_tiny(tmp_path):
     assert fixed["scenario"] == "fixed-length" and tail["scenario"] == "long-tail"
     for k in ("lwz_tokens_per_s", "hf_tokens_per_s", "speedup"):
         assert math.isfinite(fixed[k]) and fixed[k] > 0
-    for k in ("static_tokens_per_s", "continuous_tokens_per_s", "continuous_vs_static"):
+    for k in ("static_tokens_per_s", "continuous_tokens_per_s", "continuous_vs_static", "paged_tokens_per_s",
+              "paged_vs_static"):
         assert math.isfinite(tail[k]) and tail[k] > 0
+    assert tail["paged_preemptions"] >= 0
     assert tail["samples"] == 6 and 1 <= tail["continuous_mean_len"] <= tail["continuous_max_len"] <= 24
     for k in ("static", "continuous"):
         assert tail[f"{k}_rounds"] >= tail[f"{k}_max_len"] and 0 < tail[f"{k}_fill"] <= 1
+    assert tail["paged_rounds"] >= tail["paged_max_len"] and tail["paged_fill"] > 0
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------
@@ -599,8 +602,10 @@ def test_cuda_decode_attention_matches_sdpa(kernel, monkeypatch):
 
 
 @cuda
-def test_cuda_graph_decode_matches_eager(tiny):
-    """Decode steps replayed from CUDA graphs give the eager decode's tokens and log-probs (bf16)."""
+@pytest.mark.parametrize("page_size", [0, 256])
+def test_cuda_graph_decode_matches_eager(tiny, page_size):
+    """Decode steps replayed from CUDA graphs give the eager decode's tokens and log-probs (bf16),
+    on the static cache and on a paged one (256-token pages suit every CUDA decode kernel)."""
     import lwz.rollout as ro
     model, _ = tiny
     m = Transformer.from_config(os.path.join(ROOT, "assets/tiny-model"), seed=0, dtype=torch.bfloat16,
@@ -611,7 +616,8 @@ def test_cuda_graph_decode_matches_eager(tiny):
     runs = {}
     for graphs in (False, True):
         g = torch.Generator(device="cuda").manual_seed(3)
-        runs[graphs] = generate(m, prompts, generator=g, cuda_graphs=graphs, **kw)
+        runs[graphs] = generate(m, prompts, generator=g, cuda_graphs=graphs, page_size=page_size if graphs else 0,
+                                **kw)
     assert not ro._GRAPHS_FAILED, ro._GRAPHS_FAILED
     a, b = runs[False], runs[True]
     # not bit for bit: padded GEMMs and whole-cache attention splits round differently in bf16, and
