@@ -53,11 +53,17 @@ Memory while generating: one full copy of the parameters in the param dtype (e.g
 a 1.5B model in bf16) on every rank, plus the KV cache 2 * layers * R * S * Hkv * D * bytes
 (Qwen2.5-1.5B, bf16: 28 KiB per token, so 64 sequences x 15k tokens = 27 GB).
 
-The cache is static: every row is sized for the longest sample's budget (prompt + max_new_tokens)
-up front; batch_size bounds it (KVCache.nbytes_for(cfg, R, S, dtype) gives the size), and on CUDA
-batch_size = 0 sizes R to the free memory (cache_rows). A page pool filled on demand (the varlen
-kernel already reads the cache through a block table) would let the number of rows follow the
-real lengths instead; not done yet.
+Static cache (page_size 0): every row is sized for the longest sample's budget (prompt +
+max_new_tokens) up front; batch_size bounds it (KVCache.nbytes_for(cfg, R, S, dtype) gives the
+size), and on CUDA batch_size = 0 sizes R to the free memory (cache_rows).
+Paged cache (page_size P > 0): a pool of P-token pages (sized to the free memory on CUDA,
+cache_pages) and a block table per row. An admitted sample gets pages for its prompt (a sibling's
+prompt pages are copied), a row gets one more page when its newest token starts one, and a
+finished row gives its pages back, so memory follows the real lengths and R (batch_size, or every
+sample) only caps the sequences in flight. Admission keeps ~1% of the pages free for growth; when
+the live rows still need more pages than are free, the latest admitted sequence gives its pages
+back and returns to the queue (vLLM's recompute preemption): readmitted, it prefills its prompt
+and the tokens it already drew, then draws on (result field `preemptions`).
 """
 
 from __future__ import annotations
