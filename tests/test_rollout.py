@@ -399,6 +399,13 @@ def test_cache_rows_follow_batch_size_and_free_memory(tiny, monkeypatch):
         ro.cache_rows(cfg, 100, torch.float32, 12, 0, row, 0.5)
     with pytest.raises(ValueError, match=r"rollout.batch_size=8: 8 KV-cache rows of 100 tokens need"):
         ro.cache_rows(cfg, 100, torch.float32, 12, 8, 7 * row, 0.9)
+    # paged: every row's budget on the CPU, the free memory's pages (less the scratch page) on CUDA
+    page = KVCache.nbytes_for(cfg, 1, 16, torch.float32)
+    assert ro.cache_pages(cfg, 100, 16, torch.float32, 3, None, 0.9) == 3 * 7
+    assert ro.cache_pages(cfg, 100, 16, torch.float32, 3, 40 * page, 0.5) == 19
+    assert ro.cache_pages(cfg, 100, 16, torch.float32, 3, 40 * page, 0.5, num_pages=9) == 9
+    with pytest.raises(ValueError, match=r"pool of 5 pages of 16 tokens \(0.0 GiB free\) cannot hold one sequence"):
+        ro.cache_pages(cfg, 100, 16, torch.float32, 3, 12 * page, 0.5)
     # the CUDA graphs' padding row is budgeted too
     assert ro.cache_rows(cfg, 100, torch.float32, 12, 0, 10 * row, 0.5, spare=1) == 4
     assert ro.cache_rows(cfg, 100, torch.float32, 12, 7, 8 * row, 0.9, spare=1) == 7
