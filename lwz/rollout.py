@@ -597,8 +597,9 @@ class _Pages:
                 rows.append(row), cols.append(len(have)), got.append(self.free.pop())
                 have.append(got[-1])
         if got:
-            self.table[torch.tensor(rows), torch.tensor(cols)] = torch.tensor(got, dtype=torch.int32).to(
-                self.table.device)
+            dev = self.table.device
+            self.table[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(
+                got, dtype=torch.int32, device=dev)
 
     def release(self, row: int) -> None:
         self.free.extend(self.of.pop(row, []))

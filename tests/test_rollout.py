@@ -458,9 +458,11 @@ def _fsdp_worker(rank, world, store, folder, prompts, expected):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        from torch.distributed.device_mesh import init_device_mesh
         model = Transformer.from_pretrained(folder)
-        mesh = init_device_mesh("cpu", (world,))  # a CPU test even where CUDA exists (FSDP2 defaults to it)
+        mesh = None
+        if torch.cuda.is_available():  # stay a CPU test: FSDP2's default mesh would be a CUDA one
+            from torch.distributed.device_mesh import init_device_mesh
+            mesh = init_device_mesh("cpu", (world,))
         for layer in model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
