@@ -167,7 +167,7 @@ step train_tiny 90 - "$PYTHON" -m torch.distributed.run --standalone --nproc_per
 # 6. microbenchmarks at their CUDA default sizes, the quick ones first
 bench_step bench_pack bench.bench_pack 45
 bench_step bench_decode_attn bench.bench_decode_attention 30
-bench_step bench_rollout bench.bench_rollout 90
+bench_step bench_rollout bench.bench_rollout 120
 
 # 7. the long-sequence step profile: Qwen2.5-1.5B shape at 14336 tokens, long-tail mix (the padded
 #    baseline may run out of memory: that is recorded as its result), then one fixed 14336 sequence

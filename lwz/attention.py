@@ -131,7 +131,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, block_ta
     the SDPA path read only the first max_length positions. Returns [B, Hq, D].
 
     Kernels (see decode_backend for the choice):
-      flash  -- flash_attn_with_kvcache(cache_seqlens=lengths, cache_batch_idx=rows)
+      flash  -- flash_attn_with_kvcache(cache_seqlens=lengths, cache_batch_idx=rows or block_table)
       varlen -- torch varlen_attn over the cache seen as a paged cache with one page per row
                 (block_table = rows, seqused_k = lengths); S must suit the kernel's page size
                 (the rollout engine rounds S up to a multiple of 256 on CUDA)

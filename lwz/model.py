@@ -436,14 +436,6 @@ class KVCache:
         el = torch.empty((), dtype=dtype).element_size()
         return 2 * cfg.num_hidden_layers * batch * max_len * cfg.num_key_value_heads * cfg.head_dim * el
 
-    @property
-    def batch(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[1]
-
     def where(self, rows: torch.Tensor, positions: torch.Tensor):
         """The index pair that addresses (row, position) in k[l] / v[l]: (row, position) for a
         static cache, (page, offset in the page) for a paged one."""
