@@ -7,6 +7,9 @@ time limit (a failing or missing piece is reported, never fatal):
   kernel_report ahead-of-time sm_90 compile: registers, spills, shared memory (goal: no spills)
   logprob       fused log-prob CPU sizes (bench/bench_logprob.py --quick)
   grpo_loss     GRPO loss CPU sizes (bench/bench_grpo_loss.py)
+  rollout       tiny-model decode vs transformers.generate, and the long-tail scenario: static
+                batches vs continuous admission vs the paged cache (bench/bench_rollout.py, 1 thread)
+  decode_attn   decode attention kernels on the CPU case (bench/bench_decode_attention.py)
 Prints a compact summary table and writes bench/results/cpu-summary.json.
 
     python -m bench [--only profile_step,pack] [--timeout 300]
@@ -49,6 +52,13 @@ PIECES = {
     "grpo_loss": ("bench/bench_grpo_loss.py",
                   ["-m", "bench.common", "run", "bench.bench_grpo_loss", "--out", _r("grpo_loss-cpu.json")],
                   _r("grpo_loss-cpu.json")),
+    "rollout": ("bench/bench_rollout.py",
+                ["-m", "bench.common", "run", "bench.bench_rollout", "--threads", "1", "--out", _r("rollout-cpu.json")],
+                _r("rollout-cpu.json")),
+    "decode_attn": ("bench/bench_decode_attention.py",
+                    ["-m", "bench.common", "run", "bench.bench_decode_attention", "--out",
+                     _r("decode_attention-cpu.json")],
+                    _r("decode_attention-cpu.json")),
 }
 
 
@@ -64,6 +74,11 @@ def _key(name: str, data) -> str:
         for c in data.get("cases", []):
             parts.append(f"L{c['seq_len']}: packed/padded={fmt(c.get('packed_over_padded_time'))}")
         return "; ".join(parts) + " (goal <= 0.6)"
+    if name == "rollout" and isinstance(data, dict):
+        rows = {r.get("scenario"): r for r in data.get("results", [])}
+        fixed, tail = rows.get("fixed-length", {}), rows.get("long-tail", {})
+        return (f"vs transformers={fmt(fixed.get('speedup'))} continuous/static={fmt(tail.get('continuous_vs_static'))} "
+                f"paged/static={fmt(tail.get('paged_vs_static'))}")
     return key_number(data)
 
 
