@@ -131,9 +131,10 @@ def load_hf_model(cls, folder: str, dtype=torch.float32, device="cpu", shard_fn=
     if shard_fn is not None:
         shard_fn(model)
     model = model.to_empty(device=device)
-    # A checkpoint saved with tied embeddings but loaded untied (or the reverse) is a mismatch the
-    # tensor names reveal; tied models simply have no lm_head.weight.
-    load_state_into(model, folder)
+    # A checkpoint saved untied but configured tied (or the reverse) is a mismatch the tensor names
+    # reveal. A tied model's folder may still carry an lm_head.weight (some re-saved checkpoints
+    # do): as in transformers, the tie wins and that copy is skipped.
+    load_state_into(model, folder, ignore=("lm_head.weight",) if cfg.tie_word_embeddings else ())
     return model
 
 

@@ -149,6 +149,26 @@ def test_truncated_safetensors(tmp_path):
         Transformer.from_pretrained(str(tmp_path))
 
 
+def test_tied_checkpoint_with_an_lm_head_copy_loads(tmp_path):
+    """A tied model whose folder also holds lm_head.weight loads (the copy is skipped, the head is
+    the embedding); an untied model without lm_head.weight is still a clear error."""
+    from safetensors.torch import load_file, save_file
+    tiny_hf("qwen2", tied=True).save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in sd
+    sd["lm_head.weight"] = torch.randn_like(sd["model.embed_tokens.weight"])
+    save_file(sd, tmp_path / "model.safetensors")
+    m = Transformer.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(m.lm_head_weight, sd["model.embed_tokens.weight"])
+    untied = tmp_path / "untied"
+    tiny_hf("qwen2", tied=False).save_pretrained(untied)
+    sd = load_file(untied / "model.safetensors")
+    sd.pop("lm_head.weight")
+    save_file(sd, untied / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="lm_head.weight"):
+        Transformer.from_pretrained(str(untied))
+
+
 def test_missing_and_mismatched_tensors(tmp_path):
     from safetensors.torch import load_file, save_file
     tiny_hf("qwen2").save_pretrained(tmp_path)
