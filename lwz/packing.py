@@ -266,6 +266,16 @@ def pack_sequences(seqs: Sequence[torch.Tensor]):
     return packed, cu, position_ids_from_cu(cu, total), max(lens)
 
 
+def pack_token_lists(seqs: Sequence[Sequence[int]], device=None):
+    """Pack token lists into (input_ids[N] int64, position_ids[N] int64, cu_seqlens[B+1] int32,
+    max_seqlen), on `device`: the inputs of a packed forward (reward model, rollout prefill). Every
+    list must be non-empty."""
+    if not seqs or min(len(s) for s in seqs) == 0:
+        raise ValueError("pack_token_lists: every sequence needs at least one token")
+    ids, cu, pos, max_len = pack_sequences([torch.tensor(list(s), dtype=torch.int64, device=device) for s in seqs])
+    return ids, pos, cu, max_len
+
+
 # ---------------------------------------------------------------------------------------------------
 # Micro-batch planner
 # ---------------------------------------------------------------------------------------------------

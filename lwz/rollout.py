@@ -78,6 +78,7 @@ import torch
 
 from lwz.attention import decode_backend
 from lwz.model import KVCache
+from lwz.packing import pack_token_lists
 
 FINISH_REASONS = ("stop_token", "stop_string", "length")
 IGNORE_INDEX = -100
@@ -633,14 +634,10 @@ def _admit(model, cache, prompts, n, new, new_rows, live, live_rows, prompt_hidd
             fill.append((("p", p), prompts[p], r))
     own = {}  # resumed sample -> hidden state of its last token
     if fill:
-        lens = torch.tensor([len(t) for _, t, _ in fill], dtype=torch.int64)
-        ids = torch.tensor([x for _, t, _ in fill for x in t], dtype=torch.int64, device=device)
-        pos = torch.cat([torch.arange(int(L)) for L in lens]).to(device)
-        cu = torch.zeros(len(fill) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lens, 0)
+        ids, pos, cu, max_len = pack_token_lists([t for _, t, _ in fill], device=device)
         rows = torch.tensor([r for _, _, r in fill], dtype=torch.int64, device=device)
-        hidden = model.prefill(ids, pos, cu.to(device), int(lens.max()), cache, rows)
-        last = hidden[(cu[1:] - 1).long().to(device)]
+        hidden = model.prefill(ids, pos, cu, max_len, cache, rows)
+        last = hidden[(cu[1:] - 1).long()]
         for i, ((kind, key), _, _) in enumerate(fill):
             (prompt_hidden if kind == "p" else own)[key] = last[i]
     if copies:  # fan a held prompt out to more samples (a copy of its rows, not a recompute)

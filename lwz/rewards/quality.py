@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from lwz.model import ModelConfig, ModelLoadError, Transformer
-from lwz.packing import pack_sequences
+from lwz.packing import pack_token_lists
 from lwz.rewards import batch_meta
 from lwz.tokenizer import has_tokenizer, load_tokenizer
 
@@ -44,15 +44,6 @@ SEQ_CLS_ARCHITECTURES = {
 RM_SETTINGS_NAME = "lwz_reward_model.json"  # template / max_length, next to config.json
 _KEEP_TAIL = 16
 PLAIN_TEMPLATE = "{prompt}\n\n{answer}"
-
-
-def pack_token_lists(seqs: Sequence[Sequence[int]], device=None):
-    """Pack token lists into (input_ids[N] int64, position_ids[N] int64, cu_seqlens[B+1] int32,
-    max_seqlen). Every list must be non-empty."""
-    if not seqs or min(len(s) for s in seqs) == 0:
-        raise ValueError("pack_token_lists: every sequence needs at least one token")
-    ids, cu, pos, max_len = pack_sequences([torch.tensor(list(s), dtype=torch.int64, device=device) for s in seqs])
-    return ids, pos, cu, max_len
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
