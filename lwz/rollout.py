@@ -880,7 +880,6 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
             continue
         # the newest token of sample b sits at position plen + count - 1
         positions = plen_t[active] + count_t[active] - 1
-        max_len = max(plen[b] + count[b] for b in live)
         if graphs is not None:
             try:
                 logits = graphs(tok, positions, slots_t)
@@ -892,6 +891,7 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
                 graphs = None
                 torch.cuda.synchronize(device)
         view = cache.head(len(live)) if compact else cache
+        max_len = max(plen[b] + count[b] for b in live)  # the graphs read the whole cache instead
         hidden = model.decode_step(tok, positions, view, rows=None if compact else slots_t, max_length=max_len)
         logits = model.logits(hidden)
 
