@@ -66,19 +66,21 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype) -> Transfor
     return Transformer.from_config(cfg, dtype=dtype, device=device, seed=0).eval()
 
 
-def _sync(device):
+def _timed(device, fn):
+    """(wall seconds, fn()) of one call, the device synchronised before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
 
 
 def run_lwz(model, prompts, new_tokens, device, seed=0, cuda_graphs=True):
     g = torch.Generator(device=device).manual_seed(seed)
-    _sync(device)
-    t = time.perf_counter()
-    out = generate(model, prompts, max_new_tokens=new_tokens, temperature=0.8, top_p=1.0, generator=g,
-                   cuda_graphs=cuda_graphs)
-    _sync(device)
-    dt = time.perf_counter() - t
+    dt, out = _timed(device, lambda: generate(model, prompts, max_new_tokens=new_tokens, temperature=0.8, top_p=1.0,
+                                              generator=g, cuda_graphs=cuda_graphs))
     assert int(out.response_lengths.sum()) == len(prompts) * new_tokens
     return dt
 
@@ -89,19 +91,19 @@ def run_tail(model, prompts, n, rows, max_new, stop_ids, device, mode, page=0, s
     "paged": a paged cache holding as many tokens as `rows` static rows, shared by 4x the rows."""
     g = torch.Generator(device=device).manual_seed(seed)
     kw = dict(n=n, max_new_tokens=max_new, temperature=0.8, top_p=1.0, stop_token_ids=stop_ids, generator=g)
-    _sync(device)
-    t = time.perf_counter()
-    if mode == "continuous":
-        outs = [generate(model, prompts, batch_size=rows, **kw)]
-    elif mode == "paged":
-        S = max(len(p) for p in prompts) + max_new - 1
-        outs = [generate(model, prompts, batch_size=4 * rows, page_size=page, num_pages=rows * -(-S // page),
-                         **kw)]
-    else:
+
+    def run():
+        if mode == "continuous":
+            return [generate(model, prompts, batch_size=rows, **kw)]
+        if mode == "paged":
+            S = max(len(p) for p in prompts) + max_new - 1
+            return [generate(model, prompts, batch_size=4 * rows, page_size=page, num_pages=rows * -(-S // page),
+                             **kw)]
         per = max(1, rows // n)
-        outs = [generate(model, prompts[i:i + per], **kw) for i in range(0, len(prompts), per)]
-    _sync(device)
-    return (time.perf_counter() - t, torch.cat([o.response_lengths for o in outs]), sum(o.rounds for o in outs),
+        return [generate(model, prompts[i:i + per], **kw) for i in range(0, len(prompts), per)]
+
+    dt, outs = _timed(device, run)
+    return (dt, torch.cat([o.response_lengths for o in outs]), sum(o.rounds for o in outs),
             sum(o.preemptions for o in outs))
 
 
@@ -112,8 +114,7 @@ def long_tail(model, cfg, device, args) -> dict:
     k = max(1, round(cfg.vocab_size / args.tail_mean))
     stop_ids = torch.linspace(2, cfg.vocab_size - 1, k).long().unique().tolist()
     row = dict(scenario="long-tail", samples=args.tail_prompts * args.tail_group, group=args.tail_group,
-               rows=args.tail_rows, max_new_tokens=args.tail_max_new, stop_ids=len(stop_ids))
-    row["page_size"] = args.tail_page
+               rows=args.tail_rows, max_new_tokens=args.tail_max_new, stop_ids=len(stop_ids), page_size=args.tail_page)
     for mode in ("static", "continuous", "paged"):
         run_tail(model, prompts[:1], args.tail_group, args.tail_rows, 4, stop_ids, device, mode,
                  args.tail_page)  # warm-up (and CUDA graph capture)
@@ -145,13 +146,10 @@ def run_hf(hf, prompts, new_tokens, device, pad_id, seed=0):
         mask[i, L - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     torch.manual_seed(seed)
-    _sync(device)
-    t = time.perf_counter()
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8, top_p=1.0,
-                          top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
-    _sync(device)
-    dt = time.perf_counter() - t
+        dt, out = _timed(device, lambda: hf.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8, top_p=1.0, top_k=0,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id))
     assert out.shape[1] - L == new_tokens
     return dt
 
