@@ -7,8 +7,8 @@
 # Steps, cheapest first so a short run still reports the most: environment, extension build, the
 # two ceilings (bf16 8192^3 matmul, device-to-device copy), the CUDA tests (CUDA vs CPU twins,
 # Triton kernels in bf16 vs references), two steps of the tiny default trained on the GPU in bf16,
-# the packing, decode-attention and rollout benchmarks, profile_step at 14336 tokens for the
-# Qwen2.5-1.5B shape, then the log-prob and GRPO-loss kernel benchmarks. Every step runs under
+# the packing and decode-attention benchmarks, the log-prob and GRPO-loss kernel benchmarks, the
+# rollout benchmark, then profile_step at 14336 tokens for the Qwen2.5-1.5B shape. Every step runs under
 # `timeout`; a failure is recorded, never fatal. Outputs: bench/results/<date>-<gpu>.json and .md
 # (every JSON written during the run merged),
 # per-step logs in bench/results/logs-<date>-<gpu>/, and as the last lines a table: step, status,
@@ -151,7 +151,7 @@ for t in tests/test_kernels_cuda.py tests/test_packing.py tests/test_rollout.py;
   [[ -f "$t" ]] && TESTS+=("$t")
 done
 if (( ${#TESTS[@]} )); then
-  step tests_cuda 150 - env LWZ_TEST_INTERPRET=0 TRITON_INTERPRET=0 \
+  step tests_cuda 120 - env LWZ_TEST_INTERPRET=0 TRITON_INTERPRET=0 \
     "$PYTHON" -m pytest -q --no-header -p no:cacheprovider -k cuda "${TESTS[@]}"
 else
   skip tests_cuda "no test files"
@@ -167,6 +167,12 @@ step train_tiny 90 - "$PYTHON" -m torch.distributed.run --standalone --nproc_per
 # 6. microbenchmarks at their CUDA default sizes, the quick ones first
 bench_step bench_pack bench.bench_pack 45
 bench_step bench_decode_attn bench.bench_decode_attention 30
+
+# 6b. the Triton kernel benchmarks vs eager torch (torch.compile of the references is left out: it
+#    alone takes minutes at these sizes)
+bench_step bench_logprob bench.bench_logprob 60 --quick --no-compile
+bench_step bench_grpo_loss bench.bench_grpo_loss 45 --no-compile
+
 bench_step bench_rollout bench.bench_rollout 120
 
 # 7. the long-sequence step profile: Qwen2.5-1.5B shape at 14336 tokens, long-tail mix (the padded
@@ -179,12 +185,8 @@ step profile_fixed 90 "$RES/profile_step-fixed-$GPU_TAG.json" "$PYTHON" -m bench
   --preset qwen2.5-1.5b --seq-lens 14336 --lengths-mix fixed --tokens-per-step 14336 --warmup 1 --iters 2 \
   --out "$RES/profile_step-fixed-$GPU_TAG.json"
 
-# 8. the Triton kernel benchmarks vs eager torch (torch.compile of the references is left out: it
-#    alone takes minutes at these sizes)
-bench_step bench_logprob bench.bench_logprob 60 --quick --no-compile
-bench_step bench_grpo_loss bench.bench_grpo_loss 45 --no-compile
 
-# 9. collect: merged JSON + markdown, and the table as the last lines
+# 8. collect: merged JSON + markdown, and the table as the last lines
 if [[ $DRY -eq 1 ]]; then
   printf '[dry-run] step %-16s %s\n' collect "$PYTHON -m bench.common collect --steps $STEPS_TSV --since $MARK --results-dir $RES --out $RES/$TAG"
   echo
