@@ -1,7 +1,7 @@
 """Benchmark of kernels.grpo_loss.grpo_loss (fused GRPO loss), forward + backward.
 
-    python -m bench.bench_grpo_loss [--tokens 262144] [--seq-len 2048] [--modes a,b] [--no-compile]
-                                    [--iters N] [--out PATH]
+    python -m bench.bench_grpo_loss [--tokens 262144] [--big-tokens 16777216] [--seq-len 2048]
+                                    [--modes a,b] [--no-compile] [--iters N] [--out PATH]
 
 Workload: N packed tokens in sequences of --seq-len tokens, ~80% of them active, clip 0.2/0.28,
 dual clip c=3, k3 KL (coef 0.001) against ref_logp, entropy bonus (coef 0.001), so every input
@@ -21,9 +21,10 @@ Bytes (the formula the GB/s columns use):
                backward reads and rescales ("gradient in forward", Liger style).
 GB/s = bytes / time; "% copy" = minimal-bytes GB/s / the copy's GB/s, where the copy moves the
 minimal bytes (it reads 29/2 and writes 29/2 B/token, GB/s counting read + write).
-At 256k tokens the op moves ~7.6 MB, a few microseconds of HBM time: it is launch-bound, and the
-number that matters is the count of launches (triton: 3 forward incl. the finalize + allocation
-fills, 1 backward; eager: dozens).
+At 256k tokens the op moves ~7.6 MB, a few microseconds of HBM time: timed from Python it is
+launch-bound (triton: 3 forward launches incl. the finalize, 1 backward; eager: dozens), so on CUDA
+every row is also timed replayed from a CUDA graph (graph_* columns: the GPU's own time, no host
+overhead), and a second, bandwidth-bound size runs (--big-tokens, default 16M tokens on CUDA).
 
 Writes bench/results/grpo_loss-<gpu|cpu>.json (GPU name, versions, git commit, per-impl times)
 and prints a table. `main(argv)` returns the result dict.
@@ -80,10 +81,27 @@ def _step_fn(fn, x, mode):
     return step
 
 
+def graph_seconds(fn, iters):
+    """Seconds of one call of `fn` replayed from a CUDA graph (the GPU time without the host's
+    launch overhead). fn must not synchronise with the host; capture errors propagate."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (autotune, autograd buffers) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_call(graph.replay, iters, True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.bench_grpo_loss", description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
     ap.add_argument("--tokens", type=int, default=262144 if cuda else 4096)
+    ap.add_argument("--big-tokens", type=int, default=16 * 2**20 if cuda else 0,
+                    help="a second, bandwidth-bound size (0: none)")
     ap.add_argument("--seq-len", type=int, default=2048 if cuda else 512)
     ap.add_argument("--modes", default="token-mean,seq-mean-token-mean")
     ap.add_argument("--iters", type=int, default=50 if cuda else 5)
@@ -95,15 +113,7 @@ def main(argv=None):
     dev = torch.device("cuda" if cuda else "cpu")
     env = env_info()
     n = a.tokens
-    x = make_inputs(n, a.seq_len, dev)
-    min_bytes = n * MIN_BYTES_PER_TOKEN
-
-    # bandwidth bar: a device-to-device copy moving the minimal bytes (half read, half written)
-    src = torch.empty(min_bytes // 2, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    t_copy = time_call(lambda: dst.copy_(src), a.iters, cuda)
-    copy_gbps = 2 * src.numel() / t_copy / 1e9
-    del src, dst
+    sizes = [n] + ([a.big_tokens] if a.big_tokens > 0 and a.big_tokens != n else [])
 
     impls = {"torch_eager": grpo_loss_reference}
     run_triton = cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -113,50 +123,78 @@ def main(argv=None):
         impls["torch_compile"] = torch.compile(grpo_loss_reference)
 
     out = a.out or os.path.join(ROOT, "bench", "results", f"grpo_loss-{gpu_tag(env.get('gpu'))}.json")
+    copies = {}
 
     def save(rows, complete):  # after every mode too: a run cut short keeps what it measured
         result = {"bench": "grpo_loss", "device": "cuda" if cuda else "cpu", "gpu": env.get("gpu"),
                   "torch": torch.__version__, "triton": env.get("triton"), "git_commit": env.get("commit"),
-                  "env": env, "tokens": n, "seq_len": a.seq_len, "iters": a.iters, "loss_kwargs": LOSS_KW,
-                  "bytes_formula": BYTES_FORMULA, "min_bytes": min_bytes, "complete": complete,
-                  "copy": {"bytes_read_plus_written": 2 * (min_bytes // 2), "ms": t_copy * 1e3, "gbps": copy_gbps},
-                  "results": rows}
+                  "env": env, "tokens": n, "sizes": sizes, "seq_len": a.seq_len, "iters": a.iters,
+                  "loss_kwargs": LOSS_KW, "bytes_formula": BYTES_FORMULA, "min_bytes": n * MIN_BYTES_PER_TOKEN,
+                  "complete": complete, "copy": copies.get(n), "copy_by_tokens": copies, "results": rows}
         write_json(out, result)
         return result
 
     rows = []
-    for mode in a.modes.split(","):
-        ref_loss = None
-        eager_s = None
-        for name, fn in impls.items():
-            row = {"mode": mode, "impl": name, "tokens": n}
-            try:
-                step = _step_fn(fn, x, mode)
-                secs = time_call(step, a.iters, cuda)
-                loss = fn(x["logp"], x["old_logp"], x["advantages"], x["mask"], x["ref_logp"], loss_agg=mode,
-                          cu_seqlens=x["cu_seqlens"], entropy=x["entropy"], **LOSS_KW)[0].item()
-            except Exception as e:  # report, keep benchmarking the others
-                row.update(status=f"error: {type(e).__name__}: {str(e)[:200]}")
+    for size in sizes:
+        x = make_inputs(size, a.seq_len, dev)
+        min_bytes = size * MIN_BYTES_PER_TOKEN
+        # bandwidth bar: a device-to-device copy moving the minimal bytes (half read, half written)
+        src = torch.empty(min_bytes // 2, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        t_copy = time_call(lambda: dst.copy_(src), a.iters, cuda)
+        copy = {"bytes_read_plus_written": 2 * (min_bytes // 2), "ms": t_copy * 1e3,
+                "gbps": 2 * src.numel() / t_copy / 1e9}
+        if cuda:
+            tg = graph_seconds(lambda: dst.copy_(src), a.iters)
+            copy.update(graph_ms=tg * 1e3, graph_gbps=2 * src.numel() / tg / 1e9)
+        copies[size] = copy
+        src = dst = None  # free the copy buffers before the loss runs
+        for mode in a.modes.split(","):
+            ref_loss = None
+            eager_s = None
+            for name, fn in impls.items():
+                row = {"mode": mode, "impl": name, "tokens": size}
+                moved = size * (45 + (9 if mode == "seq-mean-token-mean" else 0)) if name == "triton" else None
+                try:
+                    step = _step_fn(fn, x, mode)
+                    secs = time_call(step, a.iters, cuda)
+                    loss = fn(x["logp"], x["old_logp"], x["advantages"], x["mask"], x["ref_logp"], loss_agg=mode,
+                              cu_seqlens=x["cu_seqlens"], entropy=x["entropy"], **LOSS_KW)[0].item()
+                except Exception as e:  # report, keep benchmarking the others
+                    row.update(status=f"error: {type(e).__name__}: {str(e)[:200]}")
+                    rows.append(row)
+                    continue
+                if name == "torch_eager":
+                    eager_s, ref_loss = secs, loss
+                row.update(status="ok", ms=secs * 1e3, gbps=min_bytes / secs / 1e9,
+                           pct_of_copy=100 * (min_bytes / secs / 1e9) / copy["gbps"],
+                           actual_gbps=None if moved is None else moved / secs / 1e9, loss=loss)
+                if cuda:
+                    try:
+                        tg = graph_seconds(step, a.iters)
+                        row.update(graph_ms=tg * 1e3, graph_gbps=min_bytes / tg / 1e9,
+                                   graph_pct_of_copy=100 * (min_bytes / tg / 1e9) / copy["graph_gbps"],
+                                   graph_actual_gbps=None if moved is None else moved / tg / 1e9,
+                                   graph_actual_pct_of_copy=None if moved is None else
+                                   100 * (moved / tg / 1e9) / copy["graph_gbps"])
+                    except Exception as e:  # e.g. a host sync in the reference: no graph for it
+                        row["graph_status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 rows.append(row)
-                continue
-            if name == "torch_eager":
-                eager_s, ref_loss = secs, loss
-            moved = n * (45 + (9 if mode == "seq-mean-token-mean" else 0)) if name == "triton" else None
-            row.update(status="ok", ms=secs * 1e3, gbps=min_bytes / secs / 1e9,
-                       pct_of_copy=100 * (min_bytes / secs / 1e9) / copy_gbps,
-                       actual_gbps=None if moved is None else moved / secs / 1e9, loss=loss)
-            rows.append(row)
-        for row in rows:
-            if row["mode"] == mode and row.get("status") == "ok":
-                row["speedup_vs_eager"] = eager_s / (row["ms"] / 1e3) if eager_s else None
-                row["loss_diff_vs_eager"] = abs(row["loss"] - ref_loss) if ref_loss is not None else None
-        save(rows, False)
+            for row in rows:
+                if row["tokens"] == size and row["mode"] == mode and row.get("status") == "ok":
+                    row["speedup_vs_eager"] = eager_s / (row["ms"] / 1e3) if eager_s else None
+                    row["loss_diff_vs_eager"] = abs(row["loss"] - ref_loss) if ref_loss is not None else None
+            save(rows, False)
+        del x
     result = save(rows, True)
 
-    cols = ["mode", "impl", "status", "ms", "gbps", "pct_of_copy", "actual_gbps", "speedup_vs_eager",
-            "loss_diff_vs_eager"]
-    print(f"grpo_loss fwd+bwd, {n} tokens, {env.get('gpu') or 'cpu'}; d2d copy {copy_gbps:.1f} GB/s "
-          f"({t_copy * 1e3:.4f} ms); {BYTES_FORMULA}")
+    cols = ["tokens", "mode", "impl", "status", "ms", "gbps", "pct_of_copy", "actual_gbps", "speedup_vs_eager",
+            "loss_diff_vs_eager"] + (["graph_ms", "graph_pct_of_copy", "graph_actual_pct_of_copy"] if cuda else [])
+    for size, c in copies.items():
+        graph = f", from a CUDA graph {c['graph_gbps']:.1f} GB/s" if "graph_gbps" in c else ""
+        print(f"grpo_loss fwd+bwd, {size} tokens, {env.get('gpu') or 'cpu'}; d2d copy {c['gbps']:.1f} GB/s "
+              f"({c['ms']:.4f} ms){graph}")
+    print(BYTES_FORMULA)
     print(format_table(rows, cols))
     print(f"wrote {out}")
     return result

@@ -132,9 +132,11 @@ $PYTHON -c 'import torch, sys; print(\"python\", sys.version.split()[0], \"torch
 $PYTHON -c 'import triton; print(\"triton\", triton.__version__)' || echo 'triton: absent'; \
 $PYTHON -c 'import flash_attn; print(\"flash_attn\", flash_attn.__version__)' 2>/dev/null || echo 'flash_attn: absent'"
 
-# 2. the extension, built here (setup.py drives CMake; a failing CUDA build falls back to CPU-only)
+# 2. the extension, built in place here (setup.py drives CMake). Not `pip install -e .`: recent
+#    setuptools turn that into an isolated PEP 517 build that fetches setuptools, and there is no
+#    network. LWZ_CUDA=1: a failing CUDA build is an error, not a silent CPU-only build.
 if [[ -f setup.py ]]; then
-  step build 240 - "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
+  step build 240 - env LWZ_CUDA=1 "$PYTHON" setup.py build_ext --inplace
 else
   skip build "no setup.py"
 fi
