@@ -42,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import kernels.grpo_loss as grpo_mod  # noqa: E402
 from kernels.grpo_loss import grpo_loss  # noqa: E402
 from kernels.reference import grpo_loss_reference  # noqa: E402
 
@@ -105,12 +106,18 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=2048 if cuda else 512)
     ap.add_argument("--modes", default="token-mean,seq-mean-token-mean")
     ap.add_argument("--iters", type=int, default=50 if cuda else 5)
+    ap.add_argument("--fwd-tiles", type=int, default=None,
+                    help="tiles per forward program on large batches (tuning; default: the shipped FWD_TILES)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     ap.add_argument("--compile", action="store_true", help="run torch.compile on CPU too (slow to build)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/grpo_loss-<gpu|cpu>.json)")
     a = ap.parse_args(argv)
 
     dev = torch.device("cuda" if cuda else "cpu")
+    if a.fwd_tiles is not None:
+        if a.fwd_tiles < 1:
+            raise SystemExit(f"bench_grpo_loss: --fwd-tiles must be >= 1, got {a.fwd_tiles}")
+        grpo_mod.FWD_TILES = a.fwd_tiles
     env = env_info()
     n = a.tokens
     sizes = [n] + ([a.big_tokens] if a.big_tokens > 0 and a.big_tokens != n else [])
@@ -128,7 +135,8 @@ def main(argv=None):
     def save(rows, complete):  # after every mode too: a run cut short keeps what it measured
         result = {"bench": "grpo_loss", "device": "cuda" if cuda else "cpu", "gpu": env.get("gpu"),
                   "torch": torch.__version__, "triton": env.get("triton"), "git_commit": env.get("commit"),
-                  "env": env, "tokens": n, "sizes": sizes, "seq_len": a.seq_len, "iters": a.iters,
+                  "env": env, "tokens": n, "sizes": sizes, "fwd_tiles": grpo_mod.FWD_TILES,
+                  "seq_len": a.seq_len, "iters": a.iters,
                   "loss_kwargs": LOSS_KW, "bytes_formula": BYTES_FORMULA, "min_bytes": n * MIN_BYTES_PER_TOKEN,
                   "complete": complete, "copy": copies.get(n), "copy_by_tokens": copies, "results": rows}
         write_json(out, result)

@@ -32,10 +32,12 @@ RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 # ---------------------------------------------------------------------------- environment
 
 def git_commit() -> str | None:
-    """The checkout's commit (+ "-dirty"), or $LWZ_COMMIT where there is no .git (a copied tree,
-    e.g. the GPU machine's: device_check is started with LWZ_COMMIT=<commit>)."""
+    """$LWZ_COMMIT when set (a copied tree, e.g. the GPU machine's, whose .git may be absent or
+    stale: device_check is started with LWZ_COMMIT=<commit>), else the checkout's commit (+ "-dirty")."""
+    if os.environ.get("LWZ_COMMIT"):
+        return os.environ["LWZ_COMMIT"]
     if not os.path.isdir(os.path.join(ROOT, ".git")):
-        return os.environ.get("LWZ_COMMIT") or None
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10)

@@ -62,8 +62,8 @@ micro-batches or ranks.
 
 Triton implementation (Liger-style "gradient in forward"): the loss is a scalar, so the per-token
 gradient is known in the forward pass up to the upstream scalar and the normaliser.
-    forward  = `_grpo_fwd_kernel` (one program per BLOCK tokens in every mode, so a batch of a
-               few very long sequences still fills the GPU) writes the unscaled per-token
+    forward  = `_grpo_fwd_kernel` (one program per TILES x BLOCK tokens in every mode, so a
+               batch of a few very long sequences still fills the GPU) writes the unscaled per-token
                gradients and per-program partial sums [G, 16], then the one-program
                `_grpo_finalize_kernel` sums the partials in a fixed order (deterministic, no
                atomics), applies the normaliser and writes loss and stats. seq-mean-token-mean
@@ -101,6 +101,9 @@ _O_SCALE = 12  # 1/denominator, kept for the backward kernel
 
 # Shipped launch configuration (also what AOT_SPECS compiles).
 FWD_BLOCK, FWD_WARPS = 1024, 8  # 4 warps: 128 regs (seq-mean+k3+entropy) and an 8-byte stack at sm_90
+# Tiles per forward program: FWD_TILES once there are enough tokens to give every SM several
+# programs (>= FWD_TILES_MIN_N), else 1 so that a 256k-token batch still spreads over the GPU.
+FWD_TILES, FWD_TILES_MIN_N = 4, 1 << 21
 FIN_ROWS, FIN_WARPS = 128, 4
 BWD_BLOCK, BWD_WARPS = 1024, 4
 
@@ -123,109 +126,124 @@ def _grpo_fwd_kernel(
     HAS_ENT: tl.constexpr, ENT_COEF: tl.constexpr,
     SEQ_MEAN: tl.constexpr,  # weight each token by its sequence's seqw = 1/n_i (seq-mean-token-mean)
     BLOCK: tl.constexpr,
+    TILES: tl.constexpr,  # BLOCK-token tiles per program: the block-wide sums run once per program
 ):
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
+    # Per-lane running sums over the program's tiles; reduced across the block once at the end
+    # (each tl.sum is a shared-memory round trip with barriers: eleven of them per 1024 tokens
+    # cost more than the loads).
+    s_pol = tl.zeros([BLOCK], dtype=tl.float32)
+    s_kl = tl.zeros([BLOCK], dtype=tl.float32)
+    s_ent = tl.zeros([BLOCK], dtype=tl.float32)
+    s_tok = tl.zeros([BLOCK], dtype=tl.float32)
+    s_clo = tl.zeros([BLOCK], dtype=tl.float32)
+    s_chi = tl.zeros([BLOCK], dtype=tl.float32)
+    s_dual = tl.zeros([BLOCK], dtype=tl.float32)
+    s_ratio = tl.zeros([BLOCK], dtype=tl.float32)
+    s_klraw = tl.zeros([BLOCK], dtype=tl.float32)
+    s_akl = tl.zeros([BLOCK], dtype=tl.float32)
+    s_entraw = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(TILES):
+        offs = (pid * TILES + i) * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < N
+        m = tl.load(mask_ptr + offs, mask=inb, other=0)
+        act = inb & (m != 0)
+        # Loads are masked by the (contiguous) bounds only, so they stay 16-byte vector loads; the
+        # masked lanes are zeroed by a select, so their values (possibly NaN/inf) never enter the
+        # arithmetic.
+        lp = tl.where(act, tl.load(logp_ptr + offs, mask=inb, other=0.0), 0.0)
+        old = tl.where(act, tl.load(old_ptr + offs, mask=inb, other=0.0), 0.0)
+        adv = tl.where(act, tl.load(adv_ptr + offs, mask=inb, other=0.0), 0.0)
+        w = act.to(tl.float32)  # the token's weight in the loss sums: 1, or 1/n_i in SEQ_MEAN
+        if SEQ_MEAN:
+            # The token's sequence: the largest s with cu[s] <= t (binary search over the tiny,
+            # cached cu_seqlens; empty sequences are skipped because a later equal bound wins).
+            lo = tl.zeros([BLOCK], dtype=tl.int32)
+            hi = tl.zeros([BLOCK], dtype=tl.int32) + (NSEQ - 1)
+            for _ in range(SEARCH_STEPS):
+                mid = (lo + hi + 1) // 2
+                go = tl.load(cu_ptr + mid, mask=act, other=0) <= offs
+                lo = tl.where(go, mid, lo)
+                hi = tl.where(go, hi, mid - 1)
+            w = tl.load(seqw_ptr + lo, mask=act, other=0.0)
 
-    # block sums of the parts that only some specialisations compute
-    a_kl = 0.0
-    a_ent = 0.0
-    a_dual = 0.0
-    a_klraw = 0.0
-    a_entraw = 0.0
-    m = tl.load(mask_ptr + offs, mask=inb, other=0)
-    act = inb & (m != 0)
-    # Masked lanes read 0: their values (possibly NaN/inf) never enter the arithmetic.
-    lp = tl.load(logp_ptr + offs, mask=act, other=0.0)
-    old = tl.load(old_ptr + offs, mask=act, other=0.0)
-    adv = tl.load(adv_ptr + offs, mask=act, other=0.0)
-    w = act.to(tl.float32)  # the token's weight in the loss sums: 1, or 1/n_i in SEQ_MEAN
-    if SEQ_MEAN:
-        # The token's sequence: the largest s with cu[s] <= t (binary search over the tiny,
-        # cached cu_seqlens; empty sequences are skipped because a later equal bound wins).
-        lo = tl.zeros([BLOCK], dtype=tl.int32)
-        hi = tl.zeros([BLOCK], dtype=tl.int32) + (NSEQ - 1)
-        for _ in range(SEARCH_STEPS):
-            mid = (lo + hi + 1) // 2
-            go = tl.load(cu_ptr + mid, mask=act, other=0) <= offs
-            lo = tl.where(go, mid, lo)
-            hi = tl.where(go, hi, mid - 1)
-        w = tl.load(seqw_ptr + lo, mask=act, other=0.0)
+        lr_raw = lp - old
+        lr = _clamp(lr_raw, -20.0, 20.0)
+        lr_in = (lr_raw >= -20.0) & (lr_raw <= 20.0)  # torch.clamp passes grad on [lo, hi]
+        r = tl.exp(lr)
+        s1 = r * adv
+        s2 = _clamp(r, R_LO, R_HI) * adv
+        pg0 = -tl.minimum(s1, s2)
+        r_in = ((r >= R_LO) & (r <= R_HI)).to(tl.float32)
+        # d(-min(s1, s2))/dr: s1 path gives A, s2 path gives A only inside the clip window; on a
+        # tie torch splits the gradient half/half between the two arguments.
+        sel = tl.where(s1 < s2, 1.0, tl.where(s1 == s2, 0.5 + 0.5 * r_in, 0.0))
+        dpg = tl.where(lr_in, -adv * r * sel, 0.0)
+        pg = pg0
+        if HAS_DUAL:
+            neg = adv < 0.0
+            cap = -CLIP_C * adv
+            pg = tl.where(neg, tl.minimum(pg0, cap), pg0)
+            dsel = tl.where(pg0 < cap, 1.0, tl.where(pg0 == cap, 0.5, 0.0))
+            dpg = tl.where(neg, dpg * dsel, dpg)
+            s_dual += (act & neg & (pg0 > cap)).to(tl.float32)
 
-    lr_raw = lp - old
-    lr = _clamp(lr_raw, -20.0, 20.0)
-    lr_in = (lr_raw >= -20.0) & (lr_raw <= 20.0)  # torch.clamp passes grad on [lo, hi]
-    r = tl.exp(lr)
-    s1 = r * adv
-    s2 = _clamp(r, R_LO, R_HI) * adv
-    pg0 = -tl.minimum(s1, s2)
-    r_in = ((r >= R_LO) & (r <= R_HI)).to(tl.float32)
-    # d(-min(s1, s2))/dr: s1 path gives A, s2 path gives A only inside the clip window; on a
-    # tie torch splits the gradient half/half between the two arguments.
-    sel = tl.where(s1 < s2, 1.0, tl.where(s1 == s2, 0.5 + 0.5 * r_in, 0.0))
-    dpg = tl.where(lr_in, -adv * r * sel, 0.0)
-    pg = pg0
-    if HAS_DUAL:
-        neg = adv < 0.0
-        cap = -CLIP_C * adv
-        pg = tl.where(neg, tl.minimum(pg0, cap), pg0)
-        dsel = tl.where(pg0 < cap, 1.0, tl.where(pg0 == cap, 0.5, 0.0))
-        dpg = tl.where(neg, dpg * dsel, dpg)
-        a_dual = tl.sum((act & neg & (pg0 > cap)).to(tl.float32), axis=0)
+        g = dpg
+        if HAS_REF:
+            ref = tl.where(act, tl.load(ref_ptr + offs, mask=inb, other=0.0), 0.0)
+            d_raw = ref - lp
+            d = _clamp(d_raw, -20.0, 20.0)
+            d_in = ((d_raw >= -20.0) & (d_raw <= 20.0)).to(tl.float32)
+            if KL_TYPE == 1:
+                k = -d
+                dk = d_in  # d(-d)/dlogp = +1 inside the clamp
+            elif KL_TYPE == 2:
+                k = 0.5 * d * d
+                dk = -d * d_in
+            else:
+                e = tl.exp(d)
+                k = e - d - 1.0
+                dk = (1.0 - e) * d_in
+            kl = _clamp(k, -10.0, 10.0)
+            dkl = tl.where((k >= -10.0) & (k <= 10.0), dk, 0.0)
+            kl = tl.where(act, kl, 0.0)
+            s_klraw += kl
+            if KL_COEF != 0.0:
+                g = g + KL_COEF * dkl
+                s_kl += KL_COEF * kl * w
+        if HAS_ENT:
+            ent = tl.where(act, tl.load(ent_ptr + offs, mask=inb, other=0.0), 0.0)
+            s_entraw += ent
+            if ENT_COEF != 0.0:
+                s_ent += -ENT_COEF * ent * w
+            tl.store(gent_ptr + offs, tl.where(act, -ENT_COEF * w, 0.0), mask=inb)
 
-    g = dpg
-    if HAS_REF:
-        ref = tl.load(ref_ptr + offs, mask=act, other=0.0)
-        d_raw = ref - lp
-        d = _clamp(d_raw, -20.0, 20.0)
-        d_in = ((d_raw >= -20.0) & (d_raw <= 20.0)).to(tl.float32)
-        if KL_TYPE == 1:
-            k = -d
-            dk = d_in  # d(-d)/dlogp = +1 inside the clamp
-        elif KL_TYPE == 2:
-            k = 0.5 * d * d
-            dk = -d * d_in
-        else:
-            e = tl.exp(d)
-            k = e - d - 1.0
-            dk = (1.0 - e) * d_in
-        kl = _clamp(k, -10.0, 10.0)
-        dkl = tl.where((k >= -10.0) & (k <= 10.0), dk, 0.0)
-        kl = tl.where(act, kl, 0.0)
-        a_klraw = tl.sum(kl, axis=0)
-        if KL_COEF != 0.0:
-            g = g + KL_COEF * dkl
-            a_kl = tl.sum(KL_COEF * kl * w, axis=0)
-    if HAS_ENT:
-        ent = tl.load(ent_ptr + offs, mask=act, other=0.0)
-        a_entraw = tl.sum(ent, axis=0)
-        if ENT_COEF != 0.0:
-            a_ent = tl.sum(-ENT_COEF * ent * w, axis=0)
-        tl.store(gent_ptr + offs, tl.where(act, -ENT_COEF * w, 0.0), mask=inb)
-
-    tl.store(glogp_ptr + offs, tl.where(act, g * w, 0.0), mask=inb)
-    actf = act.to(tl.float32)
-    a_pol = tl.sum(tl.where(act, pg * w, 0.0), axis=0)
-    a_tok = tl.sum(actf, axis=0)
-    a_clo = tl.sum((act & (adv < 0.0) & (r < R_LO)).to(tl.float32), axis=0)
-    a_chi = tl.sum((act & (adv > 0.0) & (r > R_HI)).to(tl.float32), axis=0)
-    a_ratio = tl.sum(tl.where(act, r, 0.0), axis=0)
-    a_akl = tl.sum(tl.where(act, 0.5 * lr * lr, 0.0), axis=0)
+        tl.store(glogp_ptr + offs, tl.where(act, g * w, 0.0), mask=inb)
+        s_pol += tl.where(act, pg * w, 0.0)
+        s_tok += act.to(tl.float32)
+        s_clo += (act & (adv < 0.0) & (r < R_LO)).to(tl.float32)
+        s_chi += (act & (adv > 0.0) & (r > R_HI)).to(tl.float32)
+        s_ratio += tl.where(act, r, 0.0)
+        s_akl += tl.where(act, 0.5 * lr * lr, 0.0)
 
     # One 16-wide store per program; slots 11..15 are written as 0 (the finalize sums all 16).
     cols = tl.arange(0, 16)
-    v = tl.where(cols == 0, a_pol, 0.0)
-    v = tl.where(cols == 1, a_kl, v)
-    v = tl.where(cols == 2, a_ent, v)
-    v = tl.where(cols == 3, a_tok, v)
-    v = tl.where(cols == 4, a_clo, v)
-    v = tl.where(cols == 5, a_chi, v)
-    v = tl.where(cols == 6, a_dual, v)
-    v = tl.where(cols == 7, a_ratio, v)
-    v = tl.where(cols == 8, a_klraw, v)
-    v = tl.where(cols == 9, a_akl, v)
-    v = tl.where(cols == 10, a_entraw, v)
+    v = tl.where(cols == 0, tl.sum(s_pol, axis=0), 0.0)
+    v = tl.where(cols == 3, tl.sum(s_tok, axis=0), v)
+    v = tl.where(cols == 4, tl.sum(s_clo, axis=0), v)
+    v = tl.where(cols == 5, tl.sum(s_chi, axis=0), v)
+    v = tl.where(cols == 7, tl.sum(s_ratio, axis=0), v)
+    v = tl.where(cols == 9, tl.sum(s_akl, axis=0), v)
+    if HAS_REF:
+        v = tl.where(cols == 8, tl.sum(s_klraw, axis=0), v)
+        if KL_COEF != 0.0:
+            v = tl.where(cols == 1, tl.sum(s_kl, axis=0), v)
+    if HAS_DUAL:
+        v = tl.where(cols == 6, tl.sum(s_dual, axis=0), v)
+    if HAS_ENT:
+        v = tl.where(cols == 10, tl.sum(s_entraw, axis=0), v)
+        if ENT_COEF != 0.0:
+            v = tl.where(cols == 2, tl.sum(s_ent, axis=0), v)
     tl.store(part_ptr + pid * 16 + cols, v)
 
 
@@ -399,7 +417,8 @@ class _GRPOLossFunction(torch.autograd.Function):
         seq_mean = seqw is not None
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)  # free reinterpretation; the kernel tests != 0
-        grid_n = max(triton.cdiv(n, FWD_BLOCK), 1)
+        tiles = FWD_TILES if n >= FWD_TILES_MIN_N else 1
+        grid_n = max(triton.cdiv(n, FWD_BLOCK * tiles), 1)
         if seq_mean:  # per-sequence weights 1/n_i, looked up per token by the kernel
             nseq = cu_seqlens.numel() - 1
             cu, steps = cu_seqlens, max(nseq, 1).bit_length()
@@ -419,7 +438,7 @@ class _GRPOLossFunction(torch.autograd.Function):
             HAS_DUAL=cfg["clip_c"] is not None, CLIP_C=float(cfg["clip_c"] or 0.0),
             HAS_REF=has_ref, KL_TYPE=KL_TYPES[cfg["kl_type"]], KL_COEF=float(cfg["kl_coef"]),
             HAS_ENT=has_ent, ENT_COEF=float(cfg["entropy_coef"]),
-            SEQ_MEAN=seq_mean, BLOCK=FWD_BLOCK, num_warps=FWD_WARPS,
+            SEQ_MEAN=seq_mean, BLOCK=FWD_BLOCK, TILES=tiles, num_warps=FWD_WARPS,
         )
         loss = torch.empty((), dtype=torch.float32, device=dev)
         out = torch.empty(_NSLOT, dtype=torch.float32, device=dev)
@@ -503,7 +522,7 @@ def _fwd_spec(name, seq_mean, has_ref, kl_type, has_ent, dual):
     consts = dict(R_LO=0.8, R_HI=1.28, HAS_DUAL=dual, CLIP_C=3.0 if dual else 0.0, HAS_REF=has_ref,
                   KL_TYPE=kl_type, KL_COEF=0.001 if has_ref else 0.0, HAS_ENT=has_ent,
                   ENT_COEF=0.001 if has_ent else 0.0, SEQ_MEAN=seq_mean,
-                  BLOCK=FWD_BLOCK)
+                  BLOCK=FWD_BLOCK, TILES=FWD_TILES)
     sig.update({k: "constexpr" for k in consts})
     return dict(name=name, fn=_grpo_fwd_kernel, signature=sig, constexprs=consts,
                 num_warps=FWD_WARPS, num_stages=3)

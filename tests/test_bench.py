@@ -190,3 +190,13 @@ def test_bench_entry_reports_instead_of_crashing(monkeypatch, tmp_path):
     assert entry.main(["--only", "missing,broken", "--out", str(out)]) == 0
     d = json.loads(out.read_text())
     assert [p["piece"] for p in d["pieces"]] == ["missing", "broken"] and d["env"]["torch"]
+
+
+def test_git_commit_prefers_lwz_commit(monkeypatch):
+    """A copied tree (the GPU machine's) records the commit it was started with, not a stale .git."""
+    from bench.common import git_commit
+
+    monkeypatch.setenv("LWZ_COMMIT", "0123456789ab")
+    assert git_commit() == "0123456789ab"
+    monkeypatch.delenv("LWZ_COMMIT")
+    assert git_commit() != "0123456789ab"

@@ -120,11 +120,17 @@ def test_matches_reference(loss_agg, kl_type, clip):
 
 
 @pytest.mark.parametrize("loss_agg", MODES)
-@pytest.mark.parametrize("given_seqs", [False, True])
-def test_long_sequences_across_program_blocks(loss_agg, given_seqs):
+@pytest.mark.parametrize("given_seqs,multi_tile", [(False, False), (True, False), (False, True)])
+def test_long_sequences_across_program_blocks(loss_agg, given_seqs, multi_tile, monkeypatch):
     """Sequences longer than a program's block of tokens (1024), sequences starting mid-block and
     an empty sequence: each token still finds its own sequence's 1/n_i, and a seq-* mode with no
-    global_seqs counts the active sequences itself."""
+    global_seqs counts the active sequences itself. multi_tile: programs of FWD_TILES blocks (as
+    on large batches), the last one only partly filled."""
+    import kernels.grpo_loss as gl
+
+    if multi_tile:
+        monkeypatch.setattr(gl, "FWD_TILES_MIN_N", 1)
+        assert gl.FWD_TILES > 1 and 4785 % (gl.FWD_TILES * gl.FWD_BLOCK) != 0
     b32 = make_batch(seed=11, lengths=(1500, 7, 3, 1200, 1, 2049, 5, 0, 14, 6))
     b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in b32.items()}
     kw = dict(kl_type="k3", clip="dual", loss_agg=loss_agg, grad_out=-0.9)
