@@ -129,8 +129,10 @@ def test_long_sequences_across_program_blocks(loss_agg, given_seqs, multi_tile, 
     import kernels.grpo_loss as gl
 
     if multi_tile:
-        monkeypatch.setattr(gl, "FWD_TILES_MIN_N", 1)
-        assert gl.FWD_TILES > 1 and 4785 % (gl.FWD_TILES * gl.FWD_BLOCK) != 0
+        monkeypatch.setattr(gl, "FWD_MIN_PROGRAMS", 1)
+        assert gl._fwd_tiles(4785) == 4 and 4785 % (4 * gl.FWD_BLOCK) != 0
+    else:
+        assert gl._fwd_tiles(4785) == 1
     b32 = make_batch(seed=11, lengths=(1500, 7, 3, 1200, 1, 2049, 5, 0, 14, 6))
     b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in b32.items()}
     kw = dict(kl_type="k3", clip="dual", loss_agg=loss_agg, grad_out=-0.9)
@@ -214,6 +216,17 @@ def test_extreme_log_ratios(impl):
     # the k3 KL of tokens 0/1 is clamped to 10, so its gradient is 0 as well.
     assert logp.grad.abs().max().item() == 0.0
     assert math.isclose(st["kl_mean"].item(), 5.0, rel_tol=1e-6)  # (10 + 10 + 0 + 0) / 4
+
+
+def test_fwd_tiles_rule():
+    """Tiles per program grow with the batch (powers of two, capped) but never below ~8 programs
+    per SM: 256k tokens keep one tile per program, 16M tokens get the cap."""
+    import kernels.grpo_loss as gl
+
+    assert [gl._fwd_tiles(n) for n in (0, 1, 262144, 2 << 20, 4 << 20, 16 << 20, 1 << 30)] == \
+        [1, 1, 1, 2, 4, 16, 16]
+    for n in (3 << 20, 5 << 20, 16 << 20):
+        assert n // (gl._fwd_tiles(n) * gl.FWD_BLOCK) >= gl.FWD_MIN_PROGRAMS
 
 
 def test_deterministic():
