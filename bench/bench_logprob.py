@@ -14,7 +14,11 @@ backward, for
 TFLOP/s counts only the projection GEMMs: forward 2*T*H*V; forward + backward with the logits
 recomputed in backward 8*T*H*V (2 fwd + 2 recompute + 2 dX + 2 dW), used for every impl so the
 numbers compare time. "% of matmul" is against a bf16 8192^3 torch.matmul measured in the same run.
-Peak extra memory = max_memory_allocated during fwd+bwd minus the memory held before it.
+Peak extra memory = max_memory_allocated during fwd+bwd minus the memory held before it; "-grads"
+subtracts the gradients dX and dW themselves (outputs every implementation holds), leaving the
+working memory: for triton the backward's dlogits chunk (LWZ_LOGPROB_BWD_CHUNK_BYTES) and the fp32
+dX accumulator (T*H*4 B). Errors are against an fp32 reference of the same bf16 inputs on the
+first 256 tokens.
 
 CPU: a small size (T=512, H=64, V=4099, fp32; --quick: T=256) comparing the chunked torch path
 with the eager reference, in seconds (median of a few runs), plus max |logp - fp64 reference|.
@@ -181,11 +185,14 @@ def run_cuda(sizes, quick, compile_torch=True, on_size=None):
                 fb()
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated() - base
+                # the gradients dX [T, H] and dW [V, H] are outputs any implementation must hold;
+                # what is left is the working memory (chunks, accumulators, saved statistics)
+                grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in (xr, wr) if p.grad is not None)
                 fl_f, fl_fb = 2 * T * H * V, 8 * T * H * V
                 row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms, fwd_s=fwd_ms / 1e3, fwd_bwd_s=fb_ms / 1e3,
                            tflops_fwd=fl_f / (fwd_ms * 1e-3) / 1e12,
                            tflops_fwd_bwd=fl_fb / (fb_ms * 1e-3) / 1e12,
-                           peak_extra_gib=peak / 2**30)
+                           peak_extra_gib=peak / 2**30, peak_beyond_grads_mib=(peak - grad_bytes) / 2**20)
                 row["pct_matmul_fwd"] = 100 * row["tflops_fwd"] / mm_tflops
                 row["pct_matmul_fwd_bwd"] = 100 * row["tflops_fwd_bwd"] / mm_tflops
             except torch.OutOfMemoryError as e:
@@ -206,7 +213,7 @@ def format_table(rows):
     out = []
     if rows and "fwd_ms" in rows[0] or any("matmul_tflops" in r for r in rows):
         out.append(f"{'T':>6} {'impl':<24} {'fwd ms':>8} {'f+b ms':>8} {'TF/s f':>7} {'TF/s fb':>7} "
-                   f"{'%mm fb':>6} {'peak GiB':>8} {'err':>8}")
+                   f"{'%mm fb':>6} {'peak GiB':>8} {'-grads MiB':>10} {'err':>8}")
         for r in rows:
             if "skipped" in r:
                 out.append(f"{r['T']:>6} {r['impl']:<24} skipped: {r['skipped']}")
@@ -214,6 +221,7 @@ def format_table(rows):
             out.append(f"{r['T']:>6} {r['impl']:<24} {r['fwd_ms']:>8.2f} {r['fwd_bwd_ms']:>8.2f} "
                        f"{r['tflops_fwd']:>7.1f} {r['tflops_fwd_bwd']:>7.1f} "
                        f"{r['pct_matmul_fwd_bwd']:>6.1f} {r['peak_extra_gib']:>8.2f} "
+                       f"{r.get('peak_beyond_grads_mib', float('nan')):>10.0f} "
                        f"{r['max_abs_err_logp']:>8.2e}")
     else:
         out.append(f"{'T':>6} {'H':>5} {'V':>6} {'impl':<16} {'fwd s':>9} {'fwd+bwd s':>10} {'err':>9}")
