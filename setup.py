@@ -1,7 +1,9 @@
 """Build definition of lwz. The C++/CUDA extension lwz._C is built by CMake (see CMakeLists.txt).
 
 `pip install --no-build-isolation -e .` runs LwzBuildExt, which configures and builds CMakeLists.txt
-with Ninja (2 jobs; MAX_JOBS overrides) and drops lwz/_C*.so next to the Python sources.
+with Ninja (2 jobs; MAX_JOBS overrides) and drops lwz/_C*.so next to the Python sources. Without
+--no-build-isolation pip builds in an isolated environment that has no torch: the extension is then
+skipped with a warning. Offline with recent setuptools: `python setup.py build_ext --inplace`.
 
 Environment:
   LWZ_CUDA=0       build the CPU kernels only
@@ -100,6 +102,15 @@ class LwzBuildExt(build_ext):
         mode = os.environ.get("LWZ_CUDA", "").strip().upper()
         mode = {"1": "ON", "TRUE": "ON", "ON": "ON", "0": "OFF", "FALSE": "OFF", "OFF": "OFF"}.get(mode, "AUTO")
         out_path = os.path.abspath(self.get_ext_fullpath(ext.name))
+        try:
+            import torch  # noqa: F401  (the extension builds against the installed torch)
+        except ImportError:
+            msg = ("torch is not importable in the build environment (an isolated PEP 517 build?): "
+                   "build with `pip install --no-build-isolation -e .`")
+            if mode == "ON":
+                raise RuntimeError(f"lwz: LWZ_CUDA=1 but {msg}")
+            _log(f"WARNING: {msg}; installing without lwz._C (lwz.packing falls back to pure torch)")
+            return
         t0 = time.time()
         try:
             self._cmake(ext, out_path, mode)
