@@ -89,6 +89,7 @@ def bench_pack(tokens: int, hidden: int, dtype: torch.dtype, device: str, iters:
     res["ms"] = {k: v * 1e3 for k, v in t.items()}
     res["GBps"] = {k: moved[k] / t[k] / 1e9 for k in t}
     res["pack_vs_copy"] = res["GBps"]["pack_lwz"] / res["GBps"]["copy_d2d"]
+    res["unpack_vs_copy"] = res["GBps"]["unpack_lwz"] / res["GBps"]["copy_d2d"]
     return res
 
 
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
         "planner": bench_planner(seqs, a.ranks, a.max_tokens, iters),
         "waste": bench_waste(seqs, a.ranks, a.max_tokens),
     }
+    res["headline"] = {"pack_pct_of_copy": 100 * res["pack"]["pack_vs_copy"],
+                       "unpack_pct_of_copy": 100 * res["pack"]["unpack_vs_copy"]}
     out = a.out or os.path.join(ROOT, "bench", "results", f"pack-{tag}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -200,3 +200,14 @@ def test_git_commit_prefers_lwz_commit(monkeypatch):
     assert git_commit() == "0123456789ab"
     monkeypatch.delenv("LWZ_COMMIT")
     assert git_commit() != "0123456789ab"
+
+
+def test_key_number_prefers_headline():
+    """The device check's table shows a result's own headline (its goal numbers) over the first
+    recognised field, e.g. the copy baseline's GB/s that comes first in bench_grpo_loss's JSON."""
+    from bench.common import key_number
+
+    data = {"copy": {"gbps": 554.4, "ms": 0.0137}, "headline": {"pct_of_copy": 81.55, "speedup_vs_eager": 12.6}}
+    assert key_number(data) == "pct_of_copy=81.550 speedup_vs_eager=12.600"
+    del data["headline"]
+    assert key_number(data) == "gbps=554.400 ms=0.014"
