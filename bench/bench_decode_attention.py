@@ -64,7 +64,7 @@ def main(argv=None):
     dst = torch.empty_like(src)
     t_copy = time_call(lambda: dst.copy_(src), a.iters, cuda)
     copy_gbps = 2 * src.numel() / t_copy / 1e9
-    del src, dst
+    src = dst = None  # free the copy buffers
 
     kernels = {"sdpa_rows": lambda: A._decode_sdpa(q, k, v, lengths, scale, rows, max_len)}
     if cuda or os.environ.get("TRITON_INTERPRET") == "1":
