@@ -730,6 +730,40 @@ def _want_graphs(device, kernel: str, compact: bool, cuda_graphs: bool) -> bool:
     return bool(cuda_graphs) and not compact and kernel != "sdpa" and device.type == "cuda" and not _GRAPHS_FAILED
 
 
+class _LiveRows:
+    """The sequences decoding now, in batch order: their sample ids and slots on the host (for the
+    bookkeeping) and the same two lists on the device (every step gathers with them). In compact
+    mode sequence i sits in cache row i; otherwise in cache row slots[i]."""
+
+    def __init__(self, device):
+        self.device = device
+        self.samples: list[int] = []
+        self.slots: list[int] = []
+        self.samples_t = torch.zeros(0, dtype=torch.int64, device=device)
+        self.slots_t = torch.zeros(0, dtype=torch.int64, device=device)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def extend(self, samples: list[int], slots: list[int]) -> None:
+        self.samples, self.slots = self.samples + samples, self.slots + slots
+        self.samples_t = torch.cat([self.samples_t, torch.tensor(samples, dtype=torch.int64, device=self.device)])
+        self.slots_t = torch.cat([self.slots_t, torch.tensor(slots, dtype=torch.int64, device=self.device)])
+
+    def select(self, perm: list[int]) -> torch.Tensor:
+        """Keep the sequences at positions perm, in that order; returns perm on the device for the
+        caller's other per-sequence tensors."""
+        perm_t = torch.tensor(perm, dtype=torch.int64, device=self.device)
+        self.samples_t, self.slots_t = self.samples_t[perm_t], self.slots_t[perm_t]
+        self.samples, self.slots = [self.samples[i] for i in perm], [self.slots[i] for i in perm]
+        return perm_t
+
+    def pop(self) -> tuple[int, int]:
+        """Drop the last sequence; returns its (sample, slot)."""
+        self.samples_t, self.slots_t = self.samples_t[:-1], self.slots_t[:-1]
+        return self.samples.pop(), self.slots.pop()
+
+
 def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top_p, top_k, greedy,
                 stop_token_ids, stopper, generator, max_context, compact, cuda_graphs, page_size=0, num_pages=0):
     """Generate all len(prompts) * n samples through `slots` cache rows with continuous admission
@@ -775,45 +809,41 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
     pending = list(range(B))[::-1]  # a stack: the next sample to admit is pending[-1]
     free = list(range(slots))  # free slots (min-heap); a slot picks the noise row, and the cache row in index mode
     prompt_hidden: dict = {}
-    live: list[int] = []  # sample ids decoding now; in compact mode live[i] sits in cache row i
-    slot_of: list[int] = []
-    active = torch.zeros(0, dtype=torch.int64, device=device)  # == live, on the device
-    slots_t = torch.zeros(0, dtype=torch.int64, device=device)  # == slot_of, on the device
+    cur = _LiveRows(device)
     tok = logits = None
     rounds = preemptions = 0
     while True:
         new, need = [], []
-        if pending and len(live) < slots:
+        if pending and len(cur) < slots:
             spare_pages = len(pages.free) if pages is not None else 0
-            while pending and len(live) + len(new) < slots:
+            while pending and len(cur) + len(new) < slots:
                 if pages is not None:  # room for its tokens so far, and a reserve for the live ones to grow
                     k = pages.need(plen[pending[-1]] + count[pending[-1]])
-                    if k > spare_pages - (pages.watermark if live or new else 0):
+                    if k > spare_pages - (pages.watermark if len(cur) or new else 0):
                         break
                     spare_pages -= k
                     need.append(k)
                 new.append(pending.pop())
         if new:
             new_slots = [heapq.heappop(free) for _ in new]
-            rows = list(range(len(live), len(live) + len(new))) if compact else new_slots
-            live_rows = range(len(live)) if compact else slot_of
+            rows = list(range(len(cur), len(cur) + len(new))) if compact else new_slots
+            live_rows = range(len(cur)) if compact else cur.slots
             if pages is not None:
                 pages.give(list(zip(rows, need)))
             resumed = {b: resp[b] for b in new if count[b]}
-            new_logits = _admit(model, cache, prompts, n, new, rows, live, live_rows, prompt_hidden, device,
+            new_logits = _admit(model, cache, prompts, n, new, rows, cur.samples, live_rows, prompt_hidden, device,
                                 resumed, pages)
             logits = new_logits if logits is None else torch.cat([logits, new_logits])
-            live, slot_of = live + new, slot_of + new_slots
-            active = torch.cat([active, torch.tensor(new, dtype=torch.int64, device=device)])
-            slots_t = torch.cat([slots_t, torch.tensor(new_slots, dtype=torch.int64, device=device)])
+            cur.extend(new, new_slots)
             if may_complete is None and stopper.strings:
                 may_complete = stopper.may_complete(logits.shape[-1], device)
         noise = None
         if not greedy:
             noise = torch.rand((slots, logits.shape[-1]), dtype=torch.float32, device=device, generator=gen)
-            noise = noise[slots_t] if len(live) < slots or slot_of != list(range(slots)) else noise
+            noise = noise[cur.slots_t] if len(cur) < slots or cur.slots != list(range(slots)) else noise
         tok, lp, tlp = _sample(logits, noise, temperature, top_k, top_p, greedy)
         rounds += 1
+        active = cur.samples_t
         step = count_t[active]
         out_tok[active, step] = tok
         out_lp[active, step] = lp
@@ -824,17 +854,17 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
         check = may_complete[tok] & ~is_stop if may_complete is not None else ~is_stop
         # the one host sync per step
         tok_l, done_l, stop_l, check_l = torch.stack([tok, done | is_stop, is_stop, check]).tolist()
-        for i, b in enumerate(live):
+        for i, b in enumerate(cur.samples):
             resp[b].append(tok_l[i])
             count[b] += 1
-        str_hit = [False] * len(live)
+        str_hit = [False] * len(cur)
         if stopper.strings:
-            check = [i for i in range(len(live)) if check_l[i]]
-            hits = stopper.hits([resp[live[i]][-stopper.window:] for i in check])
+            check = [i for i in range(len(cur)) if check_l[i]]
+            hits = stopper.hits([resp[cur.samples[i]][-stopper.window:] for i in check])
             for i, h in zip(check, hits):
                 str_hit[i] = h
         keep = []
-        for i, b in enumerate(live):
+        for i, b in enumerate(cur.samples):
             if stop_l[i]:
                 reasons[b] = "stop_token"
             elif str_hit[i]:
@@ -843,46 +873,45 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
                 reasons[b] = "length"
             else:
                 keep.append(i)
-        if len(keep) < len(live):
-            for i in set(range(len(live))) - set(keep):
-                heapq.heappush(free, slot_of[i])
+        if len(keep) < len(cur):
+            for i in set(range(len(cur))) - set(keep):
+                heapq.heappush(free, cur.slots[i])
                 if pages is not None:
-                    pages.release(slot_of[i])
+                    pages.release(cur.slots[i])
             if compact:
-                perm, moves = _compact_order(keep, len(live))
+                perm, moves = _compact_order(keep, len(cur))
                 if moves:  # a row holds k/v up to (not including) its newest token
                     cache.copy_rows(torch.tensor([s for s, _ in moves], device=device),
                                     torch.tensor([d for _, d in moves], device=device),
-                                    max(plen[live[s]] + count[live[s]] - 1 for s, _ in moves))
+                                    max(plen[cur.samples[s]] + count[cur.samples[s]] - 1 for s, _ in moves))
             else:
                 perm = keep
-            perm_t = torch.tensor(perm, dtype=torch.int64, device=device)
-            active, slots_t, tok = active[perm_t], slots_t[perm_t], tok[perm_t]
-            live, slot_of = [live[i] for i in perm], [slot_of[i] for i in perm]
-        if pages is not None and live:
+            tok = tok[cur.select(perm)]
+        if pages is not None and len(cur):
             # a sequence whose newest token starts a page needs one now; while the pool cannot give
             # them all, the latest admitted sequence gives its pages back and waits in the queue
             while True:
-                needy = [i for i, b in enumerate(live) if pages.need(plen[b] + count[b]) > len(pages.of[slot_of[i]])]
+                needy = [i for i, b in enumerate(cur.samples)
+                         if pages.need(plen[b] + count[b]) > len(pages.of[cur.slots[i]])]
                 if len(needy) <= len(pages.free):
                     break
-                b, slot = live.pop(), slot_of.pop()
+                b, slot = cur.pop()
                 pages.release(slot)
                 heapq.heappush(free, slot)
                 pending.append(b)
                 preemptions += 1
-                active, slots_t, tok = active[:-1], slots_t[:-1], tok[:-1]
-            pages.give([(slot_of[i], 1) for i in needy])
-        if not live:
+                tok = tok[:-1]
+            pages.give([(cur.slots[i], 1) for i in needy])
+        if not len(cur):
             if not pending:
                 break
             logits = None
             continue
         # the newest token of sample b sits at position plen + count - 1
-        positions = plen_t[active] + count_t[active] - 1
+        positions = plen_t[cur.samples_t] + count_t[cur.samples_t] - 1
         if graphs is not None:
             try:
-                logits = graphs(tok, positions, slots_t)
+                logits = graphs(tok, positions, cur.slots_t)
                 continue
             except Exception as e:  # a kernel that cannot be captured: this and later rollouts run eagerly
                 _GRAPHS_FAILED.append(f"{type(e).__name__}: {e}")
@@ -890,9 +919,9 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
                                                  _GRAPHS_FAILED[-1][:200])
                 graphs = None
                 torch.cuda.synchronize(device)
-        view = cache.head(len(live)) if compact else cache
-        max_len = max(plen[b] + count[b] for b in live)  # the graphs read the whole cache instead
-        hidden = model.decode_step(tok, positions, view, rows=None if compact else slots_t, max_length=max_len)
+        view = cache.head(len(cur)) if compact else cache
+        max_len = max(plen[b] + count[b] for b in cur.samples)  # the graphs read the whole cache instead
+        hidden = model.decode_step(tok, positions, view, rows=None if compact else cur.slots_t, max_length=max_len)
         logits = model.logits(hidden)
 
     out_tok, out_lp, out_tlp = out_tok.cpu(), out_lp.cpu(), out_tlp.cpu()
