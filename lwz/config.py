@@ -88,6 +88,9 @@ class RolloutConfig:
     # real lengths, rows (batch_size) only cap the sequences in flight; sequences that cannot grow
     # give their pages back and are recomputed later (logged as rollout_preemptions)
     page_size: int = 0
+    # decode step t+1 on the GPU while the host reads step t's tokens (stop checks, admissions); rows read
+    # in place only (CUDA kernels); the same samples either way. Off until measured on a GPU.
+    overlap: bool = False
 
 
 @dataclass

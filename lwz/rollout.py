@@ -411,7 +411,7 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
              stop_strings=(), tokenizer=None, generator: torch.Generator | None = None,
              max_context: int | None = None, batch_size: int = 0, cache_mem_fraction: float = 0.9,
              compact: str | bool = "auto", cuda_graphs: bool = True, page_size: int = 0, num_pages: int = 0,
-             pad_id: int | None = None) -> RolloutBatch:
+             overlap: bool = False, pad_id: int | None = None) -> RolloutBatch:
     """Sample `n` responses for each prompt (lists of token ids) with a KV cache.
 
     temperature 0 means greedy. top_k = 0 and top_p = 1 disable truncation. stop_token_ids end a
@@ -429,7 +429,9 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
     (a multiple of 64; of 256 with flash-attn or torch's paged varlen kernel), num_pages of them
     (0: on CUDA what fits in cache_mem_fraction of the free memory, on the CPU every row's whole
     budget); rows then only bound how many sequences decode at once, and memory follows the real
-    lengths. Returns a RolloutBatch (CPU tensors).
+    lengths. overlap: launch each next decode step before reading this step's tokens on the host
+    (rows read in place only; see _decode_all); the same samples either way. Returns a RolloutBatch
+    (CPU tensors).
     """
     if n < 1:
         raise ValueError(f"generate: n must be >= 1, got {n}")
@@ -460,7 +462,7 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
     params = dict(n=n, max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                   top_k=int(top_k), greedy=greedy, stop_token_ids=tuple(int(t) for t in stop_token_ids),
                   stopper=stopper, generator=generator, max_context=max_context, compact=compact,
-                  cuda_graphs=cuda_graphs)
+                  cuda_graphs=cuda_graphs, overlap=bool(overlap))
     num = len(prompts) * n
     samples, rows, rounds, preemptions = [], 0, 0, 0
     if num:
@@ -765,15 +767,20 @@ class _LiveRows:
 
 
 def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top_p, top_k, greedy,
-                stop_token_ids, stopper, generator, max_context, compact, cuda_graphs, page_size=0, num_pages=0):
+                stop_token_ids, stopper, generator, max_context, compact, cuda_graphs, page_size=0, num_pages=0,
+                overlap=False):
     """Generate all len(prompts) * n samples through `slots` cache rows with continuous admission
     (compact: the live rows kept contiguous, for SDPA; cuda_graphs: replay the decode steps):
     whenever sequences finish, waiting samples are admitted into the freed rows at once (their
     prompt prefilled or copied from a live sibling), so the decode batch stays full until the
     queue runs dry. page_size > 0: a paged cache of num_pages pages; a row gets pages as its
     sequence grows, and when none is left the latest admitted sequences give theirs back and wait
-    in the queue (recomputed from their tokens when readmitted). Returns (per-sample dicts in sample
-    order (sample b is prompt b // n's), sampling rounds, preemptions)."""
+    in the queue (recomputed from their tokens when readmitted). overlap (rows read in place, not
+    compact): each step's decode of the next token is launched before the host reads this step's
+    tokens, so the GPU computes step t+1 while the host checks stops and admits; the rows that
+    finished at step t computed one step for nothing (their outputs are dropped, their cache row
+    or pages are free again). Returns (per-sample dicts in sample order (sample b is prompt b // n's),
+    sampling rounds, preemptions)."""
     device, dtype = _model_device_dtype(model)
     B = len(prompts) * n
     plen = [len(prompts[b // n]) for b in range(B)]
@@ -812,6 +819,27 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
     cur = _LiveRows(device)
     tok = logits = None
     rounds = preemptions = 0
+    overlap = overlap and not compact
+    # page-locked host memory for each step's tokens and flags, so their copy runs asynchronously
+    flags_host = torch.empty(4 * slots, dtype=torch.int64, pin_memory=True) if overlap and device.type == "cuda" \
+        else None
+
+    def decode(tok, positions, max_len):
+        """Logits [B, V] of the next position of every live sequence (a graph replay where possible)."""
+        nonlocal graphs
+        if graphs is not None:
+            try:
+                return graphs(tok, positions, cur.slots_t)
+            except Exception as e:  # a kernel that cannot be captured: this and later rollouts run eagerly
+                _GRAPHS_FAILED.append(f"{type(e).__name__}: {e}")
+                logging.getLogger("lwz").warning("rollout: CUDA graph capture failed (%s); decoding eagerly",
+                                                 _GRAPHS_FAILED[-1][:200])
+                graphs = None
+                torch.cuda.synchronize(device)
+        view = cache.head(len(cur)) if compact else cache
+        hidden = model.decode_step(tok, positions, view, rows=None if compact else cur.slots_t, max_length=max_len)
+        return model.logits(hidden)
+
     while True:
         new, need = [], []
         if pending and len(cur) < slots:
@@ -852,8 +880,27 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
         done = step + 1 >= cap_t[active]
         is_stop = torch.isin(tok, stop_ids) if stop_ids.numel() else torch.zeros_like(done)
         check = may_complete[tok] & ~is_stop if may_complete is not None else ~is_stop
+        flags = torch.stack([tok, done | is_stop, is_stop, check])
+        ahead = None  # logits of the next step, decoded before this step's tokens reach the host
+        if overlap:
+            # lengths with this step's token; a sequence at its budget ends now whatever it drew, so
+            # its step ahead (computed for nothing) is written at position 0 of its own row, which
+            # it gives back right after: never past the cache, never into a page it lacks
+            lens = [1 if count[b] + 1 >= cap[b] else plen[b] + count[b] + 1 for b in cur.samples]
+            needy = [] if pages is None else \
+                [i for i, L in enumerate(lens) if pages.need(L) > len(pages.of[cur.slots[i]])]
+            if pages is None or len(needy) <= len(pages.free):  # else: the plain path, which can preempt
+                if pages is not None:
+                    pages.give([(cur.slots[i], 1) for i in needy])
+                if flags_host is not None:  # queue the copy before the next step, and wait for the copy only
+                    flags = flags_host[:flags.numel()].view(flags.shape).copy_(flags, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record()
+                ahead = decode(tok, torch.where(done, 0, plen_t[active] + count_t[active] - 1), max(lens))
+                if flags_host is not None:
+                    ready.synchronize()
         # the one host sync per step
-        tok_l, done_l, stop_l, check_l = torch.stack([tok, done | is_stop, is_stop, check]).tolist()
+        tok_l, done_l, stop_l, check_l = flags.tolist()
         for i, b in enumerate(cur.samples):
             resp[b].append(tok_l[i])
             count[b] += 1
@@ -886,8 +933,11 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
                                     max(plen[cur.samples[s]] + count[cur.samples[s]] - 1 for s, _ in moves))
             else:
                 perm = keep
-            tok = tok[cur.select(perm)]
-        if pages is not None and len(cur):
+            perm_t = cur.select(perm)
+            tok = tok[perm_t]
+            if ahead is not None:
+                ahead = ahead[perm_t]
+        if pages is not None and len(cur) and ahead is None:
             # a sequence whose newest token starts a page needs one now; while the pool cannot give
             # them all, the latest admitted sequence gives its pages back and waits in the queue
             while True:
@@ -907,22 +957,13 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
                 break
             logits = None
             continue
-        # the newest token of sample b sits at position plen + count - 1
-        positions = plen_t[cur.samples_t] + count_t[cur.samples_t] - 1
-        if graphs is not None:
-            try:
-                logits = graphs(tok, positions, cur.slots_t)
-                continue
-            except Exception as e:  # a kernel that cannot be captured: this and later rollouts run eagerly
-                _GRAPHS_FAILED.append(f"{type(e).__name__}: {e}")
-                logging.getLogger("lwz").warning("rollout: CUDA graph capture failed (%s); decoding eagerly",
-                                                 _GRAPHS_FAILED[-1][:200])
-                graphs = None
-                torch.cuda.synchronize(device)
-        view = cache.head(len(cur)) if compact else cache
-        max_len = max(plen[b] + count[b] for b in cur.samples)  # the graphs read the whole cache instead
-        hidden = model.decode_step(tok, positions, view, rows=None if compact else cur.slots_t, max_length=max_len)
-        logits = model.logits(hidden)
+        if ahead is not None:
+            logits = ahead
+            continue
+        # the newest token of sample b sits at position plen + count - 1 (the graphs read the whole
+        # cache; max_len bounds the eager attention)
+        logits = decode(tok, plen_t[cur.samples_t] + count_t[cur.samples_t] - 1,
+                        max(plen[b] + count[b] for b in cur.samples))
 
     out_tok, out_lp, out_tlp = out_tok.cpu(), out_lp.cpu(), out_tlp.cpu()
     return [dict(prompt_index=b // n, response=out_tok[b, :count[b]], logp=out_lp[b, :count[b]],

@@ -383,6 +383,45 @@ def test_paged_cache_preempts_and_recomputes_when_pages_run_out(tiny, monkeypatc
         generate(model, prompts, page_size=64, **{**kw, "compact": True})
 
 
+@pytest.mark.parametrize("layout", ["static", "paged", "graphs", "paged-short"])
+def test_overlap_gives_the_same_samples(tiny, monkeypatch, layout):
+    """Decoding step t+1 before the host reads step t's tokens (rollout.overlap) draws the same
+    samples: on the static cache, the paged one, the graphs' padded steps, and a page pool so short
+    that sequences are preempted (those rounds take the plain path). The decode ahead really runs:
+    it costs one step for nothing each time every live sequence finishes at once."""
+    import lwz.rollout as ro
+    model, _ = tiny
+    prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3])
+    kw = dict(n=2, max_new_tokens=20, batch_size=5, compact=False, stop_token_ids=[0] + list(range(8, 60)))
+    if layout == "paged":
+        kw["page_size"] = 8
+    if layout == "paged-short":
+        kw.update(page_size=4, num_pages=-(-(15 + 30 - 1) // 4) + 4, greedy=True, max_new_tokens=30,
+                  stop_token_ids=list(range(200)))
+    if layout == "graphs":
+        monkeypatch.setattr(ro, "_want_graphs", lambda *a: True)
+    calls = []
+    real = type(model).decode_step
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(model), "decode_step", spy)
+    run = (lambda **o: generate(model, prompts, **kw, **o)) if kw.get("greedy") else \
+        (lambda **o: sample(model, prompts, 4, **kw, **o))
+    plain = run()
+    n_plain = len(calls)
+    ahead = run(overlap=True)
+    assert ahead.response_ids == plain.response_ids
+    torch.testing.assert_close(ahead.response_logprobs, plain.response_logprobs, atol=1e-5, rtol=1e-5)
+    assert [r for r in ahead.finish_reasons] == [r for r in plain.finish_reasons]
+    assert len(set(plain.response_lengths.tolist())) > 2
+    assert len(calls) - n_plain > n_plain, (n_plain, len(calls) - n_plain)
+    if layout == "paged-short":
+        assert plain.preemptions > 0 and ahead.preemptions > 0
+
+
 def test_cache_rows_follow_batch_size_and_free_memory(tiny, monkeypatch):
     import lwz.rollout as ro
     from lwz.model import KVCache
