@@ -8,7 +8,7 @@
 # two ceilings (bf16 8192^3 matmul, device-to-device copy), the CUDA tests (CUDA vs CPU twins,
 # Triton kernels in bf16 vs references), two steps of the tiny default trained on the GPU in bf16,
 # the packing and decode-attention benchmarks, the log-prob and GRPO-loss kernel benchmarks, the
-# rollout benchmark, then profile_step at 14336 tokens for the Qwen2.5-1.5B shape. Every step runs under
+# rollout benchmark, then profile_step at 14336 (and 8192) tokens for the Qwen2.5-1.5B shape. Every step runs under
 # `timeout`; a failure is recorded, never fatal. Outputs: bench/results/<date>-<gpu>.json and .md
 # (every JSON written during the run merged),
 # per-step logs in bench/results/logs-<date>-<gpu>/, and as the last lines a table: step, status,
@@ -178,14 +178,18 @@ bench_step bench_grpo_loss bench.bench_grpo_loss 45 --no-compile
 bench_step bench_rollout bench.bench_rollout 120
 
 # 7. the long-sequence step profile: Qwen2.5-1.5B shape at 14336 tokens, long-tail mix (the padded
-#    baseline may run out of memory: that is recorded as its result), then one fixed 14336 sequence
-#    (padded = packed tokens: isolates the fused log-prob saving)
+#    baseline may run out of memory: that is recorded as its result), one fixed 14336 sequence
+#    (padded = packed tokens: isolates the fused log-prob saving), then a long-tail mix of at most
+#    8192 tokens a sequence and 8192 a step, whose padded baseline fits, for the packed/padded ratio
 step profile_step 150 "$RES/profile_step-$GPU_TAG.json" "$PYTHON" -m bench.profile_step --preset qwen2.5-1.5b \
   --seq-lens 14336 --lengths-mix longtail --tokens-per-step 28672 --warmup 1 --iters 3 \
   --out "$RES/profile_step-$GPU_TAG.json"
 step profile_fixed 90 "$RES/profile_step-fixed-$GPU_TAG.json" "$PYTHON" -m bench.profile_step \
   --preset qwen2.5-1.5b --seq-lens 14336 --lengths-mix fixed --tokens-per-step 14336 --warmup 1 --iters 2 \
   --out "$RES/profile_step-fixed-$GPU_TAG.json"
+step profile_8k 60 "$RES/profile_step-8k-$GPU_TAG.json" "$PYTHON" -m bench.profile_step --preset qwen2.5-1.5b \
+  --seq-lens 8192 --lengths-mix longtail --tokens-per-step 8192 --warmup 1 --iters 3 \
+  --out "$RES/profile_step-8k-$GPU_TAG.json"
 
 
 # 8. collect: merged JSON + markdown, and the table as the last lines
