@@ -591,6 +591,11 @@ class _Pages:
     def need(self, length: int) -> int:
         return -(-length // self.P)
 
+    def short(self, rows: list[int], lengths: list[int]) -> list[int]:
+        """Positions i whose row rows[i] holds fewer pages than lengths[i] tokens need (one page
+        short at most: the rows grow a token a step)."""
+        return [i for i, (r, L) in enumerate(zip(rows, lengths)) if self.need(L) > len(self.of[r])]
+
     def give(self, grants: list[tuple[int, int]]) -> None:
         """grants: (row, pages to add) pairs; one block-table write for all of them."""
         rows, cols, got = [], [], []
@@ -887,8 +892,7 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
             # its step ahead (computed for nothing) is written at position 0 of its own row, which
             # it gives back right after: never past the cache, never into a page it lacks
             lens = [1 if count[b] + 1 >= cap[b] else plen[b] + count[b] + 1 for b in cur.samples]
-            needy = [] if pages is None else \
-                [i for i, L in enumerate(lens) if pages.need(L) > len(pages.of[cur.slots[i]])]
+            needy = [] if pages is None else pages.short(cur.slots, lens)
             if pages is None or len(needy) <= len(pages.free):  # else: the plain path, which can preempt
                 if pages is not None:
                     pages.give([(cur.slots[i], 1) for i in needy])
@@ -941,8 +945,7 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
             # a sequence whose newest token starts a page needs one now; while the pool cannot give
             # them all, the latest admitted sequence gives its pages back and waits in the queue
             while True:
-                needy = [i for i, b in enumerate(cur.samples)
-                         if pages.need(plen[b] + count[b]) > len(pages.of[cur.slots[i]])]
+                needy = pages.short(cur.slots, [plen[b] + count[b] for b in cur.samples])
                 if len(needy) <= len(pages.free):
                     break
                 b, slot = cur.pop()
