@@ -139,6 +139,13 @@ def main(argv=None):
                   "seq_len": a.seq_len, "iters": a.iters,
                   "loss_kwargs": LOSS_KW, "bytes_formula": BYTES_FORMULA, "min_bytes": n * MIN_BYTES_PER_TOKEN,
                   "complete": complete, "copy": copies.get(n), "copy_by_tokens": copies, "results": rows}
+        # headline: the triton token-mean row at the largest size (GPU time where a graph was timed)
+        top = [r for r in rows if r["impl"] == "triton" and r["mode"] == "token-mean" and r.get("status") == "ok"
+               and r["tokens"] == sizes[-1]]
+        if complete and top:
+            r = top[0]
+            result["headline"] = {"pct_of_copy": r.get("graph_actual_pct_of_copy", r["pct_of_copy"]),
+                                  "speedup_vs_eager": r["speedup_vs_eager"]}
         write_json(out, result)
         return result
 
@@ -195,14 +202,6 @@ def main(argv=None):
             save(rows, False)
         del x
     result = save(rows, True)
-    # headline: the triton token-mean row at the largest size (GPU time where a graph was timed)
-    top = [r for r in rows if r["impl"] == "triton" and r["mode"] == "token-mean" and r.get("status") == "ok"
-           and r["tokens"] == sizes[-1]]
-    if top:
-        r = top[0]
-        result["headline"] = {"pct_of_copy": r.get("graph_actual_pct_of_copy", r["pct_of_copy"]),
-                              "speedup_vs_eager": r["speedup_vs_eager"]}
-        write_json(out, result)
 
     cols = ["tokens", "mode", "impl", "status", "ms", "gbps", "pct_of_copy", "actual_gbps", "speedup_vs_eager",
             "loss_diff_vs_eager"] + (["graph_ms", "graph_pct_of_copy", "graph_actual_pct_of_copy"] if cuda else [])

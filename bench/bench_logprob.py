@@ -247,6 +247,12 @@ def main(argv=None):
     def save(rows, complete):  # after every size too: a run cut short keeps what it measured
         res = dict(device=device, torch=tv, triton=trv, git_commit=git_commit(), complete=complete,
                    flops_formula=FLOPS_FORMULA, results=rows)
+        ours = [r for r in rows if r["impl"] in ("triton", "torch_chunked") and "fwd_bwd_s" in r]
+        if complete and ours:  # headline: our implementation at the largest size measured
+            r = ours[-1]
+            res["headline"] = ({"pct_matmul_fwd_bwd": r["pct_matmul_fwd_bwd"],
+                                "beyond_grads_mib": r["peak_beyond_grads_mib"]}
+                               if "pct_matmul_fwd_bwd" in r else {"T": r["T"], "fwd_bwd_s": r["fwd_bwd_s"]})
         write_json(path, res)
         return res
 
@@ -258,12 +264,6 @@ def main(argv=None):
     else:
         rows = run_cpu(a.quick)
     res = save(rows, True)
-    ours = [r for r in rows if r["impl"] in ("triton", "torch_chunked") and "fwd_bwd_s" in r]
-    if ours:  # headline: our implementation at the largest size measured
-        r = ours[-1]
-        res["headline"] = ({"pct_matmul_fwd_bwd": r["pct_matmul_fwd_bwd"], "beyond_grads_mib": r["peak_beyond_grads_mib"]}
-                           if "pct_matmul_fwd_bwd" in r else {"T": r["T"], "fwd_bwd_s": r["fwd_bwd_s"]})
-        write_json(path, res)
     print(f"device: {device}  torch {tv}  triton {trv}  ({FLOPS_FORMULA})")
     print(format_table(rows))
     print(f"wrote {path}")
