@@ -8,23 +8,24 @@
 # two ceilings (bf16 8192^3 matmul, device-to-device copy), the CUDA tests (CUDA vs CPU twins,
 # Triton kernels in bf16 vs references), two steps of the tiny default trained on the GPU in bf16,
 # the packing and decode-attention benchmarks, the log-prob and GRPO-loss kernel benchmarks, the
-# rollout benchmark, then profile_step at 14336 (and 8192) tokens for the Qwen2.5-1.5B shape. Every step runs under
-# `timeout`; a failure is recorded, never fatal. Outputs: bench/results/<date>-<gpu>.json and .md
-# (every JSON written during the run merged),
-# per-step logs in bench/results/logs-<date>-<gpu>/, and as the last lines a table: step, status,
-# seconds, key number.
+# rollout benchmark, then profile_step at 14336 (and 8192) tokens for the Qwen2.5-1.5B shape.
+# Every step runs under `timeout`; a failure is recorded, never fatal. Outputs:
+# bench/results/<date>-<gpu>.json and .md (every JSON written during the run merged), per-step
+# logs in bench/results/logs-<date>-<gpu>/, and as the last lines a table: step, status, seconds,
+# key number.
 #
 # Environment: PYTHON (default .venv/bin/python if present, else python3), BUDGET_S (default 470,
 # the whole run), MAX_JOBS (extension build jobs, default: all cores), SKIP (comma-separated step
 # names to skip, e.g. SKIP=build,tests_cuda), RESULTS (output folder, default bench/results),
-# LWZ_COMMIT (the commit the results are recorded under where the tree has no .git, as on a copy).
+# LWZ_COMMIT (the commit the results are recorded under; set it on a copied tree, whose .git may
+# be absent or stale).
 set -uo pipefail
 
 DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|-n) DRY=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
   esac
 done
