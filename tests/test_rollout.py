@@ -659,9 +659,7 @@ def test_cuda_graph_decode_matches_eager(tiny, page_size):
     on the static cache and on a paged one (256-token pages suit every CUDA decode kernel)."""
     import lwz.rollout as ro
     model, _ = tiny
-    m = Transformer.from_config(os.path.join(ROOT, "assets/tiny-model"), seed=0, dtype=torch.bfloat16,
-                                device="cuda")
-    m.load_state_dict(model.state_dict())
+    m = _bf16_cuda_copy(model)
     prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3])
     kw = dict(n=2, max_new_tokens=40, batch_size=5, stop_token_ids=[0] + list(range(8, 40)))
     runs = {}
@@ -680,9 +678,7 @@ def test_cuda_overlap_matches_plain(tiny, page_size):
     replayed before the host reads them) samples what the plain loop samples, static and paged."""
     import lwz.rollout as ro
     model, _ = tiny
-    m = Transformer.from_config(os.path.join(ROOT, "assets/tiny-model"), seed=0, dtype=torch.bfloat16,
-                                device="cuda")
-    m.load_state_dict(model.state_dict())
+    m = _bf16_cuda_copy(model)
     prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3])
     kw = dict(n=2, max_new_tokens=40, batch_size=5, stop_token_ids=[0] + list(range(8, 40)), page_size=page_size)
     runs = {}
@@ -691,6 +687,14 @@ def test_cuda_overlap_matches_plain(tiny, page_size):
         runs[overlap] = generate(m, prompts, generator=g, overlap=overlap, **kw)
     assert not ro._GRAPHS_FAILED, ro._GRAPHS_FAILED
     _assert_bf16_runs_agree(runs[False], runs[True])
+
+
+def _bf16_cuda_copy(model):
+    """The tiny model's weights in a bf16 model built on the GPU."""
+    m = Transformer.from_config(os.path.join(ROOT, "assets/tiny-model"), seed=0, dtype=torch.bfloat16,
+                                device="cuda")
+    m.load_state_dict(model.state_dict())
+    return m
 
 
 def _assert_bf16_runs_agree(a, b):
