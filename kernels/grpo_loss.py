@@ -68,9 +68,10 @@ gradient is known in the forward pass up to the upstream scalar and the normalis
                `_grpo_finalize_kernel` sums the partials in a fixed order (deterministic, no
                atomics), applies the normaliser and writes loss and stats. seq-mean-token-mean
                weights each token by 1/n_i: n_i comes from an exact integer cumsum of the mask
-               (torch, on the device), and each token finds its sequence by a binary search over
-               cu_seqlens inside the kernel. A seq-* mode without global_seqs counts the active
-               sequences the same way.
+               (torch, on the device); each program finds its first token's sequence by one scalar
+               binary search over cu_seqlens, and each tile walks the sequence boundaries inside it
+               (a per-token search only for tiles with more than SEQ_WALK of them). A seq-* mode
+               without global_seqs counts the active sequences the same way.
     backward = `_grpo_bwd_kernel`: dlogp = g_t * grad_output * scale (and the same for entropy).
 All float hyper-parameters are tl.constexpr (they are fixed for a run) and the per-step
 normaliser travels in an fp32 tensor: no Python float reaches a runtime kernel argument, which
@@ -114,6 +115,9 @@ def _fwd_tiles(n: int) -> int:
     while t < FWD_TILES and n >= 2 * t * FWD_BLOCK * FWD_MIN_PROGRAMS:
         t *= 2
     return t
+# seq-mean-token-mean: sequence boundaries a 1024-token tile walks before it falls back to a
+# per-token binary search (a tile holding more sequences than this averages < 64 tokens each).
+SEQ_WALK = 16
 FIN_ROWS, FIN_WARPS = 128, 4
 BWD_BLOCK, BWD_WARPS = 1024, 4
 
@@ -126,6 +130,18 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
+def _seq_search(cu_ptr, t, lo, hi, steps, mask):
+    """Largest s in [lo, hi] with cu[s] <= t (t, lo, hi scalars or [BLOCK] vectors; cu_seqlens is
+    non-decreasing and cu[lo] <= t): the sequence of packed token t, past empty sequences."""
+    for _ in range(steps):
+        mid = (lo + hi + 1) // 2
+        go = tl.load(cu_ptr + mid, mask=mask, other=0) <= t
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    return lo
+
+
+@triton.jit
 def _grpo_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr, seqw_ptr,  # [N] / [B+1] / [B]
     glogp_ptr, gent_ptr, part_ptr,  # outputs: unscaled grads [N], partial sums [G, 16]
@@ -135,6 +151,7 @@ def _grpo_fwd_kernel(
     HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr, KL_COEF: tl.constexpr,
     HAS_ENT: tl.constexpr, ENT_COEF: tl.constexpr,
     SEQ_MEAN: tl.constexpr,  # weight each token by its sequence's seqw = 1/n_i (seq-mean-token-mean)
+    WALK: tl.constexpr,  # SEQ_MEAN: sequence boundaries per tile walked one by one before searching
     BLOCK: tl.constexpr,
     TILES: tl.constexpr,  # BLOCK-token tiles per program: the block-wide sums run once per program
 ):
@@ -153,6 +170,9 @@ def _grpo_fwd_kernel(
     s_klraw = tl.zeros([BLOCK], dtype=tl.float32)
     s_akl = tl.zeros([BLOCK], dtype=tl.float32)
     s_entraw = tl.zeros([BLOCK], dtype=tl.float32)
+    s = 0  # SEQ_MEAN: the sequence of the current tile's first token
+    if SEQ_MEAN:  # one scalar binary search per program, for its first token
+        s = _seq_search(cu_ptr, pid * TILES * BLOCK, tl.full([], 0, tl.int32), NSEQ - 1, SEARCH_STEPS, True)
     for i in range(TILES):
         offs = (pid * TILES + i) * BLOCK + tl.arange(0, BLOCK)
         inb = offs < N
@@ -166,16 +186,30 @@ def _grpo_fwd_kernel(
         adv = tl.where(act, tl.load(adv_ptr + offs, mask=inb, other=0.0), 0.0)
         w = act.to(tl.float32)  # the token's weight in the loss sums: 1, or 1/n_i in SEQ_MEAN
         if SEQ_MEAN:
-            # The token's sequence: the largest s with cu[s] <= t (binary search over the tiny,
-            # cached cu_seqlens; empty sequences are skipped because a later equal bound wins).
-            lo = tl.zeros([BLOCK], dtype=tl.int32)
-            hi = tl.zeros([BLOCK], dtype=tl.int32) + (NSEQ - 1)
-            for _ in range(SEARCH_STEPS):
-                mid = (lo + hi + 1) // 2
-                go = tl.load(cu_ptr + mid, mask=act, other=0) <= offs
-                lo = tl.where(go, mid, lo)
-                hi = tl.where(go, hi, mid - 1)
-            w = tl.load(seqw_ptr + lo, mask=act, other=0.0)
+            # The tile's tokens [a, t_end) lie in sequences s, s+1, ...: walk the boundaries
+            # cu[s+1], cu[s+2], ... that fall inside the tile (one scalar load each, ~1 per tile
+            # for sequences of >= 1k tokens) instead of a per-token binary search (log2(B)
+            # dependent gathers per token: at 8k sequences that latency, not the HBM traffic,
+            # bounded the kernel). A tile with more than WALK boundaries (many short sequences)
+            # finds the rest by a per-token binary search. Empty sequences (equal bounds) are
+            # stepped over: a token's sequence is the largest s with cu[s] <= t.
+            a = (pid * TILES + i) * BLOCK
+            t_end = tl.minimum(a + BLOCK, N)
+            seq = tl.zeros([BLOCK], dtype=tl.int32) + s
+            nxt = tl.load(cu_ptr + s + 1)  # s + 1 <= NSEQ: s only grows past bounds < N = cu[NSEQ]
+            nb = tl.full([], 0, tl.int32)
+            while (nxt < t_end) & (nb < WALK):
+                seq += (offs >= nxt).to(tl.int32)
+                s += 1
+                nxt = tl.load(cu_ptr + s + 1)
+                nb += 1
+            if nxt < t_end:
+                late = act & (offs >= nxt)
+                seq = tl.where(late, _seq_search(cu_ptr, offs, seq, seq * 0 + (NSEQ - 1), SEARCH_STEPS, late), seq)
+                # the next tile starts its walk here (any s up to its first token's is correct;
+                # a later one saves steps)
+                s = tl.max(tl.where(inb, seq, 0), axis=0)
+            w = tl.load(seqw_ptr + seq, mask=act, other=0.0)
 
         lr_raw = lp - old
         lr = _clamp(lr_raw, -20.0, 20.0)
@@ -424,7 +458,7 @@ class _GRPOLossFunction(torch.autograd.Function):
     def forward(ctx, logp, entropy, old_logp, advantages, mask, ref_logp, cu_seqlens, seqw, den, cfg):
         n = logp.shape[0]
         dev = logp.device
-        seq_mean = seqw is not None
+        seq_mean = seqw is not None and n > 0  # no tokens: no weights to look up (and no cu[1])
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)  # free reinterpretation; the kernel tests != 0
         tiles = _fwd_tiles(n)
@@ -448,7 +482,7 @@ class _GRPOLossFunction(torch.autograd.Function):
             HAS_DUAL=cfg["clip_c"] is not None, CLIP_C=float(cfg["clip_c"] or 0.0),
             HAS_REF=has_ref, KL_TYPE=KL_TYPES[cfg["kl_type"]], KL_COEF=float(cfg["kl_coef"]),
             HAS_ENT=has_ent, ENT_COEF=float(cfg["entropy_coef"]),
-            SEQ_MEAN=seq_mean, BLOCK=FWD_BLOCK, TILES=tiles, num_warps=FWD_WARPS,
+            SEQ_MEAN=seq_mean, WALK=SEQ_WALK, BLOCK=FWD_BLOCK, TILES=tiles, num_warps=FWD_WARPS,
         )
         loss = torch.empty((), dtype=torch.float32, device=dev)
         out = torch.empty(_NSLOT, dtype=torch.float32, device=dev)
@@ -531,7 +565,7 @@ def _fwd_spec(name, seq_mean, has_ref, kl_type, has_ent, dual):
            "gent_ptr": "*fp32", "part_ptr": "*fp32", "N": "i32", "NSEQ": "i32", "SEARCH_STEPS": "i32"}
     consts = dict(R_LO=0.8, R_HI=1.28, HAS_DUAL=dual, CLIP_C=3.0 if dual else 0.0, HAS_REF=has_ref,
                   KL_TYPE=kl_type, KL_COEF=0.001 if has_ref else 0.0, HAS_ENT=has_ent,
-                  ENT_COEF=0.001 if has_ent else 0.0, SEQ_MEAN=seq_mean,
+                  ENT_COEF=0.001 if has_ent else 0.0, SEQ_MEAN=seq_mean, WALK=SEQ_WALK,
                   BLOCK=FWD_BLOCK, TILES=FWD_TILES)
     sig.update({k: "constexpr" for k in consts})
     return dict(name=name, fn=_grpo_fwd_kernel, signature=sig, constexprs=consts,

@@ -151,6 +151,34 @@ def test_long_sequences_across_program_blocks(loss_agg, given_seqs, multi_tile, 
         assert torch.allclose(g5, g5[:1].expand_as(g5)) and n5 > 1024
 
 
+@pytest.mark.parametrize("walk", [16, 1])
+@pytest.mark.parametrize("multi_tile", [False, True])
+def test_seq_mean_many_short_sequences(walk, multi_tile, monkeypatch):
+    """seq-mean-token-mean weights where tiles hold more sequence boundaries than the kernel walks
+    one by one (bursts of short and empty sequences, one straddling a tile edge), next to long
+    sequences spanning tiles: the walk, its binary-search fallback and the hand-over of the
+    current sequence from tile to tile all give each token its own 1/n_i."""
+    import kernels.grpo_loss as gl
+
+    monkeypatch.setattr(gl, "SEQ_WALK", walk)
+    if multi_tile:
+        monkeypatch.setattr(gl, "FWD_MIN_PROGRAMS", 1)
+    rng = random.Random(5)
+    burst = lambda k: [rng.choice([0, 1, 1, 2, 3, 5]) for _ in range(k)]  # noqa: E731
+    lengths = [1, 7, 3, 900] + burst(60) + [1100, 0, 0] + burst(40) + [1500] + burst(25) + [2, 0]
+    b32 = make_batch(seed=13, lengths=lengths)
+    n = int(b32["cu_seqlens"][-1])
+    assert n > 3 * gl.FWD_BLOCK and (gl._fwd_tiles(n) > 1) == multi_tile
+    b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in b32.items()}
+    kw = dict(kl_type="k2", clip="dual", loss_agg="seq-mean-token-mean", grad_out=1.3)
+    oracle, torch32, got = run("ref", b64, **kw), run("ref", b32, **kw), run("triton", b32, **kw)
+    assert_like_torch("loss", got[0], torch32[0], oracle[0])
+    for k in STAT_NAMES:
+        assert_like_torch(k, got[1][k], torch32[1][k], oracle[1][k])
+    assert_like_torch("dlogp", got[2], torch32[2], oracle[2])
+    assert_like_torch("dentropy", got[3], torch32[3], oracle[3])
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_optional_inputs_absent(impl):
     """No ref_logp, no entropy, mask as float: the stats of the missing parts are 0."""
