@@ -29,20 +29,24 @@ Two implementations, same semantics:
               max [N], log sum exp(z - max) [N] and entropy [N] (fp32) besides the inputs (the
               lse itself is never rounded to fp32: at |z| >> 1 that rounding shifts every
               recomputed p by a common factor); nothing of size N x V.
-    backward  vocab chunk by vocab chunk (chunk width Vc chosen so an [N, Vc] buffer stays under
-              `BWD_CHUNK_BYTES`): `_bwd_dlogits_kernel` recomputes the logit tiles of the chunk and
-              writes dA[N, Vc] (computed in fp32, stored in the GEMM dtype only at the end, so the
-              1 - p_target cancellation happens in fp32); then two cuBLAS GEMMs per chunk:
-              dW[chunk] = dA^T @ hidden (reduction over ALL N tokens: dW is written exactly once,
-              never read-modify-written per token chunk) and dX_fp32 += dA @ W[chunk].
+    backward  vocab chunk by vocab chunk: `_bwd_dlogits_kernel` recomputes the logit tiles of the
+              chunk and writes dA[N, Vc] (computed in fp32, stored in the GEMM dtype only at the
+              end, so the 1 - p_target cancellation happens in fp32); then two cuBLAS GEMMs per
+              chunk: dW[chunk] = dA^T @ hidden (reduction over ALL N tokens: dW is written exactly
+              once, never read-modify-written per token chunk) and dX_fp32 += dA @ W[chunk].
               Why not two pure-Triton GEMM kernels (dX over a vocab loop per token block, dW over a
               token loop per vocab block)? Their accumulators are [BLOCK_T, H] and [BLOCK_V, H]:
               at H = 5120 that is 2.6 MB of fp32 per program, far beyond registers/SMEM, so they
               would need an extra H split that multiplies the logit recompute by H / BLOCK_H_out.
               A chunked dA buffer + cuBLAS costs 8 N H V flops in total (2 fwd + 2 recompute +
-              4 GEMMs), only ~2 bytes x N x Vc of scratch, and the two big GEMMs run at cuBLAS
-              speed. The only per-chunk read-modify-write is dX (N x H x 4 bytes, V/Vc times),
-              which is small next to the GEMMs (V x H x N).
+              4 GEMMs) and the two big GEMMs run at cuBLAS speed. The only per-chunk
+              read-modify-write is dX (N x H x 4 bytes, V/Vc times), small next to the GEMMs.
+              Memory beyond the gradients: the dX accumulator (N H 4 B) + the dA chunk (N Vc 2 B),
+              bounded by `bwd_scratch_bytes` (default 1 GiB). Where the accumulator and a chunk of
+              ONE_PASS_MIN_VC columns do not fit (a small budget, or N >~ 37k tokens at H = 5120),
+              the backward walks twice instead: token chunks dA[Tc, V] give dX[rows] = dA @ W
+              (one GEMM over the whole vocabulary, no accumulator), then vocabulary chunks give dW
+              as above; 10 N H V flops, scratch = one chunk (`_bwd_plan`).
   impl="torch": plain torch, chunked; what the CPU trainer uses. The forward walks token chunks
     (each [C, V] logits chunk in fp32), the backward walks vocab chunks like the Triton path.
   impl="auto": Triton when the tensors are on CUDA and triton imports, torch otherwise.
@@ -73,8 +77,16 @@ except Exception:  # pragma: no cover - exercised only on machines without trito
 
 IGNORE_INDEX = -100
 
-# Scratch budget of the backward's [N, Vc] dA buffer (bytes); the vocab chunk is derived from it.
-BWD_CHUNK_BYTES = int(os.environ.get("LWZ_LOGPROB_BWD_CHUNK_BYTES", str(512 << 20)))
+# Scratch the Triton backward may hold beyond the gradients (bytes): its dA chunk plus, in the
+# one-pass walk, the fp32 dX accumulator (N*H*4). Where the accumulator and a chunk of
+# ONE_PASS_MIN_VC columns do not fit, the backward walks twice (token chunks for dX, vocabulary
+# chunks for dW) and recomputes the logits once more (+2 N H V flops, +25% of fwd+bwd) to stay
+# within the budget; see _bwd_plan.
+BWD_SCRATCH_BYTES = int(os.environ.get("LWZ_LOGPROB_BWD_SCRATCH_BYTES", str(1 << 30)))
+# Narrowest vocabulary chunk of the one-pass walk: each chunk re-reads and re-writes the fp32 dX
+# accumulator (8 N H bytes), ~15% on top of its 6 N Vc H flops at 1024 columns on an H100-class GPU
+# (measured on an H200: +6.6% at 2048); narrower chunks would cost more than the two-pass recompute.
+ONE_PASS_MIN_VC = 1024
 # Elements of one fp32 logits chunk in the torch path ([C, V] forward, [N, Vc] backward).
 # 0 = by device (see _torch_chunk_elems).
 TORCH_CHUNK_ELEMS = int(os.environ.get("LWZ_LOGPROB_TORCH_CHUNK_ELEMS", "0"))
@@ -425,12 +437,6 @@ def triton_forward(hidden, weight, targets, temperature):
     return logp, ent, (mx, log_s)
 
 
-def _vocab_chunk(N, V, elem_bytes, block_v, budget):
-    vc = budget // max(1, N * elem_bytes)
-    vc = max(block_v, vc // block_v * block_v)
-    return min(vc, V)
-
-
 _fallbacks_logged: set[str] = set()
 
 
@@ -471,50 +477,97 @@ def _acc_mm(out32, a, b):
     out32 += torch.mm(a, b).float()
 
 
+def _bwd_plan(N, V, elem, acc_bytes, block_t, block_v, budget):
+    """How the backward walks dA = d loss / d logits within `budget` bytes of scratch.
+
+    N tokens, V vocabulary, elem = bytes per dA element, acc_bytes = the fp32 dX accumulator of
+    the one-pass walk (N*H*4; 0 when it is dX itself or dX is not needed).
+    Returns (passes, tc, vc):
+      (1, N, vc)  one walk over vocabulary chunks [N, vc]: dW[chunk] = dA^T X and dX_fp32 += dA W,
+                  chosen when the accumulator and a chunk of >= ONE_PASS_MIN_VC columns fit;
+      (2, tc, vc) dX from token chunks [tc, V] (dX[rows] = dA W in one GEMM, no accumulator), then
+                  dW from vocabulary chunks [N, vc]; the logits are recomputed in both walks.
+    """
+    cap = lambda n, block, full: max(block, n // block * block) if n < full else full  # noqa: E731
+    min_vc = min(V, ONE_PASS_MIN_VC)
+    if acc_bytes + N * min_vc * elem <= budget:
+        return 1, N, cap((budget - acc_bytes) // max(1, N * elem), block_v, V)
+    return 2, cap(budget // (V * elem), block_t, N), cap(budget // max(1, N * elem), block_v, V)
+
+
 def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
-                    need_dx=True, need_dw=True):
+                    need_dx=True, need_dw=True, scratch_bytes=None):
+    """(dX [N, H] in hidden's dtype or None, dW [V, H] in weight's dtype or None), holding at most
+    scratch_bytes (default BWD_SCRATCH_BYTES) beyond them; see _bwd_plan."""
     mx, log_s = stats
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    dx32 = torch.zeros(N, H, device=dev, dtype=torch.float32) if need_dx else None
-    dw = torch.empty_like(weight) if need_dw else None
     if N == 0 or (g_logp is None and g_ent is None):
-        if dw is not None:
-            dw.zero_()
-        return (dx32.to(hidden.dtype) if need_dx else None), dw
+        dx = torch.zeros_like(hidden) if need_dx else None
+        return dx, (torch.zeros_like(weight) if need_dw else None)
     c = _cfg(dev, hidden.dtype, bwd=True)
     on_gpu = dev.type == "cuda" and not _interpreting()
     # GEMM dtype: tensor cores on GPU (bf16/fp16 dA, fp32 accumulate in cuBLAS); fp32 elsewhere
     dl_dtype = hidden.dtype if on_gpu else torch.float32
     elem = torch.finfo(dl_dtype).bits // 8
-    vc = _vocab_chunk(N, V, elem, c["BLOCK_V"], BWD_CHUNK_BYTES)
-    dl = torch.empty(N, vc, device=dev, dtype=dl_dtype)
+    acc_bytes = N * H * 4 if need_dx and hidden.dtype != torch.float32 else 0
+    budget = BWD_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+    passes, tc, vc = _bwd_plan(N, V, elem, acc_bytes, c["BLOCK_T"], c["BLOCK_V"], budget)
+    if passes == 2 and not need_dw:
+        vc = 0  # the dW walk does not run
+    buf = torch.empty(max(N * vc, tc * V if passes == 2 and need_dx else 0), device=dev, dtype=dl_dtype)
     dummy = ent  # placeholder pointer for absent upstream grads (never read: constexpr-guarded)
     x_g = hidden if on_gpu or hidden.dtype == torch.float32 else hidden.float()
-    for v0 in range(0, V, vc):
-        w = min(vc, V - v0)
-        # the last (narrower) chunk reuses the buffer's storage as a contiguous [N, w] view
-        dlc = dl if w == vc else dl.view(-1)[: N * w].view(N, w)
-        grid = (triton.cdiv(N, c["BLOCK_T"]) * triton.cdiv(w, c["BLOCK_V"]),)
+    w_g = weight if on_gpu or weight.dtype == torch.float32 else weight.float()
+
+    def dlogits(r0, r1, v0, w):
+        """dA of tokens [r0, r1) x vocabulary [v0, v0 + w), a contiguous [r1 - r0, w] view of buf."""
+        n = r1 - r0
+        out = buf[: n * w].view(n, w)
+        rows = slice(r0, r1)
+        grid = (triton.cdiv(n, c["BLOCK_T"]) * triton.cdiv(w, c["BLOCK_V"]),)
         _bwd_dlogits_kernel[grid](
-            hidden, weight, targets, mx, log_s, ent,
-            g_logp if g_logp is not None else dummy, g_ent if g_ent is not None else dummy, dlc,
-            N, V, H, v0, w, hidden.stride(0), weight.stride(0), dlc.stride(0),
+            hidden[rows], weight, targets[rows], mx[rows], log_s[rows], ent[rows],
+            g_logp[rows] if g_logp is not None else dummy, g_ent[rows] if g_ent is not None else dummy,
+            out, n, V, H, v0, w, hidden.stride(0), weight.stride(0), out.stride(0),
             TEMP=float(temperature), HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
             DOT_PRECISION=_dot_precision(hidden.dtype),
             BLOCK_T=c["BLOCK_T"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_T=c["GROUP_T"],
             num_warps=c["num_warps"], num_stages=c["num_stages"])
-        wc = weight[v0:v0 + w]
-        if need_dx:
-            _acc_mm(dx32, dlc, wc)
-        if need_dw:
+        return out
+
+    def dw_chunk(dlc, v0, w):
+        if on_gpu:  # one GEMM over all N tokens (fp32 accumulation inside cuBLAS), written once
+            torch.mm(dlc.t(), hidden, out=dw[v0:v0 + w])
+        else:
+            dw[v0:v0 + w] = (dlc.t() @ x_g).to(dw.dtype)
+
+    dw = torch.empty_like(weight) if need_dw else None
+    if passes == 1:
+        dx32 = torch.zeros(N, H, device=dev, dtype=torch.float32) if need_dx else None
+        for v0 in range(0, V, vc):
+            w = min(vc, V - v0)
+            dlc = dlogits(0, N, v0, w)
+            if need_dx:
+                _acc_mm(dx32, dlc, weight[v0:v0 + w])
+            if need_dw:
+                dw_chunk(dlc, v0, w)
+        return (dx32.to(hidden.dtype) if need_dx else None), dw
+    dx = torch.empty_like(hidden) if need_dx else None
+    if need_dx:  # each token chunk's dX is one GEMM over the whole vocabulary
+        for t0 in range(0, N, tc):
+            t1 = min(N, t0 + tc)
+            dlc = dlogits(t0, t1, 0, V)
             if on_gpu:
-                # one GEMM over all N tokens (fp32 accumulation inside cuBLAS), written once
-                torch.mm(dlc.t(), hidden, out=dw[v0:v0 + w])
+                torch.mm(dlc, weight, out=dx[t0:t1])
             else:
-                dw[v0:v0 + w] = (dlc.t() @ x_g).to(dw.dtype)
-    return (dx32.to(hidden.dtype) if need_dx else None), dw
+                dx[t0:t1] = (dlc @ w_g).to(dx.dtype)
+    if need_dw:
+        for v0 in range(0, V, vc):
+            w = min(vc, V - v0)
+            dw_chunk(dlogits(0, N, v0, w), v0, w)
+    return dx, dw
 
 
 # ---- plain torch, chunked -----------------------------------------------------------------------
@@ -562,7 +615,7 @@ def torch_forward(hidden, weight, targets, temperature):
 
 
 def torch_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
-                   need_dx=True, need_dw=True):
+                   need_dx=True, need_dw=True, scratch_bytes=None):  # chunks by TORCH_CHUNK_ELEMS
     N, H = hidden.shape
     V = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -606,17 +659,18 @@ def torch_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperatu
 
 # ---- autograd -----------------------------------------------------------------------------------
 class FusedLogprobFunction(torch.autograd.Function):
-    """(hidden, weight, targets, temperature, impl) -> (logp fp32 [N], entropy fp32 [N]).
+    """(hidden, weight, targets, temperature, impl, scratch_bytes) -> (logp fp32 [N], entropy fp32 [N]).
     Saves hidden, weight, targets and the fp32 [N] stats (row max, log sum exp(z - max),
     entropy); nothing [N, V]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, impl):
+    def forward(ctx, hidden, weight, targets, temperature, impl, scratch_bytes):
         fwd = triton_forward if impl == "triton" else torch_forward
         logp, ent, (mx, log_s) = fwd(hidden, weight, targets, temperature)
         ctx.save_for_backward(hidden, weight, targets, mx, log_s, ent)
         ctx.temperature = temperature
         ctx.impl = impl
+        ctx.scratch_bytes = scratch_bytes
         return logp, ent
 
     @staticmethod
@@ -624,21 +678,25 @@ class FusedLogprobFunction(torch.autograd.Function):
         hidden, weight, targets, mx, log_s, ent = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_dw):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         g_logp = None if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         bwd = triton_backward if ctx.impl == "triton" else torch_backward
         dx, dw = bwd(hidden, weight, targets, (mx, log_s), ent, g_logp, g_ent, ctx.temperature,
-                     need_dx=need_dx, need_dw=need_dw)
-        return dx, dw, None, None, None
+                     need_dx=need_dx, need_dw=need_dw, scratch_bytes=ctx.scratch_bytes)
+        return dx, dw, None, None, None, None
 
 
-def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, impl="auto"):
+def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, impl="auto",
+                   bwd_scratch_bytes=None):
     """Per-token log p(target) (and entropy) of softmax(hidden @ weight.T / temperature).
 
     hidden [N, H], weight [V, H] (same float dtype), targets int64 [N] (-100 = ignored: logp 0,
     entropy 0, no gradient). Returns (logp fp32 [N], entropy fp32 [N] or None); differentiable in
     hidden and weight. impl: "triton" | "torch" | "auto" (Triton on CUDA, chunked torch elsewhere).
+    bwd_scratch_bytes: the memory the Triton backward may hold beyond the gradients (default
+    BWD_SCRATCH_BYTES = LWZ_LOGPROB_BWD_SCRATCH_BYTES or 1 GiB); under ~N*H*4 + N*1024*2 bytes it
+    recomputes the logits once more (+25% flops) to stay within it.
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"fused_logprobs: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
@@ -652,5 +710,7 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
         raise ValueError("fused_logprobs(impl='triton'): tensors are on CPU; set TRITON_INTERPRET=1 "
                          "(before importing triton) or use impl='torch'")
     t = _check_inputs(hidden, weight, targets, temperature, impl)
-    logp, ent = FusedLogprobFunction.apply(hidden, weight, targets, t, impl)
+    if bwd_scratch_bytes is not None and not (isinstance(bwd_scratch_bytes, int) and bwd_scratch_bytes >= 0):
+        raise ValueError(f"fused_logprobs: bwd_scratch_bytes must be an int >= 0, got {bwd_scratch_bytes!r}")
+    logp, ent = FusedLogprobFunction.apply(hidden, weight, targets, t, impl, bwd_scratch_bytes)
     return logp, (ent if return_entropy else None)

@@ -28,9 +28,12 @@ def _grads(fn, x, w, t, temp, g_lp, g_en):
     return [v.detach().double() for v in (lp, en, dx, dw)]
 
 
+@pytest.mark.parametrize("scratch", [None, 1 << 20], ids=["one-walk", "two-walks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("N,H,V", [(1, 80, 4099), (333, 128, 12289), (2050, 256, 32003)])
-def test_logprob_kernel_vs_reference(dtype, N, H, V):
+def test_logprob_kernel_vs_reference(dtype, N, H, V, scratch):
+    """scratch=1 MiB: the backward's two-walk plan (token chunks for dX, vocabulary chunks for
+    dW) wherever dX needs an fp32 accumulator (bf16/fp16 at N > 1)."""
     g = torch.Generator(device="cuda").manual_seed(N + V)
     x = torch.randn(N, H, device="cuda", generator=g).to(dtype)
     w = (torch.randn(V, H, device="cuda", generator=g) / math.sqrt(H) * 3).to(dtype)
@@ -39,7 +42,8 @@ def test_logprob_kernel_vs_reference(dtype, N, H, V):
     g_lp = torch.randn(N, device="cuda", dtype=torch.float64, generator=g)
     g_en = torch.randn(N, device="cuda", dtype=torch.float64, generator=g)
     temp = 0.8
-    got = _grads(lambda *a: fused_logprobs(*a, return_entropy=True, impl="triton"), x, w, t, temp, g_lp, g_en)
+    got = _grads(lambda *a: fused_logprobs(*a, return_entropy=True, impl="triton", bwd_scratch_bytes=scratch),
+                 x, w, t, temp, g_lp, g_en)
     oracle = _grads(lambda *a: logprobs_reference(*a, compute_dtype=torch.float64), x.double(), w.double(), t,
                     temp, g_lp, g_en)
     same = _grads(lambda *a: logprobs_reference(*a, compute_dtype=dtype), x, w, t, temp, g_lp, g_en)
@@ -55,7 +59,9 @@ def test_logprob_kernel_vs_reference(dtype, N, H, V):
 @pytest.mark.parametrize("kl_type", [None, "k1", "k2", "k3"])
 def test_grpo_loss_kernel_vs_reference(loss_agg, kl_type):
     g = torch.Generator(device="cuda").manual_seed(11)
-    lens = [1, 700, 33, 4096, 5, 2999]
+    # long sequences spanning tiles, and a burst of 80 short/empty ones (more boundaries in one
+    # 1024-token tile than the seq-mean walk takes before its binary-search fallback)
+    lens = [1, 700, 33, 4096, 5] + [(7 * i) % 6 for i in range(80)] + [2999]
     N = sum(lens)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     logp = (-3 * torch.rand(N, device="cuda", generator=g)).requires_grad_()

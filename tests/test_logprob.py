@@ -52,10 +52,12 @@ def _err(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    # force several backward vocab chunks (last one narrower) and several torch token chunks
-    monkeypatch.setattr(lp_mod, "BWD_CHUNK_BYTES", 1)  # -> one BLOCK_V per chunk
+def _small_chunks(monkeypatch, passes):
+    """Several backward chunks, the last one narrower: the Triton backward walks `passes` times
+    (1: vocabulary chunks with the fp32 dX accumulator; 2: token chunks for dX, then vocabulary
+    chunks for dW) one BLOCK_T / BLOCK_V per chunk; the torch path takes several token chunks."""
+    monkeypatch.setattr(lp_mod, "_bwd_plan", lambda N, V, elem, acc, block_t, block_v, budget:
+                        (passes, N if passes == 1 else block_t, block_v))
     monkeypatch.setattr(lp_mod, "TORCH_CHUNK_ELEMS", 40_000)
 
 
@@ -74,9 +76,11 @@ DTYPE_CASES = [pytest.param(dt, *c, id=f"{name}-{'-'.join(map(str, c))}") for c 
                if not (dt == torch.float16 and c[0] == 333 and c[2] == 4099)]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,passes", [("triton", 1), ("triton", 2), ("torch", 1)],
+                         ids=["triton-1pass", "triton-2pass", "torch"])
 @pytest.mark.parametrize("dtype,N,H,V,temp,grads", DTYPE_CASES)
-def test_matches_fp64_reference(impl, dtype, N, H, V, temp, grads, small_chunks):
+def test_matches_fp64_reference(impl, passes, dtype, N, H, V, temp, grads, monkeypatch):
+    _small_chunks(monkeypatch, passes)
     x, w, t = _make(N, H, V, dtype, seed=N + V)
     gen = torch.Generator().manual_seed(1)
     g_lp = torch.randn(N, generator=gen, dtype=torch.float64) if grads in ("logp", "both") else None
@@ -99,6 +103,51 @@ def test_matches_fp64_reference(impl, dtype, N, H, V, temp, grads, small_chunks)
     assert (dx[masked] == 0).all(), "ignored rows must get no gradient"
     assert (logp <= 0).all()
     assert (ent >= -1e-6).all() and (ent <= math.log(V) + 1e-4).all()
+
+
+def test_bwd_plan_stays_within_budget():
+    """The backward's scratch plan: one walk with the fp32 dX accumulator while it and a chunk of
+    >= ONE_PASS_MIN_VC columns fit the budget, else two walks whose chunks each fit it."""
+    plan = lp_mod._bwd_plan
+    N, H, V, bf16 = 16384, 5120, 152064, 2
+    acc = N * H * 4
+    passes, tc, vc = plan(N, V, bf16, acc, 128, 128, 1 << 30)  # the default 1 GiB at 16k tokens
+    assert (passes, tc) == (1, N) and vc % 128 == 0
+    assert acc + N * vc * bf16 <= 1 << 30 < acc + N * (vc + 128) * bf16  # the widest chunk that fits
+    for budget in (96 << 20, acc):  # under 100 MB; the accumulator alone
+        passes, tc, vc = plan(N, V, bf16, acc, 128, 128, budget)
+        assert passes == 2 and tc % 128 == 0 and vc % 128 == 0
+        assert tc * V * bf16 <= budget and N * vc * bf16 <= budget and tc >= 128 and vc >= 128
+    assert plan(2 * N, V, bf16, 2 * acc, 128, 128, 1 << 30)[0] == 1  # 32k: 640 MiB acc + >= 64 MiB chunk
+    assert plan(4 * N, V, bf16, 4 * acc, 128, 128, 1 << 30)[0] == 2  # 64k tokens: acc = 1.25 GiB
+    assert plan(N, V, 4, 0, 64, 128, 96 << 20)[0] == 1  # fp32 hidden: dX is its own accumulator
+    assert plan(3, 1237, 4, 0, 64, 256, 1) == (2, 64, 256)  # a tiny budget: one block per chunk
+    assert plan(3, 1237, 4, 0, 64, 256, 1 << 30) == (1, 3, 1237)  # everything in one chunk
+
+
+@pytest.mark.parametrize("budget,passes", [(48 << 10, 2), (1 << 30, 1)])
+def test_scratch_budget_walks(budget, passes, monkeypatch):
+    """The real plan at a budget that forces two walks over several uneven chunks of tokens and
+    vocabulary (fp16: the one-pass walk would need an fp32 dX accumulator), and at one that
+    takes a single chunk: both match the fp64 reference like plain fp16 torch."""
+    N, H, V, temp = 333, 48, 4099, 0.9
+    seen = []
+    real = lp_mod._bwd_plan
+    monkeypatch.setattr(lp_mod, "_bwd_plan", lambda *a: seen.append(real(*a)) or seen[-1])
+    x, w, t = _make(N, H, V, torch.float16, seed=9)
+    gen = torch.Generator().manual_seed(2)
+    g_lp, g_en = (torch.randn(N, generator=gen, dtype=torch.float64) for _ in range(2))
+    fn = lambda x, w, t, temp: fused_logprobs(x, w, t, temp, True, impl="triton",  # noqa: E731
+                                              bwd_scratch_bytes=budget)
+    got = _run(fn, x, w, t, temp, g_lp, g_en)
+    assert seen and seen[0][0] == passes
+    if passes == 2:
+        assert N % seen[0][1] and seen[0][1] < N and V % seen[0][2] and seen[0][2] < V
+    ref = _run(_ref(torch.float64), x.double(), w.double(), t, temp, g_lp, g_en)
+    same = _run(_ref(torch.float16), x, w, t, temp, g_lp, g_en)
+    for name, a, r, s in zip(["d_hidden", "d_weight"], got[2:], ref[2:], same[2:]):
+        e_k, e_t = _err(a, r), _err(s, r)
+        assert e_k <= 2 * e_t + 1e-5 * (1.0 + r.abs().max().item()), f"{name}: {e_k:.3g} vs torch {e_t:.3g}"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -220,6 +269,7 @@ def test_no_grad_paths_and_auto():
     (dict(temperature=0.0), "temperature"),
     (dict(impl="cuda"), "impl must be"),
     (dict(weight=torch.zeros(8, 10).t()), "contiguous"),
+    (dict(bwd_scratch_bytes=-1), "bwd_scratch_bytes must be an int >= 0"),
 ])
 def test_clear_errors(bad, msg):
     args = dict(hidden=torch.zeros(4, 8), weight=torch.zeros(10, 8),
@@ -227,7 +277,7 @@ def test_clear_errors(bad, msg):
     args.update(bad)
     with pytest.raises(ValueError, match=msg):
         fused_logprobs(args["hidden"], args["weight"], args["targets"], args["temperature"],
-                       impl=args["impl"])
+                       impl=args["impl"], bwd_scratch_bytes=args.get("bwd_scratch_bytes"))
 
 
 def test_cpu_bench_writes_json(tmp_path):
