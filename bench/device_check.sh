@@ -18,14 +18,15 @@
 # the whole run), MAX_JOBS (extension build jobs, default: all cores), SKIP (comma-separated step
 # names to skip, e.g. SKIP=build,tests_cuda), RESULTS (output folder, default bench/results),
 # LWZ_COMMIT (the commit the results are recorded under; set it on a copied tree, whose .git may
-# be absent or stale).
+# be absent or stale). Wheels in .whl/ (bash bench/fetch_wheels.sh, run where pip has a registry:
+# Liger-Kernel for the log-prob comparison) are installed first, into a private folder.
 set -uo pipefail
 
 DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|-n) DRY=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -127,11 +128,25 @@ bench_step() {
 
 echo "lwz device check: $TAG (budget ${BUDGET_S}s, python $PYTHON)"
 
+# 0. optional comparison packages (Liger-Kernel) from wheels fetched beforehand by
+#    bench/fetch_wheels.sh into .whl/ (no network here): installed into a private folder that
+#    every later step sees through PYTHONPATH
+if compgen -G ".whl/*.whl" > /dev/null; then
+  SITE="/tmp/lwz-site-$TAG"
+  step wheels 60 - "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl
+  if [[ $DRY -eq 0 && "${STATUSES[-1]}" == "ok" ]]; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+else
+  skip wheels "no .whl/ (bash bench/fetch_wheels.sh fetches Liger-Kernel for the log-prob comparison)"
+fi
+
 # 1. environment
 step env 60 - bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo 'nvidia-smi: not available'; \
 $PYTHON -c 'import torch, sys; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available())'; \
 $PYTHON -c 'import triton; print(\"triton\", triton.__version__)' || echo 'triton: absent'; \
-$PYTHON -c 'import flash_attn; print(\"flash_attn\", flash_attn.__version__)' 2>/dev/null || echo 'flash_attn: absent'"
+$PYTHON -c 'import flash_attn; print(\"flash_attn\", flash_attn.__version__)' 2>/dev/null || echo 'flash_attn: absent'; \
+$PYTHON -c 'import liger_kernel.transformers; from importlib.metadata import version; print(\"liger_kernel\", version(\"liger-kernel\"))' 2>/dev/null || echo 'liger_kernel: absent'"
 
 # 2. the extension, built in place here (setup.py drives CMake). Not `pip install -e .`: recent
 #    setuptools turn that into an isolated PEP 517 build that fetches setuptools, and there is no
