@@ -1,6 +1,7 @@
 """Benchmark of kernels.logprob.fused_logprobs (log-probs + entropy of hidden @ W^T / tau).
 
-    python -m bench.bench_logprob [--sizes 4096,8192,16384,32768] [--quick] [--out PATH]
+    python -m bench.bench_logprob [--sizes 4096,8192,16384,32768] [--quick] [--no-compile]
+                                  [--impls a,b] [--out PATH]
 
 CUDA: H=5120, V=152064 (Qwen2.5-14B/32B head), bf16, temperature 0.8, entropy on, upstream grads
 on both outputs. Median times by triton.testing.do_bench for forward (no grad) and forward +
@@ -8,7 +9,8 @@ backward, for
   triton          our fused kernels (impl="triton"), default backward scratch budget (1 GiB)
   triton_96mib    the same with bwd_scratch_bytes = 96 MiB: the backward walks twice (token
                   chunks for dX, vocabulary chunks for dW) and recomputes the logits once more
-  torch_chunked_compiled   torch.compile of the chunked torch path (impl="torch")
+  torch_chunked_compiled   the chunked torch path (impl="torch") with its chunk bodies compiled by
+                  torch.compile (kernels.logprob.compile_torch_chunks; the loops stay in Python)
   torch_eager     materialised [T, V] logits -> log_softmax -> gather + entropy (skipped, and
                   reported, where its estimated memory would not fit)
   liger_flce      Liger's LigerFusedLinearCrossEntropyLoss (reduction="none", no entropy), if
@@ -43,7 +45,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench.common import git_commit, matmul_seconds, time_call, write_json  # noqa: E402
-from kernels.logprob import fused_logprobs  # noqa: E402
+from kernels.logprob import compile_torch_chunks, fused_logprobs  # noqa: E402
 from kernels.reference import logprobs_reference  # noqa: E402
 
 FLOPS_FORMULA = "fwd: 2*T*H*V; fwd+bwd (recompute): 8*T*H*V"
@@ -80,8 +82,9 @@ def _make_impls(temp, on_cuda, compile_torch=True):
     if on_cuda:
         impls["triton"] = fused("triton")
         impls["triton_96mib"] = fused("triton", LOW_SCRATCH)
-        if compile_torch:  # dynamo unrolls the chunk loop: minutes of compiling at 32k tokens
-            impls["torch_chunked_compiled"] = torch.compile(fused("torch"), dynamic=False)
+        if compile_torch:  # one graph per chunk shape (a few per token count), not the loops
+            compile_torch_chunks(dynamic=False)
+            impls["torch_chunked_compiled"] = fused("torch")
     else:
         impls["torch_chunked"] = fused("torch")
     impls["torch_eager"] = lambda x, w, t: logprobs_reference(x, w, t, temp, compute_dtype=x.dtype)
@@ -147,15 +150,23 @@ def _eager_bytes(T, V):
     return 24 * T * V
 
 
-def run_cuda(sizes, quick, compile_torch=True, on_size=None):
-    """Rows of every size x implementation; on_size(rows) after each size (partial results)."""
+def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None):
+    """Rows of every size x implementation (or those named in `only`); on_size(rows) after each
+    size (partial results)."""
     from triton.testing import do_bench
 
     dev = torch.device("cuda")
     H, V, temp, dtype = 5120, 152064, 0.8, torch.bfloat16
     rep = 20 if quick else 100
-    mm_tflops = 2 * 8192 ** 3 / matmul_seconds(8192) / 1e12  # the bf16 GEMM ceiling, this run
+    compile_torch = compile_torch and (not only or "torch_chunked_compiled" in only)
     impls = _make_impls(temp, on_cuda=True, compile_torch=compile_torch)
+    if only:
+        unknown = set(only) - set(impls)
+        if unknown:
+            raise SystemExit(f"bench_logprob: --impls {','.join(sorted(unknown))} not available here "
+                             f"(have {','.join(impls)})")
+        impls = {k: v for k, v in impls.items() if k in only}
+    mm_tflops = 2 * 8192 ** 3 / matmul_seconds(8192) / 1e12  # the bf16 GEMM ceiling, this run
     rows = []
     for T in sizes:
         x, w, t, gl, ge = _inputs(T, H, V, dtype, dev, seed=T)
@@ -241,6 +252,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default="4096,8192,16384,32768", help="token counts T (CUDA)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes / repetitions")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the chunked torch path (CUDA)")
+    ap.add_argument("--impls", default="", help="comma-separated implementations to run (CUDA; default all)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/logprob-<dev>.json)")
     a = ap.parse_args(argv)
     tv, trv = _versions()
@@ -258,10 +270,13 @@ def main(argv=None):
             res["headline"] = ({"pct_matmul_fwd_bwd": r["pct_matmul_fwd_bwd"],
                                 "beyond_grads_mib": r["peak_beyond_grads_mib"]}
                                if "pct_matmul_fwd_bwd" in r else {"T": r["T"], "fwd_bwd_s": r["fwd_bwd_s"]})
-            low = [r for r in rows if r["impl"] == "triton_96mib" and "fwd_bwd_s" in r]
-            if low:
-                res["headline"].update(pct_matmul_fwd_bwd_96mib=low[-1]["pct_matmul_fwd_bwd"],
-                                       beyond_grads_mib_96mib=low[-1]["peak_beyond_grads_mib"])
+            same_t = {q["impl"]: q for q in rows if q["T"] == r["T"] and "fwd_bwd_s" in q}
+            if "triton_96mib" in same_t:
+                res["headline"].update(pct_matmul_fwd_bwd_96mib=same_t["triton_96mib"]["pct_matmul_fwd_bwd"],
+                                       beyond_grads_mib_96mib=same_t["triton_96mib"]["peak_beyond_grads_mib"])
+            for base in ("torch_chunked_compiled", "liger_flce"):  # fwd+bwd time ratios
+                if base in same_t and r["impl"] == "triton":
+                    res["headline"][f"speedup_vs_{base}"] = same_t[base]["fwd_bwd_s"] / r["fwd_bwd_s"]
         write_json(path, res)
         return res
 
@@ -269,7 +284,8 @@ def main(argv=None):
         sizes = [int(s) for s in a.sizes.split(",") if s]
         if a.quick:
             sizes = sizes[:2]
-        rows = run_cuda(sizes, a.quick, compile_torch=not a.no_compile, on_size=lambda r: save(r, False))
+        rows = run_cuda(sizes, a.quick, compile_torch=not a.no_compile, on_size=lambda r: save(r, False),
+                        only=[s for s in a.impls.split(",") if s])
     else:
         rows = run_cpu(a.quick)
     res = save(rows, True)

@@ -8,7 +8,8 @@
 # two ceilings (bf16 8192^3 matmul, device-to-device copy), the CUDA tests (CUDA vs CPU twins,
 # Triton kernels in bf16 vs references), two steps of the tiny default trained on the GPU in bf16,
 # the packing and decode-attention benchmarks, the log-prob and GRPO-loss kernel benchmarks, the
-# rollout benchmark, then profile_step at 14336 (and 8192) tokens for the Qwen2.5-1.5B shape.
+# rollout benchmark, profile_step at 14336 (and 8192) tokens for the Qwen2.5-1.5B shape, then the
+# log-prob kernel against torch.compile of the chunked torch path.
 # Every step runs under `timeout`; a failure is recorded, never fatal. Outputs:
 # bench/results/<date>-<gpu>.json and .md (every JSON written during the run merged), per-step
 # logs in bench/results/logs-<date>-<gpu>/, and as the last lines a table: step, status, seconds,
@@ -26,7 +27,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|-n) DRY=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -207,6 +208,10 @@ step profile_8k 60 "$RES/profile_step-8k-$GPU_TAG.json" "$PYTHON" -m bench.profi
   --seq-lens 8192 --lengths-mix longtail --tokens-per-step 8192 --warmup 1 --iters 3 \
   --out "$RES/profile_step-8k-$GPU_TAG.json"
 
+# 7b. torch.compile of the chunked torch path as the log-prob baseline, at the 16k goal size next
+#    to our kernel (last: compiling its chunk graphs takes a minute or more)
+bench_step bench_logprob_compiled bench.bench_logprob 150 --sizes 16384 --quick \
+  --impls triton,torch_chunked_compiled
 
 # 8. collect: merged JSON + markdown, and the table as the last lines
 if [[ $DRY -eq 1 ]]; then

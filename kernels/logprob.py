@@ -586,6 +586,23 @@ def _torch_chunk_elems(device):
     return (1 << 24) if device.type == "cuda" else (1 << 18)
 
 
+def _fwd_chunk(x, weight, t, temperature):
+    """One token chunk of the torch forward: x [C, H], t [C] -> (logp, entropy, row max,
+    log sum exp(z - max)), each [C] in fp32 (fp64 for fp64 inputs)."""
+    V = weight.shape[0]
+    z = _torch_logits(x, weight, temperature)
+    m = z.amax(dim=1)
+    z -= m[:, None]  # z - max is exact near the max (see the merge kernel note)
+    p = z.exp()
+    s = p.sum(1)
+    ls = s.log()
+    # entropy = log s - sum exp(z-m)(z-m) / s: relative to the max, no cancellation at big shifts
+    e = ls - (p * z).sum(1) / s  # torch.sum is pairwise: accurate over V terms
+    valid = t != IGNORE_INDEX
+    lp = z.gather(1, t.clamp(0, V - 1)[:, None]).squeeze(1) - ls
+    return torch.where(valid, lp, 0.0), torch.where(valid, e, 0.0), m, ls
+
+
 def torch_forward(hidden, weight, targets, temperature):
     N = hidden.shape[0]
     V = weight.shape[0]
@@ -596,22 +613,34 @@ def torch_forward(hidden, weight, targets, temperature):
     log_s = torch.empty_like(logp)
     C = max(1, _torch_chunk_elems(hidden.device) // max(1, V))
     for i in range(0, N, C):
-        z = _torch_logits(hidden[i:i + C], weight, temperature)
-        t = targets[i:i + C]
-        m = z.amax(dim=1)
-        z -= m[:, None]  # z - max is exact near the max (see the merge kernel note)
-        p = z.exp()
-        s = p.sum(1)
-        ls = s.log()
-        # entropy = log s - sum exp(z-m)(z-m) / s: relative to the max, no cancellation at big shifts
-        e = ls - (p * z).sum(1) / s  # torch.sum is pairwise: accurate over V terms
-        valid = t != IGNORE_INDEX
-        lp = z.gather(1, t.clamp(0, V - 1)[:, None]).squeeze(1) - ls
-        logp[i:i + C] = torch.where(valid, lp, 0.0)
-        ent[i:i + C] = torch.where(valid, e, 0.0)
-        mx[i:i + C] = m
-        log_s[i:i + C] = ls
+        rows = slice(i, i + C)
+        logp[rows], ent[rows], mx[rows], log_s[rows] = _fwd_chunk(hidden[rows], weight, targets[rows], temperature)
     return logp.float(), ent.float(), (mx, log_s)
+
+
+def _dA_chunk(hidden, wc, idx, mx_, ls_, ent_, gl, nge, temperature):
+    """dA = d loss / d z of one vocabulary chunk [N, Vc] in the accumulation dtype.
+
+    hidden [N, H], wc [Vc, H]; idx [N] = target - (chunk start) (outside [0, Vc): no one-hot
+    here); mx_, ls_, ent_ [N, 1] row stats; gl = g_logp * valid / tau and nge = -g_ent * valid / tau
+    as [N, 1] (or None)."""
+    z = _torch_logits(hidden, wc, temperature).to(mx_.dtype)
+    z -= mx_
+    z -= ls_  # log p
+    p = z.exp()
+    if nge is not None:  # dH/dz = -p (log p + H)
+        d = z.add_(ent_).mul_(p).mul_(nge)
+        if gl is not None:
+            d.addcmul_(p, gl, value=-1.0)
+    elif gl is not None:
+        d = p.mul_(-gl)
+    else:
+        d = z.zero_()
+    if gl is not None:
+        # one-hot part without a host sync: scatter g into the chunk's target column (if any)
+        inside = (idx >= 0) & (idx < wc.shape[0])
+        d.scatter_add_(1, idx.clamp(0, wc.shape[0] - 1)[:, None], gl * inside.to(d.dtype)[:, None])
+    return d
 
 
 def torch_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
@@ -633,28 +662,22 @@ def torch_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperatu
     Vc = max(1, _torch_chunk_elems(hidden.device) // max(1, N))
     for v0 in range(0, V, Vc):
         wc = weight[v0:v0 + Vc]
-        z = _torch_logits(hidden, wc, temperature).to(acc)
-        z -= mx_
-        z -= ls_  # log p
-        p = z.exp()
-        if nge is not None:  # dH/dz = -p (log p + H)
-            d = z.add_(ent_).mul_(p).mul_(nge)
-            if gl is not None:
-                d.addcmul_(p, gl, value=-1.0)
-        elif gl is not None:
-            d = p.mul_(-gl)
-        else:
-            d = z.zero_()
-        if gl is not None:
-            # one-hot part without a host sync: scatter g into the chunk's target column (if any)
-            idx = targets - v0
-            inside = (idx >= 0) & (idx < wc.shape[0])
-            d.scatter_add_(1, idx.clamp(0, wc.shape[0] - 1)[:, None], gl * inside.to(acc)[:, None])
+        d = _dA_chunk(hidden, wc, targets - v0, mx_, ls_, ent_, gl, nge, temperature)
         if need_dx:
             dx.addmm_(d, wc if wc.dtype == acc else wc.to(acc))
         if need_dw:
             dw[v0:v0 + Vc] = (d.t() @ x_acc).to(dw.dtype)
     return (dx.to(hidden.dtype) if need_dx else None), dw
+
+
+def compile_torch_chunks(**compile_kwargs):
+    """torch.compile the chunk bodies of the torch path (`_fwd_chunk`, `_dA_chunk`) for the rest of
+    the process: each is one small graph compiled per chunk shape, while the chunk loops stay in
+    Python (compiling the whole path would unroll them: minutes at 16k tokens). What the log-prob
+    benchmark times as "torch.compile of the chunked torch path"."""
+    global _fwd_chunk, _dA_chunk
+    _fwd_chunk = torch.compile(_fwd_chunk, **compile_kwargs)
+    _dA_chunk = torch.compile(_dA_chunk, **compile_kwargs)
 
 
 # ---- autograd -----------------------------------------------------------------------------------

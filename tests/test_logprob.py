@@ -150,6 +150,31 @@ def test_scratch_budget_walks(budget, passes, monkeypatch):
         assert e_k <= 2 * e_t + 1e-5 * (1.0 + r.abs().max().item()), f"{name}: {e_k:.3g} vs torch {e_t:.3g}"
 
 
+def test_compiled_torch_chunks_trace_whole(monkeypatch):
+    """compile_torch_chunks (the benchmark's torch.compile baseline): each chunk body traces as one
+    graph (fullgraph: no graph break), the vocabulary offset does not force a recompile per chunk,
+    and the results equal the eager torch path's."""
+    import torch._dynamo
+
+    monkeypatch.setattr(lp_mod, "_fwd_chunk", lp_mod._fwd_chunk)  # restored after the test
+    monkeypatch.setattr(lp_mod, "_dA_chunk", lp_mod._dA_chunk)
+    monkeypatch.setattr(lp_mod, "TORCH_CHUNK_ELEMS", 40_000)
+    N, H, V = 97, 48, 1237
+    x, w, t = _make(N, H, V, torch.float32, seed=4)
+    g = torch.randn(N, dtype=torch.float64)
+    want = _run(_kernel("torch"), x, w, t, 0.9, g, g)
+    torch._dynamo.reset()
+    lp_mod.compile_torch_chunks(backend="aot_eager", fullgraph=True, dynamic=False)
+    got = _run(_kernel("torch"), x, w, t, 0.9, g, g)
+    for a, b in zip(got, want):  # fp32 round-off of the traced decompositions
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # 97 rows in chunks of 32 (+1) and 1237 columns in chunks of 412 (+1): two shapes each
+    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list
+    frames = [len(entries(fn._torchdynamo_orig_callable.__code__)) for fn in (lp_mod._fwd_chunk, lp_mod._dA_chunk)]
+    assert frames == [2, 2], frames
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_masked_rows_do_not_touch_weight_grad(impl):
     N, H, V = 97, 48, 1237
@@ -295,3 +320,37 @@ def test_cpu_bench_writes_json(tmp_path):
             assert k in row, k
         for k in ("fwd_s", "fwd_bwd_s", "max_abs_err_logp"):
             assert math.isfinite(row[k]) and row[k] >= 0, (k, row)
+
+
+def test_gpu_bench_headline_and_impl_filter(tmp_path, monkeypatch):
+    """The CUDA report path without a GPU (run_cuda replaced by rows of the shape it returns): the
+    headline takes our kernel at the largest size and its ratios to the baselines of that size;
+    --impls reaches run_cuda; an unknown name there is one clear line."""
+    from bench import bench_logprob as bl
+
+    def row(T, impl, fb_ms, pct, mib):
+        return dict(T=T, H=5120, V=152064, dtype="bf16", impl=impl, fwd_ms=fb_ms / 3, fwd_bwd_ms=fb_ms,
+                    fwd_s=fb_ms / 3e3, fwd_bwd_s=fb_ms / 1e3, tflops_fwd=1.0, tflops_fwd_bwd=1.0,
+                    pct_matmul_fwd_bwd=pct, peak_extra_gib=1.0, peak_beyond_grads_mib=mib, max_abs_err_logp=1e-4)
+
+    seen = {}
+
+    def fake_run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None):
+        seen.update(sizes=sizes, only=only, compile_torch=compile_torch)
+        return [row(4096, "triton", 50.0, 60.0, 300.0), row(16384, "triton", 200.0, 65.0, 830.0),
+                row(16384, "triton_96mib", 250.0, 52.0, 90.0), row(16384, "torch_chunked_compiled", 400.0, 32.5, 700.0),
+                dict(T=16384, impl="torch_eager", skipped="would OOM")]
+
+    monkeypatch.setattr(bl.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bl.torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    real_run_cuda = bl.run_cuda
+    monkeypatch.setattr(bl, "run_cuda", fake_run_cuda)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    res = bl.main(["--sizes", "4096,16384", "--impls", "triton,torch_chunked_compiled", "--out", str(tmp_path / "x.json")])
+    assert seen == dict(sizes=[4096, 16384], only=["triton", "torch_chunked_compiled"], compile_torch=True)
+    h = res["headline"]
+    assert h["pct_matmul_fwd_bwd"] == 65.0 and h["beyond_grads_mib"] == 830.0
+    assert h["pct_matmul_fwd_bwd_96mib"] == 52.0 and h["beyond_grads_mib_96mib"] == 90.0
+    assert h["speedup_vs_torch_chunked_compiled"] == pytest.approx(2.0) and "speedup_vs_liger_flce" not in h
+    with pytest.raises(SystemExit, match="--impls nope not available here"):  # checked before any GPU work
+        real_run_cuda([16], True, only=["nope", "triton"])
