@@ -9,7 +9,7 @@
 # Triton kernels in bf16 vs references), two steps of the tiny default trained on the GPU in bf16,
 # the packing and decode-attention benchmarks, the log-prob and GRPO-loss kernel benchmarks, the
 # rollout benchmark, profile_step at 14336 (and 8192) tokens for the Qwen2.5-1.5B shape, then the
-# log-prob kernel against torch.compile of the chunked torch path.
+# log-prob and GRPO-loss kernels against torch.compile of their torch paths.
 # Every step runs under `timeout`; a failure is recorded, never fatal. Outputs:
 # bench/results/<date>-<gpu>.json and .md (every JSON written during the run merged), per-step
 # logs in bench/results/logs-<date>-<gpu>/, and as the last lines a table: step, status, seconds,
@@ -208,10 +208,12 @@ step profile_8k 60 "$RES/profile_step-8k-$GPU_TAG.json" "$PYTHON" -m bench.profi
   --seq-lens 8192 --lengths-mix longtail --tokens-per-step 8192 --warmup 1 --iters 3 \
   --out "$RES/profile_step-8k-$GPU_TAG.json"
 
-# 7b. torch.compile of the chunked torch path as the log-prob baseline, at the 16k goal size next
-#    to our kernel (last: compiling its chunk graphs takes a minute or more)
+# 7b. torch.compile baselines, last: compiling takes a minute or more. The chunked torch log-prob
+#    path at the 16k goal size next to our kernel
 bench_step bench_logprob_compiled bench.bench_logprob 150 --sizes 16384 --quick \
   --impls triton,torch_chunked_compiled
+# and torch.compile of the GRPO loss reference, at the bandwidth-bound 16M tokens only
+bench_step bench_grpo_loss_compiled bench.bench_grpo_loss 120 --tokens 16777216 --big-tokens 0
 
 # 8. collect: merged JSON + markdown, and the table as the last lines
 if [[ $DRY -eq 1 ]]; then

@@ -87,6 +87,9 @@ BWD_SCRATCH_BYTES = int(os.environ.get("LWZ_LOGPROB_BWD_SCRATCH_BYTES", str(1 <<
 # accumulator (8 N H bytes), ~15% on top of its 6 N Vc H flops at 1024 columns on an H100-class GPU
 # (measured on an H200: +6.6% at 2048); narrower chunks would cost more than the two-pass recompute.
 ONE_PASS_MIN_VC = 1024
+# Widest dA chunk of the one-pass walk: past ~512 MiB the saved accumulator passes are < 0.3% of
+# the time at 16k tokens (the H200 numbers of the README were measured with this chunk).
+BWD_MAX_CHUNK_BYTES = 512 << 20
 # Elements of one fp32 logits chunk in the torch path ([C, V] forward, [N, Vc] backward).
 # 0 = by device (see _torch_chunk_elems).
 TORCH_CHUNK_ELEMS = int(os.environ.get("LWZ_LOGPROB_TORCH_CHUNK_ELEMS", "0"))
@@ -484,14 +487,15 @@ def _bwd_plan(N, V, elem, acc_bytes, block_t, block_v, budget):
     the one-pass walk (N*H*4; 0 when it is dX itself or dX is not needed).
     Returns (passes, tc, vc):
       (1, N, vc)  one walk over vocabulary chunks [N, vc]: dW[chunk] = dA^T X and dX_fp32 += dA W,
-                  chosen when the accumulator and a chunk of >= ONE_PASS_MIN_VC columns fit;
+                  chosen when the accumulator and a chunk of >= ONE_PASS_MIN_VC columns fit (the
+                  chunk: what the budget leaves, at most BWD_MAX_CHUNK_BYTES);
       (2, tc, vc) dX from token chunks [tc, V] (dX[rows] = dA W in one GEMM, no accumulator), then
                   dW from vocabulary chunks [N, vc]; the logits are recomputed in both walks.
     """
     cap = lambda n, block, full: max(block, n // block * block) if n < full else full  # noqa: E731
     min_vc = min(V, ONE_PASS_MIN_VC)
     if acc_bytes + N * min_vc * elem <= budget:
-        return 1, N, cap((budget - acc_bytes) // max(1, N * elem), block_v, V)
+        return 1, N, cap(min(budget - acc_bytes, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
     return 2, cap(budget // (V * elem), block_t, N), cap(budget // max(1, N * elem), block_v, V)
 
 
