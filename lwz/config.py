@@ -109,6 +109,10 @@ class GRPOConfig:
     mini_batches: int = 1  # optimizer steps per pass (the rollouts are split into this many)
     max_tokens_per_microbatch: int = 16384  # token budget of one packed forward/backward
     pack_cost: Literal["tokens", "quadratic"] = "quadratic"  # cost model balancing micro-batches/ranks
+    # memory the fused log-prob backward may hold beyond its gradients: one walk needs an fp32 dX
+    # accumulator (micro-batch tokens x hidden x 4 B) + a logits-gradient chunk; below that it walks
+    # twice and recomputes the logits once more (+25% of its flops); 96 stays under 100 MB at any size.
+    logprob_scratch_mib: int = 1024
 
 
 @dataclass
@@ -604,6 +608,7 @@ def validate(cfg: Config) -> Config:
     ge("grpo.ppo_epochs", g.ppo_epochs, 1)
     ge("grpo.mini_batches", g.mini_batches, 1)
     gt("grpo.max_tokens_per_microbatch", g.max_tokens_per_microbatch, 0)
+    ge("grpo.logprob_scratch_mib", g.logprob_scratch_mib, 0)
     n_seqs = r.prompts_per_step * r.group_size
     if g.mini_batches > n_seqs:
         raise _fail("grpo.mini_batches", g.mini_batches, f"<= rollout.prompts_per_step * rollout.group_size = {n_seqs}")

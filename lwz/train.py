@@ -227,9 +227,9 @@ def split_logp(logp: torch.Tensor, samples: list[Sample], cu: torch.Tensor) -> l
     return out
 
 
-def policy_logprobs(model, mb, temperature: float, entropy: bool):
+def policy_logprobs(model, mb, temperature: float, entropy: bool, scratch_bytes: int | None = None):
     return model(mb["ids"], mb["pos"], mb["cu"], mb["max_len"], targets=mb["targets"], temperature=temperature,
-                 return_entropy=entropy)
+                 return_entropy=entropy, logprob_scratch_bytes=scratch_bytes)
 
 
 def plan(samples: list[Sample], cfg, world: int, hidden: int) -> list[list[list[int]]]:
@@ -272,7 +272,7 @@ def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id, keep_logp:
         mb_samples = [samples[i] for i in mb_idx]
         mb = pack_samples(mb_samples, d.device, pad_id)
         mask = mb["targets"] != -100
-        logp, ent = policy_logprobs(model, mb, cfg.rollout.temperature, True)
+        logp, ent = policy_logprobs(model, mb, cfg.rollout.temperature, True, g.logprob_scratch_mib << 20)
         if keep_logp:
             kept.update(zip(mb_idx, split_logp(logp, mb_samples, mb["cu"])))
         loss, stats = grpo_loss(logp, mb["old"], mb["adv"], mask, mb["ref"] if g.kl_coef > 0 else None,

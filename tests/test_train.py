@@ -299,3 +299,28 @@ def test_non_finite_grad_norm_skips_the_update():
     out = train_minibatch(model, opt, samples, plans, cfg, d, pad_id=1)
     assert out["skipped"] == 0.0
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_logprob_scratch_budget_reaches_the_kernel(monkeypatch):
+    """grpo.logprob_scratch_mib is the fused log-prob backward's budget in the training forward."""
+    import kernels.logprob as lp_mod
+    from lwz.config import load_config
+    from lwz.distributed import Dist
+    from lwz.train import build_policy, plan, train_minibatch
+    cfg = load_config(os.path.join(ROOT, "configs/tiny.toml"),
+                      [f"--model.path={ROOT}/assets/tiny-model", "--distributed.fsdp=false",
+                       "--grpo.logprob_scratch_mib=3"])
+    seen = []
+    real = lp_mod.fused_logprobs
+
+    def spy(*a, **kw):
+        seen.append(kw.get("bwd_scratch_bytes"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lp_mod, "fused_logprobs", spy)
+    d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), backend="none")
+    model = build_policy(cfg, d)
+    samples = _fixed_samples()
+    train_minibatch(model, torch.optim.AdamW(model.parameters(), lr=1e-3), samples,
+                    plan(samples, cfg, 1, model.config.hidden_size), cfg, d, pad_id=1)
+    assert seen and all(b == 3 << 20 for b in seen), seen
