@@ -91,6 +91,19 @@ def assert_like_torch(name, got, ref32, ref64):
     assert err <= 4 * torch_err + floor, f"{name}: err {err:.3g} vs torch fp32 err {torch_err:.3g}"
 
 
+def check_triton_like_torch(b32, **kw):
+    """The Triton path on an fp32 batch against the fp64 reference: loss, every stat and both
+    gradients within assert_like_torch of fp32 torch's own error. Returns the fp64 oracle run."""
+    b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in b32.items()}
+    oracle, torch32, got = run("ref", b64, **kw), run("ref", b32, **kw), run("triton", b32, **kw)
+    assert_like_torch("loss", got[0], torch32[0], oracle[0])
+    for k in STAT_NAMES:
+        assert_like_torch(k, got[1][k], torch32[1][k], oracle[1][k])
+    assert_like_torch("dlogp", got[2], torch32[2], oracle[2])
+    assert_like_torch("dentropy", got[3], torch32[3], oracle[3])
+    return oracle
+
+
 # --------------------------------------------------------------------------- against the reference
 
 @pytest.mark.parametrize("clip", list(CLIPS))
@@ -134,16 +147,10 @@ def test_long_sequences_across_program_blocks(loss_agg, given_seqs, multi_tile, 
     else:
         assert gl._fwd_tiles(4785) == 1
     b32 = make_batch(seed=11, lengths=(1500, 7, 3, 1200, 1, 2049, 5, 0, 14, 6))
-    b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in b32.items()}
     kw = dict(kl_type="k3", clip="dual", loss_agg=loss_agg, grad_out=-0.9)
     if given_seqs:
         kw["global_seqs"] = 13  # as if other micro-batches held more sequences
-    oracle, torch32, got = run("ref", b64, **kw), run("ref", b32, **kw), run("triton", b32, **kw)
-    assert_like_torch("loss", got[0], torch32[0], oracle[0])
-    for k in STAT_NAMES:
-        assert_like_torch(k, got[1][k], torch32[1][k], oracle[1][k])
-    assert_like_torch("dlogp", got[2], torch32[2], oracle[2])
-    assert_like_torch("dentropy", got[3], torch32[3], oracle[3])
+    oracle = check_triton_like_torch(b32, **kw)
     if loss_agg == "seq-mean-token-mean":  # tokens of the longest sequence weigh 1/n of theirs
         cu = b32["cu_seqlens"].long()
         n5 = int(b32["mask"][cu[5]:cu[6]].sum())
@@ -169,14 +176,7 @@ def test_seq_mean_many_short_sequences(walk, multi_tile, monkeypatch):
     b32 = make_batch(seed=13, lengths=lengths)
     n = int(b32["cu_seqlens"][-1])
     assert n > 3 * gl.FWD_BLOCK and (gl._fwd_tiles(n) > 1) == multi_tile
-    b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in b32.items()}
-    kw = dict(kl_type="k2", clip="dual", loss_agg="seq-mean-token-mean", grad_out=1.3)
-    oracle, torch32, got = run("ref", b64, **kw), run("ref", b32, **kw), run("triton", b32, **kw)
-    assert_like_torch("loss", got[0], torch32[0], oracle[0])
-    for k in STAT_NAMES:
-        assert_like_torch(k, got[1][k], torch32[1][k], oracle[1][k])
-    assert_like_torch("dlogp", got[2], torch32[2], oracle[2])
-    assert_like_torch("dentropy", got[3], torch32[3], oracle[3])
+    check_triton_like_torch(b32, kl_type="k2", clip="dual", loss_agg="seq-mean-token-mean", grad_out=1.3)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
