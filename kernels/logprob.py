@@ -492,7 +492,7 @@ def _bwd_plan(N, V, elem, acc_bytes, block_t, block_v, budget):
       (2, tc, vc) dX from token chunks [tc, V] (dX[rows] = dA W in one GEMM, no accumulator), then
                   dW from vocabulary chunks [N, vc]; the logits are recomputed in both walks.
     """
-    cap = lambda n, block, full: max(block, n // block * block) if n < full else full  # noqa: E731
+    cap = lambda n, block, full: min(full, max(block, n // block * block))  # noqa: E731  (whole blocks)
     min_vc = min(V, ONE_PASS_MIN_VC)
     if acc_bytes + N * min_vc * elem <= budget:
         return 1, N, cap(min(budget - acc_bytes, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
