@@ -362,16 +362,12 @@ def count_normalisers(mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None
 
 
 def _seq_active_counts(mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Active tokens (mask != 0) per sequence [B] int32: an exact integer cumsum of the mask read
-    at the sequence ends (int32 suffices: cu_seqlens is int32). No host sync."""
+    """Active tokens (mask != 0) per sequence [B] int32: an exact integer cumsum of the mask, with a
+    leading 0, read at the sequence bounds (int32 suffices: cu_seqlens is int32). No host sync."""
     act = mask if mask.dtype == torch.bool else mask != 0
-    csum = torch.cumsum(act, 0, dtype=torch.int32)
-    cu = cu_seqlens.long()
-
-    def before(i):  # active tokens before position i (0 at i = 0)
-        return torch.where(i > 0, csum[(i - 1).clamp(min=0)], 0) if csum.numel() else torch.zeros_like(i)
-
-    return (before(cu[1:]) - before(cu[:-1])).to(torch.int32)
+    csum = torch.zeros(act.numel() + 1, dtype=torch.int32, device=act.device)
+    torch.cumsum(act, 0, dtype=torch.int32, out=csum[1:])
+    return csum[cu_seqlens[1:]] - csum[cu_seqlens[:-1]]
 
 
 def _check_vec(name, t, n, dtypes):
@@ -511,7 +507,9 @@ class _GRPOLossFunction(torch.autograd.Function):
 
 
 def _stats_from_out(out: torch.Tensor) -> dict:
-    return {name: out[i] for i, name in enumerate(STAT_NAMES)}
+    # one unbind (one dispatch) instead of an indexing per stat: this runs once per micro-batch
+    # from Python, where small batches are launch- and dispatch-bound
+    return dict(zip(STAT_NAMES, out.unbind(0)))
 
 
 def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, clip_low, clip_high, clip_c=None,
@@ -545,7 +543,7 @@ def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, clip_low, clip
     den, has_den = _denominator(loss_agg, global_tokens, global_seqs, norm_const, counts, logp.device)
     seqw = None
     if loss_agg == "seq-mean-token-mean":
-        seqw = torch.where(counts > 0, 1.0 / counts.clamp(min=1).to(torch.float32), 0.0)
+        seqw = torch.where(counts > 0, 1.0 / counts.clamp(min=1), 0.0)  # fp32: int / float
     cfg = dict(clip_low=float(clip_low), clip_high=float(clip_high),
                clip_c=None if clip_c is None else float(clip_c), kl_coef=float(kl_coef),
                kl_type=kl_type, entropy_coef=float(entropy_coef), loss_agg=loss_agg, has_den=has_den)
