@@ -28,12 +28,14 @@ def _grads(fn, x, w, t, temp, g_lp, g_en):
     return [v.detach().double() for v in (lp, en, dx, dw)]
 
 
-@pytest.mark.parametrize("scratch", [None, 1 << 20], ids=["one-walk", "two-walks"])
+@pytest.mark.parametrize("scratch", [None, 8 << 20, 256 << 10], ids=["default", "8mib", "256kib"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("N,H,V", [(1, 80, 4099), (333, 128, 12289), (2050, 256, 32003)])
 def test_logprob_kernel_vs_reference(dtype, N, H, V, scratch):
-    """scratch=1 MiB: the backward's two-walk plan (token chunks for dX, vocabulary chunks for
-    dW) wherever dX needs an fp32 accumulator (bf16/fp16 at N > 1)."""
+    """Backward plans (kernels.logprob._bwd_plan): the default budget walks once in one chunk at
+    these sizes; 8 MiB walks once over several vocabulary chunks with the fp32 dX accumulator
+    (bf16/fp16: 23 chunks at N = 2050); 256 KiB walks twice (token chunks for dX, vocabulary
+    chunks for dW) at N = 333 and 2050 in every dtype."""
     g = torch.Generator(device="cuda").manual_seed(N + V)
     x = torch.randn(N, H, device="cuda", generator=g).to(dtype)
     w = (torch.randn(V, H, device="cuda", generator=g) / math.sqrt(H) * 3).to(dtype)
