@@ -608,7 +608,7 @@ def validate(cfg: Config) -> Config:
     ge("grpo.ppo_epochs", g.ppo_epochs, 1)
     ge("grpo.mini_batches", g.mini_batches, 1)
     gt("grpo.max_tokens_per_microbatch", g.max_tokens_per_microbatch, 0)
-    ge("grpo.logprob_scratch_mib", g.logprob_scratch_mib, 0)
+    gt("grpo.logprob_scratch_mib", g.logprob_scratch_mib, 0)
     n_seqs = r.prompts_per_step * r.group_size
     if g.mini_batches > n_seqs:
         raise _fail("grpo.mini_batches", g.mini_batches, f"<= rollout.prompts_per_step * rollout.group_size = {n_seqs}")

@@ -204,7 +204,7 @@ def test_wrong_type_toml(tmp_path):
     ("--grpo.mini_batches=0", "grpo.mini_batches", "0", ">= 1"),
     ("--grpo.max_tokens_per_microbatch=0", "grpo.max_tokens_per_microbatch", "0", "> 0"),
     ("--grpo.max_tokens_per_microbatch=1000", "grpo.max_tokens_per_microbatch", "1000", "longest sequence"),
-    ("--grpo.logprob_scratch_mib=-1", "grpo.logprob_scratch_mib", "-1", ">= 0"),
+    ("--grpo.logprob_scratch_mib=0", "grpo.logprob_scratch_mib", "0", "> 0"),
     ("--rewards.default_length_range=[50,40]", "rewards.default_length_range", "[50, 40]", "lo <= hi"),
     ("--rewards.default_length_range=[-1,40]", "rewards.default_length_range", "[-1, 40]", "0 <= lo"),
     ("--rewards.length_max_words=500", "rewards.length_max_words", "500", "upper bound 800"),
