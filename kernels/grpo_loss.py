@@ -174,7 +174,8 @@ def _grpo_fwd_kernel(
     if SEQ_MEAN:  # one scalar binary search per program, for its first token
         s = _seq_search(cu_ptr, pid * TILES * BLOCK, tl.full([], 0, tl.int32), NSEQ - 1, SEARCH_STEPS, True)
     for i in range(TILES):
-        offs = (pid * TILES + i) * BLOCK + tl.arange(0, BLOCK)
+        a = (pid * TILES + i) * BLOCK  # the tile's first token
+        offs = a + tl.arange(0, BLOCK)
         inb = offs < N
         m = tl.load(mask_ptr + offs, mask=inb, other=0)
         act = inb & (m != 0)
@@ -193,7 +194,6 @@ def _grpo_fwd_kernel(
             # bounded the kernel). A tile with more than WALK boundaries (many short sequences)
             # finds the rest by a per-token binary search. Empty sequences (equal bounds) are
             # stepped over: a token's sequence is the largest s with cu[s] <= t.
-            a = (pid * TILES + i) * BLOCK
             t_end = tl.minimum(a + BLOCK, N)
             seq = tl.zeros([BLOCK], dtype=tl.int32) + s
             nxt = tl.load(cu_ptr + s + 1)  # s + 1 <= NSEQ: s only grows past bounds < N = cu[NSEQ]

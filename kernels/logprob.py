@@ -541,25 +541,10 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
             num_warps=c["num_warps"], num_stages=c["num_stages"])
         return out
 
-    def dw_chunk(dlc, v0, w):
-        if on_gpu:  # one GEMM over all N tokens (fp32 accumulation inside cuBLAS), written once
-            torch.mm(dlc.t(), hidden, out=dw[v0:v0 + w])
-        else:
-            dw[v0:v0 + w] = (dlc.t() @ x_g).to(dw.dtype)
-
     dw = torch.empty_like(weight) if need_dw else None
-    if passes == 1:
-        dx32 = torch.zeros(N, H, device=dev, dtype=torch.float32) if need_dx else None
-        for v0 in range(0, V, vc):
-            w = min(vc, V - v0)
-            dlc = dlogits(0, N, v0, w)
-            if need_dx:
-                _acc_mm(dx32, dlc, weight[v0:v0 + w])
-            if need_dw:
-                dw_chunk(dlc, v0, w)
-        return (dx32.to(hidden.dtype) if need_dx else None), dw
-    dx = torch.empty_like(hidden) if need_dx else None
-    if need_dx:  # each token chunk's dX is one GEMM over the whole vocabulary
+    dx = dx32 = None
+    if need_dx and passes == 2:  # each token chunk's dX is one GEMM over the whole vocabulary
+        dx = torch.empty_like(hidden)
         for t0 in range(0, N, tc):
             t1 = min(N, t0 + tc)
             dlc = dlogits(t0, t1, 0, V)
@@ -567,11 +552,20 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
                 torch.mm(dlc, weight, out=dx[t0:t1])
             else:
                 dx[t0:t1] = (dlc @ w_g).to(dx.dtype)
-    if need_dw:
+    elif need_dx:
+        dx32 = torch.zeros(N, H, device=dev, dtype=torch.float32)
+    if dx32 is not None or need_dw:  # the vocabulary walk: dW[chunk], and dX_fp32 += dA W[chunk] in one walk
         for v0 in range(0, V, vc):
             w = min(vc, V - v0)
-            dw_chunk(dlogits(0, N, v0, w), v0, w)
-    return dx, dw
+            dlc = dlogits(0, N, v0, w)
+            if dx32 is not None:
+                _acc_mm(dx32, dlc, weight[v0:v0 + w])
+            if need_dw:
+                if on_gpu:  # one GEMM over all N tokens (fp32 accumulation inside cuBLAS), written once
+                    torch.mm(dlc.t(), hidden, out=dw[v0:v0 + w])
+                else:
+                    dw[v0:v0 + w] = (dlc.t() @ x_g).to(dw.dtype)
+    return (dx if dx32 is None else dx32.to(hidden.dtype)), dw
 
 
 # ---- plain torch, chunked -----------------------------------------------------------------------
