@@ -67,11 +67,14 @@ gradient is known in the forward pass up to the upstream scalar and the normalis
                gradients and per-program partial sums [G, 16], then the one-program
                `_grpo_finalize_kernel` sums the partials in a fixed order (deterministic, no
                atomics), applies the normaliser and writes loss and stats. seq-mean-token-mean
-               weights each token by 1/n_i: n_i comes from an exact integer cumsum of the mask
-               (torch, on the device); each program finds its first token's sequence by one scalar
-               binary search over cu_seqlens, and each tile walks the sequence boundaries inside it
-               (a per-token search only for tiles with more than SEQ_WALK of them). A seq-* mode
-               without global_seqs counts the active sequences the same way.
+               weights each token by 1/n_i: the active-token counts n_i [B] int32 come from
+               `_seq_count_kernel` (one launch; programs per sequence, integer atomics: exact and
+               deterministic); each forward program finds its first token's sequence by one scalar
+               binary search over cu_seqlens, and each tile walks the sequence boundaries inside it,
+               carrying the current sequence, its next bound and its weight from tile to tile (a
+               tile inside one sequence loads nothing extra; a per-token search only for tiles with
+               more than SEQ_WALK boundaries). A seq-* mode without global_seqs counts the active
+               sequences from the same counts.
     backward = `_grpo_bwd_kernel`: dlogp = g_t * grad_output * scale (and the same for entropy).
 All float hyper-parameters are tl.constexpr (they are fixed for a run) and the per-step
 normaliser travels in an fp32 tensor: no Python float reaches a runtime kernel argument, which
@@ -120,6 +123,9 @@ def _fwd_tiles(n: int) -> int:
 SEQ_WALK = 16
 FIN_ROWS, FIN_WARPS = 128, 4
 BWD_BLOCK, BWD_WARPS = 1024, 4
+# Active-token counts per sequence: CNT_BLOCK mask bytes per step, up to CNT_MAX_SPLIT programs per
+# sequence (long sequences of a small batch are split so that the count does not run on a few SMs).
+CNT_BLOCK, CNT_WARPS, CNT_MAX_SPLIT = 1024, 4, 64
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -142,15 +148,39 @@ def _seq_search(cu_ptr, t, lo, hi, steps, mask):
 
 
 @triton.jit
+def _inv_count(cnt_ptr, s, mask):
+    """1 / n_s in fp32, correctly rounded (as torch's 1.0 / counts), for sequence index s (scalar
+    or vector); sequences without active tokens give 1 (their tokens are masked anyway)."""
+    n = tl.load(cnt_ptr + s, mask=mask, other=1)
+    return tl.math.div_rn(tl.full(n.shape, 1.0, tl.float32), tl.maximum(n, 1).to(tl.float32))
+
+
+@triton.jit
+def _seq_count_kernel(mask_ptr, cu_ptr, cnt_ptr, SPLIT, BLOCK: tl.constexpr):
+    """cnt[i] += active tokens (mask != 0) of sequence i in the blocks j, j + SPLIT, ... of it;
+    grid (B, SPLIT), cnt [B] int32 zeroed beforehand."""
+    i = tl.program_id(0)
+    j = tl.program_id(1)
+    lo = tl.load(cu_ptr + i)
+    hi = tl.load(cu_ptr + i + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for a in range(lo + j * BLOCK, hi, SPLIT * BLOCK):
+        offs = a + tl.arange(0, BLOCK)
+        m = tl.load(mask_ptr + offs, mask=offs < hi, other=0)
+        acc += (m != 0).to(tl.int32)
+    tl.atomic_add(cnt_ptr + i, tl.sum(acc, axis=0), sem="relaxed")
+
+
+@triton.jit
 def _grpo_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr, seqw_ptr,  # [N] / [B+1] / [B]
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr, cnt_ptr,  # [N] / [B+1] / [B]
     glogp_ptr, gent_ptr, part_ptr,  # outputs: unscaled grads [N], partial sums [G, 16]
     N, NSEQ, SEARCH_STEPS,
     R_LO: tl.constexpr, R_HI: tl.constexpr,  # 1 - clip_low, 1 + clip_high
     HAS_DUAL: tl.constexpr, CLIP_C: tl.constexpr,
     HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr, KL_COEF: tl.constexpr,
     HAS_ENT: tl.constexpr, ENT_COEF: tl.constexpr,
-    SEQ_MEAN: tl.constexpr,  # weight each token by its sequence's seqw = 1/n_i (seq-mean-token-mean)
+    SEQ_MEAN: tl.constexpr,  # weight each token by 1/n_i, n_i = cnt[i] (seq-mean-token-mean)
     WALK: tl.constexpr,  # SEQ_MEAN: sequence boundaries per tile walked one by one before searching
     BLOCK: tl.constexpr,
     TILES: tl.constexpr,  # BLOCK-token tiles per program: the block-wide sums run once per program
@@ -170,9 +200,15 @@ def _grpo_fwd_kernel(
     s_klraw = tl.zeros([BLOCK], dtype=tl.float32)
     s_akl = tl.zeros([BLOCK], dtype=tl.float32)
     s_entraw = tl.zeros([BLOCK], dtype=tl.float32)
-    s = 0  # SEQ_MEAN: the sequence of the current tile's first token
+    # SEQ_MEAN, carried from tile to tile: s, a sequence no later than the current token's (the
+    # current token's once the tile's walk is done), nxt = cu[s + 1] its end, ws = 1/n_s its weight
+    s = tl.full([], 0, tl.int32)
+    nxt = tl.full([], 0, tl.int32)
+    ws = tl.full([], 0.0, tl.float32)
     if SEQ_MEAN:  # one scalar binary search per program, for its first token
-        s = _seq_search(cu_ptr, pid * TILES * BLOCK, tl.full([], 0, tl.int32), NSEQ - 1, SEARCH_STEPS, True)
+        s = _seq_search(cu_ptr, pid * TILES * BLOCK, s, NSEQ - 1, SEARCH_STEPS, True)
+        nxt = tl.load(cu_ptr + s + 1)  # s + 1 <= NSEQ: s only grows past bounds < N = cu[NSEQ]
+        ws = _inv_count(cnt_ptr, s, True)
     for i in range(TILES):
         a = (pid * TILES + i) * BLOCK  # the tile's first token
         offs = a + tl.arange(0, BLOCK)
@@ -188,28 +224,33 @@ def _grpo_fwd_kernel(
         w = act.to(tl.float32)  # the token's weight in the loss sums: 1, or 1/n_i in SEQ_MEAN
         if SEQ_MEAN:
             # The tile's tokens [a, t_end) lie in sequences s, s+1, ...: walk the boundaries
-            # cu[s+1], cu[s+2], ... that fall inside the tile (one scalar load each, ~1 per tile
-            # for sequences of >= 1k tokens) instead of a per-token binary search (log2(B)
-            # dependent gathers per token: at 8k sequences that latency, not the HBM traffic,
-            # bounded the kernel). A tile with more than WALK boundaries (many short sequences)
-            # finds the rest by a per-token binary search. Empty sequences (equal bounds) are
-            # stepped over: a token's sequence is the largest s with cu[s] <= t.
+            # cu[s+1], cu[s+2], ... that fall inside the tile (two scalar loads each, ~1 per tile
+            # for sequences of >= 1k tokens; a tile inside one sequence loads nothing) instead of a
+            # per-token binary search (log2(B) dependent gathers per token: at 8k sequences that
+            # latency, not the HBM traffic, bounded the kernel). A tile with more than WALK
+            # boundaries (many short sequences) finds the rest by a per-token binary search. Empty
+            # sequences (equal bounds) are stepped over: a token's sequence is the largest s with
+            # cu[s] <= t, and the last bound a token passes sets its weight.
             t_end = tl.minimum(a + BLOCK, N)
-            seq = tl.zeros([BLOCK], dtype=tl.int32) + s
-            nxt = tl.load(cu_ptr + s + 1)  # s + 1 <= NSEQ: s only grows past bounds < N = cu[NSEQ]
+            w = tl.zeros([BLOCK], dtype=tl.float32) + ws
             nb = tl.full([], 0, tl.int32)
             while (nxt < t_end) & (nb < WALK):
-                seq += (offs >= nxt).to(tl.int32)
                 s += 1
+                ws = _inv_count(cnt_ptr, s, True)
+                w = tl.where(offs >= nxt, ws, w)
                 nxt = tl.load(cu_ptr + s + 1)
                 nb += 1
             if nxt < t_end:
                 late = act & (offs >= nxt)
+                seq = tl.zeros([BLOCK], dtype=tl.int32) + s
                 seq = tl.where(late, _seq_search(cu_ptr, offs, seq, seq * 0 + (NSEQ - 1), SEARCH_STEPS, late), seq)
-                # the next tile starts its walk here (any s up to its first token's is correct;
-                # a later one saves steps)
-                s = tl.max(tl.where(inb, seq, 0), axis=0)
-            w = tl.load(seqw_ptr + seq, mask=act, other=0.0)
+                w = tl.where(late, _inv_count(cnt_ptr, seq, late), w)
+                # the next tile starts its walk from the last active token's sequence (any s up to
+                # its first token's is correct; a later one saves steps)
+                s = tl.max(seq, axis=0)
+                nxt = tl.load(cu_ptr + s + 1)
+                ws = _inv_count(cnt_ptr, s, True)
+            w = tl.where(act, w, 0.0)
 
         lr_raw = lp - old
         lr = _clamp(lr_raw, -20.0, 20.0)
@@ -362,8 +403,18 @@ def count_normalisers(mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None
 
 
 def _seq_active_counts(mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Active tokens (mask != 0) per sequence [B] int32: an exact integer cumsum of the mask, with a
-    leading 0, read at the sequence bounds (int32 suffices: cu_seqlens is int32). No host sync."""
+    """Active tokens (mask != 0) per sequence [B] int32, no host sync. On CUDA (and under the
+    interpreter) one `_seq_count_kernel` launch; elsewhere an exact integer cumsum of the mask, with
+    a leading 0, read at the sequence bounds (int32 suffices: cu_seqlens is int32)."""
+    nseq = cu_seqlens.numel() - 1
+    if (mask.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and nseq > 0 and mask.numel() > 0:
+        m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        cnt = torch.zeros(nseq, dtype=torch.int32, device=mask.device)
+        # programs per sequence: about two blocks each for an average sequence
+        split = max(1, min(CNT_MAX_SPLIT, mask.numel() // (nseq * 2 * CNT_BLOCK)))
+        _seq_count_kernel[(nseq, split)](m.contiguous(), cu_seqlens.contiguous(), cnt, split,
+                                         BLOCK=CNT_BLOCK, num_warps=CNT_WARPS)
+        return cnt
     act = mask if mask.dtype == torch.bool else mask != 0
     csum = torch.zeros(act.numel() + 1, dtype=torch.int32, device=act.device)
     torch.cumsum(act, 0, dtype=torch.int32, out=csum[1:])
@@ -451,21 +502,21 @@ def _dummy_i32(device):
 
 class _GRPOLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, entropy, old_logp, advantages, mask, ref_logp, cu_seqlens, seqw, den, cfg):
+    def forward(ctx, logp, entropy, old_logp, advantages, mask, ref_logp, cu_seqlens, counts, den, cfg):
         n = logp.shape[0]
         dev = logp.device
-        seq_mean = seqw is not None and n > 0  # no tokens: no weights to look up (and no cu[1])
+        seq_mean = counts is not None and n > 0  # no tokens: no weights to look up (and no cu[1])
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)  # free reinterpretation; the kernel tests != 0
         tiles = _fwd_tiles(n)
         grid_n = max(triton.cdiv(n, FWD_BLOCK * tiles), 1)
-        if seq_mean:  # per-sequence weights 1/n_i, looked up per token by the kernel
+        if seq_mean:  # per-sequence weights 1/n_i from the counts n_i, looked up by the kernel
             nseq = cu_seqlens.numel() - 1
             cu, steps = cu_seqlens, max(nseq, 1).bit_length()
         else:
             nseq, steps = 0, 0
             cu = _dummy_i32(dev) if cu_seqlens is None else cu_seqlens  # not read in this mode
-            seqw = logp  # not read either
+            counts = cu  # not read either
         has_ref = ref_logp is not None
         has_ent = entropy is not None
         glogp = torch.empty(n, dtype=torch.float32, device=dev)
@@ -473,7 +524,7 @@ class _GRPOLossFunction(torch.autograd.Function):
         part = torch.empty((grid_n, _NSLOT), dtype=torch.float32, device=dev)
         _grpo_fwd_kernel[(grid_n,)](
             logp, old_logp, advantages, mask, ref_logp if has_ref else logp,
-            entropy if has_ent else logp, cu, seqw, glogp, gent, part, n, nseq, steps,
+            entropy if has_ent else logp, cu, counts, glogp, gent, part, n, nseq, steps,
             R_LO=1.0 - cfg["clip_low"], R_HI=1.0 + cfg["clip_high"],
             HAS_DUAL=cfg["clip_c"] is not None, CLIP_C=float(cfg["clip_c"] or 0.0),
             HAS_REF=has_ref, KL_TYPE=KL_TYPES[cfg["kl_type"]], KL_COEF=float(cfg["kl_coef"]),
@@ -541,9 +592,6 @@ def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, clip_low, clip
     if loss_agg == "seq-mean-token-mean" or (loss_agg != "token-mean" and global_seqs is None):
         counts = _seq_active_counts(mask, cu_seqlens)
     den, has_den = _denominator(loss_agg, global_tokens, global_seqs, norm_const, counts, logp.device)
-    seqw = None
-    if loss_agg == "seq-mean-token-mean":
-        seqw = torch.where(counts > 0, 1.0 / counts.clamp(min=1), 0.0)  # fp32: int / float
     cfg = dict(clip_low=float(clip_low), clip_high=float(clip_high),
                clip_c=None if clip_c is None else float(clip_c), kl_coef=float(kl_coef),
                kl_type=kl_type, entropy_coef=float(entropy_coef), loss_agg=loss_agg, has_den=has_den)
@@ -551,7 +599,8 @@ def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, clip_low, clip
         logp.contiguous(), None if entropy is None else entropy.contiguous(),
         old_logp.detach().contiguous(), advantages.detach().contiguous(), mask.detach().contiguous(),
         None if ref_logp is None else ref_logp.detach().contiguous(),
-        None if cu_seqlens is None else cu_seqlens.contiguous(), seqw, den, cfg)
+        None if cu_seqlens is None else cu_seqlens.contiguous(),
+        counts if loss_agg == "seq-mean-token-mean" else None, den, cfg)
     return loss, _stats_from_out(out)
 
 
@@ -559,7 +608,7 @@ def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, clip_low, clip
 
 def _fwd_spec(name, seq_mean, has_ref, kl_type, has_ent, dual):
     sig = {"logp_ptr": "*fp32", "old_ptr": "*fp32", "adv_ptr": "*fp32", "mask_ptr": "*u8",
-           "ref_ptr": "*fp32", "ent_ptr": "*fp32", "cu_ptr": "*i32", "seqw_ptr": "*fp32", "glogp_ptr": "*fp32",
+           "ref_ptr": "*fp32", "ent_ptr": "*fp32", "cu_ptr": "*i32", "cnt_ptr": "*i32", "glogp_ptr": "*fp32",
            "gent_ptr": "*fp32", "part_ptr": "*fp32", "N": "i32", "NSEQ": "i32", "SEARCH_STEPS": "i32"}
     consts = dict(R_LO=0.8, R_HI=1.28, HAS_DUAL=dual, CLIP_C=3.0 if dual else 0.0, HAS_REF=has_ref,
                   KL_TYPE=kl_type, KL_COEF=0.001 if has_ref else 0.0, HAS_ENT=has_ent,
@@ -584,4 +633,8 @@ AOT_SPECS = [
                     "dlogp_ptr": "*fp32", "dent_ptr": "*fp32", "N": "i32", "HAS_ENT": "constexpr",
                     "BLOCK": "constexpr"},
          constexprs=dict(HAS_ENT=True, BLOCK=BWD_BLOCK), num_warps=BWD_WARPS, num_stages=1),
+    dict(name="grpo_seq_count", fn=_seq_count_kernel,
+         signature={"mask_ptr": "*u8", "cu_ptr": "*i32", "cnt_ptr": "*i32", "SPLIT": "i32",
+                    "BLOCK": "constexpr"},
+         constexprs=dict(BLOCK=CNT_BLOCK), num_warps=CNT_WARPS, num_stages=1),
 ]

@@ -291,6 +291,30 @@ def test_count_normalisers():
     assert count_normalisers(mask)[1] is None
 
 
+
+@pytest.mark.parametrize("lengths", [[9000, 0, 3, 12000], [1, 0, 5, 2047, 2048, 2049, 0, 700]])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_seq_count_kernel_matches_cumsum(lengths, mask_dtype, monkeypatch):
+    """The Triton active-token count per sequence (one launch, several programs per long sequence
+    adding into the same count) equals the exact cumsum path, with empty, fully masked and
+    one-token sequences and lengths around the block size."""
+    import kernels.grpo_loss as gl
+
+    g = torch.Generator().manual_seed(sum(lengths))
+    n = sum(lengths)
+    mask = (torch.rand(n, generator=g) > 0.3).to(mask_dtype)
+    cu = torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0).to(torch.int32)
+    if len(lengths) > 4:
+        mask[cu[3]:cu[4]] = 0  # a fully masked sequence
+    split = max(1, min(gl.CNT_MAX_SPLIT, n // (len(lengths) * 2 * gl.CNT_BLOCK)))
+    assert (split > 1) == (len(lengths) == 4)  # the first case runs several programs per sequence
+    got = gl._seq_active_counts(mask, cu)  # the kernel (TRITON_INTERPRET=1 in the tests)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    want = gl._seq_active_counts(mask, cu)  # the cumsum path
+    assert got.dtype == want.dtype == torch.int32
+    assert torch.equal(got, want)
+    assert torch.equal(want, torch.stack([(mask[a:b] != 0).sum() for a, b in zip(cu[:-1], cu[1:])]).int())
+
 # ----------------------------------------------------------------------------- hand-computed
 
 # Two sequences, tokens t0 t1 | t2 t3 (t3 masked, with NaN inputs), clip_low 0.2, clip_high 0.28,
