@@ -74,6 +74,10 @@ except Exception:  # pragma: no cover - exercised only on machines without trito
     triton = None
     tl = None
     HAS_TRITON = False
+try:  # host-side TMA descriptors (triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover
+    TensorDescriptor = None
 
 IGNORE_INDEX = -100
 
@@ -103,31 +107,82 @@ def _interpreting() -> bool:
 # H100 (sm_90), bf16: 128 x 128 logit tiles, K step 64, 8 warps, 3 stages -> 96 KB of SMEM for the
 # pipelined operands; checked spill-free by `python -m kernels.report`. The interpreter pays per tile
 # op, not per element, so it gets tiles that cover the small test shapes in few steps.
-GPU_CONFIG = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
-GPU_BWD_CONFIG = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, GROUP_T=8, num_warps=8, num_stages=3)
+def parse_config(text: str, base: dict, name: str = "config") -> dict:
+    """A launch config from "BTxBVxBH[:wW][:sS][:gG][:tma|:ptr]" (e.g. "128x256x64:w8:s3:tma"), the
+    fields not given taken from `base`; what bench/tune_logprob.py prints and
+    LWZ_LOGPROB_FWD_CONFIG / LWZ_LOGPROB_BWD_CONFIG take."""
+    keys = {"w": "num_warps", "s": "num_stages", "g": "GROUP_T"}
+    cfg = dict(base)
+    try:
+        parts = text.strip().split(":")
+        bt, bv, bh = (int(v) for v in parts[0].lower().split("x"))
+        cfg.update(BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh)
+        for p in parts[1:]:
+            if p in ("tma", "ptr"):
+                cfg["TMA"] = p == "tma"
+            elif p[:1] in keys and p[1:].isdigit():
+                cfg[keys[p[0]]] = int(p[1:])
+            else:
+                raise ValueError(p)
+        if min(bt, bv, bh) < 16 or any(v & (v - 1) for v in (bt, bv, bh)):
+            raise ValueError("blocks must be powers of two >= 16")
+        if cfg["num_warps"] not in (1, 2, 4, 8, 16) or cfg["num_stages"] < 1 or cfg.get("GROUP_T", 1) < 1:
+            raise ValueError("warps must be 1, 2, 4, 8 or 16; stages and group >= 1")
+    except ValueError as e:
+        raise ValueError(f"{name}={text!r}: expected BTxBVxBH[:wW][:sS][:gG][:tma|:ptr] with power-of-two "
+                         f"blocks, e.g. 128x256x64:w8:s3:tma ({e})") from None
+    return cfg
+
+
+def format_config(c: dict) -> str:
+    """The parse_config string of a config."""
+    g = f":g{c['GROUP_T']}" if "GROUP_T" in c else ""
+    return (f"{c['BLOCK_T']}x{c['BLOCK_V']}x{c['BLOCK_H']}:w{c['num_warps']}:s{c['num_stages']}{g}"
+            f":{'tma' if c.get('TMA') else 'ptr'}")
+
+
+def _env_config(var, base):
+    return parse_config(os.environ[var], base, var) if os.environ.get(var) else base
+
+
+GPU_CONFIG = _env_config("LWZ_LOGPROB_FWD_CONFIG",
+                         dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3, TMA=False))
+GPU_BWD_CONFIG = _env_config("LWZ_LOGPROB_BWD_CONFIG",
+                             dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, GROUP_T=8, num_warps=8, num_stages=3,
+                                  TMA=False))
 # fp32 inputs ("ieee" dots, no tensor cores; fp32 models or tests): the bf16 tiles would spill
 GPU_FP32_CONFIG = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=2)
 GPU_FP32_BWD_CONFIG = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=32, GROUP_T=8, num_warps=8, num_stages=2)
-INTERP_CONFIG = dict(BLOCK_T=64, BLOCK_V=256, BLOCK_H=64, num_warps=4, num_stages=1)
-INTERP_BWD_CONFIG = dict(BLOCK_T=64, BLOCK_V=256, BLOCK_H=64, GROUP_T=2, num_warps=4, num_stages=1)
+INTERP_CONFIG = dict(BLOCK_T=64, BLOCK_V=256, BLOCK_H=64, num_warps=4, num_stages=1, TMA=False)
+INTERP_BWD_CONFIG = dict(BLOCK_T=64, BLOCK_V=256, BLOCK_H=64, GROUP_T=2, num_warps=4, num_stages=1, TMA=False)
 MERGE_BLOCK = 256
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _logit_tile(x_rows, w_rows, row_mask, col_mask, H, TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-        """One [BLOCK_T, BLOCK_V] tile of logits / TEMP in fp32: x_rows / w_rows are the row base
-        pointers of the hidden and weight tiles; masked rows and columns read zeros."""
-        offs_h = tl.arange(0, BLOCK_H)
+    def _logit_tile(x_src, w_src, row0, col0, row_mask, col_mask, H, TEMP: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_H: tl.constexpr, TMA: tl.constexpr):
+        """One [BLOCK_T, BLOCK_V] tile of logits / TEMP in fp32 for token rows row0.. and vocab
+        rows col0.. . TMA: x_src / w_src are tensor descriptors of hidden [N, H] and weight [V, H]
+        with [BLOCK_T | BLOCK_V, BLOCK_H] blocks (the copy engine fetches each operand tile, out
+        of bounds reads zeros, and no [BLOCK, BLOCK_H] pointer tensors occupy registers); else they
+        are the row base pointers of the two tiles and masked rows and columns read zeros."""
         acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
-        for k in range(0, tl.cdiv(H, BLOCK_H)):
-            hk = k * BLOCK_H + offs_h
-            h_mask = hk < H
-            x = tl.load(x_rows + hk[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-            w = tl.load(w_rows + hk[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if TMA:
+            for k in range(0, tl.cdiv(H, BLOCK_H)):
+                x = x_src.load([row0, k * BLOCK_H])
+                w = w_src.load([col0, k * BLOCK_H])
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            offs_h = tl.arange(0, BLOCK_H)
+            for k in range(0, tl.cdiv(H, BLOCK_H)):
+                hk = k * BLOCK_H + offs_h
+                h_mask = hk < H
+                x = tl.load(x_src + hk[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+                w = tl.load(w_src + hk[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         return acc / TEMP
 
 
@@ -137,6 +192,7 @@ if HAS_TRITON:
         N, V, H, stride_xn, stride_wv, tiles_per_split, n_vtiles,
         TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+        TMA: tl.constexpr,  # x_ptr / w_ptr are tensor descriptors (see _logit_tile)
     ):
         # part_ptr: fp32 [4, SPLITS, N] = (max, sum exp(z-max), sum exp(z-max)(z-max), target z)
         # splits vary fastest: the programs resident at one time cover few token blocks (their
@@ -155,12 +211,21 @@ if HAS_TRITON:
         tile0 = pid_s * tiles_per_split
         # only the tiles that exist: every visited tile has >= 1 valid column
         n_tiles = tl.minimum(tiles_per_split, n_vtiles - tile0)
-        x_rows = x_ptr + rows[:, None] * stride_xn
+        if TMA:
+            x_src = x_ptr
+        else:
+            x_src = x_ptr + rows[:, None] * stride_xn
+        row0 = tl.program_id(1) * BLOCK_T  # int32 descriptor coordinate (N < 2^31)
         for i in range(0, n_tiles):
             cols = (tile0 + i) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
             col_mask = cols < V
-            w_rows = w_ptr + cols[:, None] * stride_wv
-            z = _logit_tile(x_rows, w_rows, row_mask, col_mask, H, TEMP, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H)
+            if TMA:
+                w_src = w_ptr
+            else:
+                w_src = w_ptr + cols[:, None] * stride_wv
+            col0 = (tile0 + i).to(tl.int32) * BLOCK_V
+            z = _logit_tile(x_src, w_src, row0, col0, row_mask, col_mask, H, TEMP, DOT_PRECISION,
+                            BLOCK_T, BLOCK_V, BLOCK_H, TMA)
             # padded vocab columns: -inf for the max, 0 (with p = 0) everywhere else
             z_max = tl.where(col_mask[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z_max, 1))
@@ -233,6 +298,7 @@ if HAS_TRITON:
         TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_T: tl.constexpr,
+        TMA: tl.constexpr,  # x_ptr / w_ptr are tensor descriptors (see _logit_tile)
     ):
         # dl_ptr: [N, Vc] in the GEMM dtype, column j <-> vocab entry v_start + j
         pid = tl.program_id(0)
@@ -251,9 +317,14 @@ if HAS_TRITON:
         lcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = lcols < Vc
         cols = v_start + lcols
-        x_rows = x_ptr + rows[:, None] * stride_xn
-        w_rows = w_ptr + cols[:, None] * stride_wv
-        z = _logit_tile(x_rows, w_rows, row_mask, col_mask, H, TEMP, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H)
+        if TMA:  # columns past the chunk (< V) read real weights: masked below like padding
+            x_src = x_ptr
+            w_src = w_ptr
+        else:
+            x_src = x_ptr + rows[:, None] * stride_xn
+            w_src = w_ptr + cols[:, None] * stride_wv
+        z = _logit_tile(x_src, w_src, pid_t.to(tl.int32) * BLOCK_T, v_start + pid_v.to(tl.int32) * BLOCK_V,
+                        row_mask, col_mask, H, TEMP, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H, TMA)
         tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
         mx = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
         log_s = tl.load(logs_ptr + rows, mask=row_mask, other=0.0)
@@ -278,27 +349,33 @@ if HAS_TRITON:
 
 
 # ---- AOT specs (kernels/report.py compiles these for sm_90 with no GPU) -----------------------------
-def _aot_specs(dtype="bf16"):
-    """Specs of the three kernels at the shipped configuration for `dtype` ("bf16" | "fp32")."""
+def _aot_specs(dtype="bf16", c=None, b=None, sfx=None):
+    """Specs of the three kernels for `dtype` ("bf16" | "fp32") at the forward / backward configs
+    c / b (default: the shipped ones); names end in sfx (default: "" for bf16, "_fp32")."""
     if not HAS_TRITON:
         return []
-    c, b = (GPU_CONFIG, GPU_BWD_CONFIG) if dtype == "bf16" else (GPU_FP32_CONFIG, GPU_FP32_BWD_CONFIG)
+    c0, b0 = (GPU_CONFIG, GPU_BWD_CONFIG) if dtype == "bf16" else (GPU_FP32_CONFIG, GPU_FP32_BWD_CONFIG)
+    c, b = c or c0, b or b0
     prec = "tf32" if dtype == "bf16" else "ieee"
-    fwd_sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "tgt_ptr": "*i64", "part_ptr": "*fp32",
+
+    def operand(cfg, block):  # hidden / weight: a pointer, or a TMA descriptor of [block, BLOCK_H]
+        return f"tensordesc<{dtype}[{cfg[block]},{cfg['BLOCK_H']}]>" if cfg.get("TMA") else f"*{dtype}"
+
+    fwd_sig = {"x_ptr": operand(c, "BLOCK_T"), "w_ptr": operand(c, "BLOCK_V"), "tgt_ptr": "*i64", "part_ptr": "*fp32",
                "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i32", "stride_wv": "i32",
                "tiles_per_split": "i32", "n_vtiles": "i32"}
     fwd_const = {"TEMP": 1.0, "DOT_PRECISION": prec, "BLOCK_T": c["BLOCK_T"],
-                 "BLOCK_V": c["BLOCK_V"], "BLOCK_H": c["BLOCK_H"]}
+                 "BLOCK_V": c["BLOCK_V"], "BLOCK_H": c["BLOCK_H"], "TMA": bool(c.get("TMA"))}
     merge_sig = {"part_ptr": "*fp32", "tgt_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",
                  "max_ptr": "*fp32", "logs_ptr": "*fp32", "N": "i32", "n_splits": "i32"}
-    bwd_sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "tgt_ptr": "*i64", "max_ptr": "*fp32",
+    bwd_sig = {"x_ptr": operand(b, "BLOCK_T"), "w_ptr": operand(b, "BLOCK_V"), "tgt_ptr": "*i64", "max_ptr": "*fp32",
                "logs_ptr": "*fp32",
                "ent_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dl_ptr": f"*{dtype}",
                "N": "i32", "V": "i32", "H": "i32", "v_start": "i32", "Vc": "i32",
                "stride_xn": "i32", "stride_wv": "i32", "stride_dl": "i32"}
     bwd_const = {"TEMP": 1.0, "HAS_GLOGP": True, "HAS_GENT": True, "DOT_PRECISION": prec,
                  "BLOCK_T": b["BLOCK_T"], "BLOCK_V": b["BLOCK_V"], "BLOCK_H": b["BLOCK_H"],
-                 "GROUP_T": b["GROUP_T"]}
+                 "GROUP_T": b["GROUP_T"], "TMA": bool(b.get("TMA"))}
     for k in fwd_const:
         fwd_sig[k] = "constexpr"
     for k in bwd_const:
@@ -306,7 +383,8 @@ def _aot_specs(dtype="bf16"):
     merge_sig["BLOCK"] = "constexpr"
     # aligned at the target shapes (torch allocations are 16-byte aligned; H = 5120 etc.)
     ptrs = lambda sig: [k for k, v in sig.items() if v.startswith("*")]  # noqa: E731
-    sfx = "" if dtype == "bf16" else "_fp32"
+    if sfx is None:
+        sfx = "" if dtype == "bf16" else "_fp32"
     return [
         dict(name="logprob_fwd" + sfx, fn=_fwd_kernel, signature=fwd_sig, constexprs=fwd_const,
              num_warps=c["num_warps"], num_stages=c["num_stages"],
@@ -396,6 +474,23 @@ def _cfg(device, dtype, bwd=False):
     return INTERP_BWD_CONFIG if bwd else INTERP_CONFIG
 
 
+def _tma_ok(t):
+    """The copy engine addresses t [R, C]: unit last stride, 16-byte aligned base and row stride."""
+    nbytes = t.element_size()
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * nbytes) % 16 == 0 and t.shape[1] * nbytes >= 16)
+
+
+def _operands(hidden, weight, c):
+    """(x, w, tma): what the kernels read hidden [N, H] and weight [V, H] through. With c["TMA"]
+    and tensors the copy engine can address: tensor descriptors with [BLOCK_T | BLOCK_V, BLOCK_H]
+    blocks; otherwise the tensors themselves (pointer loads)."""
+    if c.get("TMA") and TensorDescriptor is not None and _tma_ok(hidden) and _tma_ok(weight):
+        return (TensorDescriptor.from_tensor(hidden, [c["BLOCK_T"], c["BLOCK_H"]]),
+                TensorDescriptor.from_tensor(weight, [c["BLOCK_V"], c["BLOCK_H"]]), True)
+    return hidden, weight, False
+
+
 def _dot_precision(dtype):
     # fp32 inputs are compared with fp64 references: keep them exact (no TF32)
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -429,11 +524,12 @@ def triton_forward(hidden, weight, targets, temperature):
     tiles_per_split = triton.cdiv(n_vt, splits)
     splits = triton.cdiv(n_vt, tiles_per_split)  # no empty split
     part = torch.empty(4, splits, N, device=dev, dtype=torch.float32)
+    x_op, w_op, tma = _operands(hidden, weight, c)
     _fwd_kernel[(splits, n_tb)](
-        hidden, weight, targets, part, N, V, H, hidden.stride(0), weight.stride(0),
+        x_op, w_op, targets, part, N, V, H, hidden.stride(0), weight.stride(0),
         tiles_per_split, n_vt,
         TEMP=float(temperature), DOT_PRECISION=_dot_precision(hidden.dtype),
-        BLOCK_T=c["BLOCK_T"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"],
+        BLOCK_T=c["BLOCK_T"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], TMA=tma,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     _merge_kernel[(triton.cdiv(N, MERGE_BLOCK),)](part, targets, logp, ent, mx, log_s, N, splits,
                                                  BLOCK=MERGE_BLOCK, num_warps=4)
@@ -531,14 +627,15 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
         out = buf[: n * w].view(n, w)
         rows = slice(r0, r1)
         grid = (triton.cdiv(n, c["BLOCK_T"]) * triton.cdiv(w, c["BLOCK_V"]),)
+        x_op, w_op, tma = _operands(hidden[rows], weight, c)
         _bwd_dlogits_kernel[grid](
-            hidden[rows], weight, targets[rows], mx[rows], log_s[rows], ent[rows],
+            x_op, w_op, targets[rows], mx[rows], log_s[rows], ent[rows],
             g_logp[rows] if g_logp is not None else dummy, g_ent[rows] if g_ent is not None else dummy,
             out, n, V, H, v0, w, hidden.stride(0), weight.stride(0), out.stride(0),
             TEMP=float(temperature), HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
             DOT_PRECISION=_dot_precision(hidden.dtype),
             BLOCK_T=c["BLOCK_T"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_T=c["GROUP_T"],
-            num_warps=c["num_warps"], num_stages=c["num_stages"])
+            TMA=tma, num_warps=c["num_warps"], num_stages=c["num_stages"])
         return out
 
     dw = torch.empty_like(weight) if need_dw else None

@@ -36,6 +36,27 @@ def test_logprob_kernel_vs_reference(dtype, N, H, V, scratch):
     these sizes; 8 MiB walks once over several vocabulary chunks with the fp32 dX accumulator
     (bf16/fp16: 23 chunks at N = 2050); 256 KiB walks twice (token chunks for dX, vocabulary
     chunks for dW) at N = 333 and 2050 in every dtype."""
+    _check_logprob(dtype, N, H, V, scratch)
+
+
+@pytest.mark.parametrize("fwd,bwd", [("128x128x64:w8:s3:tma", "128x128x64:w8:s3:g8:tma"),
+                                     ("128x256x64:w8:s3:tma", "128x128x64:w8:s4:g8:tma"),
+                                     ("256x128x64:w8:s3:tma", "128x128x128:w8:s3:g8:tma")])
+@pytest.mark.parametrize("scratch", [None, 256 << 10], ids=["default", "256kib"])
+@pytest.mark.parametrize("N,H,V", [(1, 80, 4099), (2050, 256, 32003)])
+def test_logprob_tma_configs(fwd, bwd, N, H, V, scratch, monkeypatch):
+    """The kernels reading hidden / weight through TMA tensor descriptors (the configs
+    bench/tune_logprob.py tries), bf16, in both backward walks (token-chunk views of hidden)."""
+    import kernels.logprob as lp
+
+    monkeypatch.setattr(lp, "GPU_CONFIG", lp.parse_config(fwd, lp.GPU_CONFIG))
+    monkeypatch.setattr(lp, "GPU_BWD_CONFIG", lp.parse_config(bwd, lp.GPU_BWD_CONFIG))
+    x = torch.empty(4, H, device="cuda", dtype=torch.bfloat16)
+    assert lp._operands(x, x, lp.GPU_CONFIG)[2], "descriptors expected"
+    _check_logprob(torch.bfloat16, N, H, V, scratch)
+
+
+def _check_logprob(dtype, N, H, V, scratch):
     g = torch.Generator(device="cuda").manual_seed(N + V)
     x = torch.randn(N, H, device="cuda", generator=g).to(dtype)
     w = (torch.randn(V, H, device="cuda", generator=g) / math.sqrt(H) * 3).to(dtype)

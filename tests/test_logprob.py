@@ -76,11 +76,21 @@ DTYPE_CASES = [pytest.param(dt, *c, id=f"{name}-{'-'.join(map(str, c))}") for c 
                if not (dt == torch.float16 and c[0] == 333 and c[2] == 4099)]
 
 
-@pytest.mark.parametrize("impl,passes", [("triton", 1), ("triton", 2), ("torch", 1)],
-                         ids=["triton-1pass", "triton-2pass", "torch"])
+@pytest.mark.parametrize("impl,passes,tma", [("triton", 1, False), ("triton", 2, False), ("triton", 2, True),
+                                              ("torch", 1, False)],
+                         ids=["triton-1pass", "triton-2pass", "triton-2pass-tma", "torch"])
 @pytest.mark.parametrize("dtype,N,H,V,temp,grads", DTYPE_CASES)
-def test_matches_fp64_reference(impl, passes, dtype, N, H, V, temp, grads, monkeypatch):
+def test_matches_fp64_reference(impl, passes, tma, dtype, N, H, V, temp, grads, monkeypatch):
+    """tma: the kernels read hidden and weight through tensor descriptors (out-of-bounds rows and
+    columns zero-filled by the descriptor instead of masked loads; in the backward the columns past
+    a vocabulary chunk read real weights and must be masked out)."""
     _small_chunks(monkeypatch, passes)
+    if tma:
+        assert lp_mod._cfg(torch.device("cpu"), dtype)["TMA"] is False
+        monkeypatch.setattr(lp_mod, "INTERP_CONFIG", dict(lp_mod.INTERP_CONFIG, TMA=True))
+        monkeypatch.setattr(lp_mod, "INTERP_BWD_CONFIG", dict(lp_mod.INTERP_BWD_CONFIG, TMA=True))
+        x0, w0, _ = _make(3, H, 5, dtype)
+        assert lp_mod._operands(x0, w0, lp_mod.INTERP_CONFIG)[2], "descriptors expected"
     x, w, t = _make(N, H, V, dtype, seed=N + V)
     gen = torch.Generator().manual_seed(1)
     g_lp = torch.randn(N, generator=gen, dtype=torch.float64) if grads in ("logp", "both") else None
@@ -354,3 +364,51 @@ def test_gpu_bench_headline_and_impl_filter(tmp_path, monkeypatch):
     assert h["speedup_vs_torch_chunked_compiled"] == pytest.approx(2.0) and "speedup_vs_liger_flce" not in h
     with pytest.raises(SystemExit, match="--impls nope not available here"):  # checked before any GPU work
         real_run_cuda([16], True, only=["nope", "triton"])
+
+
+def test_parse_config_round_trip_and_errors():
+    base = dict(lp_mod.GPU_BWD_CONFIG)
+    c = lp_mod.parse_config("128x256x64:w8:s4:g4:tma", base)
+    assert (c["BLOCK_T"], c["BLOCK_V"], c["BLOCK_H"], c["num_warps"], c["num_stages"], c["GROUP_T"], c["TMA"]) == \
+        (128, 256, 64, 8, 4, 4, True)
+    assert lp_mod.parse_config(lp_mod.format_config(c), base) == c
+    assert lp_mod.parse_config("64x64x32", base)["num_warps"] == base["num_warps"]  # the rest from base
+    for bad in ("128x256", "128x100x64", "128x128x64:q3", "8x8x8", "64x64x64:w3", "64x64x64:s0", "64x64x64:g0"):
+        with pytest.raises(ValueError, match="LWZ_LOGPROB_FWD_CONFIG=.*expected BTxBVxBH"):
+            lp_mod.parse_config(bad, base, "LWZ_LOGPROB_FWD_CONFIG")
+
+
+def test_tune_flow_under_interpreter(tmp_path, monkeypatch):
+    """bench/tune_logprob.py end to end on a tiny shape (interpreter, fp16): every config is checked
+    against the oracle and the baseline, the fastest correct pair goes to the env file in the form
+    the kernels read back, and a config that fails is reported, not chosen."""
+    from bench import tune_logprob
+
+    out, env = tmp_path / "tune.json", tmp_path / "tune.env"
+    tune_logprob.main(["--tokens", "70", "--hidden", "48", "--vocab", "300", "--out", str(out), "--env", str(env),
+                       "--fwd", "64x256x64:w4:s1:ptr;64x128x64:w4:s1:tma;64x128x16:w4:s1:ptr",
+                       "--bwd", "64x256x64:w4:s1:g2:ptr;64x128x32:w4:s1:g2:tma"])
+    data = json.loads(out.read_text())
+    assert data["complete"] and [r["step"] for r in data["rows"]] == ["fwd"] * 3 + ["baseline"] + ["fwd+bwd"] * 2
+    for r in data["rows"]:
+        assert r["ok"], r  # tiny blocks (BLOCK_H 16 < H) are correct too
+        assert r["ms"] > 0 and (r.get("err_logp", 0) <= 1e-3)
+    lines = dict(line.split("=", 1) for line in env.read_text().split())
+    assert set(lines) == {"LWZ_LOGPROB_FWD_CONFIG", "LWZ_LOGPROB_BWD_CONFIG"}
+    assert lines["LWZ_LOGPROB_FWD_CONFIG"] in data["best"]["fwd"] and data["best"]["bwd"] == lines["LWZ_LOGPROB_BWD_CONFIG"]
+    lp_mod.parse_config(lines["LWZ_LOGPROB_BWD_CONFIG"], lp_mod.GPU_BWD_CONFIG)
+    # a backward config that fails to run is reported with its error and never chosen
+    real = lp_mod.triton_backward
+
+    def failing(*args, **kw):
+        if lp_mod.INTERP_BWD_CONFIG["GROUP_T"] == 3:
+            raise RuntimeError("out of resources")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(lp_mod, "triton_backward", failing)
+    tune_logprob.main(["--tokens", "70", "--hidden", "48", "--vocab", "300", "--out", str(out),
+                       "--fwd", "64x256x64:w4:s1:ptr", "--bwd", "64x256x64:w4:s1:g2:ptr;64x64x32:w4:s1:g3:ptr"])
+    data = json.loads(out.read_text())
+    bad = data["rows"][-1]
+    assert bad["ok"] is False and "out of resources" in bad["error"], bad
+    assert data["best"]["bwd"] == "64x256x64:w4:s1:g2:ptr"

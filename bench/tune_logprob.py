@@ -1,0 +1,166 @@
+"""Tune the Triton log-prob kernels' launch configs on a GPU at one size (bf16, H=5120, V=152064).
+
+    python -m bench.tune_logprob [--tokens 16384] [--fwd CFG;CFG...] [--bwd CFG;CFG...]
+                                 [--out JSON] [--env FILE]
+
+A config is "BTxBVxBH:wW:sS[:gG]:tma|ptr" (kernels.logprob.parse_config): tile sizes, warps,
+stages, token-block group of the backward, and whether hidden/weight tiles come through TMA tensor
+descriptors or pointer loads. Steps, each timed with triton.testing.do_bench (median):
+  1. every forward config: forward time (no grad), TFLOP/s and % of the bf16 GEMM measured in the
+     same run, the logp error against an fp32 oracle of the same bf16 inputs (first 256 tokens)
+     and the largest logp difference from the shipped config;
+  2. every backward config, behind the fastest correct forward: forward + backward time and the
+     largest relative difference of dX and dW from the shipped configs' gradients.
+A config whose results leave the tolerances (logp 1e-3 from the oracle; dX, dW 2e-2 relative) is
+marked wrong and never chosen. Writes JSON (bench/results/tune_logprob-<gpu>.json by default), a
+table, and with --env the fastest correct pair as LWZ_LOGPROB_FWD_CONFIG=... /
+LWZ_LOGPROB_BWD_CONFIG=... lines that the kernels read at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import kernels.logprob as lp  # noqa: E402
+from kernels.reference import logprobs_reference  # noqa: E402
+
+from bench.common import env_info, format_table, gpu_tag, matmul_seconds, time_call, write_json  # noqa: E402
+
+FWD = "128x128x64:w8:s3:ptr;128x128x64:w8:s3:tma;128x256x64:w8:s3:tma;256x128x64:w8:s3:tma;128x128x128:w8:s3:tma"
+BWD = "128x128x64:w8:s3:g8:ptr;128x128x64:w8:s3:g8:tma;128x128x64:w8:s4:g8:tma"
+LOGP_TOL, GRAD_TOL = 1e-3, 2e-2
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.tune_logprob", description=__doc__.splitlines()[0])
+    cuda = torch.cuda.is_available()
+    ap.add_argument("--tokens", type=int, default=16384 if cuda else 200)
+    ap.add_argument("--hidden", type=int, default=5120 if cuda else 64)
+    ap.add_argument("--vocab", type=int, default=152064 if cuda else 1000)
+    ap.add_argument("--fwd", default=FWD, help="';'-separated forward configs (the first is the baseline)")
+    ap.add_argument("--bwd", default=BWD, help="';'-separated backward configs (the first is the baseline)")
+    ap.add_argument("--rep", type=int, default=300, help="do_bench repetition time, ms")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--env", default=None, help="write the chosen configs as VAR=value lines here")
+    a = ap.parse_args(argv)
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("tune_logprob: needs a CUDA GPU (or TRITON_INTERPRET=1 for a dry run of the flow)")
+    if cuda:
+        from triton.testing import do_bench
+    else:  # the interpreter: checks the flow and the results, times nothing meaningful
+        def do_bench(fn, rep, return_mode):
+            return time_call(fn, 1, False, warmup=0) * 1e3
+
+    fwd_cfgs = [lp.parse_config(c, lp.GPU_CONFIG, "--fwd") for c in a.fwd.split(";") if c]
+    bwd_cfgs = [lp.parse_config(c, lp.GPU_BWD_CONFIG, "--bwd") for c in a.bwd.split(";") if c]
+    cfg_var, bwd_var = ("GPU_CONFIG", "GPU_BWD_CONFIG") if cuda else ("INTERP_CONFIG", "INTERP_BWD_CONFIG")
+    env = env_info()
+    out = a.out or os.path.join(ROOT, "bench", "results", f"tune_logprob-{gpu_tag(env.get('gpu'))}.json")
+    dev = torch.device("cuda" if cuda else "cpu")
+    T, H, V, temp = a.tokens, a.hidden, a.vocab, 0.8
+    dtype = torch.bfloat16 if cuda else torch.float16  # the interpreter's bf16 dots are wrong
+    g = torch.Generator(device="cpu").manual_seed(T)
+    x = torch.randn(T, H, generator=g).to(dev, dtype)
+    w = (torch.randn(V, H, generator=g) / math.sqrt(H) * 2).to(dev, dtype)
+    t = torch.randint(0, V, (T,), generator=g).to(dev)
+    t[::17] = -100
+    gl, ge = torch.randn(T, generator=g).to(dev), torch.randn(T, generator=g).to(dev)
+    n_err = min(T, 256)
+    with torch.no_grad():
+        ref_lp, _ = logprobs_reference(x[:n_err].float(), w.float(), t[:n_err], temp, compute_dtype=torch.float32)
+    mm = 2 * 8192 ** 3 / matmul_seconds(8192) / 1e12 if cuda else float("nan")
+    fl_f, fl_fb = 2 * T * H * V, 8 * T * H * V
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            return lp.fused_logprobs(x, w, t, temp, return_entropy=True, impl="triton")
+
+    def fb():
+        xr.grad = wr.grad = None
+        logp, ent = lp.fused_logprobs(xr, wr, t, temp, return_entropy=True, impl="triton")
+        ((logp * gl).sum() + (ent * ge).sum()).backward()
+
+    rows, result = [], {"bench": "tune_logprob", "gpu": env.get("gpu"), "env": env, "tokens": T, "H": H,
+                        "V": V, "matmul_tflops": mm, "logp_tol": LOGP_TOL, "grad_tol": GRAD_TOL}
+
+    def save(complete):
+        result.update(rows=rows, complete=complete)
+        write_json(out, result)
+
+    base_lp = None
+    for c in fwd_cfgs:
+        setattr(lp, cfg_var, c)
+        row = dict(step="fwd", config=lp.format_config(c))
+        try:
+            logp = fwd()[0]
+            base_lp = logp if base_lp is None else base_lp
+            ms = do_bench(fwd, rep=a.rep, return_mode="median")
+            err = (logp[:n_err] - ref_lp).abs().max().item()
+            diff = (logp - base_lp).abs().max().item()
+            row.update(ms=ms, tflops=fl_f / ms / 1e9, pct_matmul=100 * fl_f / ms / 1e9 / mm, err_logp=err,
+                       diff_vs_first=diff, ok=err <= LOGP_TOL and diff <= LOGP_TOL)
+        except Exception as e:  # a config that does not compile or launch here: report, go on
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        rows.append(row)
+        print(row, flush=True)
+        save(False)
+    good = [r for r in rows if r["step"] == "fwd" and r.get("ok")]
+    best_fwd = min(good, key=lambda r: r["ms"]) if good else None
+    best_fwd_cfg = lp.parse_config(best_fwd["config"], fwd_cfgs[0]) if best_fwd else fwd_cfgs[0]
+
+    # the baseline pair (the first configs of both lists), then every backward config behind the
+    # fastest correct forward
+    base = None
+    for k, c in enumerate([bwd_cfgs[0]] + bwd_cfgs):
+        setattr(lp, cfg_var, fwd_cfgs[0] if k == 0 else best_fwd_cfg)
+        setattr(lp, bwd_var, c)
+        row = dict(step="baseline" if k == 0 else "fwd+bwd", config=lp.format_config(c),
+                   fwd_config=lp.format_config(getattr(lp, cfg_var)))
+        try:
+            fb()
+            grads = (xr.grad.clone(), wr.grad.clone())
+            base = grads if base is None else base
+            ms = do_bench(fb, rep=a.rep, return_mode="median")
+            dx, dw = _rel(grads[0], base[0]), _rel(grads[1], base[1])
+            row.update(ms=ms, tflops=fl_fb / ms / 1e9, pct_matmul=100 * fl_fb / ms / 1e9 / mm,
+                       diff_dx=dx, diff_dw=dw, ok=dx <= GRAD_TOL and dw <= GRAD_TOL)
+        except Exception as e:
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        rows.append(row)
+        print(row, flush=True)
+        save(False)
+    good = [r for r in rows if r["step"] == "fwd+bwd" and r.get("ok")]
+    best_bwd = min(good, key=lambda r: r["ms"]) if good else None
+    result["best"] = {"fwd": best_fwd and best_fwd["config"], "bwd": best_bwd and best_bwd["config"]}
+    first = [r for r in rows if r["step"] == "baseline" and r.get("ok")]
+    if best_fwd and best_bwd and first:
+        result["headline"] = {"best_fwd_pct_matmul": best_fwd["pct_matmul"],
+                              "best_fwd_bwd_pct_matmul": best_bwd["pct_matmul"],
+                              "speedup_fwd_bwd_vs_baseline": first[0]["ms"] / best_bwd["ms"]}
+    save(True)
+    print(format_table(rows, ["step", "config", "fwd_config", "ms", "tflops", "pct_matmul", "err_logp", "diff_vs_first",
+                              "diff_dx", "diff_dw", "ok", "error"]))
+    print(f"best: fwd {result['best']['fwd']}  bwd {result['best']['bwd']}  (GEMM {mm:.0f} TFLOP/s this run)")
+    if a.env and best_fwd and best_bwd:
+        with open(a.env, "w") as f:
+            f.write(f"LWZ_LOGPROB_FWD_CONFIG={best_fwd['config']}\nLWZ_LOGPROB_BWD_CONFIG={best_bwd['config']}\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
