@@ -55,6 +55,18 @@ def init_distributed(backend: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, device, backend)
 
 
+def shutdown_distributed(sync: bool = True) -> None:
+    """Destroy the process group (if any). sync: first a barrier, so that no rank tears the group down
+    while a peer still has an asynchronous collective in flight (FSDP's reduce-scatters; gloo's pair
+    threads), which aborts that peer at exit now and then ("terminate called without an active
+    exception"). Pass sync=False on an error path, where the other ranks may never arrive."""
+    if not dist.is_initialized():
+        return
+    if sync and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
                 reshard_after_forward: bool = True, mesh=None, layers=None) -> torch.nn.Module:
     """FSDP2: `fully_shard` every decoder block, then the root (embeddings, final norm, lm head).

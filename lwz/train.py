@@ -33,7 +33,7 @@ from kernels.grpo_loss import grpo_loss
 from lwz import checkpoint as ckpt
 from lwz.config import ConfigError, parse_args, save_config
 from lwz.distributed import (DTYPES, all_gather_objects, all_reduce_sum, init_distributed, set_grad_sync,
-                             shard_model, subgroup_mesh)
+                             shard_model, shutdown_distributed, subgroup_mesh)
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, Transformer, model_flops_per_token
 from lwz.packing import attn_coeff_for, pack_sequences, padding_waste, plan_microbatches
@@ -359,15 +359,17 @@ def main(argv=None) -> int:
     d = init_distributed(cfg.distributed.backend)
     # rank 0 logs (attention backend, packing backend, ...); other ranks only warnings
     logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="lwz: %(message)s")
+    finished = False
     try:
-        return _run(cfg, d)
+        rc = _run(cfg, d)
+        finished = True
+        return rc
     except (ConfigError, ModelLoadError, PromptDataError, TokenizerError, FileNotFoundError, ValueError) as e:
         # one clear line instead of a traceback; what was written so far stays on disk
         print(f"rank {d.rank}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(sync=finished)
 
 
 def _run(cfg, d) -> int:

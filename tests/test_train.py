@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from lwz.distributed import shutdown_distributed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,7 +56,7 @@ def _update_worker(rank, world, store, out_path, loss_agg, accumulate_unsharded)
     sd = full_state_dict(model)
     if rank == 0:
         torch.save({"sd": sd, "stats": stats}, out_path)
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 @pytest.mark.parametrize("loss_agg,accumulate_unsharded", [("token-mean", False), ("seq-mean-token-mean", False),
@@ -238,7 +240,7 @@ def _hosted_worker(rank, world, store, out_path):
     fn = HostedReward(_ScoreByLength() if rank == 1 else None, [1], d)
     got = fn(prompts, answers, meta)
     torch.save({"got": got, "want": _ScoreByLength()(prompts, answers, meta)}, f"{out_path}.{rank}")
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_quality_reward_hosted_on_one_rank(tmp_path):
