@@ -103,48 +103,53 @@ def main(argv=None):
         result.update(rows=rows, complete=complete)
         write_json(out, result)
 
-    base_lp = None
-    for c in fwd_cfgs:
-        setattr(lp, cfg_var, c)
-        row = dict(step="fwd", config=lp.format_config(c))
+    def record(row, measure):
+        """row.update(measure()) (a failure: ok False and its message), then keep and save it."""
         try:
-            logp = fwd()[0]
-            base_lp = logp if base_lp is None else base_lp
-            ms = do_bench(fwd, rep=a.rep, return_mode="median")
-            err = (logp[:n_err] - ref_lp).abs().max().item()
-            diff = (logp - base_lp).abs().max().item()
-            row.update(ms=ms, tflops=fl_f / ms / 1e9, pct_matmul=100 * fl_f / ms / 1e9 / mm, err_logp=err,
-                       diff_vs_first=diff, ok=err <= LOGP_TOL and diff <= LOGP_TOL)
+            row.update(measure())
         except Exception as e:  # a config that does not compile or launch here: report, go on
             row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         rows.append(row)
         print(row, flush=True)
         save(False)
+
+    base_lp = []  # the first config's logp
+
+    def measure_fwd():
+        logp = fwd()[0]
+        base_lp.append(logp)
+        ms = do_bench(fwd, rep=a.rep, return_mode="median")
+        err = (logp[:n_err] - ref_lp).abs().max().item()
+        diff = (logp - base_lp[0]).abs().max().item()
+        return dict(ms=ms, tflops=fl_f / ms / 1e9, pct_matmul=100 * fl_f / ms / 1e9 / mm, err_logp=err,
+                    diff_vs_first=diff, ok=err <= LOGP_TOL and diff <= LOGP_TOL)
+
+    for c in fwd_cfgs:
+        setattr(lp, cfg_var, c)
+        record(dict(step="fwd", config=lp.format_config(c)), measure_fwd)
     good = [r for r in rows if r["step"] == "fwd" and r.get("ok")]
     best_fwd = min(good, key=lambda r: r["ms"]) if good else None
     best_fwd_cfg = lp.parse_config(best_fwd["config"], fwd_cfgs[0]) if best_fwd else fwd_cfgs[0]
 
+    base = []  # the baseline pair's gradients
+
+    def measure_fb():
+        fb()
+        grads = (xr.grad.clone(), wr.grad.clone())
+        base.append(grads)
+        ms = do_bench(fb, rep=a.rep, return_mode="median")
+        dx, dw = _rel(grads[0], base[0][0]), _rel(grads[1], base[0][1])
+        return dict(ms=ms, tflops=fl_fb / ms / 1e9, pct_matmul=100 * fl_fb / ms / 1e9 / mm,
+                    diff_dx=dx, diff_dw=dw, ok=dx <= GRAD_TOL and dw <= GRAD_TOL)
+
     # the baseline pair (the first configs of both lists), then every backward config behind the
     # fastest correct forward
-    base = None
     for k, c in enumerate([bwd_cfgs[0]] + bwd_cfgs):
         setattr(lp, cfg_var, fwd_cfgs[0] if k == 0 else best_fwd_cfg)
         setattr(lp, bwd_var, c)
-        row = dict(step="baseline" if k == 0 else "fwd+bwd", config=lp.format_config(c),
-                   fwd_config=lp.format_config(getattr(lp, cfg_var)))
-        try:
-            fb()
-            grads = (xr.grad.clone(), wr.grad.clone())
-            base = grads if base is None else base
-            ms = do_bench(fb, rep=a.rep, return_mode="median")
-            dx, dw = _rel(grads[0], base[0]), _rel(grads[1], base[1])
-            row.update(ms=ms, tflops=fl_fb / ms / 1e9, pct_matmul=100 * fl_fb / ms / 1e9 / mm,
-                       diff_dx=dx, diff_dw=dw, ok=dx <= GRAD_TOL and dw <= GRAD_TOL)
-        except Exception as e:
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        rows.append(row)
-        print(row, flush=True)
-        save(False)
+        record(dict(step="baseline" if k == 0 else "fwd+bwd", config=lp.format_config(c),
+                    fwd_config=lp.format_config(getattr(lp, cfg_var))), measure_fb)
+        del base[1:]  # keep the baseline's gradients only
     good = [r for r in rows if r["step"] == "fwd+bwd" and r.get("ok")]
     best_bwd = min(good, key=lambda r: r["ms"]) if good else None
     result["best"] = {"fwd": best_fwd and best_fwd["config"], "bwd": best_bwd and best_bwd["config"]}

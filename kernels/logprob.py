@@ -19,7 +19,10 @@ and d z / d (hidden @ weight.T) = 1 / temperature, so with upstream g (logp) and
     d hidden = dA @ weight,  d weight = dA^T @ hidden.
 
 Two implementations, same semantics:
-  impl="triton": Triton kernels (CUDA, or the interpreter under TRITON_INTERPRET=1).
+  impl="triton": Triton kernels (CUDA, or the interpreter under TRITON_INTERPRET=1). On CUDA both
+    matmul kernels read their hidden / weight tiles through TMA tensor descriptors (GPU_CONFIG /
+    GPU_BWD_CONFIG, tuned by bench/tune_logprob.py; pointer loads where a tensor is not 16-byte
+    aligned, for fp32 inputs, or with ":ptr" in LWZ_LOGPROB_FWD_CONFIG / LWZ_LOGPROB_BWD_CONFIG).
     forward   `_fwd_kernel`, grid (vocab splits x token blocks): each program loops over its vocab
               slice, builds each [BLOCK_T, BLOCK_V] logit tile with tl.dot over H, and keeps per-row
               online stats in fp32: running max m, s = sum exp(z - m), t = sum exp(z - m)(z - m)
