@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -55,16 +56,23 @@ def init_distributed(backend: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, device, backend)
 
 
-def shutdown_distributed(sync: bool = True) -> None:
+def shutdown_distributed(sync: bool = True, exit_code: int | None = None) -> None:
     """Destroy the process group (if any). sync: first a barrier, so that no rank tears the group down
     while a peer still has an asynchronous collective in flight (FSDP's reduce-scatters; gloo's pair
-    threads), which aborts that peer at exit now and then ("terminate called without an active
-    exception"). Pass sync=False on an error path, where the other ranks may never arrive."""
-    if not dist.is_initialized():
-        return
-    if sync and dist.get_world_size() > 1:
-        dist.barrier()
-    dist.destroy_process_group()
+    threads). Pass sync=False on an error path, where the other ranks may never arrive.
+
+    exit_code: then leave the process at once with that code (streams flushed, interpreter teardown
+    skipped). A multi-process CPU run (gloo + FSDP2) now and then aborts in that teardown, after its
+    work is done ("terminate called without an active exception"), which turns a finished run into
+    a failed one; every file a run writes is closed by then (metrics rows, checkpoints, exports)."""
+    if dist.is_initialized():
+        if sync and dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+    if exit_code is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,

@@ -360,6 +360,7 @@ def main(argv=None) -> int:
     # rank 0 logs (attention backend, packing backend, ...); other ranks only warnings
     logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="lwz: %(message)s")
     finished = False
+    rc = None  # stays None while an unexpected exception propagates (its traceback must print)
     try:
         rc = _run(cfg, d)
         finished = True
@@ -367,9 +368,11 @@ def main(argv=None) -> int:
     except (ConfigError, ModelLoadError, PromptDataError, TokenizerError, FileNotFoundError, ValueError) as e:
         # one clear line instead of a traceback; what was written so far stays on disk
         print(f"rank {d.rank}: error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
+        return rc
     finally:
-        shutdown_distributed(sync=finished)
+        # several processes: leave right after the group is gone (see shutdown_distributed)
+        shutdown_distributed(sync=finished, exit_code=rc if d.world > 1 else None)
 
 
 def _run(cfg, d) -> int:

@@ -56,7 +56,7 @@ def _policy_worker(rank, world, store, folder, out):
     assert (rank == 0) == bool(full0) and all(torch.equal(full0[k], full[k]) for k in full0)
     hidden = _probe(model)
     torch.save(dict(full=full, local=local, hidden=hidden), f"{out}.{rank}")
-    shutdown_distributed()
+    shutdown_distributed(exit_code=0)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -97,7 +97,7 @@ def _rm_worker(rank, world, store, folder, out, texts_per_rank, budget):
     prompts, answers = texts_per_rank[rank]
     got = rm(prompts, answers, [{}] * len(prompts))
     torch.save(got, f"{out}.{rank}")
-    shutdown_distributed()
+    shutdown_distributed(exit_code=0)
 
 
 def _texts(n, seed, with_broken=True):
@@ -160,7 +160,7 @@ def _hosted_worker(rank, world, store, folder, out, fsdp):
         assert isinstance(model.score.weight, DTensor) and model.score.weight.device_mesh.size() == 2
     prompts, answers = _texts(3 + 2 * rank, 10 + rank)
     torch.save(fn(prompts, answers, [{}] * len(prompts)), f"{out}.{rank}")
-    shutdown_distributed()
+    shutdown_distributed(exit_code=0)
 
 
 @pytest.mark.parametrize("fsdp", ["on", "auto", "off"])

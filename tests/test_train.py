@@ -56,7 +56,7 @@ def _update_worker(rank, world, store, out_path, loss_agg, accumulate_unsharded)
     sd = full_state_dict(model)
     if rank == 0:
         torch.save({"sd": sd, "stats": stats}, out_path)
-    shutdown_distributed()
+    shutdown_distributed(exit_code=0)
 
 
 @pytest.mark.parametrize("loss_agg,accumulate_unsharded", [("token-mean", False), ("seq-mean-token-mean", False),
@@ -240,7 +240,7 @@ def _hosted_worker(rank, world, store, out_path):
     fn = HostedReward(_ScoreByLength() if rank == 1 else None, [1], d)
     got = fn(prompts, answers, meta)
     torch.save({"got": got, "want": _ScoreByLength()(prompts, answers, meta)}, f"{out_path}.{rank}")
-    shutdown_distributed()
+    shutdown_distributed(exit_code=0)
 
 
 def test_quality_reward_hosted_on_one_rank(tmp_path):
@@ -326,3 +326,18 @@ def test_logprob_scratch_budget_reaches_the_kernel(monkeypatch):
     train_minibatch(model, torch.optim.AdamW(model.parameters(), lr=1e-3), samples,
                     plan(samples, cfg, 1, model.config.hidden_size), cfg, d, pad_id=1)
     assert seen and all(b == 3 << 20 for b in seen), seen
+
+
+def test_shutdown_exit_code_keeps_output():
+    """shutdown_distributed(exit_code=...) leaves at once with that code, after flushing what the
+    process printed (block-buffered into a pipe) and with the group destroyed first."""
+    code = ("import torch.distributed as dist, tempfile, os\n"
+            "from lwz.distributed import shutdown_distributed\n"
+            "f = os.path.join(tempfile.mkdtemp(), 's')\n"
+            "dist.init_process_group('gloo', init_method='file://' + f, rank=0, world_size=1)\n"
+            "print('row written')\n"
+            "shutdown_distributed(exit_code=3)\n"
+            "print('never')\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert p.stdout == "row written\n"
