@@ -270,11 +270,12 @@ def _find_keys(obj, out: dict, depth: int = 0) -> None:
 
 
 def key_number(obj) -> str:
-    """A short "name=value" string: the result's own "headline" dict when it has one (the numbers
-    its goal is judged by), else the first recognised fields of the JSON."""
+    """A short "name=value" string: every field of the result's own "headline" dict when it has one
+    (the numbers its goal is judged by, ratios to the baselines included), else the first two
+    recognised fields of the JSON."""
     head = obj.get("headline") if isinstance(obj, dict) else None
     if isinstance(head, dict) and head:
-        return " ".join(f"{k}={fmt(v)}" for k, v in list(head.items())[:2])
+        return " ".join(f"{k}={fmt(v)}" for k, v in head.items())
     found: dict = {}
     _find_keys(obj, found)
     parts = [f"{k}={fmt(found[k])}" for k in KEY_FIELDS if k in found][:2]
