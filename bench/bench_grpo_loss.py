@@ -43,7 +43,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import kernels.grpo_loss as grpo_mod  # noqa: E402
-from kernels.grpo_loss import grpo_loss  # noqa: E402
+from kernels.grpo_loss import count_normalisers, grpo_loss  # noqa: E402
 from kernels.reference import grpo_loss_reference  # noqa: E402
 
 from bench.common import env_info, format_table, gpu_tag, time_call, write_json  # noqa: E402
@@ -67,10 +67,11 @@ def make_inputs(n, seq_len, device, seed=0):
     d = dict(logp=logp, old_logp=logp + 0.3 * torch.randn(n, generator=g), advantages=adv,
              mask=torch.rand(n, generator=g) > 0.2, ref_logp=logp + 0.3 * torch.randn(n, generator=g),
              entropy=torch.rand(n, generator=g) * 2.0, cu_seqlens=cu)
-    d = {k: v.to(device) for k, v in d.items()}
     # the global normalisers as the trainer passes them: Python ints counted once per mini-batch
-    counts = torch.stack([m.sum() for m in d["mask"].cpu().split(lens)])
-    d["globals"] = dict(global_tokens=int(counts.sum()), global_seqs=int((counts > 0).sum()))
+    tokens, seqs = count_normalisers(d["mask"], cu)
+    globals_ = dict(global_tokens=int(tokens), global_seqs=int(seqs))
+    d = {k: v.to(device) for k, v in d.items()}
+    d["globals"] = globals_
     return d
 
 
