@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernels.logprob import fused_logprobs
+from lwz.distributed import shutdown_distributed
 from lwz.model import Transformer
 from lwz.rollout import (
     RolloutBatch, full_params_for_generation, generate, logprob_mismatch, to_packed,
@@ -515,11 +516,9 @@ def _fsdp_worker(rank, world, store, folder, prompts, expected):
         ids = torch.tensor(prompts[0])
         h = model(ids, torch.arange(len(ids)), torch.tensor([0, len(ids)], dtype=torch.int32), len(ids))
         assert torch.isfinite(h).all()
-        # every async collective FSDP issued is done before the group goes away (destroying it with
-        # one in flight aborts the process at exit now and then)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        shutdown_distributed(exit_code=0)  # barrier, destroy, leave (see its docstring)
+    finally:  # a failed assertion: no barrier the other rank may never reach
+        shutdown_distributed(sync=False)
 
 
 def test_generate_under_fsdp2(tmp_path):
