@@ -9,6 +9,7 @@ backward, for
   triton          our fused kernels (impl="triton"), default backward scratch budget (1 GiB)
   triton_96mib    the same with bwd_scratch_bytes = 96 MiB: the backward walks twice (token
                   chunks for dX, vocabulary chunks for dW) and recomputes the logits once more
+                  (each triton row records its backward plan, kernels.logprob.backward_plan)
   torch_chunked_compiled   the chunked torch path (impl="torch") with its chunk bodies compiled by
                   torch.compile (kernels.logprob.compile_torch_chunks; the loops stay in Python)
   torch_eager     materialised [T, V] logits -> log_softmax -> gather + entropy (skipped, and
@@ -45,11 +46,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench.common import git_commit, matmul_seconds, time_call, write_json  # noqa: E402
-from kernels.logprob import compile_torch_chunks, fused_logprobs  # noqa: E402
+from kernels.logprob import backward_plan, compile_torch_chunks, fused_logprobs  # noqa: E402
 from kernels.reference import logprobs_reference  # noqa: E402
 
 FLOPS_FORMULA = "fwd: 2*T*H*V; fwd+bwd (recompute): 8*T*H*V"
 LOW_SCRATCH = 96 << 20  # the triton_96mib row's backward budget: under the 100 MB goal
+SCRATCH = {"triton": None, "triton_96mib": LOW_SCRATCH}  # backward budget of each triton row
 
 
 def _versions():
@@ -80,8 +82,8 @@ def _make_impls(temp, on_cuda, compile_torch=True):
 
     impls = {}
     if on_cuda:
-        impls["triton"] = fused("triton")
-        impls["triton_96mib"] = fused("triton", LOW_SCRATCH)
+        for name, scratch in SCRATCH.items():
+            impls[name] = fused("triton", scratch)
         if compile_torch:  # one graph per chunk shape (a few per token count), not the loops
             compile_torch_chunks(dynamic=False)
             impls["torch_chunked_compiled"] = fused("torch")
@@ -101,6 +103,16 @@ def _make_impls(temp, on_cuda, compile_torch=True):
         except Exception:
             pass
     return impls
+
+
+def _plan_text(plan, V):
+    """kernels.logprob._bwd_plan's (passes, tc, vcx, vc) in words."""
+    passes, tc, vcx, vc = plan
+    if passes == 1:
+        return f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator"
+    dx = f"{tc}-token chunks over {vcx}-column blocks (fp32 [{tc}, H] accumulator)" if vcx < V \
+        else f"{tc}-token chunks over the whole vocabulary"
+    return f"two walks: dX in {dx}; dW in vocabulary chunks of {vc}"
 
 
 def _fwd_bwd(fn, x, w, t, gl, ge):
@@ -178,6 +190,8 @@ def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None):
                                            compute_dtype=torch.float32)
         for name, fn in impls.items():
             row = dict(T=T, H=H, V=V, dtype="bf16", impl=name, matmul_tflops=mm_tflops)
+            if name in SCRATCH:
+                row["bwd_plan"] = _plan_text(backward_plan(x, w, SCRATCH[name]), V)
             if name == "torch_eager":
                 free, _ = torch.cuda.mem_get_info()
                 need = _eager_bytes(T, V)

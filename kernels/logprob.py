@@ -47,9 +47,11 @@ Two implementations, same semantics:
               Memory beyond the gradients: the dX accumulator (N H 4 B) + the dA chunk (N Vc 2 B),
               bounded by `bwd_scratch_bytes` (default 1 GiB). Where the accumulator and a chunk of
               ONE_PASS_MIN_VC columns do not fit (a small budget, or N >~ 37k tokens at H = 5120),
-              the backward walks twice instead: token chunks dA[Tc, V] give dX[rows] = dA @ W
-              (one GEMM over the whole vocabulary, no accumulator), then vocabulary chunks give dW
-              as above; 10 N H V flops, scratch = one chunk (`_bwd_plan`).
+              the backward walks twice instead: token chunks give dX[rows], either in one GEMM
+              dA[Tc, V] @ W or, where that leaves short chunks, over vocabulary blocks
+              [Tc, Vx] into an fp32 [Tc, H] accumulator (fewer weight re-reads); then
+              vocabulary chunks give dW as above; 10 N H V flops, scratch = one walk's chunk and
+              accumulator (`_bwd_plan`).
   impl="torch": plain torch, chunked; what the CPU trainer uses. The forward walks token chunks
     (each [C, V] logits chunk in fp32), the backward walks vocab chunks like the Triton path.
   impl="auto": Triton when the tensors are on CUDA and triton imports, torch otherwise.
@@ -585,23 +587,63 @@ def _acc_mm(out32, a, b):
     out32 += torch.mm(a, b).float()
 
 
-def _bwd_plan(N, V, elem, acc_bytes, block_t, block_v, budget):
+def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget):
     """How the backward walks dA = d loss / d logits within `budget` bytes of scratch.
 
-    N tokens, V vocabulary, elem = bytes per dA element, acc_bytes = the fp32 dX accumulator of
-    the one-pass walk (N*H*4; 0 when it is dX itself or dX is not needed).
-    Returns (passes, tc, vc):
-      (1, N, vc)  one walk over vocabulary chunks [N, vc]: dW[chunk] = dA^T X and dX_fp32 += dA W,
-                  chosen when the accumulator and a chunk of >= ONE_PASS_MIN_VC columns fit (the
-                  chunk: what the budget leaves, at most BWD_MAX_CHUNK_BYTES);
-      (2, tc, vc) dX from token chunks [tc, V] (dX[rows] = dA W in one GEMM, no accumulator), then
-                  dW from vocabulary chunks [N, vc]; the logits are recomputed in both walks.
+    N tokens, V vocabulary, elem = bytes per dA (and weight) element, acc_row = bytes per token of
+    the fp32 dX accumulator (H*4 for half-precision hidden; 0 when dX is fp32 itself or not needed).
+    Returns (passes, tc, vcx, vc):
+      (1, N, V, vc)     one walk over vocabulary chunks [N, vc]: dW[chunk] = dA^T X and
+                        dX_fp32 += dA W[chunk], chosen when the [N, H] accumulator and a chunk of
+                        >= ONE_PASS_MIN_VC columns fit (the chunk: what the budget leaves, at most
+                        BWD_MAX_CHUNK_BYTES);
+      (2, tc, vcx, vc)  first dX, by token chunks of tc rows: vcx == V gives one GEMM per chunk,
+                        dX[rows] = dA[tc, V] W, with no accumulator; vcx < V walks the chunk's
+                        vocabulary in blocks [tc, vcx] into an fp32 [tc, H] accumulator. Then dW
+                        from vocabulary chunks [N, vc]. The logits are recomputed in both walks.
+    The dX walk's shape comes from a traffic model (bytes per N*V*H): every token chunk reads the
+    weight twice (recompute + GEMM), 2*elem / tc, and every accumulated block reads and writes its
+    fp32 [tc, H] accumulator, 8 / vcx. Without the accumulator a 96 MiB budget leaves 256-token
+    chunks at V = 152064, and the 1.5 GB weight is streamed from HBM twice per 256 tokens (~60 ms
+    at 16k tokens on an H100, about as long as the chunks' GEMMs); with it, ~2700-token chunks
+    over 8192-column blocks move ~6x fewer bytes. Candidates that fit the budget win; with none
+    (a budget under one block), the smallest footprint.
     """
     cap = lambda n, block, full: min(full, max(block, n // block * block))  # noqa: E731  (whole blocks)
     min_vc = min(V, ONE_PASS_MIN_VC)
-    if acc_bytes + N * min_vc * elem <= budget:
-        return 1, N, cap(min(budget - acc_bytes, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
-    return 2, cap(budget // (V * elem), block_t, N), cap(budget // max(1, N * elem), block_v, V)
+    if N * acc_row + N * min_vc * elem <= budget:
+        return 1, N, V, cap(min(budget - N * acc_row, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
+    vc = cap(budget // max(1, N * elem), block_v, V)
+    cands = []  # (fits, modelled bytes or footprint, vcx, tc)
+    vcx = block_v
+    while True:
+        vcx = min(vcx, V)
+        row = vcx * elem + (acc_row if vcx < V else 0)  # scratch bytes per token of the chunk
+        tc = cap(budget // row, block_t, N)
+        cost = 2 * elem / tc + (8 / vcx if vcx < V else 0.0)
+        fits = tc * row <= budget
+        cands.append((not fits, cost if fits else tc * row, vcx, tc))
+        if vcx == V:
+            break
+        vcx *= 2
+    _, _, vcx, tc = min(cands)
+    return 2, tc, vcx, vc
+
+
+def _dlogits_dtype(hidden):
+    # GEMM dtype: tensor cores on GPU (bf16/fp16 dA, fp32 accumulate in cuBLAS); fp32 elsewhere
+    on_gpu = hidden.device.type == "cuda" and not _interpreting()
+    return hidden.dtype if on_gpu else torch.float32
+
+
+def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True):
+    """The Triton backward's walk for these inputs and budget: (passes, tc, vcx, vc) of _bwd_plan."""
+    N, H = hidden.shape
+    c = _cfg(hidden.device, hidden.dtype, bwd=True)
+    elem = torch.finfo(_dlogits_dtype(hidden)).bits // 8
+    acc_row = H * 4 if need_dx and hidden.dtype != torch.float32 else 0
+    budget = BWD_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+    return _bwd_plan(N, weight.shape[0], elem, acc_row, c["BLOCK_T"], c["BLOCK_V"], budget)
 
 
 def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
@@ -617,15 +659,9 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
         return dx, (torch.zeros_like(weight) if need_dw else None)
     c = _cfg(dev, hidden.dtype, bwd=True)
     on_gpu = dev.type == "cuda" and not _interpreting()
-    # GEMM dtype: tensor cores on GPU (bf16/fp16 dA, fp32 accumulate in cuBLAS); fp32 elsewhere
-    dl_dtype = hidden.dtype if on_gpu else torch.float32
-    elem = torch.finfo(dl_dtype).bits // 8
-    acc_bytes = N * H * 4 if need_dx and hidden.dtype != torch.float32 else 0
-    budget = BWD_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-    passes, tc, vc = _bwd_plan(N, V, elem, acc_bytes, c["BLOCK_T"], c["BLOCK_V"], budget)
-    if passes == 2 and not need_dw:
-        vc = 0  # the dW walk does not run
-    buf = torch.empty(max(N * vc, tc * V if passes == 2 and need_dx else 0), device=dev, dtype=dl_dtype)
+    dl_dtype = _dlogits_dtype(hidden)
+    passes, tc, vcx, vc = backward_plan(hidden, weight, scratch_bytes, need_dx)
+    buf = None  # the dA chunk of the current walk (each walk allocates its own: peak = one walk's)
     dummy = ent  # placeholder pointer for absent upstream grads (never read: constexpr-guarded)
     x_g = hidden if on_gpu or hidden.dtype == torch.float32 else hidden.float()
     w_g = weight if on_gpu or weight.dtype == torch.float32 else weight.float()
@@ -633,7 +669,7 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
     def dlogits(r0, r1, v0, w):
         """dA of tokens [r0, r1) x vocabulary [v0, v0 + w), a contiguous [r1 - r0, w] view of buf."""
         n = r1 - r0
-        out = buf[: n * w].view(n, w)
+        out = buf[: n * w].view(n, w)  # buf: set by the walk calling
         rows = slice(r0, r1)
         grid = (triton.cdiv(n, c["BLOCK_T"]) * triton.cdiv(w, c["BLOCK_V"]),)
         x_op, w_op, tma = _operands(hidden[rows], weight, c)
@@ -649,18 +685,33 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
 
     dw = torch.empty_like(weight) if need_dw else None
     dx = dx32 = None
-    if need_dx and passes == 2:  # each token chunk's dX is one GEMM over the whole vocabulary
+    if need_dx and passes == 2:  # the token walk: dX of tc rows at a time
         dx = torch.empty_like(hidden)
+        buf = torch.empty(tc * vcx, device=dev, dtype=dl_dtype)
+        # vcx < V: an fp32 [tc, H] accumulator over the chunk's vocabulary blocks (fp32 dX is its own)
+        acc = None if vcx == V or hidden.dtype == torch.float32 else \
+            torch.empty(tc, H, device=dev, dtype=torch.float32)
         for t0 in range(0, N, tc):
             t1 = min(N, t0 + tc)
-            dlc = dlogits(t0, t1, 0, V)
-            if on_gpu:
-                torch.mm(dlc, weight, out=dx[t0:t1])
-            else:
-                dx[t0:t1] = (dlc @ w_g).to(dx.dtype)
+            if vcx == V:  # one GEMM over the whole vocabulary, no accumulator
+                dlc = dlogits(t0, t1, 0, V)
+                if on_gpu:
+                    torch.mm(dlc, weight, out=dx[t0:t1])
+                else:
+                    dx[t0:t1] = (dlc @ w_g).to(dx.dtype)
+                continue
+            a = dx[t0:t1] if acc is None else acc[: t1 - t0]
+            a.zero_()
+            for v0 in range(0, V, vcx):
+                w = min(vcx, V - v0)
+                _acc_mm(a, dlogits(t0, t1, v0, w), w_g[v0:v0 + w])
+            if acc is not None:
+                dx[t0:t1] = a
+        buf = acc = dlc = None  # freed before the vocabulary walk allocates its chunk
     elif need_dx:
         dx32 = torch.zeros(N, H, device=dev, dtype=torch.float32)
     if dx32 is not None or need_dw:  # the vocabulary walk: dW[chunk], and dX_fp32 += dA W[chunk] in one walk
+        buf = torch.empty(N * vc, device=dev, dtype=dl_dtype)
         for v0 in range(0, V, vc):
             w = min(vc, V - v0)
             dlc = dlogits(0, N, v0, w)

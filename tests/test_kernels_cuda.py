@@ -34,9 +34,23 @@ def _grads(fn, x, w, t, temp, g_lp, g_en):
 def test_logprob_kernel_vs_reference(dtype, N, H, V, scratch):
     """Backward plans (kernels.logprob._bwd_plan): the default budget walks once in one chunk at
     these sizes; 8 MiB walks once over several vocabulary chunks with the fp32 dX accumulator
-    (bf16/fp16: 23 chunks at N = 2050); 256 KiB walks twice (token chunks for dX, vocabulary
-    chunks for dW) at N = 333 and 2050 in every dtype."""
+    (bf16/fp16: 23 chunks at N = 2050); 256 KiB walks twice (token chunks for dX, each over
+    vocabulary blocks into an fp32 accumulator, then vocabulary chunks for dW) at N = 333 and 2050
+    in every dtype."""
     _check_logprob(dtype, N, H, V, scratch)
+
+
+@pytest.mark.parametrize("vcx", ["whole", 384], ids=["whole-vocab", "blocks"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logprob_two_walk_dx_chunks(dtype, vcx, monkeypatch):
+    """The two-walk backward's dX chunks, fixed: 640-token chunks (the last one short) each in one
+    GEMM over the whole vocabulary, or over 384-column blocks (the last one short) into the fp32
+    accumulator (bf16) or into dX itself (fp32)."""
+    import kernels.logprob as lp
+
+    N, H, V = 2050, 256, 32003
+    monkeypatch.setattr(lp, "_bwd_plan", lambda N_, V_, *a: (2, 640, V_ if vcx == "whole" else vcx, 1024))
+    _check_logprob(dtype, N, H, V, 1 << 20)
 
 
 @pytest.mark.parametrize("fwd,bwd", [("128x128x64:w8:s3:tma", "128x128x64:w8:s3:g8:tma"),

@@ -52,12 +52,20 @@ def _err(a, b):
     return (a - b).abs().max().item()
 
 
-def _small_chunks(monkeypatch, passes):
-    """Several backward chunks, the last one narrower: the Triton backward walks `passes` times
-    (1: vocabulary chunks with the fp32 dX accumulator; 2: token chunks for dX, then vocabulary
-    chunks for dW) one BLOCK_T / BLOCK_V per chunk; the torch path takes several token chunks."""
-    monkeypatch.setattr(lp_mod, "_bwd_plan", lambda N, V, elem, acc, block_t, block_v, budget:
-                        (passes, N if passes == 1 else block_t, block_v))
+def _small_chunks(monkeypatch, walk):
+    """Several backward chunks, the last one narrower. The Triton backward walks
+      "1pass":     vocabulary chunks of BLOCK_V with the fp32 [N, H] dX accumulator;
+      "2pass":     token chunks of BLOCK_T for dX, each one GEMM over the whole vocabulary, then
+                   vocabulary chunks of BLOCK_V for dW;
+      "2pass-acc": the same, but each token chunk's dX sums vocabulary blocks of 2 BLOCK_V in an
+                   fp32 [BLOCK_T, H] accumulator (dX itself for fp32).
+    The torch path takes several token chunks."""
+    def plan(N, V, elem, acc_row, block_t, block_v, budget):
+        if walk == "1pass":
+            return 1, N, V, block_v
+        return 2, block_t, (V if walk == "2pass" else 2 * block_v), block_v
+
+    monkeypatch.setattr(lp_mod, "_bwd_plan", plan)
     monkeypatch.setattr(lp_mod, "TORCH_CHUNK_ELEMS", 40_000)
 
 
@@ -76,15 +84,15 @@ DTYPE_CASES = [pytest.param(dt, *c, id=f"{name}-{'-'.join(map(str, c))}") for c 
                if not (dt == torch.float16 and c[0] == 333 and c[2] == 4099)]
 
 
-@pytest.mark.parametrize("impl,passes,tma", [("triton", 1, False), ("triton", 2, False), ("triton", 2, True),
-                                              ("torch", 1, False)],
-                         ids=["triton-1pass", "triton-2pass", "triton-2pass-tma", "torch"])
+@pytest.mark.parametrize("impl,walk,tma", [("triton", "1pass", False), ("triton", "2pass-acc", False),
+                                           ("triton", "2pass", True), ("torch", "1pass", False)],
+                         ids=["triton-1pass", "triton-2pass-acc", "triton-2pass-tma", "torch"])
 @pytest.mark.parametrize("dtype,N,H,V,temp,grads", DTYPE_CASES)
-def test_matches_fp64_reference(impl, passes, tma, dtype, N, H, V, temp, grads, monkeypatch):
+def test_matches_fp64_reference(impl, walk, tma, dtype, N, H, V, temp, grads, monkeypatch):
     """tma: the kernels read hidden and weight through tensor descriptors (out-of-bounds rows and
     columns zero-filled by the descriptor instead of masked loads; in the backward the columns past
     a vocabulary chunk read real weights and must be masked out)."""
-    _small_chunks(monkeypatch, passes)
+    _small_chunks(monkeypatch, walk)
     if tma:
         assert lp_mod._cfg(torch.device("cpu"), dtype)["TMA"] is False
         monkeypatch.setattr(lp_mod, "INTERP_CONFIG", dict(lp_mod.INTERP_CONFIG, TMA=True))
@@ -117,29 +125,38 @@ def test_matches_fp64_reference(impl, passes, tma, dtype, N, H, V, temp, grads, 
 
 def test_bwd_plan_stays_within_budget():
     """The backward's scratch plan: one walk with the fp32 dX accumulator while it and a chunk of
-    >= ONE_PASS_MIN_VC columns fit the budget, else two walks whose chunks each fit it."""
+    >= ONE_PASS_MIN_VC columns fit the budget, else two walks whose chunks each fit it; the dX
+    walk takes long token chunks over vocabulary blocks when whole-vocabulary chunks get short."""
     plan = lp_mod._bwd_plan
     N, H, V, bf16 = 16384, 5120, 152064, 2
-    acc = N * H * 4
-    passes, tc, vc = plan(N, V, bf16, acc, 128, 128, 1 << 30)  # the default 1 GiB at 16k tokens
-    assert (passes, tc, vc) == (1, N, 16384)  # the chunk is capped at BWD_MAX_CHUNK_BYTES = 512 MiB
-    passes, tc, vc = plan(2 * N, V, bf16, 2 * acc, 128, 128, 1 << 30)  # 32k: what the budget leaves
-    assert passes == 1 and vc % 128 == 0 and 2 * acc + 2 * N * vc * bf16 <= 1 << 30 < 2 * acc + 2 * N * (vc + 128) * bf16
-    for budget in (96 << 20, acc):  # under 100 MB; the accumulator alone
-        passes, tc, vc = plan(N, V, bf16, acc, 128, 128, budget)
-        assert passes == 2 and tc % 128 == 0 and vc % 128 == 0
-        assert tc * V * bf16 <= budget and N * vc * bf16 <= budget and tc >= 128 and vc >= 128
-    assert plan(4 * N, V, bf16, 4 * acc, 128, 128, 1 << 30)[0] == 2  # 64k tokens: acc = 1.25 GiB
+    row = H * 4  # fp32 dX accumulator bytes per token
+    assert plan(N, V, bf16, row, 128, 128, 1 << 30) == (1, N, V, 16384)  # 1 GiB at 16k: chunk capped at 512 MiB
+    passes, _, _, vc = plan(2 * N, V, bf16, row, 128, 128, 1 << 30)  # 32k: what the budget leaves
+    assert passes == 1 and vc % 128 == 0 and 2 * N * row + 2 * N * vc * bf16 <= 1 << 30 \
+        < 2 * N * row + 2 * N * (vc + 128) * bf16
+    for budget in (96 << 20, N * row):  # under 100 MB; the one-walk accumulator alone
+        passes, tc, vcx, vc = plan(N, V, bf16, row, 128, 128, budget)
+        assert passes == 2 and tc % 128 == 0 and vcx % 128 == 0 and vc % 128 == 0
+        assert tc * (vcx * bf16 + row) <= budget and N * vc * bf16 <= budget and vc >= 128
+        whole_vocab_tc = budget // (V * bf16) // 128 * 128  # 256 tokens at 96 MiB
+        assert vcx < V and tc >= 4 * whole_vocab_tc, (budget, tc, vcx)
+    # 96 MiB at 16k: 2688-token chunks over 8192-column blocks (52.5 MiB accumulator + 42 MiB of dA)
+    assert plan(N, V, bf16, row, 128, 128, 96 << 20) == (2, 2688, 8192, 3072)
+    assert plan(4 * N, V, bf16, row, 128, 128, 1 << 30)[0] == 2  # 64k tokens: acc = 1.25 GiB
     assert plan(N, V, 4, 0, 64, 128, 96 << 20)[0] == 1  # fp32 hidden: dX is its own accumulator
-    assert plan(3, 1237, 4, 0, 64, 256, 1) == (2, 3, 256)  # a tiny budget: one block per chunk (<= N rows)
-    assert plan(3, 1237, 4, 0, 64, 256, 1 << 30) == (1, 3, 1237)  # everything in one chunk
+    # a budget a single block exceeds: the smallest footprint (one block per chunk, <= N rows)
+    assert plan(3, 1237, 4, 0, 64, 256, 1) == (2, 3, 256, 256)
+    assert plan(3, 1237, 4, 0, 64, 256, 1 << 30) == (1, 3, 1237, 1237)  # everything in one chunk
 
 
 @pytest.mark.parametrize("budget,passes", [(48 << 10, 2), (1 << 30, 1)])
 def test_scratch_budget_walks(budget, passes, monkeypatch):
     """The real plan at a budget that forces two walks over several uneven chunks of tokens and
-    vocabulary (fp16: the one-pass walk would need an fp32 dX accumulator), and at one that
-    takes a single chunk: both match the fp64 reference like plain fp16 torch."""
+    vocabulary (fp16: the one-pass walk would need an fp32 dX accumulator; the dX walk sums
+    vocabulary blocks in its [tc, H] accumulator), and at one that takes a single chunk: both
+    match the fp64 reference like plain fp16 torch. (The whole-vocabulary dX chunks of the
+    two-walk plan win only at vocabularies small next to the budget; tested with a fixed plan in
+    test_matches_fp64_reference.)"""
     N, H, V, temp = 333, 48, 4099, 0.9
     seen = []
     real = lp_mod._bwd_plan
@@ -150,9 +167,10 @@ def test_scratch_budget_walks(budget, passes, monkeypatch):
     fn = lambda x, w, t, temp: fused_logprobs(x, w, t, temp, True, impl="triton",  # noqa: E731
                                               bwd_scratch_bytes=budget)
     got = _run(fn, x, w, t, temp, g_lp, g_en)
-    assert seen and seen[0][0] == passes
+    assert seen and seen[0][0] == passes, seen
     if passes == 2:
-        assert N % seen[0][1] and seen[0][1] < N and V % seen[0][2] and seen[0][2] < V
+        _, tc, vcx, vc = seen[0]
+        assert N % tc and tc < N and V % vc and vc < V and V % vcx and vcx < V, seen[0]
     ref = _run(_ref(torch.float64), x.double(), w.double(), t, temp, g_lp, g_en)
     same = _run(_ref(torch.float16), x, w, t, temp, g_lp, g_en)
     for name, a, r, s in zip(["d_hidden", "d_weight"], got[2:], ref[2:], same[2:]):
@@ -364,6 +382,24 @@ def test_gpu_bench_headline_and_impl_filter(tmp_path, monkeypatch):
     assert h["speedup_vs_torch_chunked_compiled"] == pytest.approx(2.0) and "speedup_vs_liger_flce" not in h
     with pytest.raises(SystemExit, match="--impls nope not available here"):  # checked before any GPU work
         real_run_cuda([16], True, only=["nope", "triton"])
+
+
+def test_backward_plan_and_its_bench_text():
+    """backward_plan is the plan triton_backward walks (fp32 dA off the GPU, so elem = 4 here),
+    and the bench's words for it name each walk's chunks."""
+    from bench.bench_logprob import _plan_text
+
+    x = torch.empty(2000, 64, dtype=torch.float16, device="meta")
+    w = torch.empty(5000, 64, dtype=torch.float16, device="meta")
+    c = lp_mod._cfg(torch.device("cpu"), torch.float16, bwd=True)
+    for budget, need_dx in ((1 << 30, True), (1 << 20, True), (1 << 20, False)):
+        assert lp_mod.backward_plan(x, w, budget, need_dx) == \
+            lp_mod._bwd_plan(2000, 5000, 4, 64 * 4 if need_dx else 0, c["BLOCK_T"], c["BLOCK_V"], budget)
+    assert _plan_text((1, 16384, 152064, 16384), 152064) == \
+        "one walk: vocabulary chunks of 16384 with the fp32 dX accumulator"
+    assert _plan_text((2, 2688, 8192, 3072), 152064) == ("two walks: dX in 2688-token chunks over 8192-column "
+                                                         "blocks (fp32 [2688, H] accumulator); dW in vocabulary chunks of 3072")
+    assert "256-token chunks over the whole vocabulary" in _plan_text((2, 256, 152064, 3072), 152064)
 
 
 def test_parse_config_round_trip_and_errors():
