@@ -99,6 +99,9 @@ ONE_PASS_MIN_VC = 1024
 # Widest dA chunk of the one-pass walk: past ~512 MiB the saved accumulator passes are < 0.3% of
 # the time at 16k tokens (the H200 numbers of the README were measured with this chunk).
 BWD_MAX_CHUNK_BYTES = 512 << 20
+# The two-walk plan may split each token chunk's dX over vocabulary blocks into an fp32 [tc, H]
+# accumulator (see _bwd_plan); 0 keeps whole-vocabulary token chunks (the benchmark's comparison).
+DX_VOCAB_BLOCKS = os.environ.get("LWZ_LOGPROB_DX_VOCAB_BLOCKS", "1") != "0"
 # Elements of one fp32 logits chunk in the torch path ([C, V] forward, [N, Vc] backward).
 # 0 = by device (see _torch_chunk_elems).
 TORCH_CHUNK_ELEMS = int(os.environ.get("LWZ_LOGPROB_TORCH_CHUNK_ELEMS", "0"))
@@ -615,7 +618,7 @@ def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget):
         return 1, N, V, cap(min(budget - N * acc_row, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
     vc = cap(budget // max(1, N * elem), block_v, V)
     cands = []  # (fits, modelled bytes or footprint, vcx, tc)
-    vcx = block_v
+    vcx = block_v if DX_VOCAB_BLOCKS else V
     while True:
         vcx = min(vcx, V)
         row = vcx * elem + (acc_row if vcx < V else 0)  # scratch bytes per token of the chunk
