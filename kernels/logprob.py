@@ -612,25 +612,35 @@ def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget):
     over 8192-column blocks move ~6x fewer bytes. Candidates that fit the budget win; with none
     (a budget under one block), the smallest footprint.
     """
-    cap = lambda n, block, full: min(full, max(block, n // block * block))  # noqa: E731  (whole blocks)
     min_vc = min(V, ONE_PASS_MIN_VC)
     if N * acc_row + N * min_vc * elem <= budget:
-        return 1, N, V, cap(min(budget - N * acc_row, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
-    vc = cap(budget // max(1, N * elem), block_v, V)
+        return 1, N, V, _whole_blocks(min(budget - N * acc_row, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
+    vc = _whole_blocks(budget // max(1, N * elem), block_v, V)
     cands = []  # (fits, modelled bytes or footprint, vcx, tc)
     vcx = block_v if DX_VOCAB_BLOCKS else V
     while True:
         vcx = min(vcx, V)
-        row = vcx * elem + (acc_row if vcx < V else 0)  # scratch bytes per token of the chunk
-        tc = cap(budget // row, block_t, N)
+        tc, nbytes = dx_chunk_tokens(vcx, N, V, elem, acc_row, block_t, budget)
         cost = 2 * elem / tc + (8 / vcx if vcx < V else 0.0)
-        fits = tc * row <= budget
-        cands.append((not fits, cost if fits else tc * row, vcx, tc))
+        cands.append((nbytes > budget, cost if nbytes <= budget else nbytes, vcx, tc))
         if vcx == V:
             break
         vcx *= 2
     _, _, vcx, tc = min(cands)
     return 2, tc, vcx, vc
+
+
+def _whole_blocks(n, block, full):
+    """n rounded down to whole blocks, at least one block, at most full."""
+    return min(full, max(block, n // block * block))
+
+
+def dx_chunk_tokens(vcx, N, V, elem, acc_row, block_t, budget):
+    """(tc, scratch bytes) of the two-walk dX chunk over vcx-column blocks: the most whole blocks
+    of tokens whose dA block (and fp32 accumulator where vcx < V) fit the budget (_bwd_plan)."""
+    row = vcx * elem + (acc_row if vcx < V else 0)  # scratch bytes per token of the chunk
+    tc = _whole_blocks(budget // row, block_t, N)
+    return tc, tc * row
 
 
 def _dlogits_dtype(hidden):
@@ -639,14 +649,20 @@ def _dlogits_dtype(hidden):
     return hidden.dtype if on_gpu else torch.float32
 
 
-def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True):
-    """The Triton backward's walk for these inputs and budget: (passes, tc, vcx, vc) of _bwd_plan."""
+def plan_args(hidden, weight, scratch_bytes=None, need_dx=True):
+    """_bwd_plan's arguments for these inputs and budget:
+    (N, V, elem, acc_row, BLOCK_T, BLOCK_V, budget)."""
     N, H = hidden.shape
     c = _cfg(hidden.device, hidden.dtype, bwd=True)
     elem = torch.finfo(_dlogits_dtype(hidden)).bits // 8
     acc_row = H * 4 if need_dx and hidden.dtype != torch.float32 else 0
     budget = BWD_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-    return _bwd_plan(N, weight.shape[0], elem, acc_row, c["BLOCK_T"], c["BLOCK_V"], budget)
+    return N, weight.shape[0], elem, acc_row, c["BLOCK_T"], c["BLOCK_V"], budget
+
+
+def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True):
+    """The Triton backward's walk for these inputs and budget: (passes, tc, vcx, vc) of _bwd_plan."""
+    return _bwd_plan(*plan_args(hidden, weight, scratch_bytes, need_dx))
 
 
 def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,

@@ -437,12 +437,19 @@ def test_tune_flow_under_interpreter(tmp_path, monkeypatch):
     out, env = tmp_path / "tune.json", tmp_path / "tune.env"
     tune_logprob.main(["--tokens", "70", "--hidden", "48", "--vocab", "300", "--out", str(out), "--env", str(env),
                        "--fwd", "64x256x64:w4:s1:ptr;64x128x64:w4:s1:tma;64x128x16:w4:s1:ptr",
-                       "--bwd", "64x256x64:w4:s1:g2:ptr;64x128x32:w4:s1:g2:tma"])
+                       "--bwd", "64x256x64:w4:s1:g2:ptr;64x128x32:w4:s1:g2:tma",
+                       "--lowmem-bytes", "60000", "--dx-blocks", "128,200"])
     data = json.loads(out.read_text())
-    assert data["complete"] and [r["step"] for r in data["rows"]] == ["fwd"] * 3 + ["baseline"] + ["fwd+bwd"] * 2
+    assert data["complete"] and [r["step"] for r in data["rows"]] == \
+        ["fwd"] * 3 + ["baseline"] + ["fwd+bwd"] * 2 + ["lowmem"] * 3  # dX blocks 128, 200, whole (300)
     for r in data["rows"]:
-        assert r["ok"], r  # tiny blocks (BLOCK_H 16 < H) are correct too
+        assert r["ok"], r  # tiny blocks (BLOCK_H 16 < H) are correct too; forced dX chunks too
         assert r["ms"] > 0 and (r.get("err_logp", 0) <= 1e-3)
+    low = [r for r in data["rows"] if r["step"] == "lowmem"]
+    plan = data["lowmem"]["plan"]
+    assert plan[0] == 2 and sum(r["plan_pick"] for r in low) == 1  # the plan's pick is one of the widths
+    assert [r["config"] for r in low if r["plan_pick"]] == [f"dX {plan[1]}x{plan[2]}, dW 70x{plan[3]}"]
+    assert data["lowmem"]["pick_vs_fastest"] >= 1.0 and lp_mod._bwd_plan.__name__ == "_bwd_plan"
     lines = dict(line.split("=", 1) for line in env.read_text().split())
     assert set(lines) == {"LWZ_LOGPROB_FWD_CONFIG", "LWZ_LOGPROB_BWD_CONFIG"}
     assert lines["LWZ_LOGPROB_FWD_CONFIG"] in data["best"]["fwd"] and data["best"]["bwd"] == lines["LWZ_LOGPROB_BWD_CONFIG"]
@@ -456,7 +463,7 @@ def test_tune_flow_under_interpreter(tmp_path, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(lp_mod, "triton_backward", failing)
-    tune_logprob.main(["--tokens", "70", "--hidden", "48", "--vocab", "300", "--out", str(out),
+    tune_logprob.main(["--tokens", "70", "--hidden", "48", "--vocab", "300", "--out", str(out), "--lowmem-bytes", "0",
                        "--fwd", "64x256x64:w4:s1:ptr", "--bwd", "64x256x64:w4:s1:g2:ptr;64x64x32:w4:s1:g3:ptr"])
     data = json.loads(out.read_text())
     bad = data["rows"][-1]
