@@ -26,9 +26,11 @@ recomputed in backward 8*T*H*V (2 fwd + 2 recompute + 2 dX + 2 dW), used for eve
 numbers compare time. "% of matmul" is against a bf16 8192^3 torch.matmul measured in the same run.
 Peak extra memory = max_memory_allocated during fwd+bwd minus the memory held before it; "-grads"
 subtracts the gradients dX and dW themselves (outputs every implementation holds), leaving the
-working memory: for triton the backward's dlogits chunk and, in its one-walk plan, the fp32 dX
-accumulator (T*H*4 B), together within bwd_scratch_bytes. Errors are against an fp32 reference of the same bf16 inputs on the
-first 256 tokens.
+working memory: for triton the backward's dlogits chunk and the fp32 dX accumulator (T*H*4 B in
+the one-walk plan, one token chunk's in the two-walk plan), together within bwd_scratch_bytes.
+Errors are against an fp32 reference of the same bf16 inputs on the first 256 tokens; the dX / dW errors ("dX err", "dW err": max |error| / max |reference|) come from a
+separate fwd+bwd of each implementation on those tokens with the same random signed per-token
+upstream gradients (`grad_errors`), which also checks the baselines' backward.
 
 CPU: a small size (T=512, H=64, V=4099, fp32; --quick: T=256) comparing the chunked torch path
 with the eager reference, in seconds (median of a few runs), plus max |logp - fp64 reference|.
@@ -152,6 +154,32 @@ def _fwd_bwd(fn, x, w, t, gl, ge):
     loss.backward()
 
 
+def _grads(fn, x, w, t, gl, ge):
+    """(dX, dW in fp32, whether fn returns entropy) of sum(logp * gl) + sum(entropy * ge)."""
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    logp, ent = fn(xr, wr, t)
+    loss = (logp.float() * gl).sum()
+    if ent is not None and ge is not None:
+        loss = loss + (ent.float() * ge).sum()
+    dx, dw = torch.autograd.grad(loss, (xr, wr))
+    return dx.float(), dw.float(), ent is not None
+
+
+def grad_errors(fn, x, w, t, gl, ge, temp, n):
+    """Relative max errors (max |got - ref| / max |ref|) of dX and dW on the first n tokens against
+    an fp32 (fp64 for fp32 inputs) reference of the same inputs, with random signed per-token upstream
+    gradients (the entropy term where fn returns entropy). A baseline whose backward is wrong for
+    per-token gradients shows here (Liger's FLCE with reduction="none" scaled every row by
+    grad_output[0] before its PR #1298)."""
+    xs, ts, gls, ges = x[:n], t[:n], gl[:n], ge[:n]
+    dx, dw, has_ent = _grads(fn, xs, w, ts, gls, ges)
+    oracle = torch.float64 if x.dtype == torch.float32 else torch.float32
+    rx, rw, _ = _grads(lambda a, b, c: logprobs_reference(a, b, c, temp, compute_dtype=oracle),
+                       xs.to(oracle), w.to(oracle), ts, gls.to(oracle), ges.to(oracle) if has_ent else None)
+    rel = lambda a, r: ((a.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30)).item()  # noqa: E731
+    return rel(dx, rx), rel(dw, rw)
+
+
 def _step_fns(fn, x, w, t, gl, ge):
     """(forward without grad, forward + backward, the grad-requiring copies of x and w) of one
     implementation on fixed inputs."""
@@ -180,9 +208,10 @@ def run_cpu(quick):
             lp, _ = fn(x, w, t)
         err = (lp.double() - ref_lp).abs().max().item()
         fwd, fb, _, _ = _step_fns(fn, x, w, t, gl, ge)
+        err_dx, err_dw = grad_errors(fn, x, w, t, gl, ge, temp, T)
         rows.append(dict(T=T, H=H, V=V, dtype="fp32", impl=name, fwd_s=time_call(fwd, reps, False, warmup=1),
                          fwd_bwd_s=time_call(fb, reps, False, warmup=1), max_abs_err_logp=err,
-                         err_vs="fp64 reference"))
+                         rel_err_dx=err_dx, rel_err_dw=err_dw, err_vs="fp64 reference"))
     return rows
 
 
@@ -236,6 +265,9 @@ def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None):
                 with torch.no_grad():
                     lp, _ = fn(x, w, t)
                 row["max_abs_err_logp"] = (lp[:n_err].float() - ref_lp).abs().max().item()
+                del lp
+                with _settings(name):
+                    row["rel_err_dx"], row["rel_err_dw"] = grad_errors(fn, x, w, t, gl, ge, temp, n_err)
                 row["err_vs"] = f"fp32 reference of the bf16 inputs, first {n_err} tokens"
                 fwd_ms = do_bench(fwd, rep=rep, return_mode="median")
                 fb_ms = do_bench(fb, rep=rep, return_mode="median")
@@ -274,7 +306,7 @@ def format_table(rows):
     out = []
     if rows and "fwd_ms" in rows[0] or any("matmul_tflops" in r for r in rows):
         out.append(f"{'T':>6} {'impl':<24} {'fwd ms':>8} {'f+b ms':>8} {'TF/s f':>7} {'TF/s fb':>7} "
-                   f"{'%mm fb':>6} {'peak GiB':>8} {'-grads MiB':>10} {'err':>8}")
+                   f"{'%mm fb':>6} {'peak GiB':>8} {'-grads MiB':>10} {'err':>8} {'dX err':>8} {'dW err':>8}")
         for r in rows:
             if "skipped" in r:
                 out.append(f"{r['T']:>6} {r['impl']:<24} skipped: {r['skipped']}")
@@ -283,12 +315,15 @@ def format_table(rows):
                        f"{r['tflops_fwd']:>7.1f} {r['tflops_fwd_bwd']:>7.1f} "
                        f"{r['pct_matmul_fwd_bwd']:>6.1f} {r['peak_extra_gib']:>8.2f} "
                        f"{r.get('peak_beyond_grads_mib', float('nan')):>10.0f} "
-                       f"{r['max_abs_err_logp']:>8.2e}")
+                       f"{r['max_abs_err_logp']:>8.2e} {r.get('rel_err_dx', float('nan')):>8.2e} "
+                       f"{r.get('rel_err_dw', float('nan')):>8.2e}")
     else:
-        out.append(f"{'T':>6} {'H':>5} {'V':>6} {'impl':<16} {'fwd s':>9} {'fwd+bwd s':>10} {'err':>9}")
+        out.append(f"{'T':>6} {'H':>5} {'V':>6} {'impl':<16} {'fwd s':>9} {'fwd+bwd s':>10} {'err':>9} "
+                   f"{'dX err':>9} {'dW err':>9}")
         for r in rows:
             out.append(f"{r['T']:>6} {r['H']:>5} {r['V']:>6} {r['impl']:<16} {r['fwd_s']:>9.4f} "
-                       f"{r['fwd_bwd_s']:>10.4f} {r['max_abs_err_logp']:>9.2e}")
+                       f"{r['fwd_bwd_s']:>10.4f} {r['max_abs_err_logp']:>9.2e} {r['rel_err_dx']:>9.2e} "
+                       f"{r['rel_err_dw']:>9.2e}")
     return "\n".join(out)
 
 

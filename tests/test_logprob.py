@@ -348,6 +348,39 @@ def test_cpu_bench_writes_json(tmp_path):
             assert k in row, k
         for k in ("fwd_s", "fwd_bwd_s", "max_abs_err_logp"):
             assert math.isfinite(row[k]) and row[k] >= 0, (k, row)
+        assert row["rel_err_dx"] < 1e-5 and row["rel_err_dw"] < 1e-5, row  # fp32 vs the fp64 reference
+
+
+def test_bench_grad_errors_catch_a_wrong_backward():
+    """The bench's gradient check of each implementation: near zero for the fused kernel; large for
+    a backward that scales every row by the first row's upstream gradient (the bug Liger's FLCE
+    with reduction="none" had before its PR #1298), and for one that drops the entropy term."""
+    from bench.bench_logprob import _inputs, grad_errors
+
+    x, w, t, gl, ge = _inputs(96, 48, 1237, torch.float32, "cpu", seed=4)
+    good = lambda a, b, c: fused_logprobs(a, b, c, 0.8, return_entropy=True, impl="torch")  # noqa: E731
+    assert max(grad_errors(good, x, w, t, gl, ge, 0.8, 64)) < 1e-5
+
+    class FirstRowScale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            return v.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g[:1].expand_as(g).clone()
+
+    def buggy(a, b, c):
+        lp, _ = fused_logprobs(a, b, c, 0.8, impl="torch")
+        return FirstRowScale.apply(lp), None
+
+    assert min(grad_errors(buggy, x, w, t, gl, ge, 0.8, 64)) > 0.1
+
+    def no_entropy_grad(a, b, c):
+        lp, en = fused_logprobs(a, b, c, 0.8, return_entropy=True, impl="torch")
+        return lp, en.detach()
+
+    assert min(grad_errors(no_entropy_grad, x, w, t, gl, ge, 0.8, 64)) > 0.01
 
 
 def test_gpu_bench_headline_and_impl_filter(tmp_path, monkeypatch):
