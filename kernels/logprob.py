@@ -122,11 +122,13 @@ def _interpreting() -> bool:
 # vs 200 ms. All checked spill-free by `python -m kernels.report`. The interpreter pays per tile op,
 # not per element, so it gets tiles that cover the small test shapes in few steps.
 def parse_config(text: str, base: dict, name: str = "config") -> dict:
-    """A launch config from "BTxBVxBH[:wW][:sS][:gG][:tma|:ptr]" (e.g. "128x256x64:w8:s3:tma"), the
-    fields not given taken from `base`; what bench/tune_logprob.py prints and
-    LWZ_LOGPROB_FWD_CONFIG / LWZ_LOGPROB_BWD_CONFIG take."""
+    """A launch config from "BTxBVxBH[:wW][:sS][:gG][:tma|:ptr][:flat]" (e.g. "128x256x64:w8:s3:tma"),
+    the fields not given taken from `base`; what bench/tune_logprob.py prints and
+    LWZ_LOGPROB_FWD_CONFIG / LWZ_LOGPROB_BWD_CONFIG take. ":flat" flattens the vocab-tile and H
+    loops into one pipelined loop (the backward then runs one persistent program per SM); without
+    it the loops stay nested, whatever `base` says."""
     keys = {"w": "num_warps", "s": "num_stages", "g": "GROUP_T"}
-    cfg = dict(base)
+    cfg = dict(base, FLAT=False)  # the loop form is never inherited: only ":flat" flattens
     try:
         parts = text.strip().split(":")
         bt, bv, bh = (int(v) for v in parts[0].lower().split("x"))
@@ -134,6 +136,8 @@ def parse_config(text: str, base: dict, name: str = "config") -> dict:
         for p in parts[1:]:
             if p in ("tma", "ptr"):
                 cfg["TMA"] = p == "tma"
+            elif p == "flat":
+                cfg["FLAT"] = True
             elif p[:1] in keys and p[1:].isdigit():
                 cfg[keys[p[0]]] = int(p[1:])
             else:
@@ -143,7 +147,7 @@ def parse_config(text: str, base: dict, name: str = "config") -> dict:
         if cfg["num_warps"] not in (1, 2, 4, 8, 16) or cfg["num_stages"] < 1 or cfg.get("GROUP_T", 1) < 1:
             raise ValueError("warps must be 1, 2, 4, 8 or 16; stages and group >= 1")
     except ValueError as e:
-        raise ValueError(f"{name}={text!r}: expected BTxBVxBH[:wW][:sS][:gG][:tma|:ptr] with power-of-two "
+        raise ValueError(f"{name}={text!r}: expected BTxBVxBH[:wW][:sS][:gG][:tma|:ptr][:flat] with power-of-two "
                          f"blocks, e.g. 128x256x64:w8:s3:tma ({e})") from None
     return cfg
 
@@ -152,7 +156,7 @@ def format_config(c: dict) -> str:
     """The parse_config string of a config."""
     g = f":g{c['GROUP_T']}" if "GROUP_T" in c else ""
     return (f"{c['BLOCK_T']}x{c['BLOCK_V']}x{c['BLOCK_H']}:w{c['num_warps']}:s{c['num_stages']}{g}"
-            f":{'tma' if c.get('TMA') else 'ptr'}")
+            f":{'tma' if c.get('TMA') else 'ptr'}{':flat' if c.get('FLAT') else ''}")
 
 
 def _env_config(var, base):
@@ -201,12 +205,43 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _fwd_tile(x_src, w_ptr, tgt, m, s, t, zy, tile, row0, rows, row_mask, V, H, stride_wv,
+                  TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, TMA: tl.constexpr):
+        """Vocab tile `tile` of the forward: its logits, folded into the rows' online stats
+        (m running max, s = sum exp(z - m), t = sum exp(z - m)(z - m), zy target logit)."""
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        if TMA:
+            w_src = w_ptr
+        else:
+            w_src = w_ptr + cols[:, None] * stride_wv
+        col0 = tile.to(tl.int32) * BLOCK_V
+        z = _logit_tile(x_src, w_src, row0, col0, row_mask, col_mask, H, TEMP, DOT_PRECISION,
+                        BLOCK_T, BLOCK_V, BLOCK_H, TMA)
+        # padded vocab columns: -inf for the max, 0 (with p = 0) everywhere else
+        z_max = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_max, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # never -inf - -inf
+        alpha = tl.exp(m - m_safe)  # 0 on the first tile (m = -inf)
+        delta = tl.where(m == float("-inf"), 0.0, m - m_safe)  # avoid 0 * -inf
+        zc = tl.where(col_mask[None, :], z - m_safe[:, None], 0.0)
+        p = tl.where(col_mask[None, :], tl.exp(zc), 0.0)
+        # rescale sums to the new max: exp(z-m)(z-m) -> alpha exp(z-m)((z-m) + (m-m_new))
+        t = alpha * (t + s * delta) + tl.sum(p * zc, 1)
+        s = alpha * s + tl.sum(p, 1)
+        is_tgt = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
+        zy += tl.sum(tl.where(is_tgt, z, 0.0), 1)
+        return m_new, s, t, zy
+
+    @triton.jit
     def _fwd_kernel(
         x_ptr, w_ptr, tgt_ptr, part_ptr,
         N, V, H, stride_xn, stride_wv, tiles_per_split, n_vtiles,
         TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
         TMA: tl.constexpr,  # x_ptr / w_ptr are tensor descriptors (see _logit_tile)
+        FLAT: tl.constexpr,  # one flattened (vocab tile, H) loop: loads run on across tile ends
     ):
         # part_ptr: fp32 [4, SPLITS, N] = (max, sum exp(z-max), sum exp(z-max)(z-max), target z)
         # splits vary fastest: the programs resident at one time cover few token blocks (their
@@ -230,30 +265,16 @@ if HAS_TRITON:
         else:
             x_src = x_ptr + rows[:, None] * stride_xn
         row0 = tl.program_id(1) * BLOCK_T  # int32 descriptor coordinate (N < 2^31)
-        for i in range(0, n_tiles):
-            cols = (tile0 + i) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-            col_mask = cols < V
-            if TMA:
-                w_src = w_ptr
-            else:
-                w_src = w_ptr + cols[:, None] * stride_wv
-            col0 = (tile0 + i).to(tl.int32) * BLOCK_V
-            z = _logit_tile(x_src, w_src, row0, col0, row_mask, col_mask, H, TEMP, DOT_PRECISION,
-                            BLOCK_T, BLOCK_V, BLOCK_H, TMA)
-            # padded vocab columns: -inf for the max, 0 (with p = 0) everywhere else
-            z_max = tl.where(col_mask[None, :], z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z_max, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # never -inf - -inf
-            alpha = tl.exp(m - m_safe)  # 0 on the first tile (m = -inf)
-            delta = tl.where(m == float("-inf"), 0.0, m - m_safe)  # avoid 0 * -inf
-            zc = tl.where(col_mask[None, :], z - m_safe[:, None], 0.0)
-            p = tl.where(col_mask[None, :], tl.exp(zc), 0.0)
-            # rescale sums to the new max: exp(z-m)(z-m) -> alpha exp(z-m)((z-m) + (m-m_new))
-            t = alpha * (t + s * delta) + tl.sum(p * zc, 1)
-            s = alpha * s + tl.sum(p, 1)
-            is_tgt = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
-            zy += tl.sum(tl.where(is_tgt, z, 0.0), 1)
-            m = m_new
+        if FLAT:
+            # the pipeliner sees one loop: the next tile's first operand loads are issued before
+            # this tile's softmax epilogue instead of after it
+            for i in tl.range(0, n_tiles, flatten=True):
+                m, s, t, zy = _fwd_tile(x_src, w_ptr, tgt, m, s, t, zy, tile0 + i, row0, rows, row_mask, V, H,
+                                        stride_wv, TEMP, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H, TMA)
+        else:
+            for i in range(0, n_tiles):
+                m, s, t, zy = _fwd_tile(x_src, w_ptr, tgt, m, s, t, zy, tile0 + i, row0, rows, row_mask, V, H,
+                                        stride_wv, TEMP, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H, TMA)
         base = part_ptr + pid_s * N + rows
         stride_k = n_splits * N
         tl.store(base, m, mask=row_mask)
@@ -306,25 +327,24 @@ if HAS_TRITON:
         tl.store(logs_ptr + rows, log_s, mask=mask)
 
     @triton.jit
-    def _bwd_dlogits_kernel(
-        x_ptr, w_ptr, tgt_ptr, max_ptr, logs_ptr, ent_ptr, glogp_ptr, gent_ptr, dl_ptr,
-        N, V, H, v_start, Vc, stride_xn, stride_wv, stride_dl,
+    def _dlogits_tile(
+        tile, x_ptr, w_ptr, tgt_ptr, max_ptr, logs_ptr, ent_ptr, glogp_ptr, gent_ptr, dl_ptr,
+        N, H, v_start, Vc, stride_xn, stride_wv, stride_dl,
         TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_T: tl.constexpr,
-        TMA: tl.constexpr,  # x_ptr / w_ptr are tensor descriptors (see _logit_tile)
+        TMA: tl.constexpr,
     ):
-        # dl_ptr: [N, Vc] in the GEMM dtype, column j <-> vocab entry v_start + j
-        pid = tl.program_id(0)
+        """dA of tile number `tile` (grouped order) of the [N, Vc] chunk, stored to dl_ptr."""
         n_t = tl.cdiv(N, BLOCK_T)
         n_v = tl.cdiv(Vc, BLOCK_V)
         # grouped order: GROUP_T token blocks sweep the vocab tiles together (L2 reuse of W tiles)
         per_group = GROUP_T * n_v
-        group = pid // per_group
+        group = tile // per_group
         first_t = group * GROUP_T
         group_size = tl.minimum(n_t - first_t, GROUP_T)
-        pid_t = (first_t + (pid % per_group) % group_size).to(tl.int64)
-        pid_v = ((pid % per_group) // group_size).to(tl.int64)
+        pid_t = (first_t + (tile % per_group) % group_size).to(tl.int64)
+        pid_v = ((tile % per_group) // group_size).to(tl.int64)
 
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         row_mask = rows < N
@@ -361,6 +381,30 @@ if HAS_TRITON:
         out = dl_ptr + rows[:, None] * stride_dl + lcols[None, :]
         tl.store(out, d.to(dl_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
+    @triton.jit
+    def _bwd_dlogits_kernel(
+        x_ptr, w_ptr, tgt_ptr, max_ptr, logs_ptr, ent_ptr, glogp_ptr, gent_ptr, dl_ptr,
+        N, V, H, v_start, Vc, stride_xn, stride_wv, stride_dl,
+        TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_T: tl.constexpr,
+        TMA: tl.constexpr,  # x_ptr / w_ptr are tensor descriptors (see _logit_tile)
+        FLAT: tl.constexpr,  # persistent programs over the tiles, one flattened (tile, H) loop
+    ):
+        # dl_ptr: [N, Vc] in the GEMM dtype, column j <-> vocab entry v_start + j
+        if FLAT:
+            # one program per SM walks tiles pid, pid + programs, ...; the pipeliner sees one loop,
+            # so the next tile's operand loads are in flight during this tile's dA epilogue and store
+            n_tiles = tl.cdiv(N, BLOCK_T) * tl.cdiv(Vc, BLOCK_V)
+            for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
+                _dlogits_tile(tile, x_ptr, w_ptr, tgt_ptr, max_ptr, logs_ptr, ent_ptr, glogp_ptr, gent_ptr,
+                              dl_ptr, N, H, v_start, Vc, stride_xn, stride_wv, stride_dl, TEMP, HAS_GLOGP,
+                              HAS_GENT, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H, GROUP_T, TMA)
+        else:
+            _dlogits_tile(tl.program_id(0), x_ptr, w_ptr, tgt_ptr, max_ptr, logs_ptr, ent_ptr, glogp_ptr,
+                          gent_ptr, dl_ptr, N, H, v_start, Vc, stride_xn, stride_wv, stride_dl, TEMP,
+                          HAS_GLOGP, HAS_GENT, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H, GROUP_T, TMA)
+
 
 # ---- AOT specs (kernels/report.py compiles these for sm_90 with no GPU) -----------------------------
 def _aot_specs(dtype="bf16", c=None, b=None, sfx=None):
@@ -379,7 +423,8 @@ def _aot_specs(dtype="bf16", c=None, b=None, sfx=None):
                "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i32", "stride_wv": "i32",
                "tiles_per_split": "i32", "n_vtiles": "i32"}
     fwd_const = {"TEMP": 1.0, "DOT_PRECISION": prec, "BLOCK_T": c["BLOCK_T"],
-                 "BLOCK_V": c["BLOCK_V"], "BLOCK_H": c["BLOCK_H"], "TMA": bool(c.get("TMA"))}
+                 "BLOCK_V": c["BLOCK_V"], "BLOCK_H": c["BLOCK_H"], "TMA": bool(c.get("TMA")),
+                 "FLAT": bool(c.get("FLAT"))}
     merge_sig = {"part_ptr": "*fp32", "tgt_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",
                  "max_ptr": "*fp32", "logs_ptr": "*fp32", "N": "i32", "n_splits": "i32"}
     bwd_sig = {"x_ptr": operand(b, "BLOCK_T"), "w_ptr": operand(b, "BLOCK_V"), "tgt_ptr": "*i64", "max_ptr": "*fp32",
@@ -389,7 +434,7 @@ def _aot_specs(dtype="bf16", c=None, b=None, sfx=None):
                "stride_xn": "i32", "stride_wv": "i32", "stride_dl": "i32"}
     bwd_const = {"TEMP": 1.0, "HAS_GLOGP": True, "HAS_GENT": True, "DOT_PRECISION": prec,
                  "BLOCK_T": b["BLOCK_T"], "BLOCK_V": b["BLOCK_V"], "BLOCK_H": b["BLOCK_H"],
-                 "GROUP_T": b["GROUP_T"], "TMA": bool(b.get("TMA"))}
+                 "GROUP_T": b["GROUP_T"], "TMA": bool(b.get("TMA")), "FLAT": bool(b.get("FLAT"))}
     for k in fwd_const:
         fwd_sig[k] = "constexpr"
     for k in bwd_const:
@@ -543,7 +588,7 @@ def triton_forward(hidden, weight, targets, temperature):
         x_op, w_op, targets, part, N, V, H, hidden.stride(0), weight.stride(0),
         tiles_per_split, n_vt,
         TEMP=float(temperature), DOT_PRECISION=_dot_precision(hidden.dtype),
-        BLOCK_T=c["BLOCK_T"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], TMA=tma,
+        BLOCK_T=c["BLOCK_T"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], TMA=tma, FLAT=bool(c.get("FLAT")),
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     _merge_kernel[(triton.cdiv(N, MERGE_BLOCK),)](part, targets, logp, ent, mx, log_s, N, splits,
                                                  BLOCK=MERGE_BLOCK, num_warps=4)
@@ -679,6 +724,9 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
     c = _cfg(dev, hidden.dtype, bwd=True)
     on_gpu = dev.type == "cuda" and not _interpreting()
     dl_dtype = _dlogits_dtype(hidden)
+    # FLAT configs: one program per SM (their SMEM rules out two); 3 under the interpreter, so
+    # each program there walks several tiles
+    persistent_programs = torch.cuda.get_device_properties(dev).multi_processor_count if on_gpu else 3
     passes, tc, vcx, vc = backward_plan(hidden, weight, scratch_bytes, need_dx)
     buf = None  # the dA chunk of the current walk (each walk allocates its own: peak = one walk's)
     dummy = ent  # placeholder pointer for absent upstream grads (never read: constexpr-guarded)
@@ -690,7 +738,8 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
         n = r1 - r0
         out = buf[: n * w].view(n, w)  # buf: set by the walk calling
         rows = slice(r0, r1)
-        grid = (triton.cdiv(n, c["BLOCK_T"]) * triton.cdiv(w, c["BLOCK_V"]),)
+        n_tiles = triton.cdiv(n, c["BLOCK_T"]) * triton.cdiv(w, c["BLOCK_V"])
+        grid = (min(n_tiles, persistent_programs) if c.get("FLAT") else n_tiles,)
         x_op, w_op, tma = _operands(hidden[rows], weight, c)
         _bwd_dlogits_kernel[grid](
             x_op, w_op, targets[rows], mx[rows], log_s[rows], ent[rows],
@@ -699,7 +748,7 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
             TEMP=float(temperature), HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
             DOT_PRECISION=_dot_precision(hidden.dtype),
             BLOCK_T=c["BLOCK_T"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_T=c["GROUP_T"],
-            TMA=tma, num_warps=c["num_warps"], num_stages=c["num_stages"])
+            TMA=tma, FLAT=bool(c.get("FLAT")), num_warps=c["num_warps"], num_stages=c["num_stages"])
         return out
 
     dw = torch.empty_like(weight) if need_dw else None

@@ -1,6 +1,6 @@
 """Ahead-of-time resource report of every Triton kernel in kernels/*.py, for sm_90, with no GPU.
 
-    python -m kernels.report [--json PATH]
+    python -m kernels.report [--json PATH] [--logprob-fwd CFG;CFG...] [--logprob-bwd CFG;CFG...]
 
 Each kernel module exposes `AOT_SPECS`: a list of dicts
     {name, fn, signature, constexprs, num_warps, num_stages[, divisible]}
@@ -14,6 +14,9 @@ dynamic shared memory, which is where its pipelined operand buffers live.
 
 The interpreter (TRITON_INTERPRET=1, set by tests/conftest.py on CPU machines) replaces @triton.jit
 functions, so compilation then runs in a child process without that variable.
+--logprob-fwd / --logprob-bwd compile only the log-prob forward / d-logits kernels, at the given
+launch configs (kernels.logprob.parse_config strings, e.g. the candidates bench/tune_logprob.py
+times), instead of every shipped spec.
 Rows: dicts {module, name, num_warps, num_stages, reg, stack, shared_static, shared_dynamic, local,
 error}; `report(json_path=None)` returns them.
 """
@@ -91,15 +94,35 @@ def _compile_one(spec, cuobjdump):
                 local=u.get("local"), shared_dynamic=int(getattr(k.metadata, "shared", 0) or 0))
 
 
-def _compile_all(modules=MODULES):
+def _logprob_config_specs(fwd=(), bwd=()):
+    """The log-prob forward / d-logits specs at launch-config strings (bf16), named by config."""
+    from kernels import logprob as lp
+
+    specs = []
+    for text in fwd:
+        c = lp.parse_config(text, lp.GPU_CONFIG, "--logprob-fwd")
+        specs += [dict(s, name=f"logprob_fwd[{text}]") for s in lp._aot_specs("bf16", c=c) if s["name"] == "logprob_fwd"]
+    for text in bwd:
+        b = lp.parse_config(text, lp.GPU_BWD_CONFIG, "--logprob-bwd")
+        specs += [dict(s, name=f"logprob_bwd_dlogits[{text}]") for s in lp._aot_specs("bf16", b=b)
+                  if s["name"] == "logprob_bwd_dlogits"]
+    return specs
+
+
+def _compile_all(modules=MODULES, fwd=(), bwd=()):
     cuobjdump = find_cuobjdump()
     rows = []
-    for modname in modules:
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError:
-            continue  # kernel file not written yet
-        for spec in getattr(mod, "AOT_SPECS", None) or []:
+    if fwd or bwd:
+        groups = [("kernels.logprob", _logprob_config_specs(fwd, bwd))]
+    else:
+        groups = []
+        for modname in modules:
+            try:
+                groups.append((modname, getattr(importlib.import_module(modname), "AOT_SPECS", None) or []))
+            except ImportError:
+                continue  # kernel file not written yet
+    for modname, specs in groups:
+        for spec in specs:
             row = dict(module=modname, name=spec["name"], num_warps=spec["num_warps"],
                        num_stages=spec["num_stages"], reg=None, stack=None, shared_static=None,
                        shared_dynamic=None, local=None, error=None)
@@ -113,11 +136,11 @@ def _compile_all(modules=MODULES):
     return rows
 
 
-def _compile_in_child(modules):
+def _compile_in_child(modules, fwd=(), bwd=()):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     code = ("import json, sys; from kernels.report import _compile_all; "
-            f"print('@@ROWS@@' + json.dumps(_compile_all({tuple(modules)!r})))")
+            f"print('@@ROWS@@' + json.dumps(_compile_all({tuple(modules)!r}, {tuple(fwd)!r}, {tuple(bwd)!r})))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=ROOT)
     for line in p.stdout.splitlines():
@@ -126,9 +149,10 @@ def _compile_in_child(modules):
     raise RuntimeError(f"AOT compile child failed (rc={p.returncode}): {p.stderr[-2000:]}")
 
 
-def report(json_path=None, modules=MODULES):
-    """Compile every AOT spec for sm_90 and return one row per kernel (optionally write JSON)."""
-    rows = _compile_in_child(modules) if _interpreting() else _compile_all(modules)
+def report(json_path=None, modules=MODULES, fwd=(), bwd=()):
+    """Compile every AOT spec (or the log-prob kernels at configs fwd / bwd) for sm_90 and return
+    one row per kernel (optionally write JSON)."""
+    rows = _compile_in_child(modules, fwd, bwd) if _interpreting() else _compile_all(modules, fwd, bwd)
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
@@ -156,8 +180,11 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--logprob-fwd", default="", help="';'-separated log-prob forward configs to compile instead")
+    ap.add_argument("--logprob-bwd", default="", help="';'-separated log-prob d-logits configs to compile instead")
     a = ap.parse_args(argv)
-    rows = report(a.json)
+    split = lambda v: tuple(x for x in v.split(";") if x)  # noqa: E731
+    rows = report(a.json, fwd=split(a.logprob_fwd), bwd=split(a.logprob_bwd))
     print(format_table(rows))
     return 1 if any(r.get("error") for r in rows) else 0
 

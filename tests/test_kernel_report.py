@@ -48,3 +48,24 @@ def test_logprob_kernels_compile_without_spills(rows):
     assert by_name["logprob_bwd_dlogits"]["num_stages"] == logprob.GPU_BWD_CONFIG["num_stages"]
     assert by_name["logprob_fwd_fp32"]["num_stages"] == logprob.GPU_FP32_CONFIG["num_stages"]
     print("\n" + rep.format_table(rows))
+
+
+def test_flat_tuning_candidates_compile_for_sm90():
+    """The ":flat" configs bench/tune_logprob.py tries on a GPU (flattened tile x H loop; the
+    backward's persistent programs) compile for sm_90 here (`python -m kernels.report
+    --logprob-fwd/--logprob-bwd`), with at most a small spill, so a GPU session spends no time on a
+    candidate that cannot build."""
+    if rep.find_cuobjdump() is None:
+        pytest.skip("cuobjdump not shipped with this triton")
+    from bench import tune_logprob
+
+    fwd = tuple(c for c in tune_logprob.FWD.split(";") if c.endswith(":flat"))
+    bwd = tuple(c for c in tune_logprob.BWD.split(";") if c.endswith(":flat"))
+    rows = rep.report(fwd=fwd, bwd=bwd)
+    assert [r["name"] for r in rows] == [f"logprob_fwd[{c}]" for c in fwd] + [f"logprob_bwd_dlogits[{c}]" for c in bwd]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["error"] is None, r
+        assert 0 < r["reg"] <= 255 and r["stack"] <= 128 and r["shared_dynamic"] <= 227 * 1024, r
+    assert rows[-1]["num_stages"] == 2  # the configs' own launch options reach the compiler
+    print("\n" + rep.format_table(rows))

@@ -90,12 +90,14 @@ def test_logprob_lowmem_setting_stays_under_100mb():
 
 @pytest.mark.parametrize("fwd,bwd", [("128x128x64:w8:s3:tma", "128x128x64:w8:s3:g8:tma"),
                                      ("128x256x64:w8:s3:tma", "128x128x64:w8:s4:g8:tma"),
-                                     ("256x128x64:w8:s3:tma", "128x128x128:w8:s3:g8:tma")])
+                                     ("256x128x64:w8:s3:tma", "128x128x128:w8:s3:g8:tma"),
+                                     ("256x128x64:w8:s3:tma:flat", "128x128x64:w8:s4:g8:tma:flat")])
 @pytest.mark.parametrize("scratch", [None, 256 << 10], ids=["default", "256kib"])
 @pytest.mark.parametrize("N,H,V", [(1, 80, 4099), (2050, 256, 32003)])
 def test_logprob_tma_configs(fwd, bwd, N, H, V, scratch, monkeypatch):
     """The kernels reading hidden / weight through TMA tensor descriptors (the configs
-    bench/tune_logprob.py tries), bf16, in both backward walks (token-chunk views of hidden)."""
+    bench/tune_logprob.py tries, the flattened / persistent ":flat" ones too), bf16, in both
+    backward walks (token-chunk views of hidden)."""
     import kernels.logprob as lp
 
     monkeypatch.setattr(lp, "GPU_CONFIG", lp.parse_config(fwd, lp.GPU_CONFIG))

@@ -85,18 +85,23 @@ DTYPE_CASES = [pytest.param(dt, *c, id=f"{name}-{'-'.join(map(str, c))}") for c 
 
 
 @pytest.mark.parametrize("impl,walk,tma", [("triton", "1pass", False), ("triton", "2pass-acc", False),
-                                           ("triton", "2pass", True), ("torch", "1pass", False)],
-                         ids=["triton-1pass", "triton-2pass-acc", "triton-2pass-tma", "torch"])
+                                           ("triton", "2pass", True), ("triton", "2pass-acc", "flat"),
+                                           ("torch", "1pass", False)],
+                         ids=["triton-1pass", "triton-2pass-acc", "triton-2pass-tma", "triton-2pass-acc-tma-flat",
+                              "torch"])
 @pytest.mark.parametrize("dtype,N,H,V,temp,grads", DTYPE_CASES)
 def test_matches_fp64_reference(impl, walk, tma, dtype, N, H, V, temp, grads, monkeypatch):
     """tma: the kernels read hidden and weight through tensor descriptors (out-of-bounds rows and
     columns zero-filled by the descriptor instead of masked loads; in the backward the columns past
-    a vocabulary chunk read real weights and must be masked out)."""
+    a vocabulary chunk read real weights and must be masked out). "flat": the FLAT configs too (the
+    forward's vocab loop written for flattening; the backward's persistent programs, 3 here, each
+    walking several tiles of a chunk)."""
     _small_chunks(monkeypatch, walk)
     if tma:
         assert lp_mod._cfg(torch.device("cpu"), dtype)["TMA"] is False
-        monkeypatch.setattr(lp_mod, "INTERP_CONFIG", dict(lp_mod.INTERP_CONFIG, TMA=True))
-        monkeypatch.setattr(lp_mod, "INTERP_BWD_CONFIG", dict(lp_mod.INTERP_BWD_CONFIG, TMA=True))
+        flat = tma == "flat"
+        monkeypatch.setattr(lp_mod, "INTERP_CONFIG", dict(lp_mod.INTERP_CONFIG, TMA=True, FLAT=flat))
+        monkeypatch.setattr(lp_mod, "INTERP_BWD_CONFIG", dict(lp_mod.INTERP_BWD_CONFIG, TMA=True, FLAT=flat))
         x0, w0, _ = _make(3, H, 5, dtype)
         assert lp_mod._operands(x0, w0, lp_mod.INTERP_CONFIG)[2], "descriptors expected"
     x, w, t = _make(N, H, V, dtype, seed=N + V)
@@ -456,6 +461,9 @@ def test_parse_config_round_trip_and_errors():
         (128, 256, 64, 8, 4, 4, True)
     assert lp_mod.parse_config(lp_mod.format_config(c), base) == c
     assert lp_mod.parse_config("64x64x32", base)["num_warps"] == base["num_warps"]  # the rest from base
+    flat = lp_mod.parse_config("128x128x64:w8:s4:g8:tma:flat", base)
+    assert flat["FLAT"] and c["FLAT"] is False and lp_mod.format_config(flat) == "128x128x64:w8:s4:g8:tma:flat"
+    assert lp_mod.parse_config("128x128x64:tma", flat)["FLAT"] is False  # the loop form is not inherited
     for bad in ("128x256", "128x100x64", "128x128x64:q3", "8x8x8", "64x64x64:w3", "64x64x64:s0", "64x64x64:g0"):
         with pytest.raises(ValueError, match="LWZ_LOGPROB_FWD_CONFIG=.*expected BTxBVxBH"):
             lp_mod.parse_config(bad, base, "LWZ_LOGPROB_FWD_CONFIG")
