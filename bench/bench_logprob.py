@@ -220,13 +220,15 @@ def _eager_bytes(T, V):
     return 24 * T * V
 
 
-def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None):
+def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None, device="cuda", H=5120, V=152064,
+             dtype=torch.bfloat16):
     """Rows of every size x implementation (or those named in `only`); on_size(rows) after each
-    size (partial results)."""
+    size (partial results). device / H / V / dtype: the goal's shape on a GPU by default (a test
+    runs this loop on the CPU under the Triton interpreter at a tiny shape)."""
     from triton.testing import do_bench
 
-    dev = torch.device("cuda")
-    H, V, temp, dtype = 5120, 152064, 0.8, torch.bfloat16
+    dev = torch.device(device)
+    temp = 0.8
     rep = 20 if quick else 100
     compile_torch = compile_torch and (not only or "torch_chunked_compiled" in only)
     impls = _make_impls(temp, on_cuda=True, compile_torch=compile_torch)
@@ -247,7 +249,8 @@ def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None):
             ref_lp, _ = logprobs_reference(x[:n_err].float(), w.float(), t[:n_err], temp,
                                            compute_dtype=torch.float32)
         for name, fn in impls.items():
-            row = dict(T=T, H=H, V=V, dtype="bf16", impl=name, matmul_tflops=mm_tflops)
+            row = dict(T=T, H=H, V=V, dtype=str(dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp"),
+                       impl=name, matmul_tflops=mm_tflops)
             if name in SCRATCH:
                 with _settings(name):
                     row["bwd_plan"] = _plan_text(backward_plan(x, w, SCRATCH[name]), V)
@@ -266,9 +269,7 @@ def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None):
                     lp, _ = fn(x, w, t)
                 row["max_abs_err_logp"] = (lp[:n_err].float() - ref_lp).abs().max().item()
                 del lp
-                with _settings(name):
-                    row["rel_err_dx"], row["rel_err_dw"] = grad_errors(fn, x, w, t, gl, ge, temp, n_err)
-                row["err_vs"] = f"fp32 reference of the bf16 inputs, first {n_err} tokens"
+                row["err_vs"] = f"fp32 reference of the {row['dtype']} inputs, first {n_err} tokens"
                 fwd_ms = do_bench(fwd, rep=rep, return_mode="median")
                 fb_ms = do_bench(fb, rep=rep, return_mode="median")
                 torch.cuda.synchronize()
@@ -293,6 +294,13 @@ def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None):
             except Exception as e:  # report and go on (e.g. a compile failure)
                 row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             del xr, wr
+            torch.cuda.empty_cache()
+            if "skipped" not in row:  # after the timing: a failure here keeps the row's numbers
+                try:
+                    with _settings(name):
+                        row["rel_err_dx"], row["rel_err_dw"] = grad_errors(fn, x, w, t, gl, ge, temp, n_err)
+                except Exception as e:
+                    row["grad_err_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             torch.cuda.empty_cache()
             rows.append(row)
         del x, w, t, gl, ge

@@ -454,6 +454,40 @@ def test_backward_plan_and_its_bench_text():
     assert bl._with_settings("triton_lowmem_whole_vocab", lambda: lp_mod.DX_VOCAB_BLOCKS)() is False
 
 
+def test_gpu_bench_loop_on_cpu(monkeypatch):
+    """run_cuda's loop itself (plans, per-row settings, gradient checks, memory and timing fields)
+    on the CPU under the interpreter at a tiny fp16 shape, CUDA calls replaced by stand-ins: what
+    the GPU run does besides timing, checked before any device time is spent on it."""
+    import triton.testing
+
+    from bench import bench_logprob as bl
+
+    for fn in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(bl.torch.cuda, fn, lambda *a, **k: None)
+    monkeypatch.setattr(bl.torch.cuda, "memory_allocated", lambda *a: 0)
+    monkeypatch.setattr(bl.torch.cuda, "max_memory_allocated", lambda *a: 3 << 20)
+    monkeypatch.setattr(bl.torch.cuda, "mem_get_info", lambda *a: (1 << 40, 1 << 40))
+    monkeypatch.setattr(bl, "matmul_seconds", lambda n: 1.0)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, rep, return_mode: (fn(), 2.0)[1])
+    seen = []
+    real = lp_mod._bwd_plan
+    monkeypatch.setattr(lp_mod, "_bwd_plan", lambda *a: seen.append((lp_mod.DX_VOCAB_BLOCKS, real(*a))) or seen[-1][1])
+    low = 100_000  # two walks at this shape: dX over 256-column blocks, or whole-vocabulary 64-token chunks
+    monkeypatch.setattr(bl, "SCRATCH", {"triton": None, "triton_lowmem": low, "triton_lowmem_whole_vocab": low})
+    rows = bl.run_cuda([70], quick=True, compile_torch=False, device="cpu", H=48, V=1237, dtype=torch.float16)
+    by = {r["impl"]: r for r in rows}
+    assert set(by) == {"triton", "triton_lowmem", "triton_lowmem_whole_vocab", "torch_eager"}, list(by)
+    for r in rows:
+        assert "skipped" not in r and "grad_err_error" not in r, r
+        assert r["dtype"] == "fp16" and r["fwd_ms"] == 2.0 and r["peak_beyond_grads_mib"] < 3
+        assert r["rel_err_dx"] < 1e-2 and r["rel_err_dw"] < 1e-2 and r["max_abs_err_logp"] < 1e-2, r
+    assert by["triton"]["bwd_plan"].startswith("one walk")
+    assert "blocks" in by["triton_lowmem"]["bwd_plan"] and "whole vocabulary" in by["triton_lowmem_whole_vocab"]["bwd_plan"]
+    # the whole-vocabulary row's backward ran with the blocks off, the others with them on
+    assert (False, (2, 64, 1237, 256)) in seen and (True, (2, 64, 256, 256)) in seen
+    assert lp_mod.DX_VOCAB_BLOCKS
+
+
 def test_parse_config_round_trip_and_errors():
     base = dict(lp_mod.GPU_BWD_CONFIG)
     c = lp_mod.parse_config("128x256x64:w8:s4:g4:tma", base)
