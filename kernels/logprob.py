@@ -655,7 +655,8 @@ def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget):
     chunks at V = 152064, and the 1.5 GB weight is streamed from HBM twice per 256 tokens (~60 ms
     at 16k tokens on an H100, about as long as the chunks' GEMMs); with it, ~2700-token chunks
     over 8192-column blocks move ~6x fewer bytes. Candidates that fit the budget win; with none
-    (a budget under one block), the smallest footprint.
+    (a budget under one block), the smallest footprint. DX_VOCAB_BLOCKS off: whole-vocabulary
+    chunks only (the plan before the accumulator, kept for the benchmark's comparison).
     """
     min_vc = min(V, ONE_PASS_MIN_VC)
     if N * acc_row + N * min_vc * elem <= budget:
@@ -724,8 +725,8 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
     c = _cfg(dev, hidden.dtype, bwd=True)
     on_gpu = dev.type == "cuda" and not _interpreting()
     dl_dtype = _dlogits_dtype(hidden)
-    # FLAT configs: one program per SM (their SMEM rules out two); 3 under the interpreter, so
-    # each program there walks several tiles
+    # FLAT configs: one persistent program per SM (the shipped-size tiles' registers and SMEM
+    # leave room for one); 3 under the interpreter, so each program there walks several tiles
     persistent_programs = torch.cuda.get_device_properties(dev).multi_processor_count if on_gpu else 3
     passes, tc, vcx, vc = backward_plan(hidden, weight, scratch_bytes, need_dx)
     buf = None  # the dA chunk of the current walk (each walk allocates its own: peak = one walk's)
