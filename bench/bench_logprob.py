@@ -28,9 +28,10 @@ Peak extra memory = max_memory_allocated during fwd+bwd minus the memory held be
 subtracts the gradients dX and dW themselves (outputs every implementation holds), leaving the
 working memory: for triton the backward's dlogits chunk and the fp32 dX accumulator (T*H*4 B in
 the one-walk plan, one token chunk's in the two-walk plan), together within bwd_scratch_bytes.
-Errors are against an fp32 reference of the same bf16 inputs on the first 256 tokens; the dX / dW errors ("dX err", "dW err": max |error| / max |reference|) come from a
-separate fwd+bwd of each implementation on those tokens with the same random signed per-token
-upstream gradients (`grad_errors`), which also checks the baselines' backward.
+Errors are against an fp32 reference of the same bf16 inputs on the first 256 tokens; the dX /
+dW errors ("dX err", "dW err": max |error| / max |reference|) come from a separate fwd+bwd of each
+implementation on those tokens with the same random signed per-token upstream gradients
+(`grad_errors`), which also checks the baselines' backward.
 
 CPU: a small size (T=512, H=64, V=4099, fp32; --quick: T=256) comparing the chunked torch path
 with the eager reference, in seconds (median of a few runs), plus max |logp - fp64 reference|.
@@ -61,6 +62,7 @@ from kernels.reference import logprobs_reference  # noqa: E402
 FLOPS_FORMULA = "fwd: 2*T*H*V; fwd+bwd (recompute): 8*T*H*V"
 LOW_SCRATCH = 88 << 20  # the triton_lowmem row's backward budget: 92.3 MB, under the 100 MB goal
 SCRATCH = {"triton": None, "triton_lowmem": LOW_SCRATCH, "triton_lowmem_whole_vocab": LOW_SCRATCH}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # kernels.logprob settings of a row, set while it runs (forward, backward and its plan)
 ROW_SETTINGS = {"triton_lowmem_whole_vocab": {"DX_VOCAB_BLOCKS": False}}
 
@@ -249,8 +251,7 @@ def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None, device="
             ref_lp, _ = logprobs_reference(x[:n_err].float(), w.float(), t[:n_err], temp,
                                            compute_dtype=torch.float32)
         for name, fn in impls.items():
-            row = dict(T=T, H=H, V=V, dtype=str(dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp"),
-                       impl=name, matmul_tflops=mm_tflops)
+            row = dict(T=T, H=H, V=V, dtype=DTYPE_NAMES[dtype], impl=name, matmul_tflops=mm_tflops)
             if name in SCRATCH:
                 with _settings(name):
                     row["bwd_plan"] = _plan_text(backward_plan(x, w, SCRATCH[name]), V)
