@@ -13,7 +13,7 @@ backward, for
                   dX, vocabulary chunks for dW) and recomputes the logits once more (each
                   triton row records its backward plan, kernels.logprob.backward_plan)
   triton_lowmem_whole_vocab   the same budget with the dX walk in whole-vocabulary token chunks
-                  (kernels.logprob.DX_VOCAB_BLOCKS off: 256-token chunks at V = 152064), the
+                  (kernels.logprob.DX_BLOCK >= V: 256-token chunks at V = 152064), the
                   plan before the vocabulary-block accumulator, timed in the same run
   torch_chunked_compiled   the chunked torch path (impl="torch") with its chunk bodies compiled by
                   torch.compile (kernels.logprob.compile_torch_chunks; the loops stay in Python)
@@ -64,7 +64,7 @@ LOW_SCRATCH = 88 << 20  # the triton_lowmem row's backward budget: 92.3 MB, unde
 SCRATCH = {"triton": None, "triton_lowmem": LOW_SCRATCH, "triton_lowmem_whole_vocab": LOW_SCRATCH}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # kernels.logprob settings of a row, set while it runs (forward, backward and its plan)
-ROW_SETTINGS = {"triton_lowmem_whole_vocab": {"DX_VOCAB_BLOCKS": False}}
+ROW_SETTINGS = {"triton_lowmem_whole_vocab": {"DX_BLOCK": 1 << 40}}
 
 
 def _versions():

@@ -15,7 +15,8 @@ descriptors or pointer loads. Steps, each timed with triton.testing.do_bench (me
      benchmark's triton_lowmem row): the two-walk backward with its dX walk forced to each of
      --dx-blocks vocabulary widths and to whole-vocabulary token chunks (each with the most tokens
      the budget allows, kernels.logprob.dx_chunk_tokens), the plan's own pick marked, so the
-     traffic model of kernels.logprob._bwd_plan is checked against the clock.
+     traffic model of kernels.logprob._bwd_plan is checked against the clock; a width faster than
+     the pick by more than 1% goes to the env file as LWZ_LOGPROB_DX_BLOCK.
 A config whose results leave the tolerances (logp 1e-3 from the oracle; dX, dW 2e-2 relative) is
 marked wrong and never chosen. Writes JSON (bench/results/tune_logprob-<gpu>.json by default), a
 table, and with --env the fastest correct pair as LWZ_LOGPROB_FWD_CONFIG=... /
@@ -55,7 +56,20 @@ def _rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
+# kernels.logprob settings the tuning sets while it runs; main restores them (in-process callers)
+_SETTINGS = ("GPU_CONFIG", "GPU_BWD_CONFIG", "INTERP_CONFIG", "INTERP_BWD_CONFIG", "DX_BLOCK", "_bwd_plan")
+
+
 def main(argv=None):
+    saved = {k: getattr(lp, k) for k in _SETTINGS}
+    try:
+        return _tune(argv)
+    finally:
+        for k, v in saved.items():
+            setattr(lp, k, v)
+
+
+def _tune(argv):
     ap = argparse.ArgumentParser(prog="python -m bench.tune_logprob", description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
     ap.add_argument("--tokens", type=int, default=16384 if cuda else 200)
@@ -174,6 +188,7 @@ def main(argv=None):
         setattr(lp, bwd_var, lp.parse_config(best_bwd["config"], bwd_cfgs[0]) if best_bwd else bwd_cfgs[0])
         args = lp.plan_args(xr, wr, a.lowmem_bytes)
         N_, V_, elem, acc_row, block_t, block_v, budget = args
+        lp.DX_BLOCK = 0  # the traffic model's own pick
         pick = lp._bwd_plan(*args)
         vc = pick[3] if pick[0] == 2 else lp._whole_blocks(budget // (N_ * elem), block_v, V_)
         widths = {V_} | {min(V_, int(v)) for v in a.dx_blocks.split(",") if v} | ({pick[2]} if pick[0] == 2 else set())
@@ -184,7 +199,7 @@ def main(argv=None):
             lp._bwd_plan = lambda *_, plan=plan: plan
             try:
                 record(dict(step="lowmem", config=f"dX {tc}x{vcx}, dW {N_}x{vc}", plan_pick=plan == pick,
-                            scratch_mib=max(nbytes, N_ * vc * elem) / 2**20), measure_fb)
+                            dx_block=vcx, scratch_mib=max(nbytes, N_ * vc * elem) / 2**20), measure_fb)
             finally:
                 lp._bwd_plan = real_plan
             del base[1:]
@@ -192,9 +207,11 @@ def main(argv=None):
         if low:
             fastest = min(low, key=lambda r: r["ms"])
             picked = [r for r in low if r["plan_pick"]]
+            ratio = picked[0]["ms"] / fastest["ms"] if picked else None
             result["lowmem"] = {"budget_bytes": budget, "plan": list(pick), "fastest": fastest["config"],
-                                "fastest_pct_matmul": fastest["pct_matmul"],
-                                "pick_vs_fastest": picked[0]["ms"] / fastest["ms"] if picked else None}
+                                "fastest_pct_matmul": fastest["pct_matmul"], "pick_vs_fastest": ratio,
+                                # a width that beats the model's pick by > 1% is exported (--env)
+                                "dx_block": fastest["dx_block"] if ratio is None or ratio > 1.01 else 0}
     first = [r for r in rows if r["step"] == "baseline" and r.get("ok")]
     if best_fwd and best_bwd and first:
         result["headline"] = {"best_fwd_pct_matmul": best_fwd["pct_matmul"],
@@ -209,6 +226,8 @@ def main(argv=None):
     if a.env and best_fwd and best_bwd:
         with open(a.env, "w") as f:
             f.write(f"LWZ_LOGPROB_FWD_CONFIG={best_fwd['config']}\nLWZ_LOGPROB_BWD_CONFIG={best_bwd['config']}\n")
+            if result.get("lowmem", {}).get("dx_block"):
+                f.write(f"LWZ_LOGPROB_DX_BLOCK={result['lowmem']['dx_block']}\n")
     print(f"wrote {out}")
     return 0
 

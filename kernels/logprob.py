@@ -99,9 +99,10 @@ ONE_PASS_MIN_VC = 1024
 # Widest dA chunk of the one-pass walk: past ~512 MiB the saved accumulator passes are < 0.3% of
 # the time at 16k tokens (the H200 numbers of the README were measured with this chunk).
 BWD_MAX_CHUNK_BYTES = 512 << 20
-# The two-walk plan may split each token chunk's dX over vocabulary blocks into an fp32 [tc, H]
-# accumulator (see _bwd_plan); 0 keeps whole-vocabulary token chunks (the benchmark's comparison).
-DX_VOCAB_BLOCKS = os.environ.get("LWZ_LOGPROB_DX_VOCAB_BLOCKS", "1") != "0"
+# Vocabulary block width of the two-walk plan's dX chunks (see _bwd_plan): 0 = chosen by its
+# traffic model; a width >= V = whole-vocabulary token chunks with no accumulator. Set by
+# bench/tune_logprob.py's low-memory step (as LWZ_LOGPROB_DX_BLOCK) where a width beat the model.
+DX_BLOCK = int(os.environ.get("LWZ_LOGPROB_DX_BLOCK", "0"))
 # Elements of one fp32 logits chunk in the torch path ([C, V] forward, [N, Vc] backward).
 # 0 = by device (see _torch_chunk_elems).
 TORCH_CHUNK_ELEMS = int(os.environ.get("LWZ_LOGPROB_TORCH_CHUNK_ELEMS", "0"))
@@ -655,21 +656,21 @@ def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget):
     chunks at V = 152064, and the 1.5 GB weight is streamed from HBM twice per 256 tokens (~60 ms
     at 16k tokens on an H100, about as long as the chunks' GEMMs); with it, ~2700-token chunks
     over 8192-column blocks move ~6x fewer bytes. Candidates that fit the budget win; with none
-    (a budget under one block), the smallest footprint. DX_VOCAB_BLOCKS off: whole-vocabulary
-    chunks only (the plan before the accumulator, kept for the benchmark's comparison).
+    (a budget under one block), the smallest footprint. DX_BLOCK > 0 fixes the width (>= V: the
+    whole-vocabulary chunks of the plan before the accumulator, the benchmark's comparison).
     """
     min_vc = min(V, ONE_PASS_MIN_VC)
     if N * acc_row + N * min_vc * elem <= budget:
         return 1, N, V, _whole_blocks(min(budget - N * acc_row, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
     vc = _whole_blocks(budget // max(1, N * elem), block_v, V)
     cands = []  # (fits, modelled bytes or footprint, vcx, tc)
-    vcx = block_v if DX_VOCAB_BLOCKS else V
+    vcx = min(DX_BLOCK, V) if DX_BLOCK > 0 else block_v
     while True:
         vcx = min(vcx, V)
         tc, nbytes = dx_chunk_tokens(vcx, N, V, elem, acc_row, block_t, budget)
         cost = 2 * elem / tc + (8 / vcx if vcx < V else 0.0)
         cands.append((nbytes > budget, cost if nbytes <= budget else nbytes, vcx, tc))
-        if vcx == V:
+        if vcx == V or DX_BLOCK > 0:
             break
         vcx *= 2
     _, _, vcx, tc = min(cands)

@@ -128,7 +128,7 @@ def test_matches_fp64_reference(impl, walk, tma, dtype, N, H, V, temp, grads, mo
     assert (ent >= -1e-6).all() and (ent <= math.log(V) + 1e-4).all()
 
 
-def test_bwd_plan_stays_within_budget():
+def test_bwd_plan_stays_within_budget(monkeypatch):
     """The backward's scratch plan: one walk with the fp32 dX accumulator while it and a chunk of
     >= ONE_PASS_MIN_VC columns fit the budget, else two walks whose chunks each fit it; the dX
     walk takes long token chunks over vocabulary blocks when whole-vocabulary chunks get short."""
@@ -152,6 +152,13 @@ def test_bwd_plan_stays_within_budget():
     # a budget a single block exceeds: the smallest footprint (one block per chunk, <= N rows)
     assert plan(3, 1237, 4, 0, 64, 256, 1) == (2, 3, 256, 256)
     assert plan(3, 1237, 4, 0, 64, 256, 1 << 30) == (1, 3, 1237, 1237)  # everything in one chunk
+    # DX_BLOCK (LWZ_LOGPROB_DX_BLOCK, what the tuning exports) fixes the dX width; >= V: whole vocabulary
+    monkeypatch.setattr(lp_mod, "DX_BLOCK", 4096)
+    tc, _ = lp_mod.dx_chunk_tokens(4096, N, V, bf16, row, 128, 88 << 20)
+    assert plan(N, V, bf16, row, 128, 128, 88 << 20) == (2, tc, 4096, 2816) and tc == 3200
+    monkeypatch.setattr(lp_mod, "DX_BLOCK", 1 << 40)
+    assert plan(N, V, bf16, row, 128, 128, 88 << 20) == (2, 256, V, 2816)
+    assert plan(N, V, bf16, row, 128, 128, 1 << 30)[0] == 1  # the one-walk plan is not affected
 
 
 @pytest.mark.parametrize("budget,passes", [(48 << 10, 2), (1 << 30, 1)])
@@ -443,15 +450,15 @@ def test_backward_plan_and_its_bench_text():
     # the bench's comparison row: its settings hold while it runs (plan included) and are restored
     from bench import bench_logprob as bl
 
-    assert lp_mod.DX_VOCAB_BLOCKS
+    assert lp_mod.DX_BLOCK == 0
     big_x = torch.empty(16384, 5120, dtype=torch.float16, device="meta")
     big_w = torch.empty(152064, 5120, dtype=torch.float16, device="meta")
     with bl._settings("triton_lowmem_whole_vocab"):
-        assert not lp_mod.DX_VOCAB_BLOCKS
+        assert lp_mod.DX_BLOCK >= 152064
         whole = lp_mod.backward_plan(big_x, big_w, bl.LOW_SCRATCH)
-    assert lp_mod.DX_VOCAB_BLOCKS
+    assert lp_mod.DX_BLOCK == 0
     assert whole[0] == 2 and whole[2] == 152064 and lp_mod.backward_plan(big_x, big_w, bl.LOW_SCRATCH)[2] < 152064
-    assert bl._with_settings("triton_lowmem_whole_vocab", lambda: lp_mod.DX_VOCAB_BLOCKS)() is False
+    assert bl._with_settings("triton_lowmem_whole_vocab", lambda: lp_mod.DX_BLOCK)() >= 152064
 
 
 def test_gpu_bench_loop_on_cpu(monkeypatch):
@@ -471,7 +478,7 @@ def test_gpu_bench_loop_on_cpu(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, rep, return_mode: (fn(), 2.0)[1])
     seen = []
     real = lp_mod._bwd_plan
-    monkeypatch.setattr(lp_mod, "_bwd_plan", lambda *a: seen.append((lp_mod.DX_VOCAB_BLOCKS, real(*a))) or seen[-1][1])
+    monkeypatch.setattr(lp_mod, "_bwd_plan", lambda *a: seen.append((lp_mod.DX_BLOCK == 0, real(*a))) or seen[-1][1])
     low = 100_000  # two walks at this shape: dX over 256-column blocks, or whole-vocabulary 64-token chunks
     monkeypatch.setattr(bl, "SCRATCH", {"triton": None, "triton_lowmem": low, "triton_lowmem_whole_vocab": low})
     rows = bl.run_cuda([70], quick=True, compile_torch=False, device="cpu", H=48, V=1237, dtype=torch.float16)
@@ -485,7 +492,7 @@ def test_gpu_bench_loop_on_cpu(monkeypatch):
     assert "blocks" in by["triton_lowmem"]["bwd_plan"] and "whole vocabulary" in by["triton_lowmem_whole_vocab"]["bwd_plan"]
     # the whole-vocabulary row's backward ran with the blocks off, the others with them on
     assert (False, (2, 64, 1237, 256)) in seen and (True, (2, 64, 256, 256)) in seen
-    assert lp_mod.DX_VOCAB_BLOCKS
+    assert lp_mod.DX_BLOCK == 0
 
 
 def test_parse_config_round_trip_and_errors():
@@ -510,6 +517,14 @@ def test_tune_flow_under_interpreter(tmp_path, monkeypatch):
     from bench import tune_logprob
 
     out, env = tmp_path / "tune.json", tmp_path / "tune.env"
+    interp_before = dict(lp_mod.INTERP_CONFIG)
+
+    def fake_time(fn, *a, **k):  # the interpreter's clock means nothing: 128-column dX blocks win
+        fn()
+        forced = lp_mod._bwd_plan() if lp_mod._bwd_plan.__name__ == "<lambda>" else None
+        return 0.002 if forced and forced[2] == 128 else 0.003
+
+    monkeypatch.setattr(tune_logprob, "time_call", fake_time)
     tune_logprob.main(["--tokens", "70", "--hidden", "48", "--vocab", "300", "--out", str(out), "--env", str(env),
                        "--fwd", "64x256x64:w4:s1:ptr;64x128x64:w4:s1:tma;64x128x16:w4:s1:ptr",
                        "--bwd", "64x256x64:w4:s1:g2:ptr;64x128x32:w4:s1:g2:tma",
@@ -524,9 +539,13 @@ def test_tune_flow_under_interpreter(tmp_path, monkeypatch):
     plan = data["lowmem"]["plan"]
     assert plan[0] == 2 and sum(r["plan_pick"] for r in low) == 1  # the plan's pick is one of the widths
     assert [r["config"] for r in low if r["plan_pick"]] == [f"dX {plan[1]}x{plan[2]}, dW 70x{plan[3]}"]
-    assert data["lowmem"]["pick_vs_fastest"] >= 1.0 and lp_mod._bwd_plan.__name__ == "_bwd_plan"
+    assert plan[2] != 128 and data["lowmem"]["pick_vs_fastest"] == pytest.approx(1.5)
+    # the module's settings are back as they were (the run sets configs and plans as it goes)
+    assert lp_mod.INTERP_CONFIG == interp_before and lp_mod.DX_BLOCK == 0 and lp_mod._bwd_plan.__name__ == "_bwd_plan"
     lines = dict(line.split("=", 1) for line in env.read_text().split())
-    assert set(lines) == {"LWZ_LOGPROB_FWD_CONFIG", "LWZ_LOGPROB_BWD_CONFIG"}
+    # ... and the dX width that beat the plan's pick by > 1% is exported for the later steps
+    assert set(lines) == {"LWZ_LOGPROB_FWD_CONFIG", "LWZ_LOGPROB_BWD_CONFIG", "LWZ_LOGPROB_DX_BLOCK"}
+    assert lines["LWZ_LOGPROB_DX_BLOCK"] == "128" and data["lowmem"]["dx_block"] == 128
     assert lines["LWZ_LOGPROB_FWD_CONFIG"] in data["best"]["fwd"] and data["best"]["bwd"] == lines["LWZ_LOGPROB_BWD_CONFIG"]
     lp_mod.parse_config(lines["LWZ_LOGPROB_BWD_CONFIG"], lp_mod.GPU_BWD_CONFIG)
     # a backward config that fails to run is reported with its error and never chosen
