@@ -187,7 +187,7 @@ def _tune(argv):
         setattr(lp, cfg_var, best_fwd_cfg)
         setattr(lp, bwd_var, lp.parse_config(best_bwd["config"], bwd_cfgs[0]) if best_bwd else bwd_cfgs[0])
         args = lp.plan_args(xr, wr, a.lowmem_bytes)
-        N_, V_, elem, acc_row, block_t, block_v, budget = args
+        N_, V_, elem, acc_row, block_t, block_v, budget, _ = args  # the exact (two-walk) plan
         lp.DX_BLOCK = 0  # the traffic model's own pick
         pick = lp._bwd_plan(*args)
         vc = pick[3] if pick[0] == 2 else lp._whole_blocks(budget // (N_ * elem), block_v, V_)

@@ -51,7 +51,9 @@ Two implementations, same semantics:
               dA[Tc, V] @ W or, where that leaves short chunks, over vocabulary blocks
               [Tc, Vx] into an fp32 [Tc, H] accumulator (fewer weight re-reads); then
               vocabulary chunks give dW as above; 10 N H V flops, scratch = one walk's chunk and
-              accumulator (`_bwd_plan`).
+              accumulator (`_bwd_plan`). With exact_dw=False a tight budget walks once per token
+              group instead ([Tg, H] fp32 dX accumulator, dW[chunk] added up over the groups by
+              cuBLAS in dW's dtype): 8 N H V flops again, dW rounded once per group.
   impl="torch": plain torch, chunked; what the CPU trainer uses. The forward walks token chunks
     (each [C, V] logits chunk in fp32), the backward walks vocab chunks like the Triton path.
   impl="auto": Triton when the tensors are on CUDA and triton imports, torch otherwise.
@@ -636,7 +638,7 @@ def _acc_mm(out32, a, b):
     out32 += torch.mm(a, b).float()
 
 
-def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget):
+def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True):
     """How the backward walks dA = d loss / d logits within `budget` bytes of scratch.
 
     N tokens, V vocabulary, elem = bytes per dA (and weight) element, acc_row = bytes per token of
@@ -646,6 +648,12 @@ def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget):
                         dX_fp32 += dA W[chunk], chosen when the [N, H] accumulator and a chunk of
                         >= ONE_PASS_MIN_VC columns fit (the chunk: what the budget leaves, at most
                         BWD_MAX_CHUNK_BYTES);
+      (1, tc, V, vc)    with exact_dw False, where that does not fit: the same walk once per token
+                        group of tc < N rows (an fp32 [tc, H] accumulator), dW[chunk] added up over
+                        the groups in dW's dtype (rounded once per group instead of once): one
+                        logits recompute instead of two (8 N H V flops instead of 10). The shape
+                        minimises the modelled traffic 8 / vc (accumulator) + 4 * elem / tc (dW
+                        read and written, weight read twice, per group);
       (2, tc, vcx, vc)  first dX, by token chunks of tc rows: vcx == V gives one GEMM per chunk,
                         dX[rows] = dA[tc, V] W, with no accumulator; vcx < V walks the chunk's
                         vocabulary in blocks [tc, vcx] into an fp32 [tc, H] accumulator. Then dW
@@ -662,19 +670,30 @@ def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget):
     min_vc = min(V, ONE_PASS_MIN_VC)
     if N * acc_row + N * min_vc * elem <= budget:
         return 1, N, V, _whole_blocks(min(budget - N * acc_row, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
+    if not exact_dw:
+        vc, tc = _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, 4 * elem, 0)
+        return 1, tc, V, vc
     vc = _whole_blocks(budget // max(1, N * elem), block_v, V)
-    cands = []  # (fits, modelled bytes or footprint, vcx, tc)
-    vcx = min(DX_BLOCK, V) if DX_BLOCK > 0 else block_v
-    while True:
-        vcx = min(vcx, V)
-        tc, nbytes = dx_chunk_tokens(vcx, N, V, elem, acc_row, block_t, budget)
-        cost = 2 * elem / tc + (8 / vcx if vcx < V else 0.0)
-        cands.append((nbytes > budget, cost if nbytes <= budget else nbytes, vcx, tc))
-        if vcx == V or DX_BLOCK > 0:
-            break
-        vcx *= 2
-    _, _, vcx, tc = min(cands)
+    vcx, tc = _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, 2 * elem, DX_BLOCK)
     return 2, tc, vcx, vc
+
+
+def _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, per_token_chunk, fixed_width):
+    """(width, tc): the [tc, width] chunks (with the fp32 [tc, H] accumulator where width < V) of
+    least modelled traffic per N*V*H, per_token_chunk / tc + 8 / width, among widths block_v * 2^k
+    and V (fixed_width > 0: that one). Chunks that fit the budget win; with none, the smallest."""
+    cands = []  # (fits, modelled bytes or footprint, width, tc)
+    width = min(fixed_width, V) if fixed_width > 0 else block_v
+    while True:
+        width = min(width, V)
+        tc, nbytes = dx_chunk_tokens(width, N, V, elem, acc_row, block_t, budget)
+        cost = per_token_chunk / tc + (8 / width if width < V else 0.0)
+        cands.append((nbytes > budget, cost if nbytes <= budget else nbytes, width, tc))
+        if width == V or fixed_width > 0:
+            break
+        width *= 2
+    _, _, width, tc = min(cands)
+    return width, tc
 
 
 def _whole_blocks(n, block, full):
@@ -696,26 +715,27 @@ def _dlogits_dtype(hidden):
     return hidden.dtype if on_gpu else torch.float32
 
 
-def plan_args(hidden, weight, scratch_bytes=None, need_dx=True):
+def plan_args(hidden, weight, scratch_bytes=None, need_dx=True, exact_dw=True):
     """_bwd_plan's arguments for these inputs and budget:
-    (N, V, elem, acc_row, BLOCK_T, BLOCK_V, budget)."""
+    (N, V, elem, acc_row, BLOCK_T, BLOCK_V, budget, exact_dw)."""
     N, H = hidden.shape
     c = _cfg(hidden.device, hidden.dtype, bwd=True)
     elem = torch.finfo(_dlogits_dtype(hidden)).bits // 8
     acc_row = H * 4 if need_dx and hidden.dtype != torch.float32 else 0
     budget = BWD_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-    return N, weight.shape[0], elem, acc_row, c["BLOCK_T"], c["BLOCK_V"], budget
+    return N, weight.shape[0], elem, acc_row, c["BLOCK_T"], c["BLOCK_V"], budget, exact_dw
 
 
-def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True):
+def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True, exact_dw=True):
     """The Triton backward's walk for these inputs and budget: (passes, tc, vcx, vc) of _bwd_plan."""
-    return _bwd_plan(*plan_args(hidden, weight, scratch_bytes, need_dx))
+    return _bwd_plan(*plan_args(hidden, weight, scratch_bytes, need_dx, exact_dw))
 
 
 def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
-                    need_dx=True, need_dw=True, scratch_bytes=None):
+                    need_dx=True, need_dw=True, scratch_bytes=None, exact_dw=True):
     """(dX [N, H] in hidden's dtype or None, dW [V, H] in weight's dtype or None), holding at most
-    scratch_bytes (default BWD_SCRATCH_BYTES) beyond them; see _bwd_plan."""
+    scratch_bytes (default BWD_SCRATCH_BYTES) beyond them; exact_dw False lets a tight budget add
+    dW up over token groups instead of recomputing the logits twice; see _bwd_plan."""
     mx, log_s = stats
     N, H = hidden.shape
     V = weight.shape[0]
@@ -729,7 +749,7 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
     # FLAT configs: one persistent program per SM (the shipped-size tiles' registers and SMEM
     # leave room for one); 3 under the interpreter, so each program there walks several tiles
     persistent_programs = torch.cuda.get_device_properties(dev).multi_processor_count if on_gpu else 3
-    passes, tc, vcx, vc = backward_plan(hidden, weight, scratch_bytes, need_dx)
+    passes, tc, vcx, vc = backward_plan(hidden, weight, scratch_bytes, need_dx, exact_dw)
     buf = None  # the dA chunk of the current walk (each walk allocates its own: peak = one walk's)
     dummy = ent  # placeholder pointer for absent upstream grads (never read: constexpr-guarded)
     x_g = hidden if on_gpu or hidden.dtype == torch.float32 else hidden.float()
@@ -754,45 +774,72 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
         return out
 
     dw = torch.empty_like(weight) if need_dw else None
-    dx = dx32 = None
-    if need_dx and passes == 2:  # the token walk: dX of tc rows at a time
-        dx = torch.empty_like(hidden)
-        buf = torch.empty(tc * vcx, device=dev, dtype=dl_dtype)
-        # vcx < V: an fp32 [tc, H] accumulator over the chunk's vocabulary blocks (fp32 dX is its own)
-        acc = None if vcx == V or hidden.dtype == torch.float32 else \
-            torch.empty(tc, H, device=dev, dtype=torch.float32)
-        for t0 in range(0, N, tc):
-            t1 = min(N, t0 + tc)
-            if vcx == V:  # one GEMM over the whole vocabulary, no accumulator
-                dlc = dlogits(t0, t1, 0, V)
-                if on_gpu:
-                    torch.mm(dlc, weight, out=dx[t0:t1])
-                else:
-                    dx[t0:t1] = (dlc @ w_g).to(dx.dtype)
-                continue
-            a = dx[t0:t1] if acc is None else acc[: t1 - t0]
+    dx = torch.empty_like(hidden) if need_dx else None
+
+    def dw_update(v0, w, dlc, g0, g1):
+        """dW[v0:v0+w] = dA^T X[g0:g1] for the first token group, += for the others (cuBLAS adds in
+        fp32 and rounds once per group to dW's dtype)."""
+        out = dw[v0:v0 + w]
+        if on_gpu:
+            if g0 == 0:
+                torch.mm(dlc.t(), hidden[g0:g1], out=out)
+            else:
+                out.addmm_(dlc.t(), hidden[g0:g1])
+        else:
+            part = dlc.t() @ x_g[g0:g1]
+            out.copy_(part if g0 == 0 else out.to(part.dtype) + part)
+
+    if passes == 2:
+        if need_dx:  # the token walk: dX of tc rows at a time
+            buf = torch.empty(tc * vcx, device=dev, dtype=dl_dtype)
+            # vcx < V: an fp32 [tc, H] accumulator over the chunk's vocabulary blocks (fp32 dX is its own)
+            acc = None if vcx == V or hidden.dtype == torch.float32 else \
+                torch.empty(tc, H, device=dev, dtype=torch.float32)
+            for t0 in range(0, N, tc):
+                t1 = min(N, t0 + tc)
+                if vcx == V:  # one GEMM over the whole vocabulary, no accumulator
+                    dlc = dlogits(t0, t1, 0, V)
+                    if on_gpu:
+                        torch.mm(dlc, weight, out=dx[t0:t1])
+                    else:
+                        dx[t0:t1] = (dlc @ w_g).to(dx.dtype)
+                    continue
+                a = dx[t0:t1] if acc is None else acc[: t1 - t0]
+                a.zero_()
+                for v0 in range(0, V, vcx):
+                    w = min(vcx, V - v0)
+                    _acc_mm(a, dlogits(t0, t1, v0, w), w_g[v0:v0 + w])
+                if acc is not None:
+                    dx[t0:t1] = a
+            buf = acc = dlc = None  # freed before the vocabulary walk allocates its chunk
+        if need_dw:  # the vocabulary walk: dW[chunk] in one GEMM over all N tokens, written once
+            buf = torch.empty(N * vc, device=dev, dtype=dl_dtype)
+            for v0 in range(0, V, vc):
+                w = min(vc, V - v0)
+                dw_update(v0, w, dlogits(0, N, v0, w), 0, N)
+        return dx, dw
+
+    # one walk per token group of tc rows over vocabulary chunks [tc, vc]: dA gives dX += dA W[chunk]
+    # (fp32 accumulator) and dW[chunk] (+)= dA^T X[group]. tc == N: one group, dW written once.
+    buf = torch.empty(min(tc, N) * vc, device=dev, dtype=dl_dtype)
+    acc = torch.empty(min(tc, N), H, device=dev, dtype=torch.float32) \
+        if need_dx and hidden.dtype != torch.float32 else None
+    for g0 in range(0, N, tc):
+        g1 = min(N, g0 + tc)
+        a = None
+        if need_dx:
+            a = dx[g0:g1] if acc is None else acc[: g1 - g0]
             a.zero_()
-            for v0 in range(0, V, vcx):
-                w = min(vcx, V - v0)
-                _acc_mm(a, dlogits(t0, t1, v0, w), w_g[v0:v0 + w])
-            if acc is not None:
-                dx[t0:t1] = a
-        buf = acc = dlc = None  # freed before the vocabulary walk allocates its chunk
-    elif need_dx:
-        dx32 = torch.zeros(N, H, device=dev, dtype=torch.float32)
-    if dx32 is not None or need_dw:  # the vocabulary walk: dW[chunk], and dX_fp32 += dA W[chunk] in one walk
-        buf = torch.empty(N * vc, device=dev, dtype=dl_dtype)
         for v0 in range(0, V, vc):
             w = min(vc, V - v0)
-            dlc = dlogits(0, N, v0, w)
-            if dx32 is not None:
-                _acc_mm(dx32, dlc, weight[v0:v0 + w])
+            dlc = dlogits(g0, g1, v0, w)
+            if a is not None:
+                _acc_mm(a, dlc, w_g[v0:v0 + w])
             if need_dw:
-                if on_gpu:  # one GEMM over all N tokens (fp32 accumulation inside cuBLAS), written once
-                    torch.mm(dlc.t(), hidden, out=dw[v0:v0 + w])
-                else:
-                    dw[v0:v0 + w] = (dlc.t() @ x_g).to(dw.dtype)
-    return (dx if dx32 is None else dx32.to(hidden.dtype)), dw
+                dw_update(v0, w, dlc, g0, g1)
+        if acc is not None:
+            dx[g0:g1] = a
+    return dx, dw
 
 
 # ---- plain torch, chunked -----------------------------------------------------------------------
@@ -869,7 +916,8 @@ def _dA_chunk(hidden, wc, idx, mx_, ls_, ent_, gl, nge, temperature):
 
 
 def torch_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
-                   need_dx=True, need_dw=True, scratch_bytes=None):  # chunks by TORCH_CHUNK_ELEMS
+                   need_dx=True, need_dw=True, scratch_bytes=None, exact_dw=True):
+    # chunks by TORCH_CHUNK_ELEMS: dW is always written once per chunk (scratch_bytes, exact_dw unused)
     N, H = hidden.shape
     V = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -907,18 +955,20 @@ def compile_torch_chunks(**compile_kwargs):
 
 # ---- autograd -----------------------------------------------------------------------------------
 class FusedLogprobFunction(torch.autograd.Function):
-    """(hidden, weight, targets, temperature, impl, scratch_bytes) -> (logp fp32 [N], entropy fp32 [N]).
+    """(hidden, weight, targets, temperature, impl, scratch_bytes, exact_dw) -> (logp fp32 [N],
+    entropy fp32 [N]).
     Saves hidden, weight, targets and the fp32 [N] stats (row max, log sum exp(z - max),
     entropy); nothing [N, V]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, impl, scratch_bytes):
+    def forward(ctx, hidden, weight, targets, temperature, impl, scratch_bytes, exact_dw):
         fwd = triton_forward if impl == "triton" else torch_forward
         logp, ent, (mx, log_s) = fwd(hidden, weight, targets, temperature)
         ctx.save_for_backward(hidden, weight, targets, mx, log_s, ent)
         ctx.temperature = temperature
         ctx.impl = impl
         ctx.scratch_bytes = scratch_bytes
+        ctx.exact_dw = exact_dw
         return logp, ent
 
     @staticmethod
@@ -926,17 +976,17 @@ class FusedLogprobFunction(torch.autograd.Function):
         hidden, weight, targets, mx, log_s, ent = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_dw):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         g_logp = None if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         bwd = triton_backward if ctx.impl == "triton" else torch_backward
         dx, dw = bwd(hidden, weight, targets, (mx, log_s), ent, g_logp, g_ent, ctx.temperature,
-                     need_dx=need_dx, need_dw=need_dw, scratch_bytes=ctx.scratch_bytes)
-        return dx, dw, None, None, None, None
+                     need_dx=need_dx, need_dw=need_dw, scratch_bytes=ctx.scratch_bytes, exact_dw=ctx.exact_dw)
+        return dx, dw, None, None, None, None, None
 
 
 def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, impl="auto",
-                   bwd_scratch_bytes=None):
+                   bwd_scratch_bytes=None, exact_dw=True):
     """Per-token log p(target) (and entropy) of softmax(hidden @ weight.T / temperature).
 
     hidden [N, H], weight [V, H] (same float dtype), targets int64 [N] (-100 = ignored: logp 0,
@@ -944,7 +994,9 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     hidden and weight. impl: "triton" | "torch" | "auto" (Triton on CUDA, chunked torch elsewhere).
     bwd_scratch_bytes: the memory the Triton backward may hold beyond the gradients (default
     BWD_SCRATCH_BYTES = LWZ_LOGPROB_BWD_SCRATCH_BYTES or 1 GiB); under ~N*H*4 + N*1024*2 bytes it
-    recomputes the logits once more (+25% flops) to stay within it.
+    recomputes the logits once more (+25% flops) to stay within it, unless exact_dw is False: then
+    it walks token groups once each and adds dW up over the groups in dW's dtype (bf16 dW rounded
+    once per group, ~7 times at 16k tokens in 88 MiB, instead of once).
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"fused_logprobs: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
@@ -960,5 +1012,7 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     t = _check_inputs(hidden, weight, targets, temperature, impl)
     if bwd_scratch_bytes is not None and not (isinstance(bwd_scratch_bytes, int) and bwd_scratch_bytes >= 0):
         raise ValueError(f"fused_logprobs: bwd_scratch_bytes must be an int >= 0, got {bwd_scratch_bytes!r}")
-    logp, ent = FusedLogprobFunction.apply(hidden, weight, targets, t, impl, bwd_scratch_bytes)
+    if not isinstance(exact_dw, bool):
+        raise ValueError(f"fused_logprobs: exact_dw must be True or False, got {exact_dw!r}")
+    logp, ent = FusedLogprobFunction.apply(hidden, weight, targets, t, impl, bwd_scratch_bytes, exact_dw)
     return logp, (ent if return_entropy else None)

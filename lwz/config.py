@@ -114,6 +114,10 @@ class GRPOConfig:
     # twice and recomputes the logits once more (+25% of its flops); 88 keeps it under 100 MB (10^8
     # bytes) with the ~1 MiB of row statistics on top (96 measured 101.7 MB at 16k tokens).
     logprob_scratch_mib: int = 1024
+    # false: where the one walk does not fit, walk once per token group and add the head's gradient
+    # up over the groups in its dtype (bf16: rounded once per group) instead of recomputing the
+    # logits a second time (10 -> 8 x tokens x hidden x vocab flops)
+    logprob_exact_dw: bool = True
 
 
 @dataclass

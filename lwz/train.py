@@ -227,9 +227,10 @@ def split_logp(logp: torch.Tensor, samples: list[Sample], cu: torch.Tensor) -> l
     return out
 
 
-def policy_logprobs(model, mb, temperature: float, entropy: bool, scratch_bytes: int | None = None):
+def policy_logprobs(model, mb, temperature: float, entropy: bool, scratch_bytes: int | None = None,
+                    exact_dw: bool = True):
     return model(mb["ids"], mb["pos"], mb["cu"], mb["max_len"], targets=mb["targets"], temperature=temperature,
-                 return_entropy=entropy, logprob_scratch_bytes=scratch_bytes)
+                 return_entropy=entropy, logprob_scratch_bytes=scratch_bytes, logprob_exact_dw=exact_dw)
 
 
 def plan(samples: list[Sample], cfg, world: int, hidden: int) -> list[list[list[int]]]:
@@ -272,7 +273,8 @@ def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id, keep_logp:
         mb_samples = [samples[i] for i in mb_idx]
         mb = pack_samples(mb_samples, d.device, pad_id)
         mask = mb["targets"] != -100
-        logp, ent = policy_logprobs(model, mb, cfg.rollout.temperature, True, g.logprob_scratch_mib << 20)
+        logp, ent = policy_logprobs(model, mb, cfg.rollout.temperature, True, g.logprob_scratch_mib << 20,
+                                    g.logprob_exact_dw)
         if keep_logp:
             kept.update(zip(mb_idx, split_logp(logp, mb_samples, mb["cu"])))
         loss, stats = grpo_loss(logp, mb["old"], mb["adv"], mask, mb["ref"] if g.kl_coef > 0 else None,

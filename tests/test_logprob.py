@@ -58,11 +58,13 @@ def _small_chunks(monkeypatch, walk):
       "2pass":     token chunks of BLOCK_T for dX, each one GEMM over the whole vocabulary, then
                    vocabulary chunks of BLOCK_V for dW;
       "2pass-acc": the same, but each token chunk's dX sums vocabulary blocks of 2 BLOCK_V in an
-                   fp32 [BLOCK_T, H] accumulator (dX itself for fp32).
+                   fp32 [BLOCK_T, H] accumulator (dX itself for fp32);
+      "groups":    the one walk per token group of BLOCK_T rows (exact_dw False), dW added up over
+                   the groups in its dtype.
     The torch path takes several token chunks."""
-    def plan(N, V, elem, acc_row, block_t, block_v, budget):
-        if walk == "1pass":
-            return 1, N, V, block_v
+    def plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True):
+        if walk in ("1pass", "groups"):
+            return 1, (N if walk == "1pass" else block_t), V, block_v
         return 2, block_t, (V if walk == "2pass" else 2 * block_v), block_v
 
     monkeypatch.setattr(lp_mod, "_bwd_plan", plan)
@@ -86,9 +88,9 @@ DTYPE_CASES = [pytest.param(dt, *c, id=f"{name}-{'-'.join(map(str, c))}") for c 
 
 @pytest.mark.parametrize("impl,walk,tma", [("triton", "1pass", False), ("triton", "2pass-acc", False),
                                            ("triton", "2pass", True), ("triton", "2pass-acc", "flat"),
-                                           ("torch", "1pass", False)],
+                                           ("triton", "groups", False), ("torch", "1pass", False)],
                          ids=["triton-1pass", "triton-2pass-acc", "triton-2pass-tma", "triton-2pass-acc-tma-flat",
-                              "torch"])
+                              "triton-groups", "torch"])
 @pytest.mark.parametrize("dtype,N,H,V,temp,grads", DTYPE_CASES)
 def test_matches_fp64_reference(impl, walk, tma, dtype, N, H, V, temp, grads, monkeypatch):
     """tma: the kernels read hidden and weight through tensor descriptors (out-of-bounds rows and
@@ -159,14 +161,24 @@ def test_bwd_plan_stays_within_budget(monkeypatch):
     monkeypatch.setattr(lp_mod, "DX_BLOCK", 1 << 40)
     assert plan(N, V, bf16, row, 128, 128, 88 << 20) == (2, 256, V, 2816)
     assert plan(N, V, bf16, row, 128, 128, 1 << 30)[0] == 1  # the one-walk plan is not affected
+    # exact_dw False: one walk per token group instead of two walks (dW added up over the groups)
+    monkeypatch.setattr(lp_mod, "DX_BLOCK", 0)
+    for budget in (88 << 20, 24 << 20):
+        passes, tg, vcx, vc = plan(N, V, bf16, row, 128, 128, budget, False)
+        assert passes == 1 and vcx == V and tg < N and tg % 128 == 0 and vc % 128 == 0
+        assert tg * (row + vc * bf16) <= budget, (budget, tg, vc)
+    assert plan(N, V, bf16, row, 128, 128, 88 << 20, False) == (1, 2432, V, 8192)  # 7 groups at 16k
+    assert plan(N, V, bf16, row, 128, 128, 1 << 30, False) == plan(N, V, bf16, row, 128, 128, 1 << 30)
 
 
-@pytest.mark.parametrize("budget,passes", [(48 << 10, 2), (1 << 30, 1)])
-def test_scratch_budget_walks(budget, passes, monkeypatch):
+@pytest.mark.parametrize("budget,passes,exact_dw", [(48 << 10, 2, True), (48 << 10, 1, False), (1 << 30, 1, True)],
+                         ids=["2pass", "groups", "1pass"])
+def test_scratch_budget_walks(budget, passes, exact_dw, monkeypatch):
     """The real plan at a budget that forces two walks over several uneven chunks of tokens and
     vocabulary (fp16: the one-pass walk would need an fp32 dX accumulator; the dX walk sums
-    vocabulary blocks in its [tc, H] accumulator), and at one that takes a single chunk: both
-    match the fp64 reference like plain fp16 torch. (The whole-vocabulary dX chunks of the
+    vocabulary blocks in its [tc, H] accumulator), the same budget with exact_dw False (one walk
+    per token group, dW added up over the groups in fp16), and at one that takes a single chunk:
+    all match the fp64 reference like plain fp16 torch. (The whole-vocabulary dX chunks of the
     two-walk plan win only at vocabularies small next to the budget; tested with a fixed plan in
     test_matches_fp64_reference.)"""
     N, H, V, temp = 333, 48, 4099, 0.9
@@ -177,12 +189,14 @@ def test_scratch_budget_walks(budget, passes, monkeypatch):
     gen = torch.Generator().manual_seed(2)
     g_lp, g_en = (torch.randn(N, generator=gen, dtype=torch.float64) for _ in range(2))
     fn = lambda x, w, t, temp: fused_logprobs(x, w, t, temp, True, impl="triton",  # noqa: E731
-                                              bwd_scratch_bytes=budget)
+                                              bwd_scratch_bytes=budget, exact_dw=exact_dw)
     got = _run(fn, x, w, t, temp, g_lp, g_en)
     assert seen and seen[0][0] == passes, seen
+    _, tc, vcx, vc = seen[0]
     if passes == 2:
-        _, tc, vcx, vc = seen[0]
         assert N % tc and tc < N and V % vc and vc < V and V % vcx and vcx < V, seen[0]
+    if not exact_dw:  # several token groups, the last one short
+        assert N % tc and tc < N and V % vc and vc < V and vcx == V, seen[0]
     ref = _run(_ref(torch.float64), x.double(), w.double(), t, temp, g_lp, g_en)
     same = _run(_ref(torch.float16), x, w, t, temp, g_lp, g_en)
     for name, a, r, s in zip(["d_hidden", "d_weight"], got[2:], ref[2:], same[2:]):
@@ -335,6 +349,7 @@ def test_no_grad_paths_and_auto():
     (dict(impl="cuda"), "impl must be"),
     (dict(weight=torch.zeros(8, 10).t()), "contiguous"),
     (dict(bwd_scratch_bytes=-1), "bwd_scratch_bytes must be an int >= 0"),
+    (dict(exact_dw="no"), "exact_dw must be True or False"),
 ])
 def test_clear_errors(bad, msg):
     args = dict(hidden=torch.zeros(4, 8), weight=torch.zeros(10, 8),
@@ -342,7 +357,8 @@ def test_clear_errors(bad, msg):
     args.update(bad)
     with pytest.raises(ValueError, match=msg):
         fused_logprobs(args["hidden"], args["weight"], args["targets"], args["temperature"],
-                       impl=args["impl"], bwd_scratch_bytes=args.get("bwd_scratch_bytes"))
+                       impl=args["impl"], bwd_scratch_bytes=args.get("bwd_scratch_bytes"),
+                       exact_dw=args.get("exact_dw", True))
 
 
 def test_cpu_bench_writes_json(tmp_path):
@@ -412,6 +428,7 @@ def test_gpu_bench_headline_and_impl_filter(tmp_path, monkeypatch):
         seen.update(sizes=sizes, only=only, compile_torch=compile_torch)
         return [row(4096, "triton", 50.0, 60.0, 300.0), row(16384, "triton", 200.0, 65.0, 830.0),
                 row(16384, "triton_lowmem", 250.0, 52.0, 90.0), row(16384, "triton_lowmem_whole_vocab", 300.0, 43.0, 90.0),
+                row(16384, "triton_lowmem_groups", 210.0, 62.0, 89.0),
                 row(16384, "torch_chunked_compiled", 400.0, 32.5, 700.0),
                 dict(T=16384, impl="torch_eager", skipped="would OOM")]
 
@@ -427,6 +444,7 @@ def test_gpu_bench_headline_and_impl_filter(tmp_path, monkeypatch):
     assert h["pct_matmul_fwd_bwd_lowmem"] == 52.0 and h["beyond_grads_mb_lowmem"] == pytest.approx(94.37, abs=0.01)
     assert h["speedup_vs_torch_chunked_compiled"] == pytest.approx(2.0) and "speedup_vs_liger_flce" not in h
     assert h["speedup_lowmem_vs_whole_vocab"] == pytest.approx(1.2)
+    assert h["pct_matmul_fwd_bwd_lowmem_groups"] == 62.0 and h["beyond_grads_mb_lowmem_groups"] == pytest.approx(93.32, abs=0.01)
     with pytest.raises(SystemExit, match="--impls nope not available here"):  # checked before any GPU work
         real_run_cuda([16], True, only=["nope", "triton"])
 
@@ -442,11 +460,12 @@ def test_backward_plan_and_its_bench_text():
     for budget, need_dx in ((1 << 30, True), (1 << 20, True), (1 << 20, False)):
         assert lp_mod.backward_plan(x, w, budget, need_dx) == \
             lp_mod._bwd_plan(2000, 5000, 4, 64 * 4 if need_dx else 0, c["BLOCK_T"], c["BLOCK_V"], budget)
-    assert _plan_text((1, 16384, 152064, 16384), 152064) == \
+    assert _plan_text((1, 16384, 152064, 16384), 16384, 152064) == \
         "one walk: vocabulary chunks of 16384 with the fp32 dX accumulator"
-    assert _plan_text((2, 2688, 8192, 3072), 152064) == ("two walks: dX in 2688-token chunks over 8192-column "
+    assert _plan_text((2, 2688, 8192, 3072), 16384, 152064) == ("two walks: dX in 2688-token chunks over 8192-column "
                                                          "blocks (fp32 [2688, H] accumulator); dW in vocabulary chunks of 3072")
-    assert "256-token chunks over the whole vocabulary" in _plan_text((2, 256, 152064, 3072), 152064)
+    assert "256-token chunks over the whole vocabulary" in _plan_text((2, 256, 152064, 3072), 16384, 152064)
+    assert _plan_text((1, 2432, 152064, 8192), 16384, 152064).startswith("one walk per 2432-token group (7 groups)")
     # the bench's comparison row: its settings hold while it runs (plan included) and are restored
     from bench import bench_logprob as bl
 
@@ -480,16 +499,19 @@ def test_gpu_bench_loop_on_cpu(monkeypatch):
     real = lp_mod._bwd_plan
     monkeypatch.setattr(lp_mod, "_bwd_plan", lambda *a: seen.append((lp_mod.DX_BLOCK == 0, real(*a))) or seen[-1][1])
     low = 100_000  # two walks at this shape: dX over 256-column blocks, or whole-vocabulary 64-token chunks
-    monkeypatch.setattr(bl, "SCRATCH", {"triton": None, "triton_lowmem": low, "triton_lowmem_whole_vocab": low})
+    monkeypatch.setattr(bl, "SCRATCH", {"triton": None, "triton_lowmem": low, "triton_lowmem_groups": low,
+                                        "triton_lowmem_whole_vocab": low})
     rows = bl.run_cuda([70], quick=True, compile_torch=False, device="cpu", H=48, V=1237, dtype=torch.float16)
     by = {r["impl"]: r for r in rows}
-    assert set(by) == {"triton", "triton_lowmem", "triton_lowmem_whole_vocab", "torch_eager"}, list(by)
+    assert set(by) == {"triton", "triton_lowmem", "triton_lowmem_groups", "triton_lowmem_whole_vocab",
+                       "torch_eager"}, list(by)
     for r in rows:
         assert "skipped" not in r and "grad_err_error" not in r, r
         assert r["dtype"] == "fp16" and r["fwd_ms"] == 2.0 and r["peak_beyond_grads_mib"] < 3
         assert r["rel_err_dx"] < 1e-2 and r["rel_err_dw"] < 1e-2 and r["max_abs_err_logp"] < 1e-2, r
     assert by["triton"]["bwd_plan"].startswith("one walk")
     assert "blocks" in by["triton_lowmem"]["bwd_plan"] and "whole vocabulary" in by["triton_lowmem_whole_vocab"]["bwd_plan"]
+    assert by["triton_lowmem_groups"]["bwd_plan"].startswith("one walk per 64-token group (2 groups)")
     # the whole-vocabulary row's backward ran with the blocks off, the others with them on
     assert (False, (2, 64, 1237, 256)) in seen and (True, (2, 64, 256, 256)) in seen
     assert lp_mod.DX_BLOCK == 0
