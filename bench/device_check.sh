@@ -204,7 +204,7 @@ fi
 
 # 6b. the Triton kernel benchmarks vs eager torch (torch.compile of the references is left out: it
 #    alone takes minutes at these sizes); the log-prob at 4k and at its goal size, 16k tokens
-bench_step bench_logprob bench.bench_logprob 110 --sizes 4096,16384 --quick --no-compile
+bench_step bench_logprob bench.bench_logprob 130 --sizes 4096,16384 --quick --no-compile
 bench_step bench_grpo_loss bench.bench_grpo_loss 45 --no-compile
 
 bench_step bench_rollout bench.bench_rollout 120
