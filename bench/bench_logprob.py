@@ -4,8 +4,8 @@
                                   [--impls a,b] [--out PATH]
 
 CUDA: H=5120, V=152064 (Qwen2.5-14B/32B head), bf16, temperature 0.8, entropy on, upstream grads
-on both outputs. Median times by triton.testing.do_bench (>= 5 timed calls) for forward (no grad) and forward +
-backward, for
+on both outputs. Median times by triton.testing.do_bench (>= 5 timed calls) for forward (no grad)
+and forward + backward, for
   triton          our fused kernels (impl="triton"), default backward scratch budget (1 GiB)
   triton_lowmem   the same with bwd_scratch_bytes = 88 MiB, the setting for the goal of <= 100 MB
                   (10^8 bytes) beyond the gradients, with ~1 MiB of forward statistics and upstream
