@@ -55,7 +55,8 @@ Two implementations, same semantics:
               group instead ([Tg, H] fp32 dX accumulator, dW[chunk] added up over the groups by
               cuBLAS in dW's dtype): 8 N H V flops again, dW rounded once per group.
   impl="torch": plain torch, chunked; what the CPU trainer uses. The forward walks token chunks
-    (each [C, V] logits chunk in fp32), the backward walks vocab chunks like the Triton path.
+    (each [C, V] logits chunk in fp32), the backward walks vocab chunks like the Triton path (on a
+    GPU with half inputs its GEMMs take dA in the input dtype with fp32 accumulation).
   impl="auto": Triton when the tensors are on CUDA and triton imports, torch otherwise.
 
 Offsets are 64-bit in the kernels (program ids and row/col indices cast to int64 before any
@@ -927,7 +928,8 @@ def torch_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperatu
     vf = (targets != IGNORE_INDEX).to(acc)[:, None] / temperature
     gl = None if g_logp is None else g_logp.to(acc)[:, None] * vf
     nge = None if g_ent is None else -(g_ent.to(acc)[:, None] * vf)
-    x_acc = hidden.to(acc)
+    half = _half_gemms(hidden)
+    x_acc = hidden if half else hidden.to(acc)
     ent_ = ent.to(acc)[:, None]
     mx_ = stats[0].to(acc)[:, None]
     ls_ = stats[1].to(acc)[:, None]
@@ -936,11 +938,26 @@ def torch_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperatu
     for v0 in range(0, V, Vc):
         wc = weight[v0:v0 + Vc]
         d = _dA_chunk(hidden, wc, targets - v0, mx_, ls_, ent_, gl, nge, temperature)
+        if half:  # dA rounded to the input dtype, fp32 accumulation inside the GEMMs
+            d = d.to(hidden.dtype)
+            if need_dx:
+                _acc_mm(dx, d, wc)
+            if need_dw:
+                torch.mm(d.t(), hidden, out=dw[v0:v0 + Vc])
+            continue
         if need_dx:
             dx.addmm_(d, wc if wc.dtype == acc else wc.to(acc))
         if need_dw:
             dw[v0:v0 + Vc] = (d.t() @ x_acc).to(dw.dtype)
     return (dx.to(hidden.dtype) if need_dx else None), dw
+
+
+def _half_gemms(hidden):
+    """Whether the torch backward runs its GEMMs on dA in the input dtype (fp32 accumulation):
+    fp16/bf16 on a GPU, as the Triton path does. Elsewhere (the CPU trainer, fp64 tests) they run
+    in fp32 / fp64; on a GPU, fp32 GEMMs of half inputs took ~5x the time of the whole fused
+    backward, which made the torch.compile baseline of the benchmark slower than it need be."""
+    return hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
 
 
 def compile_torch_chunks(**compile_kwargs):

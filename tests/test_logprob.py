@@ -204,6 +204,27 @@ def test_scratch_budget_walks(budget, passes, exact_dw, monkeypatch):
         assert e_k <= 2 * e_t + 1e-5 * (1.0 + r.abs().max().item()), f"{name}: {e_k:.3g} vs torch {e_t:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_path_half_gemms(dtype, monkeypatch):
+    """The torch backward as it runs on a GPU with half inputs (dA rounded to the input dtype, GEMMs
+    with fp32 accumulation), forced on the CPU: within twice plain torch's error in that dtype."""
+    monkeypatch.setattr(lp_mod, "_half_gemms", lambda h: h.dtype in (torch.float16, torch.bfloat16))
+    monkeypatch.setattr(lp_mod, "TORCH_CHUNK_ELEMS", 40_000)  # several vocabulary chunks
+    seen, real_acc_mm = [], lp_mod._acc_mm
+    monkeypatch.setattr(lp_mod, "_acc_mm", lambda out, a, b: seen.append(a.dtype) or real_acc_mm(out, a, b))
+    N, H, V, temp = 97, 48, 1237, 0.9
+    x, w, t = _make(N, H, V, dtype, seed=5)
+    gen = torch.Generator().manual_seed(3)
+    g_lp, g_en = (torch.randn(N, generator=gen, dtype=torch.float64) for _ in range(2))
+    got = _run(_kernel("torch"), x, w, t, temp, g_lp, g_en)
+    ref = _run(_ref(torch.float64), x.double(), w.double(), t, temp, g_lp, g_en)
+    same = _run(_ref(dtype), x, w, t, temp, g_lp, g_en)
+    for name, a, r, s in zip(["d_hidden", "d_weight"], got[2:], ref[2:], same[2:]):
+        e_k, e_t = _err(a, r), _err(s, r)
+        assert e_k <= 2 * e_t, f"{name}: {e_k:.3g} vs torch {e_t:.3g}"
+    assert seen and all(dt == dtype for dt in seen)  # dX went through the half-input GEMM per chunk
+
+
 def test_compiled_torch_chunks_trace_whole(monkeypatch):
     """compile_torch_chunks (the benchmark's torch.compile baseline): each chunk body traces as one
     graph (fullgraph: no graph break), the vocabulary offset does not force a recompile per chunk,
