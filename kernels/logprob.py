@@ -214,13 +214,13 @@ if HAS_TRITON:
                   BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, TMA: tl.constexpr):
         """Vocab tile `tile` of the forward: its logits, folded into the rows' online stats
         (m running max, s = sum exp(z - m), t = sum exp(z - m)(z - m), zy target logit)."""
-        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_mask = cols < V
+        col0 = tile.to(tl.int32) * BLOCK_V  # < V < 2^31
+        lcols = tl.arange(0, BLOCK_V)  # int32 offsets in the tile (fewer registers than int64 columns)
+        col_mask = lcols < V - col0
         if TMA:
             w_src = w_ptr
         else:
-            w_src = w_ptr + cols[:, None] * stride_wv
-        col0 = tile.to(tl.int32) * BLOCK_V
+            w_src = w_ptr + (col0 + lcols).to(tl.int64)[:, None] * stride_wv
         z = _logit_tile(x_src, w_src, row0, col0, row_mask, col_mask, H, TEMP, DOT_PRECISION,
                         BLOCK_T, BLOCK_V, BLOCK_H, TMA)
         # padded vocab columns: -inf for the max, 0 (with p = 0) everywhere else
@@ -234,7 +234,9 @@ if HAS_TRITON:
         # rescale sums to the new max: exp(z-m)(z-m) -> alpha exp(z-m)((z-m) + (m-m_new))
         t = alpha * (t + s * delta) + tl.sum(p * zc, 1)
         s = alpha * s + tl.sum(p, 1)
-        is_tgt = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
+        # the target's offset in this tile (negative or >= BLOCK_V elsewhere; -100 never matches);
+        # a target is < V, so a match is never a padded column
+        is_tgt = lcols[None, :] == (tgt - col0).to(tl.int32)[:, None]
         zy += tl.sum(tl.where(is_tgt, z, 0.0), 1)
         return m_new, s, t, zy
 
