@@ -354,16 +354,16 @@ if HAS_TRITON:
 
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         row_mask = rows < N
-        lcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_mask = lcols < Vc
-        cols = v_start + lcols
+        c0 = pid_v.to(tl.int32) * BLOCK_V  # the tile's first column in the chunk (< Vc < 2^31)
+        tcols = tl.arange(0, BLOCK_V)  # int32 offsets in the tile (fewer registers than int64 columns)
+        col_mask = tcols < Vc - c0
         if TMA:  # columns past the chunk (< V) read real weights: masked below like padding
             x_src = x_ptr
             w_src = w_ptr
         else:
             x_src = x_ptr + rows[:, None] * stride_xn
-            w_src = w_ptr + cols[:, None] * stride_wv
-        z = _logit_tile(x_src, w_src, pid_t.to(tl.int32) * BLOCK_T, v_start + pid_v.to(tl.int32) * BLOCK_V,
+            w_src = w_ptr + (v_start + c0 + tcols).to(tl.int64)[:, None] * stride_wv
+        z = _logit_tile(x_src, w_src, pid_t.to(tl.int32) * BLOCK_T, v_start + c0,
                         row_mask, col_mask, H, TEMP, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H, TMA)
         tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
         mx = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
@@ -375,7 +375,8 @@ if HAS_TRITON:
         d = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
         if HAS_GLOGP:
             g = tl.load(glogp_ptr + rows, mask=row_mask, other=0.0)
-            onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
+            # the target's offset in this tile (a match outside the chunk's columns is masked below)
+            onehot = tl.where(tcols[None, :] == (tgt - v_start - c0).to(tl.int32)[:, None], 1.0, 0.0)
             d += g[:, None] * (onehot - p)  # fp32: no 1 - p cancellation in low precision
         if HAS_GENT:
             e = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
@@ -384,7 +385,7 @@ if HAS_TRITON:
         d = d / TEMP
         valid = (tgt != -100) & row_mask
         d = tl.where(valid[:, None] & col_mask[None, :], d, 0.0)
-        out = dl_ptr + rows[:, None] * stride_dl + lcols[None, :]
+        out = dl_ptr + rows[:, None] * stride_dl + (c0 + tcols)[None, :]
         tl.store(out, d.to(dl_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
     @triton.jit
