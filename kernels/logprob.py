@@ -215,7 +215,7 @@ if HAS_TRITON:
         """Vocab tile `tile` of the forward: its logits, folded into the rows' online stats
         (m running max, s = sum exp(z - m), t = sum exp(z - m)(z - m), zy target logit)."""
         col0 = tile.to(tl.int32) * BLOCK_V  # < V < 2^31
-        lcols = tl.arange(0, BLOCK_V)  # int32 offsets in the tile (fewer registers than int64 columns)
+        lcols = tl.arange(0, BLOCK_V)  # int32 offsets in the tile: no 64-bit lanes in the 2-D compares
         col_mask = lcols < V - col0
         if TMA:
             w_src = w_ptr
@@ -355,7 +355,7 @@ if HAS_TRITON:
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         row_mask = rows < N
         c0 = pid_v.to(tl.int32) * BLOCK_V  # the tile's first column in the chunk (< Vc < 2^31)
-        tcols = tl.arange(0, BLOCK_V)  # int32 offsets in the tile (fewer registers than int64 columns)
+        tcols = tl.arange(0, BLOCK_V)  # int32 offsets in the tile: no 64-bit lanes in the 2-D compares
         col_mask = tcols < Vc - c0
         if TMA:  # columns past the chunk (< V) read real weights: masked below like padding
             x_src = x_ptr
