@@ -186,7 +186,9 @@ def grad_errors(fn, x, w, t, gl, ge, temp, n):
     oracle = torch.float64 if x.dtype == torch.float32 else torch.float32
     rx, rw, _ = _grads(lambda a, b, c: logprobs_reference(a, b, c, temp, compute_dtype=oracle),
                        xs.to(oracle), w.to(oracle), ts, gls.to(oracle), ges.to(oracle) if has_ent else None)
-    rel = lambda a, r: ((a.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30)).item()  # noqa: E731
+    def rel(a, r):
+        return ((a.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30)).item()
+
     return rel(dx, rx), rel(dw, rw)
 
 
