@@ -754,15 +754,14 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
     # leave room for one); 3 under the interpreter, so each program there walks several tiles
     persistent_programs = torch.cuda.get_device_properties(dev).multi_processor_count if on_gpu else 3
     passes, tc, vcx, vc = backward_plan(hidden, weight, scratch_bytes, need_dx, exact_dw)
-    buf = None  # the dA chunk of the current walk (each walk allocates its own: peak = one walk's)
     dummy = ent  # placeholder pointer for absent upstream grads (never read: constexpr-guarded)
     x_g = hidden if on_gpu or hidden.dtype == torch.float32 else hidden.float()
     w_g = weight if on_gpu or weight.dtype == torch.float32 else weight.float()
 
-    def dlogits(r0, r1, v0, w):
+    def dlogits(buf, r0, r1, v0, w):
         """dA of tokens [r0, r1) x vocabulary [v0, v0 + w), a contiguous [r1 - r0, w] view of buf."""
         n = r1 - r0
-        out = buf[: n * w].view(n, w)  # buf: set by the walk calling
+        out = buf[: n * w].view(n, w)
         rows = slice(r0, r1)
         n_tiles = triton.cdiv(n, c["BLOCK_T"]) * triton.cdiv(w, c["BLOCK_V"])
         grid = (min(n_tiles, persistent_programs) if c.get("FLAT") else n_tiles,)
@@ -793,56 +792,42 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
             part = dlc.t() @ x_g[g0:g1]
             out.copy_(part if g0 == 0 else out.to(part.dtype) + part)
 
-    if passes == 2:
-        if need_dx:  # the token walk: dX of tc rows at a time
-            buf = torch.empty(tc * vcx, device=dev, dtype=dl_dtype)
-            # vcx < V: an fp32 [tc, H] accumulator over the chunk's vocabulary blocks (fp32 dX is its own)
-            acc = None if vcx == V or hidden.dtype == torch.float32 else \
-                torch.empty(tc, H, device=dev, dtype=torch.float32)
-            for t0 in range(0, N, tc):
-                t1 = min(N, t0 + tc)
-                if vcx == V:  # one GEMM over the whole vocabulary, no accumulator
-                    dlc = dlogits(t0, t1, 0, V)
-                    if on_gpu:
-                        torch.mm(dlc, weight, out=dx[t0:t1])
-                    else:
-                        dx[t0:t1] = (dlc @ w_g).to(dx.dtype)
-                    continue
-                a = dx[t0:t1] if acc is None else acc[: t1 - t0]
+    def walk(tc, vc, with_dx, with_dw):
+        """dA over token groups of tc rows x vocabulary chunks of vc columns: dX[group] += dA W[chunk]
+        (in an fp32 [tc, H] accumulator, dX itself when fp32; one GEMM straight into dX when a
+        chunk covers the vocabulary) and dW[chunk] (+)= dA^T X[group]. The chunk buffer and the
+        accumulator live while this walk runs (peak scratch = one walk's)."""
+        buf = torch.empty(min(tc, N) * vc, device=dev, dtype=dl_dtype)
+        whole = vc >= V
+        acc = torch.empty(min(tc, N), H, device=dev, dtype=torch.float32) \
+            if with_dx and not whole and hidden.dtype != torch.float32 else None
+        for g0 in range(0, N, tc):
+            g1 = min(N, g0 + tc)
+            a = None
+            if with_dx and not whole:
+                a = dx[g0:g1] if acc is None else acc[: g1 - g0]
                 a.zero_()
-                for v0 in range(0, V, vcx):
-                    w = min(vcx, V - v0)
-                    _acc_mm(a, dlogits(t0, t1, v0, w), w_g[v0:v0 + w])
-                if acc is not None:
-                    dx[t0:t1] = a
-            buf = acc = dlc = None  # freed before the vocabulary walk allocates its chunk
-        if need_dw:  # the vocabulary walk: dW[chunk] in one GEMM over all N tokens, written once
-            buf = torch.empty(N * vc, device=dev, dtype=dl_dtype)
             for v0 in range(0, V, vc):
                 w = min(vc, V - v0)
-                dw_update(v0, w, dlogits(0, N, v0, w), 0, N)
-        return dx, dw
+                dlc = dlogits(buf, g0, g1, v0, w)
+                if a is not None:
+                    _acc_mm(a, dlc, w_g[v0:v0 + w])
+                elif with_dx and on_gpu:
+                    torch.mm(dlc, weight, out=dx[g0:g1])
+                elif with_dx:
+                    dx[g0:g1] = (dlc @ w_g).to(dx.dtype)
+                if with_dw:
+                    dw_update(v0, w, dlc, g0, g1)
+            if acc is not None:
+                dx[g0:g1] = a
 
-    # one walk per token group of tc rows over vocabulary chunks [tc, vc]: dA gives dX += dA W[chunk]
-    # (fp32 accumulator) and dW[chunk] (+)= dA^T X[group]. tc == N: one group, dW written once.
-    buf = torch.empty(min(tc, N) * vc, device=dev, dtype=dl_dtype)
-    acc = torch.empty(min(tc, N), H, device=dev, dtype=torch.float32) \
-        if need_dx and hidden.dtype != torch.float32 else None
-    for g0 in range(0, N, tc):
-        g1 = min(N, g0 + tc)
-        a = None
+    if passes == 2:  # dX by token chunks over vocabulary blocks, then dW over all N tokens at once
         if need_dx:
-            a = dx[g0:g1] if acc is None else acc[: g1 - g0]
-            a.zero_()
-        for v0 in range(0, V, vc):
-            w = min(vc, V - v0)
-            dlc = dlogits(g0, g1, v0, w)
-            if a is not None:
-                _acc_mm(a, dlc, w_g[v0:v0 + w])
-            if need_dw:
-                dw_update(v0, w, dlc, g0, g1)
-        if acc is not None:
-            dx[g0:g1] = a
+            walk(tc, vcx, True, False)
+        if need_dw:
+            walk(N, vc, False, True)
+    else:  # one walk per token group (tc == N: one group, dW written once)
+        walk(tc, vc, need_dx, need_dw)
     return dx, dw
 
 
