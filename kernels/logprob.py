@@ -209,7 +209,7 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _fwd_tile(x_src, w_ptr, tgt, m, s, t, zy, tile, row0, rows, row_mask, V, H, stride_wv,
+    def _fwd_tile(x_src, w_ptr, tgt, m, s, t, zy, tile, row0, row_mask, V, H, stride_wv,
                   TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
                   BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, TMA: tl.constexpr):
         """Vocab tile `tile` of the forward: its logits, folded into the rows' online stats
@@ -271,16 +271,11 @@ if HAS_TRITON:
         else:
             x_src = x_ptr + rows[:, None] * stride_xn
         row0 = tl.program_id(1) * BLOCK_T  # int32 descriptor coordinate (N < 2^31)
-        if FLAT:
-            # the pipeliner sees one loop: the next tile's first operand loads are issued before
-            # this tile's softmax epilogue instead of after it
-            for i in tl.range(0, n_tiles, flatten=True):
-                m, s, t, zy = _fwd_tile(x_src, w_ptr, tgt, m, s, t, zy, tile0 + i, row0, rows, row_mask, V, H,
-                                        stride_wv, TEMP, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H, TMA)
-        else:
-            for i in range(0, n_tiles):
-                m, s, t, zy = _fwd_tile(x_src, w_ptr, tgt, m, s, t, zy, tile0 + i, row0, rows, row_mask, V, H,
-                                        stride_wv, TEMP, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H, TMA)
+        # FLAT: the pipeliner sees one loop, so the next tile's first operand loads are issued
+        # before this tile's softmax epilogue instead of after it
+        for i in tl.range(0, n_tiles, flatten=FLAT):
+            m, s, t, zy = _fwd_tile(x_src, w_ptr, tgt, m, s, t, zy, tile0 + i, row0, row_mask, V, H,
+                                    stride_wv, TEMP, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H, TMA)
         base = part_ptr + pid_s * N + rows
         stride_k = n_splits * N
         tl.store(base, m, mask=row_mask)
