@@ -64,12 +64,15 @@ from kernels.reference import logprobs_reference  # noqa: E402
 
 FLOPS_FORMULA = "fwd: 2*T*H*V; fwd+bwd (recompute): 8*T*H*V"
 LOW_SCRATCH = 88 << 20  # the triton_lowmem row's backward budget: 92.3 MB, under the 100 MB goal
-SCRATCH = {"triton": None, "triton_lowmem": LOW_SCRATCH, "triton_lowmem_groups": LOW_SCRATCH,
-           "triton_lowmem_whole_vocab": LOW_SCRATCH}
-EXACT_DW = {"triton_lowmem_groups": False}  # rows whose backward may add dW up over token groups
+# the rows of our kernels: backward budget (scratch), exact_dw, and kernels.logprob module
+# settings held while the row runs (forward, backward and its plan)
+TRITON_ROWS = {
+    "triton": dict(scratch=None),
+    "triton_lowmem": dict(scratch=LOW_SCRATCH),
+    "triton_lowmem_groups": dict(scratch=LOW_SCRATCH, exact_dw=False),
+    "triton_lowmem_whole_vocab": dict(scratch=LOW_SCRATCH, settings={"DX_BLOCK": 1 << 40}),
+}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-# kernels.logprob settings of a row, set while it runs (forward, backward and its plan)
-ROW_SETTINGS = {"triton_lowmem_whole_vocab": {"DX_BLOCK": 1 << 40}}
 
 
 def _versions():
@@ -100,8 +103,8 @@ def _make_impls(temp, on_cuda, compile_torch=True):
 
     impls = {}
     if on_cuda:
-        for name, scratch in SCRATCH.items():
-            impls[name] = fused("triton", scratch, EXACT_DW.get(name, True))
+        for name, spec in TRITON_ROWS.items():
+            impls[name] = fused("triton", spec["scratch"], spec.get("exact_dw", True))
         if compile_torch:  # one graph per chunk shape (a few per token count), not the loops
             compile_torch_chunks(dynamic=False)
             impls["torch_chunked_compiled"] = fused("torch")
@@ -138,10 +141,11 @@ def _plan_text(plan, N, V):
 
 @contextlib.contextmanager
 def _settings(name):
-    """kernels.logprob's module settings of row `name` (ROW_SETTINGS), restored after."""
-    saved = {k: getattr(lp_mod, k) for k in ROW_SETTINGS.get(name, {})}
+    """kernels.logprob's module settings of row `name` (TRITON_ROWS), restored after."""
+    settings = TRITON_ROWS.get(name, {}).get("settings", {})
+    saved = {k: getattr(lp_mod, k) for k in settings}
     try:
-        for k, v in ROW_SETTINGS.get(name, {}).items():
+        for k, v in settings.items():
             setattr(lp_mod, k, v)
         yield
     finally:
@@ -264,10 +268,11 @@ def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None, device="
                                            compute_dtype=torch.float32)
         for name, fn in impls.items():
             row = dict(T=T, H=H, V=V, dtype=DTYPE_NAMES[dtype], impl=name, matmul_tflops=mm_tflops)
-            if name in SCRATCH:
+            if name in TRITON_ROWS:
+                spec = TRITON_ROWS[name]
                 with _settings(name):
-                    row["bwd_plan"] = _plan_text(backward_plan(x, w, SCRATCH[name], exact_dw=EXACT_DW.get(name, True)),
-                                                 T, V)
+                    plan = backward_plan(x, w, spec["scratch"], exact_dw=spec.get("exact_dw", True))
+                row["bwd_plan"] = _plan_text(plan, T, V)
             if name == "torch_eager":
                 free, _ = torch.cuda.mem_get_info()
                 need = _eager_bytes(T, V)

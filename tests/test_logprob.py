@@ -520,8 +520,8 @@ def test_gpu_bench_loop_on_cpu(monkeypatch):
     real = lp_mod._bwd_plan
     monkeypatch.setattr(lp_mod, "_bwd_plan", lambda *a: seen.append((lp_mod.DX_BLOCK == 0, real(*a))) or seen[-1][1])
     low = 100_000  # two walks at this shape: dX over 256-column blocks, or whole-vocabulary 64-token chunks
-    monkeypatch.setattr(bl, "SCRATCH", {"triton": None, "triton_lowmem": low, "triton_lowmem_groups": low,
-                                        "triton_lowmem_whole_vocab": low})
+    monkeypatch.setattr(bl, "TRITON_ROWS", {name: dict(spec, scratch=spec["scratch"] and low)
+                                            for name, spec in bl.TRITON_ROWS.items()})
     rows = bl.run_cuda([70], quick=True, compile_torch=False, device="cpu", H=48, V=1237, dtype=torch.float16)
     by = {r["impl"]: r for r in rows}
     assert set(by) == {"triton", "triton_lowmem", "triton_lowmem_groups", "triton_lowmem_whole_vocab",
