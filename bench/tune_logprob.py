@@ -191,18 +191,14 @@ def _tune(argv):
         N_, V_, elem, acc_row, block_t, block_v, budget, _ = args  # the exact (two-walk) plan
         lp.DX_BLOCK = 0  # the traffic model's own pick
         pick = lp._bwd_plan(*args)
-        vc = pick[3] if pick[0] == 2 else lp._whole_blocks(budget // (N_ * elem), block_v, V_)
+        vc = lp.dw_chunk_cols(N_, V_, elem, block_v, budget)
         widths = {V_} | {min(V_, int(v)) for v in a.dx_blocks.split(",") if v} | ({pick[2]} if pick[0] == 2 else set())
-        real_plan = lp._bwd_plan
-        for vcx in sorted(widths):
+        for vcx in sorted(widths):  # main restores _bwd_plan afterwards
             tc, nbytes = lp.dx_chunk_tokens(vcx, N_, V_, elem, acc_row, block_t, budget)
             plan = (2, tc, vcx, vc)
             lp._bwd_plan = lambda *_, plan=plan: plan
-            try:
-                record(dict(step="lowmem", config=f"dX {tc}x{vcx}, dW {N_}x{vc}", plan_pick=plan == pick,
-                            dx_block=vcx, scratch_mib=max(nbytes, N_ * vc * elem) / 2**20), measure_fb)
-            finally:
-                lp._bwd_plan = real_plan
+            record(dict(step="lowmem", config=f"dX {tc}x{vcx}, dW {N_}x{vc}", plan_pick=plan == pick,
+                        dx_block=vcx, scratch_mib=max(nbytes, N_ * vc * elem) / 2**20), measure_fb)
             del base[1:]
         low = [r for r in rows if r["step"] == "lowmem" and r.get("ok")]
         if low:

@@ -672,7 +672,7 @@ def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True):
     if not exact_dw:
         vc, tc = _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, 4 * elem, 0)
         return 1, tc, V, vc
-    vc = _whole_blocks(budget // max(1, N * elem), block_v, V)
+    vc = dw_chunk_cols(N, V, elem, block_v, budget)
     vcx, tc = _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, 2 * elem, DX_BLOCK)
     return 2, tc, vcx, vc
 
@@ -700,9 +700,15 @@ def _whole_blocks(n, block, full):
     return min(full, max(block, n // block * block))
 
 
+def dw_chunk_cols(N, V, elem, block_v, budget):
+    """Columns of the two-walk plan's dW chunks [N, vc]: the most whole blocks that fit the budget."""
+    return _whole_blocks(budget // max(1, N * elem), block_v, V)
+
+
 def dx_chunk_tokens(vcx, N, V, elem, acc_row, block_t, budget):
-    """(tc, scratch bytes) of the two-walk dX chunk over vcx-column blocks: the most whole blocks
-    of tokens whose dA block (and fp32 accumulator where vcx < V) fit the budget (_bwd_plan)."""
+    """(tc, scratch bytes) of a [tc, vcx] chunk walked over token groups (the two-walk plan's dX
+    chunks, or exact_dw=False's groups): the most whole blocks of tokens whose dA chunk (and fp32
+    [tc, H] accumulator where vcx < V) fit the budget (_bwd_plan)."""
     row = vcx * elem + (acc_row if vcx < V else 0)  # scratch bytes per token of the chunk
     tc = _whole_blocks(budget // row, block_t, N)
     return tc, tc * row
