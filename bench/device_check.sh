@@ -188,10 +188,9 @@ bench_step bench_pack bench.bench_pack 45
 bench_step bench_decode_attn bench.bench_decode_attention 30
 
 # 6a. the log-prob kernels' launch configs tuned at 16k tokens (pointer loads vs TMA descriptors,
-#    tile shapes, flattened loops), then the <= 100 MB backward's dX chunk widths; the fastest
-#    correct pair (and a dX width that beat the plan's own pick) is exported for every later step,
-#    so the benchmarks and profiles below measure it (bench/results/tune_logprob-<gpu>.json says
-#    which it was)
+#    tile shapes, flattened loops); the fastest correct pair is exported for every later step, so
+#    the benchmarks and profiles below measure it (bench/results/tune_logprob-<gpu>.json says which
+#    it was)
 step tune_logprob 200 "$RES/tune_logprob-$GPU_TAG.json" "$PYTHON" -m bench.tune_logprob \
   --out "$RES/tune_logprob-$GPU_TAG.json" --env "$LOGS/tune.env"
 if [[ $DRY -eq 0 && -s "$LOGS/tune.env" ]]; then

@@ -3,20 +3,15 @@
     python -m bench.tune_logprob [--tokens 16384] [--fwd CFG;CFG...] [--bwd CFG;CFG...]
                                  [--out JSON] [--env FILE]
 
-A config is "BTxBVxBH:wW:sS[:gG]:tma|ptr" (kernels.logprob.parse_config): tile sizes, warps,
-stages, token-block group of the backward, and whether hidden/weight tiles come through TMA tensor
-descriptors or pointer loads. Steps, each timed with triton.testing.do_bench (median):
+A config is "BTxBVxBH:wW:sS[:gG]:tma|ptr[:flat]" (kernels.logprob.parse_config): tile sizes,
+warps, stages, token-block group of the backward, whether hidden/weight tiles come through TMA
+tensor descriptors or pointer loads, and whether the loops are flattened (persistent programs in
+the backward). Steps, each timed with triton.testing.do_bench (median):
   1. every forward config: forward time (no grad), TFLOP/s and % of the bf16 GEMM measured in the
      same run, the logp error against an fp32 oracle of the same bf16 inputs (first 256 tokens)
      and the largest logp difference from the shipped config;
   2. every backward config, behind the fastest correct forward: forward + backward time and the
-     largest relative difference of dX and dW from the shipped configs' gradients;
-  3. behind the fastest correct pair, the low-memory budget (--lowmem-bytes, default 88 MiB: the
-     benchmark's triton_lowmem row): the two-walk backward with its dX walk forced to each of
-     --dx-blocks vocabulary widths and to whole-vocabulary token chunks (each with the most tokens
-     the budget allows, kernels.logprob.dx_chunk_tokens), the plan's own pick marked, so the
-     traffic model of kernels.logprob._bwd_plan is checked against the clock; a width faster than
-     the pick by more than 1% goes to the env file as LWZ_LOGPROB_DX_BLOCK.
+     largest relative difference of dX and dW from the shipped configs' gradients.
 A config whose results leave the tolerances (logp 1e-3 from the oracle; dX, dW 2e-2 relative) is
 marked wrong and never chosen. Writes JSON (bench/results/tune_logprob-<gpu>.json by default), a
 table, and with --env the fastest correct pair as LWZ_LOGPROB_FWD_CONFIG=... /
@@ -57,7 +52,7 @@ def _rel(a, b):
 
 
 # kernels.logprob settings the tuning sets while it runs; main restores them (in-process callers)
-_SETTINGS = ("GPU_CONFIG", "GPU_BWD_CONFIG", "INTERP_CONFIG", "INTERP_BWD_CONFIG", "DX_BLOCK", "_bwd_plan")
+_SETTINGS = ("GPU_CONFIG", "GPU_BWD_CONFIG", "INTERP_CONFIG", "INTERP_BWD_CONFIG")
 
 
 def main(argv=None):
@@ -79,10 +74,6 @@ def _tune(argv):
     ap.add_argument("--bwd", default=BWD, help="';'-separated backward configs (the first is the baseline)")
     ap.add_argument("--rep", type=int, default=1000,
                     help="do_bench repetition time, ms (>= 5 timed calls of a ~0.2 s fwd+bwd)")
-    ap.add_argument("--lowmem-bytes", type=int, default=88 << 20 if cuda else 20000,
-                    help="backward budget of step 3 (the two-walk plan's dX chunks); 0 skips it")
-    ap.add_argument("--dx-blocks", default="4096,8192,16384,32768",
-                    help="dX vocabulary block widths step 3 times besides the plan's pick and the whole vocabulary")
     ap.add_argument("--out", default=None)
     ap.add_argument("--env", default=None, help="write the chosen configs as VAR=value lines here")
     a = ap.parse_args(argv)
@@ -182,49 +173,18 @@ def _tune(argv):
     best_bwd = min(good, key=lambda r: r["ms"]) if good else None
     result["best"] = {"fwd": best_fwd and best_fwd["config"], "bwd": best_bwd and best_bwd["config"]}
 
-    # 3. the low-memory budget, behind the best pair: the two-walk plan's dX chunks, its own pick
-    # against the other block widths (and whole-vocabulary chunks), each forced in turn
-    if a.lowmem_bytes > 0:
-        setattr(lp, cfg_var, best_fwd_cfg)
-        setattr(lp, bwd_var, lp.parse_config(best_bwd["config"], bwd_cfgs[0]) if best_bwd else bwd_cfgs[0])
-        args = lp.plan_args(xr, wr, a.lowmem_bytes)
-        N_, V_, elem, acc_row, block_t, block_v, budget, _ = args  # the exact (two-walk) plan
-        lp.DX_BLOCK = 0  # the traffic model's own pick
-        pick = lp._bwd_plan(*args)
-        vc = lp.dw_chunk_cols(N_, V_, elem, block_v, budget)
-        widths = {V_} | {min(V_, int(v)) for v in a.dx_blocks.split(",") if v} | ({pick[2]} if pick[0] == 2 else set())
-        for vcx in sorted(widths):  # main restores _bwd_plan afterwards
-            tc, nbytes = lp.dx_chunk_tokens(vcx, N_, V_, elem, acc_row, block_t, budget)
-            plan = (2, tc, vcx, vc)
-            lp._bwd_plan = lambda *_, plan=plan: plan
-            record(dict(step="lowmem", config=f"dX {tc}x{vcx}, dW {N_}x{vc}", plan_pick=plan == pick,
-                        dx_block=vcx, scratch_mib=max(nbytes, N_ * vc * elem) / 2**20), measure_fb)
-            del base[1:]
-        low = [r for r in rows if r["step"] == "lowmem" and r.get("ok")]
-        if low:
-            fastest = min(low, key=lambda r: r["ms"])
-            picked = [r for r in low if r["plan_pick"]]
-            ratio = picked[0]["ms"] / fastest["ms"] if picked else None
-            result["lowmem"] = {"budget_bytes": budget, "plan": list(pick), "fastest": fastest["config"],
-                                "fastest_pct_matmul": fastest["pct_matmul"], "pick_vs_fastest": ratio,
-                                # a width that beats the model's pick by > 1% is exported (--env)
-                                "dx_block": fastest["dx_block"] if ratio is None or ratio > 1.01 else 0}
     first = [r for r in rows if r["step"] == "baseline" and r.get("ok")]
     if best_fwd and best_bwd and first:
         result["headline"] = {"best_fwd_pct_matmul": best_fwd["pct_matmul"],
                               "best_fwd_bwd_pct_matmul": best_bwd["pct_matmul"],
                               "speedup_fwd_bwd_vs_baseline": first[0]["ms"] / best_bwd["ms"]}
-        if result.get("lowmem"):
-            result["headline"]["lowmem_fastest_pct_matmul"] = result["lowmem"]["fastest_pct_matmul"]
     save(True)
     print(format_table(rows, ["step", "config", "fwd_config", "ms", "tflops", "pct_matmul", "err_logp", "diff_vs_first",
-                              "diff_dx", "diff_dw", "plan_pick", "scratch_mib", "ok", "error"]))
+                              "diff_dx", "diff_dw", "ok", "error"]))
     print(f"best: fwd {result['best']['fwd']}  bwd {result['best']['bwd']}  (GEMM {mm:.0f} TFLOP/s this run)")
     if a.env and best_fwd and best_bwd:
         with open(a.env, "w") as f:
             f.write(f"LWZ_LOGPROB_FWD_CONFIG={best_fwd['config']}\nLWZ_LOGPROB_BWD_CONFIG={best_bwd['config']}\n")
-            if result.get("lowmem", {}).get("dx_block"):
-                f.write(f"LWZ_LOGPROB_DX_BLOCK={result['lowmem']['dx_block']}\n")
     print(f"wrote {out}")
     return 0
 

@@ -45,15 +45,18 @@ Two implementations, same semantics:
               4 GEMMs) and the two big GEMMs run at cuBLAS speed. The only per-chunk
               read-modify-write is dX (N x H x 4 bytes, V/Vc times), small next to the GEMMs.
               Memory beyond the gradients: the dX accumulator (N H 4 B) + the dA chunk (N Vc 2 B),
-              bounded by `bwd_scratch_bytes` (default 1 GiB). Where the accumulator and a chunk of
-              ONE_PASS_MIN_VC columns do not fit (a small budget, or N >~ 37k tokens at H = 5120),
-              the backward walks twice instead: token chunks give dX[rows], either in one GEMM
-              dA[Tc, V] @ W or, where that leaves short chunks, over vocabulary blocks
-              [Tc, Vx] into an fp32 [Tc, H] accumulator (fewer weight re-reads); then
+              bounded by `bwd_scratch_bytes` (default 1 GiB). Where only the chunk fits (a small
+              budget, or N >~ 37k tokens at H = 5120), the accumulator borrows the last rows of
+              dW's own buffer, whose gradient is not written yet: those ~2N rows are walked for dX
+              first, then once dX is out for their dW (+2 N H tail flops, ~5% at 16k tokens; dX and
+              dW exact as before), and the scratch is the dA chunk alone. Where dW cannot hold it
+              (no dW, or N > V/2) the backward walks twice instead: token chunks give dX[rows],
+              either in one GEMM dA[Tc, V] @ W or, where that leaves short chunks, over vocabulary
+              blocks [Tc, Vx] into an fp32 [Tc, H] accumulator (fewer weight re-reads); then
               vocabulary chunks give dW as above; 10 N H V flops, scratch = one walk's chunk and
-              accumulator (`_bwd_plan`). With exact_dw=False a tight budget walks once per token
-              group instead ([Tg, H] fp32 dX accumulator, dW[chunk] added up over the groups by
-              cuBLAS in dW's dtype): 8 N H V flops again, dW rounded once per group.
+              accumulator (`_bwd_plan`). With exact_dw=False that case walks once per token group
+              instead ([Tg, H] fp32 dX accumulator, dW[chunk] added up over the groups by cuBLAS
+              in dW's dtype): 8 N H V flops again, dW rounded once per group.
   impl="torch": plain torch, chunked; what the CPU trainer uses. The forward walks token chunks
     (each [C, V] logits chunk in fp32), the backward walks vocab chunks like the Triton path (on a
     GPU with half inputs its GEMMs take dA in the input dtype with fp32 accumulation).
@@ -70,6 +73,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -91,9 +95,8 @@ IGNORE_INDEX = -100
 
 # Scratch the Triton backward may hold beyond the gradients (bytes): its dA chunk plus, in the
 # one-pass walk, the fp32 dX accumulator (N*H*4). Where the accumulator and a chunk of
-# ONE_PASS_MIN_VC columns do not fit, the backward walks twice (token chunks for dX, vocabulary
-# chunks for dW) and recomputes the logits once more (+2 N H V flops, +25% of fwd+bwd) to stay
-# within the budget; see _bwd_plan.
+# ONE_PASS_MIN_VC columns do not fit, the accumulator borrows dW's last rows (their logits are
+# recomputed once more), or failing that the backward walks twice; see _bwd_plan.
 BWD_SCRATCH_BYTES = int(os.environ.get("LWZ_LOGPROB_BWD_SCRATCH_BYTES", str(1 << 30)))
 # Narrowest vocabulary chunk of the one-pass walk: each chunk re-reads and re-writes the fp32 dX
 # accumulator (8 N H bytes), ~15% on top of its 6 N Vc H flops at 1024 columns on an H100-class GPU
@@ -102,10 +105,6 @@ ONE_PASS_MIN_VC = 1024
 # Widest dA chunk of the one-pass walk: past ~512 MiB the saved accumulator passes are < 0.3% of
 # the time at 16k tokens (the H200 numbers of the README were measured with this chunk).
 BWD_MAX_CHUNK_BYTES = 512 << 20
-# Vocabulary block width of the two-walk plan's dX chunks (see _bwd_plan): 0 = chosen by its
-# traffic model; a width >= V = whole-vocabulary token chunks with no accumulator. Set by
-# bench/tune_logprob.py's low-memory step (as LWZ_LOGPROB_DX_BLOCK) where a width beat the model.
-DX_BLOCK = int(os.environ.get("LWZ_LOGPROB_DX_BLOCK", "0"))
 # Elements of one fp32 logits chunk in the torch path ([C, V] forward, [N, Vc] backward).
 # 0 = by device (see _torch_chunk_elems).
 TORCH_CHUNK_ELEMS = int(os.environ.get("LWZ_LOGPROB_TORCH_CHUNK_ELEMS", "0"))
@@ -637,58 +636,89 @@ def _acc_mm(out32, a, b):
     out32 += torch.mm(a, b).float()
 
 
-def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True):
+class BwdPlan(NamedTuple):
+    """How the Triton backward walks dA = d loss / d logits (see _bwd_plan)."""
+    passes: int  # 1: dX and dW from one walk over the chunks; 2: a walk for dX, then one for dW
+    tc: int      # tokens per group / chunk (N: all of them)
+    vcx: int     # the two-walk dX chunks' vocabulary width (V: one GEMM over the whole vocabulary)
+    vc: int      # vocabulary columns per chunk of the dW walk (of the one walk)
+    tail: int = 0  # one walk whose fp32 dX accumulator borrows dW's last `tail` rows (0: not)
+
+
+def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True, dw_row=0):
     """How the backward walks dA = d loss / d logits within `budget` bytes of scratch.
 
     N tokens, V vocabulary, elem = bytes per dA (and weight) element, acc_row = bytes per token of
-    the fp32 dX accumulator (H*4 for half-precision hidden; 0 when dX is fp32 itself or not needed).
-    Returns (passes, tc, vcx, vc):
-      (1, N, V, vc)     one walk over vocabulary chunks [N, vc]: dW[chunk] = dA^T X and
-                        dX_fp32 += dA W[chunk], chosen when the [N, H] accumulator and a chunk of
-                        >= ONE_PASS_MIN_VC columns fit (the chunk: what the budget leaves, at most
-                        BWD_MAX_CHUNK_BYTES);
-      (1, tc, V, vc)    with exact_dw False, where that does not fit: the same walk once per token
-                        group of tc < N rows (an fp32 [tc, H] accumulator), dW[chunk] added up over
-                        the groups in dW's dtype (rounded once per group instead of once): one
-                        logits recompute instead of two (8 N H V flops instead of 10). The shape
-                        minimises the modelled traffic 8 / vc (accumulator) + 4 * elem / tc (dW
-                        read and written, weight read twice, per group);
-      (2, tc, vcx, vc)  first dX, by token chunks of tc rows: vcx == V gives one GEMM per chunk,
-                        dX[rows] = dA[tc, V] W, with no accumulator; vcx < V walks the chunk's
-                        vocabulary in blocks [tc, vcx] into an fp32 [tc, H] accumulator. Then dW
-                        from vocabulary chunks [N, vc]. The logits are recomputed in both walks.
+    the fp32 dX accumulator (H*4 for half-precision hidden; 0 when dX is fp32 itself or not needed),
+    dw_row = bytes per row of the dW gradient (0 when dW is not computed). Returns a BwdPlan:
+      (1, N, V, vc)        one walk over vocabulary chunks [N, vc]: dW[chunk] = dA^T X and
+                           dX_fp32 += dA W[chunk], chosen when the [N, H] accumulator and a chunk of
+                           >= ONE_PASS_MIN_VC columns fit (the chunk: what the budget leaves, at
+                           most BWD_MAX_CHUNK_BYTES);
+      (1, N, V, vc, tail)  where only the chunk fits: the same walk with the accumulator held in the
+                           last `tail` rows of dW's own buffer (the gradient being computed, not
+                           scratch). Those rows' dA is walked twice, for dX while the accumulator
+                           lives there, then for their dW once dX is out: 6 N H V + 2 N H tail
+                           flops in the backward (tail ~ 2N for half dW: +0.43 N H V at 16k tokens,
+                           V = 152064), dX and dW as exact as the plain walk's;
+      (1, tc, V, vc)       with exact_dw False, where neither fits (dW not computed, or N > V/2):
+                           the walk once per token group of tc < N rows (an fp32 [tc, H]
+                           accumulator), dW[chunk] added up over the groups in dW's dtype (rounded
+                           once per group instead of once): 8 N H V flops in all instead of 10. The
+                           shape minimises the modelled traffic 8 / vc (accumulator) + 4 * elem / tc
+                           (dW read and written, weight read twice, per group);
+      (2, tc, vcx, vc)     otherwise first dX, by token chunks of tc rows: vcx == V gives one GEMM
+                           per chunk, dX[rows] = dA[tc, V] W, with no accumulator; vcx < V walks
+                           the chunk's vocabulary in blocks [tc, vcx] into an fp32 [tc, H]
+                           accumulator. Then dW from vocabulary chunks [N, vc]. The logits are
+                           recomputed in both walks.
     The dX walk's shape comes from a traffic model (bytes per N*V*H): every token chunk reads the
     weight twice (recompute + GEMM), 2*elem / tc, and every accumulated block reads and writes its
     fp32 [tc, H] accumulator, 8 / vcx. Without the accumulator a 96 MiB budget leaves 256-token
-    chunks at V = 152064, and the 1.5 GB weight is streamed from HBM twice per 256 tokens (~60 ms
-    at 16k tokens on an H100, about as long as the chunks' GEMMs); with it, ~2700-token chunks
-    over 8192-column blocks move ~6x fewer bytes. Candidates that fit the budget win; with none
-    (a budget under one block), the smallest footprint. DX_BLOCK > 0 fixes the width (>= V: the
-    whole-vocabulary chunks of the plan before the accumulator, the benchmark's comparison).
+    chunks at V = 152064, and the 1.5 GB weight is streamed from HBM twice per 256 tokens; with it,
+    ~2700-token chunks over 8192-column blocks move ~6x fewer bytes. Candidates that fit the budget
+    win; with none (a budget under one block), the smallest footprint.
     """
     min_vc = min(V, ONE_PASS_MIN_VC)
+
+    def one_walk_cols(spare):
+        return _whole_blocks(min(spare, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
+
     if N * acc_row + N * min_vc * elem <= budget:
-        return 1, N, V, _whole_blocks(min(budget - N * acc_row, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
+        return BwdPlan(1, N, V, one_walk_cols(budget - N * acc_row))
+    tail = borrowed_rows(N, V, acc_row, dw_row)
+    if tail and N * min_vc * elem <= budget:
+        return BwdPlan(1, N, V, one_walk_cols(budget), tail)
     if not exact_dw:
-        vc, tc = _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, 4 * elem, 0)
-        return 1, tc, V, vc
-    vc = dw_chunk_cols(N, V, elem, block_v, budget)
-    vcx, tc = _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, 2 * elem, DX_BLOCK)
-    return 2, tc, vcx, vc
+        vc, tc = _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, 4 * elem)
+        return BwdPlan(1, tc, V, vc)
+    vc = _whole_blocks(budget // max(1, N * elem), block_v, V)
+    vcx, tc = _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, 2 * elem)
+    return BwdPlan(2, tc, vcx, vc)
 
 
-def _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, per_token_chunk, fixed_width):
+def borrowed_rows(N, V, acc_row, dw_row):
+    """Rows at the end of dW [V, H] whose bytes hold the fp32 [N, H] dX accumulator (N * acc_row
+    bytes), starting at a row that is a multiple of 8 (16-byte aligned for cuBLAS at any H): at
+    most V - 8, else 0 (nothing to borrow: no accumulator, no dW, or too little of it)."""
+    if acc_row == 0 or dw_row == 0:
+        return 0
+    start = (V - -(-N * acc_row // dw_row)) // 8 * 8
+    return V - start if start >= 8 else 0
+
+
+def _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, per_token_chunk):
     """(width, tc): the [tc, width] chunks (with the fp32 [tc, H] accumulator where width < V) of
     least modelled traffic per N*V*H, per_token_chunk / tc + 8 / width, among widths block_v * 2^k
-    and V (fixed_width > 0: that one). Chunks that fit the budget win; with none, the smallest."""
+    and V. Chunks that fit the budget win; with none, the smallest."""
     cands = []  # (fits, modelled bytes or footprint, width, tc)
-    width = min(fixed_width, V) if fixed_width > 0 else block_v
+    width = block_v
     while True:
         width = min(width, V)
         tc, nbytes = dx_chunk_tokens(width, N, V, elem, acc_row, block_t, budget)
         cost = per_token_chunk / tc + (8 / width if width < V else 0.0)
         cands.append((nbytes > budget, cost if nbytes <= budget else nbytes, width, tc))
-        if width == V or fixed_width > 0:
+        if width == V:
             break
         width *= 2
     _, _, width, tc = min(cands)
@@ -698,11 +728,6 @@ def _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, per_token_ch
 def _whole_blocks(n, block, full):
     """n rounded down to whole blocks, at least one block, at most full."""
     return min(full, max(block, n // block * block))
-
-
-def dw_chunk_cols(N, V, elem, block_v, budget):
-    """Columns of the two-walk plan's dW chunks [N, vc]: the most whole blocks that fit the budget."""
-    return _whole_blocks(budget // max(1, N * elem), block_v, V)
 
 
 def dx_chunk_tokens(vcx, N, V, elem, acc_row, block_t, budget):
@@ -720,20 +745,21 @@ def _dlogits_dtype(hidden):
     return hidden.dtype if on_gpu else torch.float32
 
 
-def plan_args(hidden, weight, scratch_bytes=None, need_dx=True, exact_dw=True):
+def plan_args(hidden, weight, scratch_bytes=None, need_dx=True, exact_dw=True, need_dw=True):
     """_bwd_plan's arguments for these inputs and budget:
-    (N, V, elem, acc_row, BLOCK_T, BLOCK_V, budget, exact_dw)."""
+    (N, V, elem, acc_row, BLOCK_T, BLOCK_V, budget, exact_dw, dw_row)."""
     N, H = hidden.shape
     c = _cfg(hidden.device, hidden.dtype, bwd=True)
     elem = torch.finfo(_dlogits_dtype(hidden)).bits // 8
     acc_row = H * 4 if need_dx and hidden.dtype != torch.float32 else 0
+    dw_row = H * weight.element_size() if need_dw else 0
     budget = BWD_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-    return N, weight.shape[0], elem, acc_row, c["BLOCK_T"], c["BLOCK_V"], budget, exact_dw
+    return N, weight.shape[0], elem, acc_row, c["BLOCK_T"], c["BLOCK_V"], budget, exact_dw, dw_row
 
 
-def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True, exact_dw=True):
-    """The Triton backward's walk for these inputs and budget: (passes, tc, vcx, vc) of _bwd_plan."""
-    return _bwd_plan(*plan_args(hidden, weight, scratch_bytes, need_dx, exact_dw))
+def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True, exact_dw=True, need_dw=True):
+    """The Triton backward's walk for these inputs and budget: _bwd_plan's BwdPlan."""
+    return _bwd_plan(*plan_args(hidden, weight, scratch_bytes, need_dx, exact_dw, need_dw))
 
 
 def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
@@ -754,7 +780,7 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
     # FLAT configs: one persistent program per SM (the shipped-size tiles' registers and SMEM
     # leave room for one); 3 under the interpreter, so each program there walks several tiles
     persistent_programs = torch.cuda.get_device_properties(dev).multi_processor_count if on_gpu else 3
-    passes, tc, vcx, vc = backward_plan(hidden, weight, scratch_bytes, need_dx, exact_dw)
+    plan = backward_plan(hidden, weight, scratch_bytes, need_dx, exact_dw, need_dw)
     dummy = ent  # placeholder pointer for absent upstream grads (never read: constexpr-guarded)
     x_g = hidden if on_gpu or hidden.dtype == torch.float32 else hidden.float()
     w_g = weight if on_gpu or weight.dtype == torch.float32 else weight.float()
@@ -793,25 +819,30 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
             part = dlc.t() @ x_g[g0:g1]
             out.copy_(part if g0 == 0 else out.to(part.dtype) + part)
 
-    def walk(tc, vc, with_dx, with_dw):
-        """dA over token groups of tc rows x vocabulary chunks of vc columns: dX[group] += dA W[chunk]
-        (in an fp32 [tc, H] accumulator, dX itself when fp32; one GEMM straight into dX when a
-        chunk covers the vocabulary) and dW[chunk] (+)= dA^T X[group]. The chunk buffer and the
-        accumulator live while this walk runs (peak scratch = one walk's)."""
+    def walk(tc, vc, with_dx, with_dw, v_end=V, v_start=0, acc=None):
+        """dA over token groups of tc rows x vocabulary [v_start, v_end) in chunks of vc columns:
+        dX[group] += dA W[chunk] and dW[chunk] (+)= dA^T X[group]. dX sums in fp32: in `acc` when
+        given (the caller's [N, H], left holding the partial sums), else in an own [tc, H]
+        accumulator copied into dX after each group (dX itself when fp32); one GEMM straight into
+        dX when a chunk covers the vocabulary. The chunk buffer (and own accumulator) live while
+        this walk runs (peak scratch = one walk's)."""
         buf = torch.empty(min(tc, N) * vc, device=dev, dtype=dl_dtype)
         whole = vc >= V
-        acc = torch.empty(min(tc, N), H, device=dev, dtype=torch.float32) \
-            if with_dx and not whole and hidden.dtype != torch.float32 else None
+        own = None
+        if acc is None and with_dx and not whole and hidden.dtype != torch.float32:
+            own = torch.empty(min(tc, N), H, device=dev, dtype=torch.float32)
         for g0 in range(0, N, tc):
             g1 = min(N, g0 + tc)
             a = None
-            if with_dx and not whole:
-                a = dx[g0:g1] if acc is None else acc[: g1 - g0]
+            if acc is not None:
+                a = acc[g0:g1]
+            elif with_dx and not whole:
+                a = dx[g0:g1] if own is None else own[: g1 - g0]
                 a.zero_()
-            for v0 in range(0, V, vc):
-                w = min(vc, V - v0)
+            for v0 in range(v_start, v_end, vc):
+                w = min(vc, v_end - v0)
                 dlc = dlogits(buf, g0, g1, v0, w)
-                if a is not None:
+                if with_dx and a is not None:
                     _acc_mm(a, dlc, w_g[v0:v0 + w])
                 elif with_dx and on_gpu:
                     torch.mm(dlc, weight, out=dx[g0:g1])
@@ -819,16 +850,24 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
                     dx[g0:g1] = (dlc @ w_g).to(dx.dtype)
                 if with_dw:
                     dw_update(v0, w, dlc, g0, g1)
-            if acc is not None:
+            if own is not None:
                 dx[g0:g1] = a
 
-    if passes == 2:  # dX by token chunks over vocabulary blocks, then dW over all N tokens at once
+    if plan.tail:  # one walk; the fp32 dX accumulator lives in dW's last rows until dX is out
+        v_tail = V - plan.tail
+        acc = dw.view(-1)[v_tail * H: v_tail * H + N * H * 4 // dw.element_size()]
+        acc = acc.view(torch.float32).view(N, H).zero_()
+        walk(N, plan.vc, True, True, v_tail, acc=acc)  # dX and dW of the rows before the tail
+        walk(N, plan.vc, True, False, V, v_tail, acc)  # the tail rows' dX ...
+        dx.copy_(acc)
+        walk(N, plan.vc, False, True, V, v_tail)  # ... then, their rows free again, their dW
+    elif plan.passes == 2:  # dX by token chunks over vocabulary blocks, then dW over all N tokens at once
         if need_dx:
-            walk(tc, vcx, True, False)
+            walk(plan.tc, plan.vcx, True, False)
         if need_dw:
-            walk(N, vc, False, True)
+            walk(N, plan.vc, False, True)
     else:  # one walk per token group (tc == N: one group, dW written once)
-        walk(tc, vc, need_dx, need_dw)
+        walk(plan.tc, plan.vc, need_dx, need_dw)
     return dx, dw
 
 
@@ -999,10 +1038,11 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     entropy 0, no gradient). Returns (logp fp32 [N], entropy fp32 [N] or None); differentiable in
     hidden and weight. impl: "triton" | "torch" | "auto" (Triton on CUDA, chunked torch elsewhere).
     bwd_scratch_bytes: the memory the Triton backward may hold beyond the gradients (default
-    BWD_SCRATCH_BYTES = LWZ_LOGPROB_BWD_SCRATCH_BYTES or 1 GiB); under ~N*H*4 + N*1024*2 bytes it
-    recomputes the logits once more (+25% flops) to stay within it, unless exact_dw is False: then
-    it walks token groups once each and adds dW up over the groups in dW's dtype (bf16 dW rounded
-    once per group, ~7 times at 16k tokens in 88 MiB, instead of once).
+    BWD_SCRATCH_BYTES = LWZ_LOGPROB_BWD_SCRATCH_BYTES or 1 GiB); under ~N*H*4 + N*1024*2 bytes its
+    fp32 dX accumulator borrows dW's last ~2N rows, whose logits it recomputes (+~5% flops at 16k
+    tokens, V = 152064). Where dW cannot hold it (no dW, or N > V/2) it recomputes all the logits
+    once more (+25% flops), unless exact_dw is False: then it walks token groups once each and adds
+    dW up over the groups in dW's dtype (rounded once per group instead of once).
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"fused_logprobs: impl must be 'auto', 'triton' or 'torch', got {impl!r}")

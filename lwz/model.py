@@ -324,8 +324,8 @@ class Transformer(nn.Module):
         from the fused log-prob kernel instead. Computing them inside forward matters under FSDP2:
         the head weight is only guaranteed unsharded while the root module's forward runs.
         logprob_scratch_bytes: the log-prob backward's memory budget (None: the kernel's default);
-        logprob_exact_dw False lets a tight budget add the head's gradient up over token groups
-        (kernels.logprob.fused_logprobs' exact_dw)."""
+        logprob_exact_dw False lets a tight budget that cannot borrow the head gradient's rows add
+        that gradient up over token groups (kernels.logprob.fused_logprobs' exact_dw)."""
         hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
         if targets is None:
             return hidden

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels.grpo_loss import grpo_loss
-from kernels.logprob import fused_logprobs
+from kernels.logprob import backward_plan, fused_logprobs
 from kernels.reference import grpo_loss_reference, logprobs_reference
 
 pytestmark = pytest.mark.skipif(
@@ -28,15 +28,20 @@ def _grads(fn, x, w, t, temp, g_lp, g_en):
     return [v.detach().double() for v in (lp, en, dx, dw)]
 
 
-@pytest.mark.parametrize("scratch", [None, 8 << 20, 256 << 10], ids=["default", "8mib", "256kib"])
+@pytest.mark.parametrize("scratch", [None, 8 << 20, 5 << 20, 256 << 10], ids=["default", "8mib", "5mib", "256kib"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("N,H,V", [(1, 80, 4099), (333, 128, 12289), (2050, 256, 32003)])
 def test_logprob_kernel_vs_reference(dtype, N, H, V, scratch):
     """Backward plans (kernels.logprob._bwd_plan): the default budget walks once in one chunk at
     these sizes; 8 MiB walks once over several vocabulary chunks with the fp32 dX accumulator
-    (bf16/fp16: 23 chunks at N = 2050); 256 KiB walks twice (token chunks for dX, each over
-    vocabulary blocks into an fp32 accumulator, then vocabulary chunks for dW) at N = 333 and 2050
-    in every dtype."""
+    (bf16/fp16: 23 chunks at N = 2050); 5 MiB at N = 2050 holds 1152-column chunks but not the
+    accumulator, which borrows dW's last 4107 rows (bf16/fp16); 256 KiB walks twice (token chunks
+    for dX, each over vocabulary blocks into an fp32 accumulator, then vocabulary chunks for dW) at
+    N = 333 and 2050 in every dtype."""
+    if scratch == 5 << 20 and N == 2050 and dtype != torch.float32:
+        x = torch.empty(N, H, dtype=dtype, device="cuda")
+        p = backward_plan(x, torch.empty(V, H, dtype=dtype, device="cuda"), scratch)
+        assert p.passes == 1 and p.tc == N and p.tail == 4107 and 1024 <= p.vc < V, p
     _check_logprob(dtype, N, H, V, scratch)
 
 
@@ -57,18 +62,19 @@ def test_logprob_two_walk_dx_chunks(dtype, vcx, monkeypatch):
     import kernels.logprob as lp
 
     N, H, V = 2050, 256, 32003
-    monkeypatch.setattr(lp, "_bwd_plan", lambda N_, V_, *a: (2, 640, V_ if vcx == "whole" else vcx, 1024))
+    monkeypatch.setattr(lp, "_bwd_plan", lambda N_, V_, *a: lp.BwdPlan(2, 640, V_ if vcx == "whole" else vcx, 1024))
     _check_logprob(dtype, N, H, V, 1 << 20)
 
 
-def test_logprob_lowmem_setting_stays_under_100mb():
-    """The goal's shape, T=16k, H=5120, V=152064, bf16, at the benchmark's low-memory budget, in
-    both of its plans (two walks; exact_dw=False: one walk per token group, dW added up over the
-    groups): everything fwd+bwd holds beyond its inputs and the dX / dW gradients stays under 10^8
-    bytes (the forward's statistics and upstream gradients included), and dX / dW match the
-    default plan's (an independent walk) to bf16 rounding."""
+def test_logprob_lowmem_setting_stays_under_100mb(monkeypatch):
+    """The goal's shape, T=16k, H=5120, V=152064, bf16, at the benchmark's low-memory budget: its
+    plan (one walk, the fp32 dX accumulator in dW's last rows) and the plans it falls back to where
+    dW cannot hold the accumulator (two walks; exact_dw=False: one walk per token group, dW added up
+    over the groups): everything fwd+bwd holds beyond its inputs and the dX / dW gradients stays
+    under 10^8 bytes (the forward's statistics and upstream gradients included), and dX / dW match
+    the default plan's (an independent walk) to bf16 rounding."""
     from bench.bench_logprob import LOW_SCRATCH
-    from kernels.logprob import backward_plan
+    import kernels.logprob as lp
 
     T, H, V = 16384, 5120, 152064
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -77,10 +83,14 @@ def test_logprob_lowmem_setting_stays_under_100mb():
     t = torch.randint(0, V, (T,), device="cuda", generator=g)
     t[::17] = -100
     gl, ge = torch.randn(2, T, device="cuda", generator=g)
-    assert backward_plan(x, w, LOW_SCRATCH)[0] == 2  # the two-walk plan is what is measured
-    assert backward_plan(x, w, LOW_SCRATCH, exact_dw=False)[1] < T  # and the token groups
+    p = lp.backward_plan(x, w, LOW_SCRATCH)  # what the benchmark measures
+    assert p.passes == 1 and p.tc == T and p.tail == 32768, p
     grads = {}
-    for name, scratch, exact in (("lowmem", LOW_SCRATCH, True), ("groups", LOW_SCRATCH, False), ("default", None, True)):
+    for name, scratch, exact in (("lowmem", LOW_SCRATCH, True), ("two_walks", LOW_SCRATCH, True),
+                                 ("groups", LOW_SCRATCH, False), ("default", None, True)):
+        borrow = name in ("lowmem", "default")
+        monkeypatch.setattr(lp, "borrowed_rows", lp.borrowed_rows if borrow else lambda *a: 0)
+        assert lp.backward_plan(x, w, scratch, exact_dw=exact).passes == (2 if name == "two_walks" else 1)
         x.grad = w.grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -92,7 +102,7 @@ def test_logprob_lowmem_setting_stays_under_100mb():
         torch.cuda.synchronize()
         beyond = torch.cuda.max_memory_allocated() - base - (x.numel() + w.numel()) * 2
         grads[name] = (x.grad.float(), w.grad.float(), beyond)
-    for low in ("lowmem", "groups"):
+    for low in ("lowmem", "two_walks", "groups"):
         assert grads[low][2] <= 100e6, f"{low}: {grads[low][2] / 1e6:.1f} MB beyond the gradients"
         for i, name in ((0, "dX"), (1, "dW")):
             a, b = grads[low][i], grads["default"][i]

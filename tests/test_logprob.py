@@ -60,12 +60,16 @@ def _small_chunks(monkeypatch, walk):
       "2pass-acc": the same, but each token chunk's dX sums vocabulary blocks of 2 BLOCK_V in an
                    fp32 [BLOCK_T, H] accumulator (dX itself for fp32);
       "groups":    the one walk per token group of BLOCK_T rows (exact_dw False), dW added up over
-                   the groups in its dtype.
+                   the groups in its dtype;
+      "borrow":    the one walk with the fp32 dX accumulator in dW's last rows (fp16; fp32 has no
+                   accumulator), those rows walked for dX, then for dW.
     The torch path takes several token chunks."""
-    def plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True):
+    def plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True, dw_row=0):
+        if walk == "borrow":
+            return lp_mod.BwdPlan(1, N, V, block_v, lp_mod.borrowed_rows(N, V, acc_row, dw_row))
         if walk in ("1pass", "groups"):
-            return 1, (N if walk == "1pass" else block_t), V, block_v
-        return 2, block_t, (V if walk == "2pass" else 2 * block_v), block_v
+            return lp_mod.BwdPlan(1, (N if walk == "1pass" else block_t), V, block_v)
+        return lp_mod.BwdPlan(2, block_t, (V if walk == "2pass" else 2 * block_v), block_v)
 
     monkeypatch.setattr(lp_mod, "_bwd_plan", plan)
     monkeypatch.setattr(lp_mod, "TORCH_CHUNK_ELEMS", 40_000)
@@ -88,9 +92,10 @@ DTYPE_CASES = [pytest.param(dt, *c, id=f"{name}-{'-'.join(map(str, c))}") for c 
 
 @pytest.mark.parametrize("impl,walk,tma", [("triton", "1pass", False), ("triton", "2pass-acc", False),
                                            ("triton", "2pass", True), ("triton", "2pass-acc", "flat"),
-                                           ("triton", "groups", False), ("torch", "1pass", False)],
+                                           ("triton", "groups", False), ("triton", "borrow", False),
+                                           ("torch", "1pass", False)],
                          ids=["triton-1pass", "triton-2pass-acc", "triton-2pass-tma", "triton-2pass-acc-tma-flat",
-                              "triton-groups", "torch"])
+                              "triton-groups", "triton-borrow", "torch"])
 @pytest.mark.parametrize("dtype,N,H,V,temp,grads", DTYPE_CASES)
 def test_matches_fp64_reference(impl, walk, tma, dtype, N, H, V, temp, grads, monkeypatch):
     """tma: the kernels read hidden and weight through tensor descriptors (out-of-bounds rows and
@@ -130,57 +135,76 @@ def test_matches_fp64_reference(impl, walk, tma, dtype, N, H, V, temp, grads, mo
     assert (ent >= -1e-6).all() and (ent <= math.log(V) + 1e-4).all()
 
 
-def test_bwd_plan_stays_within_budget(monkeypatch):
+def test_bwd_plan_stays_within_budget():
     """The backward's scratch plan: one walk with the fp32 dX accumulator while it and a chunk of
-    >= ONE_PASS_MIN_VC columns fit the budget, else two walks whose chunks each fit it; the dX
-    walk takes long token chunks over vocabulary blocks when whole-vocabulary chunks get short."""
+    >= ONE_PASS_MIN_VC columns fit the budget; else the same walk with the accumulator in dW's last
+    rows while dW can hold it; else two walks whose chunks each fit the budget (the dX walk in long
+    token chunks over vocabulary blocks when whole-vocabulary chunks get short), or with exact_dw
+    False one walk per token group."""
     plan = lp_mod._bwd_plan
     N, H, V, bf16 = 16384, 5120, 152064, 2
-    row = H * 4  # fp32 dX accumulator bytes per token
-    assert plan(N, V, bf16, row, 128, 128, 1 << 30) == (1, N, V, 16384)  # 1 GiB at 16k: chunk capped at 512 MiB
-    passes, _, _, vc = plan(2 * N, V, bf16, row, 128, 128, 1 << 30)  # 32k: what the budget leaves
-    assert passes == 1 and vc % 128 == 0 and 2 * N * row + 2 * N * vc * bf16 <= 1 << 30 \
-        < 2 * N * row + 2 * N * (vc + 128) * bf16
+    row, dw_row = H * 4, H * 2  # fp32 dX accumulator / bf16 dW bytes per token / row
+    assert plan(N, V, bf16, row, 128, 128, 1 << 30, True, dw_row) == (1, N, V, 16384, 0)  # chunk capped at 512 MiB
+    p = plan(2 * N, V, bf16, row, 128, 128, 1 << 30, True, dw_row)  # 32k: what the budget leaves
+    assert p.passes == 1 and p.tail == 0 and p.vc % 128 == 0 and 2 * N * row + 2 * N * p.vc * bf16 <= 1 << 30 \
+        < 2 * N * row + 2 * N * (p.vc + 128) * bf16
+    # 88 MiB at 16k (the benchmark's <= 100 MB row): 2816-column chunks (88 MiB of dA), the 320 MiB
+    # accumulator in dW's last 32768 rows (21.5% of the vocabulary recomputed)
+    assert plan(N, V, bf16, row, 128, 128, 88 << 20, True, dw_row) == (1, N, V, 2816, 32768)
+    assert plan(N, V, bf16, row, 128, 128, 88 << 20, False, dw_row) == (1, N, V, 2816, 32768)  # exact anyway
+    assert plan(4 * N, V, bf16, row, 128, 128, 1 << 30, True, dw_row).tail == 131072  # 64k: acc = 1.25 GiB
+    assert plan(8 * N, V, bf16, row, 128, 128, 1 << 30, True, dw_row).passes == 2  # 128k: more than dW holds
+    assert plan(N, V, bf16, row, 128, 128, 16 << 20, True, dw_row).passes == 2  # 16 MiB: not even a 1024 chunk
+    # without dW to borrow (a frozen head): two walks within the budget
     for budget in (96 << 20, N * row):  # under 100 MB; the one-walk accumulator alone
-        passes, tc, vcx, vc = plan(N, V, bf16, row, 128, 128, budget)
-        assert passes == 2 and tc % 128 == 0 and vcx % 128 == 0 and vc % 128 == 0
+        passes, tc, vcx, vc, tail = plan(N, V, bf16, row, 128, 128, budget)
+        assert passes == 2 and tail == 0 and tc % 128 == 0 and vcx % 128 == 0 and vc % 128 == 0
         assert tc * (vcx * bf16 + row) <= budget and N * vc * bf16 <= budget and vc >= 128
         whole_vocab_tc = budget // (V * bf16) // 128 * 128  # 256 tokens at 96 MiB
         assert vcx < V and tc >= 4 * whole_vocab_tc, (budget, tc, vcx)
     # 96 MiB at 16k: 2688-token chunks over 8192-column blocks (52.5 MiB accumulator + 42 MiB of dA)
-    assert plan(N, V, bf16, row, 128, 128, 96 << 20) == (2, 2688, 8192, 3072)
-    assert plan(4 * N, V, bf16, row, 128, 128, 1 << 30)[0] == 2  # 64k tokens: acc = 1.25 GiB
-    assert plan(N, V, 4, 0, 64, 128, 96 << 20)[0] == 1  # fp32 hidden: dX is its own accumulator
+    assert plan(N, V, bf16, row, 128, 128, 96 << 20) == (2, 2688, 8192, 3072, 0)
+    assert plan(N, V, 4, 0, 64, 128, 96 << 20, True, 4 * H) == (1, N, V, 1536, 0)  # fp32: dX is its own accumulator
     # a budget a single block exceeds: the smallest footprint (one block per chunk, <= N rows)
-    assert plan(3, 1237, 4, 0, 64, 256, 1) == (2, 3, 256, 256)
-    assert plan(3, 1237, 4, 0, 64, 256, 1 << 30) == (1, 3, 1237, 1237)  # everything in one chunk
-    # DX_BLOCK (LWZ_LOGPROB_DX_BLOCK, what the tuning exports) fixes the dX width; >= V: whole vocabulary
-    monkeypatch.setattr(lp_mod, "DX_BLOCK", 4096)
-    tc, _ = lp_mod.dx_chunk_tokens(4096, N, V, bf16, row, 128, 88 << 20)
-    assert plan(N, V, bf16, row, 128, 128, 88 << 20) == (2, tc, 4096, 2816) and tc == 3200
-    monkeypatch.setattr(lp_mod, "DX_BLOCK", 1 << 40)
-    assert plan(N, V, bf16, row, 128, 128, 88 << 20) == (2, 256, V, 2816)
-    assert plan(N, V, bf16, row, 128, 128, 1 << 30)[0] == 1  # the one-walk plan is not affected
-    # exact_dw False: one walk per token group instead of two walks (dW added up over the groups)
-    monkeypatch.setattr(lp_mod, "DX_BLOCK", 0)
+    assert plan(3, 1237, 4, 0, 64, 256, 1) == (2, 3, 256, 256, 0)
+    assert plan(3, 1237, 4, 0, 64, 256, 1 << 30) == (1, 3, 1237, 1237, 0)  # everything in one chunk
+    # exact_dw False where nothing can be borrowed: one walk per token group instead of two walks
     for budget in (88 << 20, 24 << 20):
-        passes, tg, vcx, vc = plan(N, V, bf16, row, 128, 128, budget, False)
+        passes, tg, vcx, vc, _ = plan(N, V, bf16, row, 128, 128, budget, False)
         assert passes == 1 and vcx == V and tg < N and tg % 128 == 0 and vc % 128 == 0
         assert tg * (row + vc * bf16) <= budget, (budget, tg, vc)
-    assert plan(N, V, bf16, row, 128, 128, 88 << 20, False) == (1, 2432, V, 8192)  # 7 groups at 16k
+    assert plan(N, V, bf16, row, 128, 128, 88 << 20, False) == (1, 2432, V, 8192, 0)  # 7 groups at 16k
     assert plan(N, V, bf16, row, 128, 128, 1 << 30, False) == plan(N, V, bf16, row, 128, 128, 1 << 30)
 
 
-@pytest.mark.parametrize("budget,passes,exact_dw", [(48 << 10, 2, True), (48 << 10, 1, False), (1 << 30, 1, True)],
-                         ids=["2pass", "groups", "1pass"])
+def test_borrowed_rows_hold_the_accumulator():
+    """dW's borrowed tail starts on a row that is a multiple of 8 and holds the whole fp32 [N, H]
+    accumulator, at any N, V and H (odd ones too); nothing is borrowed without an accumulator, without
+    dW, or where dW is too small to hold it."""
+    for N, V, H in ((1, 4099, 48), (333, 1237, 80), (97, 4099, 7), (16384, 152064, 5120), (2000, 4103, 33)):
+        for acc_row, dw_row in ((4 * H, 2 * H), (4 * H, 4 * H)):
+            tail = lp_mod.borrowed_rows(N, V, acc_row, dw_row)
+            assert 0 < tail < V and (V - tail) % 8 == 0 and tail * dw_row >= N * acc_row, (N, V, H, tail)
+            assert (tail - 8) * dw_row < N * acc_row  # no more rows than that
+    assert lp_mod.borrowed_rows(100, 1000, 0, 200) == 0 and lp_mod.borrowed_rows(100, 1000, 400, 0) == 0
+    assert lp_mod.borrowed_rows(500, 1000, 400, 200) == 0  # 2N = V: no row left before the tail
+
+
+BORROW_BUDGET = 333 * 1024 * 4 + 1000  # N = 333 below: one 1024-column fp32 dA chunk, not the accumulator
+
+
+@pytest.mark.parametrize("budget,passes,exact_dw", [(48 << 10, 2, True), (48 << 10, 1, False),
+                                                    (BORROW_BUDGET, 1, True), (1 << 30, 1, True)],
+                         ids=["2pass", "groups", "borrow", "1pass"])
 def test_scratch_budget_walks(budget, passes, exact_dw, monkeypatch):
     """The real plan at a budget that forces two walks over several uneven chunks of tokens and
     vocabulary (fp16: the one-pass walk would need an fp32 dX accumulator; the dX walk sums
     vocabulary blocks in its [tc, H] accumulator), the same budget with exact_dw False (one walk
-    per token group, dW added up over the groups in fp16), and at one that takes a single chunk:
-    all match the fp64 reference like plain fp16 torch. (The whole-vocabulary dX chunks of the
-    two-walk plan win only at vocabularies small next to the budget; tested with a fixed plan in
-    test_matches_fp64_reference.)"""
+    per token group, dW added up over the groups in fp16), at one that holds a 1024-column chunk
+    but not the accumulator (borrowed from dW's last 667 rows: uneven chunks before and in the
+    tail), and at one that takes a single chunk: all match the fp64 reference like plain fp16
+    torch. (The whole-vocabulary dX chunks of the two-walk plan win only at vocabularies small next
+    to the budget; tested with a fixed plan in test_matches_fp64_reference.)"""
     N, H, V, temp = 333, 48, 4099, 0.9
     seen = []
     real = lp_mod._bwd_plan
@@ -192,11 +216,14 @@ def test_scratch_budget_walks(budget, passes, exact_dw, monkeypatch):
                                               bwd_scratch_bytes=budget, exact_dw=exact_dw)
     got = _run(fn, x, w, t, temp, g_lp, g_en)
     assert seen and seen[0][0] == passes, seen
-    _, tc, vcx, vc = seen[0]
+    _, tc, vcx, vc, tail = seen[0]
+    assert (tail > 0) == (budget == BORROW_BUDGET), seen[0]
     if passes == 2:
         assert N % tc and tc < N and V % vc and vc < V and V % vcx and vcx < V, seen[0]
     if not exact_dw:  # several token groups, the last one short
         assert N % tc and tc < N and V % vc and vc < V and vcx == V, seen[0]
+    if tail:
+        assert tail == 667 and vc == 1024 and tc == N and (V - tail) % vc and tail < vc, seen[0]
     ref = _run(_ref(torch.float64), x.double(), w.double(), t, temp, g_lp, g_en)
     same = _run(_ref(torch.float16), x, w, t, temp, g_lp, g_en)
     for name, a, r, s in zip(["d_hidden", "d_weight"], got[2:], ref[2:], same[2:]):
@@ -448,7 +475,7 @@ def test_gpu_bench_headline_and_impl_filter(tmp_path, monkeypatch):
     def fake_run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None):
         seen.update(sizes=sizes, only=only, compile_torch=compile_torch)
         return [row(4096, "triton", 50.0, 60.0, 300.0), row(16384, "triton", 200.0, 65.0, 830.0),
-                row(16384, "triton_lowmem", 250.0, 52.0, 90.0), row(16384, "triton_lowmem_whole_vocab", 300.0, 43.0, 90.0),
+                row(16384, "triton_lowmem", 250.0, 52.0, 90.0), row(16384, "triton_lowmem_two_walks", 300.0, 43.0, 90.0),
                 row(16384, "triton_lowmem_groups", 210.0, 62.0, 89.0),
                 row(16384, "torch_chunked_compiled", 400.0, 32.5, 700.0),
                 dict(T=16384, impl="torch_eager", skipped="would OOM")]
@@ -464,7 +491,7 @@ def test_gpu_bench_headline_and_impl_filter(tmp_path, monkeypatch):
     assert h["pct_matmul_fwd_bwd"] == 65.0 and h["beyond_grads_mib"] == 830.0
     assert h["pct_matmul_fwd_bwd_lowmem"] == 52.0 and h["beyond_grads_mb_lowmem"] == pytest.approx(94.37, abs=0.01)
     assert h["speedup_vs_torch_chunked_compiled"] == pytest.approx(2.0) and "speedup_vs_liger_flce" not in h
-    assert h["speedup_lowmem_vs_whole_vocab"] == pytest.approx(1.2)
+    assert h["speedup_lowmem_vs_two_walks"] == pytest.approx(1.2)
     assert h["pct_matmul_fwd_bwd_lowmem_groups"] == 62.0 and h["beyond_grads_mb_lowmem_groups"] == pytest.approx(93.32, abs=0.01)
     with pytest.raises(SystemExit, match="--impls nope not available here"):  # checked before any GPU work
         real_run_cuda([16], True, only=["nope", "triton"])
@@ -478,27 +505,35 @@ def test_backward_plan_and_its_bench_text():
     x = torch.empty(2000, 64, dtype=torch.float16, device="meta")
     w = torch.empty(5000, 64, dtype=torch.float16, device="meta")
     c = lp_mod._cfg(torch.device("cpu"), torch.float16, bwd=True)
-    for budget, need_dx in ((1 << 30, True), (1 << 20, True), (1 << 20, False)):
-        assert lp_mod.backward_plan(x, w, budget, need_dx) == \
-            lp_mod._bwd_plan(2000, 5000, 4, 64 * 4 if need_dx else 0, c["BLOCK_T"], c["BLOCK_V"], budget)
-    assert _plan_text((1, 16384, 152064, 16384), 16384, 152064) == \
+    for budget, need_dx, need_dw in ((1 << 30, True, True), (1 << 20, True, True), (8_300_000, True, True),
+                                     (8_300_000, True, False), (1 << 20, False, True)):
+        assert lp_mod.backward_plan(x, w, budget, need_dx, need_dw=need_dw) == \
+            lp_mod._bwd_plan(2000, 5000, 4, 64 * 4 if need_dx else 0, c["BLOCK_T"], c["BLOCK_V"], budget, True,
+                             64 * 2 if need_dw else 0)
+    assert lp_mod.backward_plan(x, w, 8_300_000).tail == 4000  # the chunk fits, the accumulator does not
+    assert lp_mod.backward_plan(x, w, 8_300_000, need_dw=False).passes == 2  # no dW to hold it
+    P = lp_mod.BwdPlan
+    assert _plan_text(P(1, 16384, 152064, 16384), 16384, 152064) == \
         "one walk: vocabulary chunks of 16384 with the fp32 dX accumulator"
-    assert _plan_text((2, 2688, 8192, 3072), 16384, 152064) == ("two walks: dX in 2688-token chunks over 8192-column "
-                                                         "blocks (fp32 [2688, H] accumulator); dW in vocabulary chunks of 3072")
-    assert "256-token chunks over the whole vocabulary" in _plan_text((2, 256, 152064, 3072), 16384, 152064)
-    assert _plan_text((1, 2432, 152064, 8192), 16384, 152064).startswith("one walk per 2432-token group (7 groups)")
-    # the bench's comparison row: its settings hold while it runs (plan included) and are restored
+    assert _plan_text(P(1, 16384, 152064, 2816, 32768), 16384, 152064) == \
+        "one walk: vocabulary chunks of 2816 with the fp32 dX accumulator in dW's last 32768 rows (their logits recomputed)"
+    assert _plan_text(P(2, 2688, 8192, 3072), 16384, 152064) == ("two walks: dX in 2688-token chunks over 8192-column "
+                                                          "blocks (fp32 [2688, H] accumulator); dW in vocabulary chunks of 3072")
+    assert "256-token chunks over the whole vocabulary" in _plan_text(P(2, 256, 152064, 3072), 16384, 152064)
+    assert _plan_text(P(1, 2432, 152064, 8192), 16384, 152064).startswith("one walk per 2432-token group (7 groups)")
+    # the bench's comparison rows: their settings hold while they run (plan included) and are restored
     from bench import bench_logprob as bl
 
-    assert lp_mod.DX_BLOCK == 0
-    big_x = torch.empty(16384, 5120, dtype=torch.float16, device="meta")
-    big_w = torch.empty(152064, 5120, dtype=torch.float16, device="meta")
-    with bl._settings("triton_lowmem_whole_vocab"):
-        assert lp_mod.DX_BLOCK >= 152064
-        whole = lp_mod.backward_plan(big_x, big_w, bl.LOW_SCRATCH)
-    assert lp_mod.DX_BLOCK == 0
-    assert whole[0] == 2 and whole[2] == 152064 and lp_mod.backward_plan(big_x, big_w, bl.LOW_SCRATCH)[2] < 152064
-    assert bl._with_settings("triton_lowmem_whole_vocab", lambda: lp_mod.DX_BLOCK)() >= 152064
+    big_x = torch.empty(16384, 5120, dtype=torch.bfloat16, device="meta")
+    big_w = torch.empty(152064, 5120, dtype=torch.bfloat16, device="meta")
+    real = lp_mod.borrowed_rows
+    with bl._settings("triton_lowmem_two_walks"):
+        assert lp_mod.borrowed_rows is not real
+        two = lp_mod.backward_plan(big_x, big_w, bl.LOW_SCRATCH)
+    assert lp_mod.borrowed_rows is real
+    assert two.passes == 2 and lp_mod.backward_plan(big_x, big_w, bl.LOW_SCRATCH).tail > 0
+    assert bl._with_settings("triton_lowmem_groups", lambda: lp_mod.backward_plan(big_x, big_w, bl.LOW_SCRATCH,
+                                                                                  exact_dw=False))().tc < 16384
 
 
 def test_gpu_bench_loop_on_cpu(monkeypatch):
@@ -518,24 +553,28 @@ def test_gpu_bench_loop_on_cpu(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, rep, return_mode: (fn(), 2.0)[1])
     seen = []
     real = lp_mod._bwd_plan
-    monkeypatch.setattr(lp_mod, "_bwd_plan", lambda *a: seen.append((lp_mod.DX_BLOCK == 0, real(*a))) or seen[-1][1])
-    low = 100_000  # two walks at this shape: dX over 256-column blocks, or whole-vocabulary 64-token chunks
-    monkeypatch.setattr(bl, "TRITON_ROWS", {name: dict(spec, scratch=spec["scratch"] and low)
+    monkeypatch.setattr(lp_mod, "_bwd_plan", lambda *a: seen.append(real(*a)) or seen[-1])
+    borrow = lp_mod.borrowed_rows
+    # triton_lowmem: a 1024-column chunk fits, the accumulator does not (borrowed from dW); the
+    # comparison rows, with nothing borrowed, at a budget that leaves them several token chunks
+    low = {"triton_lowmem": 70 * 1024 * 4 + 100}
+    monkeypatch.setattr(bl, "TRITON_ROWS", {name: dict(spec, scratch=spec["scratch"] and low.get(name, 60_000))
                                             for name, spec in bl.TRITON_ROWS.items()})
     rows = bl.run_cuda([70], quick=True, compile_torch=False, device="cpu", H=48, V=1237, dtype=torch.float16)
     by = {r["impl"]: r for r in rows}
-    assert set(by) == {"triton", "triton_lowmem", "triton_lowmem_groups", "triton_lowmem_whole_vocab",
+    assert set(by) == {"triton", "triton_lowmem", "triton_lowmem_two_walks", "triton_lowmem_groups",
                        "torch_eager"}, list(by)
     for r in rows:
         assert "skipped" not in r and "grad_err_error" not in r, r
         assert r["dtype"] == "fp16" and r["fwd_ms"] == 2.0 and r["peak_beyond_grads_mib"] < 3
         assert r["rel_err_dx"] < 1e-2 and r["rel_err_dw"] < 1e-2 and r["max_abs_err_logp"] < 1e-2, r
-    assert by["triton"]["bwd_plan"].startswith("one walk")
-    assert "blocks" in by["triton_lowmem"]["bwd_plan"] and "whole vocabulary" in by["triton_lowmem_whole_vocab"]["bwd_plan"]
-    assert by["triton_lowmem_groups"]["bwd_plan"].startswith("one walk per 64-token group (2 groups)")
-    # the whole-vocabulary row's backward ran with the blocks off, the others with them on
-    assert (False, (2, 64, 1237, 256)) in seen and (True, (2, 64, 256, 256)) in seen
-    assert lp_mod.DX_BLOCK == 0
+    assert by["triton"]["bwd_plan"].startswith("one walk: vocabulary chunks of 1237 with")
+    assert "in dW's last 141 rows" in by["triton_lowmem"]["bwd_plan"]
+    assert by["triton_lowmem_two_walks"]["bwd_plan"].startswith("two walks")
+    assert by["triton_lowmem_groups"]["bwd_plan"].startswith("one walk per ")
+    # the comparison rows' backwards ran with nothing borrowed, the others as shipped
+    assert lp_mod.BwdPlan(1, 70, 1237, 1024, 141) in seen and any(p.passes == 2 for p in seen)
+    assert lp_mod.borrowed_rows is borrow
 
 
 def test_parse_config_round_trip_and_errors():
@@ -560,36 +599,27 @@ def test_tune_flow_under_interpreter(tmp_path, monkeypatch):
     from bench import tune_logprob
 
     out, env = tmp_path / "tune.json", tmp_path / "tune.env"
-    interp_before = dict(lp_mod.INTERP_CONFIG)
+    interp_before, interp_bwd_before = dict(lp_mod.INTERP_CONFIG), dict(lp_mod.INTERP_BWD_CONFIG)
 
-    def fake_time(fn, *a, **k):  # the interpreter's clock means nothing: 128-column dX blocks win
+    def fake_time(fn, *a, **k):  # the interpreter's clock means nothing: the second backward config wins
         fn()
-        forced = lp_mod._bwd_plan() if lp_mod._bwd_plan.__name__ == "<lambda>" else None
-        return 0.002 if forced and forced[2] == 128 else 0.003
+        return 0.002 if lp_mod.INTERP_BWD_CONFIG["BLOCK_H"] == 32 else 0.003
 
     monkeypatch.setattr(tune_logprob, "time_call", fake_time)
     tune_logprob.main(["--tokens", "70", "--hidden", "48", "--vocab", "300", "--out", str(out), "--env", str(env),
                        "--fwd", "64x256x64:w4:s1:ptr;64x128x64:w4:s1:tma;64x128x16:w4:s1:ptr",
-                       "--bwd", "64x256x64:w4:s1:g2:ptr;64x128x32:w4:s1:g2:tma",
-                       "--lowmem-bytes", "60000", "--dx-blocks", "128,200"])
+                       "--bwd", "64x256x64:w4:s1:g2:ptr;64x128x32:w4:s1:g2:tma"])
     data = json.loads(out.read_text())
-    assert data["complete"] and [r["step"] for r in data["rows"]] == \
-        ["fwd"] * 3 + ["baseline"] + ["fwd+bwd"] * 2 + ["lowmem"] * 3  # dX blocks 128, 200, whole (300)
+    assert data["complete"] and [r["step"] for r in data["rows"]] == ["fwd"] * 3 + ["baseline"] + ["fwd+bwd"] * 2
     for r in data["rows"]:
-        assert r["ok"], r  # tiny blocks (BLOCK_H 16 < H) are correct too; forced dX chunks too
+        assert r["ok"], r  # tiny blocks (BLOCK_H 16 < H) are correct too
         assert r["ms"] > 0 and (r.get("err_logp", 0) <= 1e-3)
-    low = [r for r in data["rows"] if r["step"] == "lowmem"]
-    plan = data["lowmem"]["plan"]
-    assert plan[0] == 2 and sum(r["plan_pick"] for r in low) == 1  # the plan's pick is one of the widths
-    assert [r["config"] for r in low if r["plan_pick"]] == [f"dX {plan[1]}x{plan[2]}, dW 70x{plan[3]}"]
-    assert plan[2] != 128 and data["lowmem"]["pick_vs_fastest"] == pytest.approx(1.5)
-    # the module's settings are back as they were (the run sets configs and plans as it goes)
-    assert lp_mod.INTERP_CONFIG == interp_before and lp_mod.DX_BLOCK == 0 and lp_mod._bwd_plan.__name__ == "_bwd_plan"
+    # the module's settings are back as they were (the run sets configs as it goes)
+    assert lp_mod.INTERP_CONFIG == interp_before and lp_mod.INTERP_BWD_CONFIG == interp_bwd_before
     lines = dict(line.split("=", 1) for line in env.read_text().split())
-    # ... and the dX width that beat the plan's pick by > 1% is exported for the later steps
-    assert set(lines) == {"LWZ_LOGPROB_FWD_CONFIG", "LWZ_LOGPROB_BWD_CONFIG", "LWZ_LOGPROB_DX_BLOCK"}
-    assert lines["LWZ_LOGPROB_DX_BLOCK"] == "128" and data["lowmem"]["dx_block"] == 128
-    assert lines["LWZ_LOGPROB_FWD_CONFIG"] in data["best"]["fwd"] and data["best"]["bwd"] == lines["LWZ_LOGPROB_BWD_CONFIG"]
+    assert set(lines) == {"LWZ_LOGPROB_FWD_CONFIG", "LWZ_LOGPROB_BWD_CONFIG"}
+    assert data["best"]["bwd"] == lines["LWZ_LOGPROB_BWD_CONFIG"] == "64x128x32:w4:s1:g2:tma"
+    assert lines["LWZ_LOGPROB_FWD_CONFIG"] in data["best"]["fwd"]
     lp_mod.parse_config(lines["LWZ_LOGPROB_BWD_CONFIG"], lp_mod.GPU_BWD_CONFIG)
     # a backward config that fails to run is reported with its error and never chosen
     real = lp_mod.triton_backward
@@ -600,7 +630,7 @@ def test_tune_flow_under_interpreter(tmp_path, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(lp_mod, "triton_backward", failing)
-    tune_logprob.main(["--tokens", "70", "--hidden", "48", "--vocab", "300", "--out", str(out), "--lowmem-bytes", "0",
+    tune_logprob.main(["--tokens", "70", "--hidden", "48", "--vocab", "300", "--out", str(out),
                        "--fwd", "64x256x64:w4:s1:ptr", "--bwd", "64x256x64:w4:s1:g2:ptr;64x64x32:w4:s1:g3:ptr"])
     data = json.loads(out.read_text())
     bad = data["rows"][-1]
