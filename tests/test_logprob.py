@@ -92,10 +92,10 @@ DTYPE_CASES = [pytest.param(dt, *c, id=f"{name}-{'-'.join(map(str, c))}") for c 
 
 @pytest.mark.parametrize("impl,walk,tma", [("triton", "1pass", False), ("triton", "2pass-acc", False),
                                            ("triton", "2pass", True), ("triton", "2pass-acc", "flat"),
-                                           ("triton", "groups", False), ("triton", "borrow", False),
+                                           ("triton", "groups", False), ("triton", "borrow", True),
                                            ("torch", "1pass", False)],
                          ids=["triton-1pass", "triton-2pass-acc", "triton-2pass-tma", "triton-2pass-acc-tma-flat",
-                              "triton-groups", "triton-borrow", "torch"])
+                              "triton-groups", "triton-borrow-tma", "torch"])
 @pytest.mark.parametrize("dtype,N,H,V,temp,grads", DTYPE_CASES)
 def test_matches_fp64_reference(impl, walk, tma, dtype, N, H, V, temp, grads, monkeypatch):
     """tma: the kernels read hidden and weight through tensor descriptors (out-of-bounds rows and
