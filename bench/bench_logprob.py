@@ -140,7 +140,7 @@ def _plan_text(plan, N, V):
         return (f"one walk per {tc}-token group ({-(-N // tc)} groups): vocabulary chunks of {vc}, fp32 dX "
                 f"accumulator, dW added up over the groups")
     if passes == 1 and tail:
-        return (f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator in dW's last {tail} rows "
+        return (f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator in dX's buffer and dW's last {tail} rows "
                 f"(their logits recomputed)")
     if passes == 1:
         return f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator"

@@ -46,11 +46,12 @@ Two implementations, same semantics:
               read-modify-write is dX (N x H x 4 bytes, V/Vc times), small next to the GEMMs.
               Memory beyond the gradients: the dX accumulator (N H 4 B) + the dA chunk (N Vc 2 B),
               bounded by `bwd_scratch_bytes` (default 1 GiB). Where only the chunk fits (a small
-              budget, or N >~ 37k tokens at H = 5120), the accumulator borrows the last rows of
-              dW's own buffer, whose gradient is not written yet: those ~2N rows are walked for dX
-              first, then once dX is out for their dW (+2 N H tail flops, ~5% at 16k tokens; dX and
-              dW exact as before), and the scratch is the dA chunk alone. Where dW cannot hold it
-              (no dW, or N > V/2) the backward walks twice instead: token chunks give dX[rows],
+              budget, or N >~ 37k tokens at H = 5120), the accumulator lives in the gradients' own
+              buffers, not yet written: its first N/2 rows in dX's (a half-precision [N, H] holds
+              fp32 [N/2, H]), the others in dW's last ~N rows, which are walked for dX first, then
+              once dX is out for their dW (+2 N H tail flops: +2.7% of fwd+bwd at 16k tokens,
+              +5.4% at 32k, V = 152064; dX and dW exact as before); the scratch is the dA chunk
+              alone. Where dW cannot hold it (no dW, or N >~ V) the backward walks twice instead: token chunks give dX[rows],
               either in one GEMM dA[Tc, V] @ W or, where that leaves short chunks, over vocabulary
               blocks [Tc, Vx] into an fp32 [Tc, H] accumulator (fewer weight re-reads); then
               vocabulary chunks give dW as above; 10 N H V flops, scratch = one walk's chunk and
@@ -656,12 +657,13 @@ def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True, dw_r
                            >= ONE_PASS_MIN_VC columns fit (the chunk: what the budget leaves, at
                            most BWD_MAX_CHUNK_BYTES);
       (1, N, V, vc, tail)  where only the chunk fits: the same walk with the accumulator held in the
-                           last `tail` rows of dW's own buffer (the gradient being computed, not
-                           scratch). Those rows' dA is walked twice, for dX while the accumulator
-                           lives there, then for their dW once dX is out: 6 N H V + 2 N H tail
-                           flops in the backward (tail ~ 2N for half dW: +0.43 N H V at 16k tokens,
-                           V = 152064), dX and dW as exact as the plain walk's;
-      (1, tc, V, vc)       with exact_dw False, where neither fits (dW not computed, or N > V/2):
+                           gradients' own buffers (not scratch): rows [0, N/2) in dX's, the others
+                           in the last `tail` rows of dW's (borrowed_rows). Those rows' dA is walked
+                           twice, for dX while the accumulator lives there, then for their dW once
+                           dX is out: 6 N H V + 2 N H tail flops in the backward (tail ~ N for
+                           half dW: +0.22 N H V at 16k tokens, V = 152064), dX and dW as exact as
+                           the plain walk's;
+      (1, tc, V, vc)       with exact_dw False, where neither fits (dW not computed, or N >~ V):
                            the walk once per token group of tc < N rows (an fp32 [tc, H]
                            accumulator), dW[chunk] added up over the groups in dW's dtype (rounded
                            once per group instead of once): 8 N H V flops in all instead of 10. The
@@ -698,12 +700,13 @@ def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True, dw_r
 
 
 def borrowed_rows(N, V, acc_row, dw_row):
-    """Rows at the end of dW [V, H] whose bytes hold the fp32 [N, H] dX accumulator (N * acc_row
-    bytes), starting at a row that is a multiple of 8 (16-byte aligned for cuBLAS at any H): at
-    most V - 8, else 0 (nothing to borrow: no accumulator, no dW, or too little of it)."""
+    """Rows at the end of dW [V, H] that hold the fp32 dX accumulator's rows [N // 2, N) ((N - N//2)
+    * acc_row bytes; rows [0, N // 2) fit in dX's own half-precision buffer), starting at a row that
+    is a multiple of 8 (16-byte aligned for cuBLAS at any H): at most V - 8, else 0 (nothing to
+    borrow: no accumulator, no dW, or too little of it)."""
     if acc_row == 0 or dw_row == 0:
         return 0
-    start = (V - -(-N * acc_row // dw_row)) // 8 * 8
+    start = (V - -(-(N - N // 2) * acc_row // dw_row)) // 8 * 8
     return V - start if start >= 8 else 0
 
 
@@ -762,6 +765,21 @@ def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True, exact_dw=Tru
     return _bwd_plan(*plan_args(hidden, weight, scratch_bytes, need_dx, exact_dw, need_dw))
 
 
+def _fp32_rows_to_half_in_place(rows32, out):
+    """out[r] = rows32[r] for fp32 rows32 [n, H] stored in the first half of out's own bytes
+    (half-precision [>= 2n, H], its first n rows written). Half row r lands on the bytes of fp32
+    rows < (r + 1) / 2, so rows [a, 2a) copy onto rows already read, with no overlap within a copy;
+    the first rows go through a small copy."""
+    n = rows32.shape[0]
+    head = min(n, 64)
+    out[:head] = rows32[:head].clone()
+    a = head
+    while a < n:
+        b = min(n, 2 * a)
+        out[a:b] = rows32[a:b]
+        a = b
+
+
 def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
                     need_dx=True, need_dw=True, scratch_bytes=None, exact_dw=True):
     """(dX [N, H] in hidden's dtype or None, dW [V, H] in weight's dtype or None), holding at most
@@ -804,7 +822,7 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
         return out
 
     dw = torch.empty_like(weight) if need_dw else None
-    dx = torch.empty_like(hidden) if need_dx else None
+    dx = torch.empty(N, H, device=dev, dtype=hidden.dtype) if need_dx else None  # contiguous: it may hold fp32 rows
 
     def dw_update(v0, w, dlc, g0, g1):
         """dW[v0:v0+w] = dA^T X[g0:g1] for the first token group, += for the others (cuBLAS adds in
@@ -822,10 +840,11 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
     def walk(tc, vc, with_dx, with_dw, v_end=V, v_start=0, acc=None):
         """dA over token groups of tc rows x vocabulary [v_start, v_end) in chunks of vc columns:
         dX[group] += dA W[chunk] and dW[chunk] (+)= dA^T X[group]. dX sums in fp32: in `acc` when
-        given (the caller's [N, H], left holding the partial sums), else in an own [tc, H]
-        accumulator copied into dX after each group (dX itself when fp32); one GEMM straight into
-        dX when a chunk covers the vocabulary. The chunk buffer (and own accumulator) live while
-        this walk runs (peak scratch = one walk's)."""
+        given (the caller's accumulator of all N rows as pieces [(r0, r1, fp32 [r1 - r0, H])], one
+        group, left holding the partial sums), else in an own [tc, H] accumulator copied into dX
+        after each group (dX itself when fp32); one GEMM straight into dX when a chunk covers the
+        vocabulary. The chunk buffer (and own accumulator) live while this walk runs (peak scratch
+        = one walk's)."""
         buf = torch.empty(min(tc, N) * vc, device=dev, dtype=dl_dtype)
         whole = vc >= V
         own = None
@@ -833,17 +852,15 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
             own = torch.empty(min(tc, N), H, device=dev, dtype=torch.float32)
         for g0 in range(0, N, tc):
             g1 = min(N, g0 + tc)
-            a = None
-            if acc is not None:
-                a = acc[g0:g1]
-            elif with_dx and not whole:
-                a = dx[g0:g1] if own is None else own[: g1 - g0]
-                a.zero_()
+            parts = acc  # where this group's dX sums: [(r0, r1, rows)]
+            if parts is None and with_dx and not whole:
+                parts = [(g0, g1, (dx[g0:g1] if own is None else own[: g1 - g0]).zero_())]
             for v0 in range(v_start, v_end, vc):
                 w = min(vc, v_end - v0)
                 dlc = dlogits(buf, g0, g1, v0, w)
-                if with_dx and a is not None:
-                    _acc_mm(a, dlc, w_g[v0:v0 + w])
+                if with_dx and parts:
+                    for r0, r1, rows in parts:
+                        _acc_mm(rows, dlc[r0 - g0:r1 - g0], w_g[v0:v0 + w])
                 elif with_dx and on_gpu:
                     torch.mm(dlc, weight, out=dx[g0:g1])
                 elif with_dx:
@@ -851,16 +868,20 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
                 if with_dw:
                     dw_update(v0, w, dlc, g0, g1)
             if own is not None:
-                dx[g0:g1] = a
+                dx[g0:g1] = own[: g1 - g0]
 
-    if plan.tail:  # one walk; the fp32 dX accumulator lives in dW's last rows until dX is out
-        v_tail = V - plan.tail
-        acc = dw.view(-1)[v_tail * H: v_tail * H + N * H * 4 // dw.element_size()]
-        acc = acc.view(torch.float32).view(N, H).zero_()
+    if plan.tail:  # one walk; the fp32 dX accumulator lives in dX's and dW's own buffers until dX is out
+        # rows [0, n1) in dX's (a half-precision [N, H] holds fp32 [N/2, H]), rows [n1, N) in dW's
+        # last rows, whose logits are walked for dX first and, once dX is out, for their dW
+        n1, v_tail = N // 2, V - plan.tail
+        acc_a = dx.view(-1)[: 2 * n1 * H].view(torch.float32).view(n1, H)
+        acc_b = dw.view(-1)[v_tail * H: v_tail * H + 2 * (N - n1) * H].view(torch.float32).view(N - n1, H)
+        acc = [(r0, r1, rows.zero_()) for r0, r1, rows in ((0, n1, acc_a), (n1, N, acc_b)) if r1 > r0]
         walk(N, plan.vc, True, True, v_tail, acc=acc)  # dX and dW of the rows before the tail
-        walk(N, plan.vc, True, False, V, v_tail, acc)  # the tail rows' dX ...
-        dx.copy_(acc)
-        walk(N, plan.vc, False, True, V, v_tail)  # ... then, their rows free again, their dW
+        walk(N, plan.vc, True, False, V, v_tail, acc)  # the tail rows' dX
+        _fp32_rows_to_half_in_place(acc_a, dx[:n1])
+        dx[n1:] = acc_b  # onto dX bytes whose fp32 rows were read just above
+        walk(N, plan.vc, False, True, V, v_tail)  # the tail rows' dW
     elif plan.passes == 2:  # dX by token chunks over vocabulary blocks, then dW over all N tokens at once
         if need_dx:
             walk(plan.tc, plan.vcx, True, False)
@@ -1039,10 +1060,11 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     hidden and weight. impl: "triton" | "torch" | "auto" (Triton on CUDA, chunked torch elsewhere).
     bwd_scratch_bytes: the memory the Triton backward may hold beyond the gradients (default
     BWD_SCRATCH_BYTES = LWZ_LOGPROB_BWD_SCRATCH_BYTES or 1 GiB); under ~N*H*4 + N*1024*2 bytes its
-    fp32 dX accumulator borrows dW's last ~2N rows, whose logits it recomputes (+~5% flops at 16k
-    tokens, V = 152064). Where dW cannot hold it (no dW, or N > V/2) it recomputes all the logits
-    once more (+25% flops), unless exact_dw is False: then it walks token groups once each and adds
-    dW up over the groups in dW's dtype (rounded once per group instead of once).
+    fp32 dX accumulator lives in dX's own buffer and dW's last ~N rows, whose logits it recomputes
+    (+2.7% flops at 16k tokens, V = 152064). Where dW cannot hold it (no dW, or N >~ V) it
+    recomputes all the logits once more (+25% flops), unless exact_dw is False: then it walks token
+    groups once each and adds dW up over the groups in dW's dtype (rounded once per group instead
+    of once).
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"fused_logprobs: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
