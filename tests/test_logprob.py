@@ -679,3 +679,24 @@ def test_fp32_rows_to_half_in_place(n):
     for i, (_, wrote) in enumerate(events):
         for r in reads[i:] if wrote else ():  # this copy's own source, and every later read
             assert r is None or wrote[1] <= r[0] or r[1] <= wrote[0], (i, wrote, r)
+
+
+@pytest.mark.parametrize("budget", [None, BORROW_BUDGET], ids=["default", "borrow"])
+def test_row_strided_hidden(budget):
+    """hidden may be a view with row stride > H (the contract asks only for a unit last stride): the
+    Triton path gives the same log-probs and gradients as for a contiguous copy, in the default
+    walk and in the one whose dX buffer holds fp32 accumulator rows (dX is contiguous either way)."""
+    N, H, V, temp = 333, 48, 4099, 0.9
+    x, w, t = _make(N, H, V, torch.float16, seed=12)
+    gen = torch.Generator().manual_seed(3)
+    g_lp, g_en = (torch.randn(N, generator=gen, dtype=torch.float64) for _ in range(2))
+    big = torch.cat([x, torch.randn(N, 5).half()], 1).requires_grad_()
+    wr = w.clone().requires_grad_()
+    logp, ent = fused_logprobs(big[:, :H], wr, t, temp, True, impl="triton", bwd_scratch_bytes=budget)
+    ((logp.double() * g_lp).sum() + (ent.double() * g_en).sum()).backward()
+    fn = lambda x, w, t, temp: fused_logprobs(x, w, t, temp, True, impl="triton",  # noqa: E731
+                                              bwd_scratch_bytes=budget)
+    want = _run(fn, x, w, t, temp, g_lp, g_en)
+    assert torch.equal(logp.double(), want[0]) and torch.equal(ent.double(), want[1])
+    assert torch.equal(big.grad[:, :H].double(), want[2]) and (big.grad[:, H:] == 0).all()
+    assert torch.equal(wr.grad.double(), want[3])
