@@ -9,9 +9,10 @@ and forward + backward, for
   triton          our fused kernels (impl="triton"), default backward scratch budget (1 GiB)
   triton_lowmem   the same with bwd_scratch_bytes = 88 MiB, the setting for the goal of <= 100 MB
                   (10^8 bytes) beyond the gradients, with ~1 MiB of forward statistics and upstream
-                  gradients on top of the budget: one walk whose fp32 dX accumulator lives in dW's
-                  last rows until dX is out, those rows' logits recomputed (each triton row
-                  records its backward plan, kernels.logprob.backward_plan)
+                  gradients on top of the budget: one walk whose fp32 dX accumulator lives in
+                  dX's own buffer and dW's last rows until dX is out, those rows' logits
+                  recomputed (each triton row records its backward plan,
+                  kernels.logprob.backward_plan)
   triton_lowmem_two_walks   the same budget with nothing borrowed from dW, the plan before: two
                   walks (token chunks for dX, vocabulary chunks for dW), the logits recomputed in
                   both (10*T*H*V flops), timed in the same run
@@ -29,8 +30,8 @@ numbers compare time. "% of matmul" is against a bf16 8192^3 torch.matmul measur
 Peak extra memory = max_memory_allocated during fwd+bwd minus the memory held before it; "-grads"
 subtracts the gradients dX and dW themselves (outputs every implementation holds), leaving the
 working memory: for triton the backward's dlogits chunk and the fp32 dX accumulator (T*H*4 B in
-the one-walk plan unless it lives in dW's rows, one token chunk's in the two-walk plan), together
-within bwd_scratch_bytes.
+the one-walk plan unless it lives in the gradients' own buffers, one token chunk's in the two-walk
+plan), together within bwd_scratch_bytes.
 Errors are against an fp32 reference of the same bf16 inputs on the first 256 tokens; the dX /
 dW errors ("dX err", "dW err": max |error| / max |reference|) come from a separate fwd+bwd of each
 implementation on those tokens with the same random signed per-token upstream gradients
@@ -140,8 +141,8 @@ def _plan_text(plan, N, V):
         return (f"one walk per {tc}-token group ({-(-N // tc)} groups): vocabulary chunks of {vc}, fp32 dX "
                 f"accumulator, dW added up over the groups")
     if passes == 1 and tail:
-        return (f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator in dX's buffer and dW's last {tail} rows "
-                f"(their logits recomputed)")
+        return (f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator in dX's buffer and dW's "
+                f"last {tail} rows (their logits recomputed)")
     if passes == 1:
         return f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator"
     dx = f"{tc}-token chunks over {vcx}-column blocks (fp32 [{tc}, H] accumulator)" if vcx < V \

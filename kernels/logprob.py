@@ -51,13 +51,14 @@ Two implementations, same semantics:
               fp32 [N/2, H]), the others in dW's last ~N rows, which are walked for dX first, then
               once dX is out for their dW (+2 N H tail flops: +2.7% of fwd+bwd at 16k tokens,
               +5.4% at 32k, V = 152064; dX and dW exact as before); the scratch is the dA chunk
-              alone. Where dW cannot hold it (no dW, or N >~ V) the backward walks twice instead: token chunks give dX[rows],
-              either in one GEMM dA[Tc, V] @ W or, where that leaves short chunks, over vocabulary
-              blocks [Tc, Vx] into an fp32 [Tc, H] accumulator (fewer weight re-reads); then
-              vocabulary chunks give dW as above; 10 N H V flops, scratch = one walk's chunk and
-              accumulator (`_bwd_plan`). With exact_dw=False that case walks once per token group
-              instead ([Tg, H] fp32 dX accumulator, dW[chunk] added up over the groups by cuBLAS
-              in dW's dtype): 8 N H V flops again, dW rounded once per group.
+              alone. Where dW cannot hold it (no dW, or N >~ V) the backward walks twice instead:
+              token chunks give dX[rows], either in one GEMM dA[Tc, V] @ W or, where that leaves
+              short chunks, over vocabulary blocks [Tc, Vx] into an fp32 [Tc, H] accumulator
+              (fewer weight re-reads); then vocabulary chunks give dW as above; 10 N H V flops,
+              scratch = one walk's chunk and accumulator (`_bwd_plan`). With exact_dw=False that
+              case walks once per token group instead ([Tg, H] fp32 dX accumulator, dW[chunk]
+              added up over the groups by cuBLAS in dW's dtype): 8 N H V flops again, dW rounded
+              once per group.
   impl="torch": plain torch, chunked; what the CPU trainer uses. The forward walks token chunks
     (each [C, V] logits chunk in fp32), the backward walks vocab chunks like the Triton path (on a
     GPU with half inputs its GEMMs take dA in the input dtype with fp32 accumulation).

@@ -35,9 +35,9 @@ def test_logprob_kernel_vs_reference(dtype, N, H, V, scratch):
     """Backward plans (kernels.logprob._bwd_plan): the default budget walks once in one chunk at
     these sizes; 8 MiB walks once over several vocabulary chunks with the fp32 dX accumulator
     (bf16/fp16: 23 chunks at N = 2050); 5 MiB at N = 2050 holds 1152-column chunks but not the
-    accumulator: its first half goes to dX's buffer, the rest to dW's last 2051 rows (bf16/fp16); 256 KiB walks twice (token chunks
-    for dX, each over vocabulary blocks into an fp32 accumulator, then vocabulary chunks for dW) at
-    N = 333 and 2050 in every dtype."""
+    accumulator: its first half goes to dX's buffer, the rest to dW's last 2051 rows (bf16/fp16);
+    256 KiB walks twice (token chunks for dX, each over vocabulary blocks into an fp32
+    accumulator, then vocabulary chunks for dW) at N = 333 and 2050 in every dtype."""
     if scratch == 5 << 20 and N == 2050 and dtype != torch.float32:
         x = torch.empty(N, H, dtype=dtype, device="cuda")
         p = backward_plan(x, torch.empty(V, H, dtype=dtype, device="cuda"), scratch)
@@ -68,11 +68,11 @@ def test_logprob_two_walk_dx_chunks(dtype, vcx, monkeypatch):
 
 def test_logprob_lowmem_setting_stays_under_100mb(monkeypatch):
     """The goal's shape, T=16k, H=5120, V=152064, bf16, at the benchmark's low-memory budget: its
-    plan (one walk, the fp32 dX accumulator in dX's buffer and dW's last rows) and the plans it falls back to where
-    dW cannot hold the accumulator (two walks; exact_dw=False: one walk per token group, dW added up
-    over the groups): everything fwd+bwd holds beyond its inputs and the dX / dW gradients stays
-    under 10^8 bytes (the forward's statistics and upstream gradients included), and dX / dW match
-    the default plan's (an independent walk) to bf16 rounding."""
+    plan (one walk, the fp32 dX accumulator in dX's buffer and dW's last rows) and the plans it
+    falls back to where dW cannot hold the accumulator (two walks; exact_dw=False: one walk per
+    token group, dW added up over the groups): everything fwd+bwd holds beyond its inputs and the
+    dX / dW gradients stays under 10^8 bytes (the forward's statistics and upstream gradients
+    included), and dX / dW match the default plan's (an independent walk) to bf16 rounding."""
     from bench.bench_logprob import LOW_SCRATCH
     import kernels.logprob as lp
 
@@ -85,11 +85,11 @@ def test_logprob_lowmem_setting_stays_under_100mb(monkeypatch):
     gl, ge = torch.randn(2, T, device="cuda", generator=g)
     p = lp.backward_plan(x, w, LOW_SCRATCH)  # what the benchmark measures
     assert p.passes == 1 and p.tc == T and p.tail == 16384, p
-    grads = {}
+    grads, borrowed_rows = {}, lp.borrowed_rows
     for name, scratch, exact in (("lowmem", LOW_SCRATCH, True), ("two_walks", LOW_SCRATCH, True),
                                  ("groups", LOW_SCRATCH, False), ("default", None, True)):
         borrow = name in ("lowmem", "default")
-        monkeypatch.setattr(lp, "borrowed_rows", lp.borrowed_rows if borrow else lambda *a: 0)
+        monkeypatch.setattr(lp, "borrowed_rows", borrowed_rows if borrow else lambda *a: 0)
         assert lp.backward_plan(x, w, scratch, exact_dw=exact).passes == (2 if name == "two_walks" else 1)
         x.grad = w.grad = None
         torch.cuda.synchronize()

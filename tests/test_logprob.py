@@ -180,10 +180,11 @@ def test_bwd_plan_stays_within_budget():
 
 
 def test_borrowed_rows_hold_the_accumulator():
-    """dW's borrowed tail starts on a row that is a multiple of 8 and holds the whole fp32 [N, H]
-    accumulator, at any N, V and H (odd ones too); nothing is borrowed without an accumulator, without
-    dW, or where dW is too small to hold it."""
-    for N, V, H in ((1, 4099, 48), (333, 1237, 80), (97, 4099, 7), (16384, 152064, 5120), (2000, 2103, 33), (3001, 3017, 5)):
+    """dW's borrowed tail starts on a row that is a multiple of 8 and holds the fp32 accumulator's
+    rows that dX's own buffer does not (the last N - N // 2), at any N, V and H (odd ones too);
+    nothing is borrowed without an accumulator, without dW, or where dW is too small to hold them."""
+    for N, V, H in ((1, 4099, 48), (333, 1237, 80), (97, 4099, 7), (16384, 152064, 5120), (2000, 2103, 33),
+                    (3001, 3017, 5)):
         for acc_row, dw_row in ((4 * H, 2 * H), (4 * H, 4 * H)):
             tail = lp_mod.borrowed_rows(N, V, acc_row, dw_row)
             half = N - N // 2  # the accumulator's rows past those dX's own buffer holds
@@ -204,10 +205,11 @@ def test_scratch_budget_walks(budget, passes, exact_dw, monkeypatch):
     vocabulary (fp16: the one-pass walk would need an fp32 dX accumulator; the dX walk sums
     vocabulary blocks in its [tc, H] accumulator), the same budget with exact_dw False (one walk
     per token group, dW added up over the groups in fp16), at one that holds a 1024-column chunk
-    but not the accumulator (its first half in dX's buffer, the rest in dW's last 339 rows: uneven chunks before and in the
-    tail), and at one that takes a single chunk: all match the fp64 reference like plain fp16
-    torch. (The whole-vocabulary dX chunks of the two-walk plan win only at vocabularies small next
-    to the budget; tested with a fixed plan in test_matches_fp64_reference.)"""
+    but not the accumulator (its first half in dX's buffer, the rest in dW's last 339 rows: uneven
+    chunks before and in the tail), and at one that takes a single chunk: all match the fp64
+    reference like plain fp16 torch. (The whole-vocabulary dX chunks of the two-walk plan win only
+    at vocabularies small next to the budget; tested with a fixed plan in
+    test_matches_fp64_reference.)"""
     N, H, V, temp = 333, 48, 4099, 0.9
     seen = []
     real = lp_mod._bwd_plan
@@ -519,7 +521,8 @@ def test_backward_plan_and_its_bench_text():
     assert _plan_text(P(1, 16384, 152064, 16384), 16384, 152064) == \
         "one walk: vocabulary chunks of 16384 with the fp32 dX accumulator"
     assert _plan_text(P(1, 16384, 152064, 2816, 16384), 16384, 152064) == \
-        "one walk: vocabulary chunks of 2816 with the fp32 dX accumulator in dX's buffer and dW's last 16384 rows (their logits recomputed)"
+        ("one walk: vocabulary chunks of 2816 with the fp32 dX accumulator in dX's buffer and dW's last 16384 rows "
+         "(their logits recomputed)")
     assert _plan_text(P(2, 2688, 8192, 3072), 16384, 152064) == ("two walks: dX in 2688-token chunks over 8192-column "
                                                           "blocks (fp32 [2688, H] accumulator); dW in vocabulary chunks of 3072")
     assert "256-token chunks over the whole vocabulary" in _plan_text(P(2, 256, 152064, 3072), 16384, 152064)
