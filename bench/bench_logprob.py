@@ -11,8 +11,8 @@ and forward + backward, for
                   (10^8 bytes) beyond the gradients, with ~1 MiB of forward statistics and upstream
                   gradients on top of the budget: one walk whose fp32 dX accumulator lives in
                   dX's own buffer and dW's last rows until dX is out, those rows' logits
-                  recomputed (each triton row records its backward plan,
-                  kernels.logprob.backward_plan)
+                  recomputed, the first chunks' dA in dW's rows not yet written (each triton row
+                  records its backward plan, kernels.logprob.backward_plan)
   triton_lowmem_two_walks   the same budget with nothing borrowed from dW, the plan before: two
                   walks (token chunks for dX, vocabulary chunks for dW), the logits recomputed in
                   both (10*T*H*V flops), timed in the same run
@@ -136,13 +136,15 @@ def _make_impls(temp, on_cuda, compile_torch=True):
 
 def _plan_text(plan, N, V):
     """kernels.logprob.BwdPlan for N tokens in words."""
-    passes, tc, vcx, vc, tail = plan
+    passes, tc, vcx, vc, tail = plan[:5]
     if passes == 1 and tc < N:
         return (f"one walk per {tc}-token group ({-(-N // tc)} groups): vocabulary chunks of {vc}, fp32 dX "
                 f"accumulator, dW added up over the groups")
     if passes == 1 and tail:
+        room = (f"; the first {len(plan.room)} chunks ({plan.room[0]} down to {plan.room[-1]} columns) with their "
+                f"dA in dW's unwritten rows") if plan.room else ""
         return (f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator in dX's buffer and dW's "
-                f"last {tail} rows (their logits recomputed)")
+                f"last {tail} rows (their logits recomputed){room}")
     if passes == 1:
         return f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator"
     dx = f"{tc}-token chunks over {vcx}-column blocks (fp32 [{tc}, H] accumulator)" if vcx < V \

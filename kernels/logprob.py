@@ -51,14 +51,15 @@ Two implementations, same semantics:
               fp32 [N/2, H]), the others in dW's last ~N rows, which are walked for dX first, then
               once dX is out for their dW (+2 N H tail flops: +2.7% of fwd+bwd at 16k tokens,
               +5.4% at 32k, V = 152064; dX and dW exact as before); the scratch is the dA chunk
-              alone. Where dW cannot hold it (no dW, or N >~ V) the backward walks twice instead:
-              token chunks give dX[rows], either in one GEMM dA[Tc, V] @ W or, where that leaves
-              short chunks, over vocabulary blocks [Tc, Vx] into an fp32 [Tc, H] accumulator
-              (fewer weight re-reads); then vocabulary chunks give dW as above; 10 N H V flops,
-              scratch = one walk's chunk and accumulator (`_bwd_plan`). With exact_dw=False that
-              case walks once per token group instead ([Tg, H] fp32 dX accumulator, dW[chunk]
-              added up over the groups by cuBLAS in dW's dtype): 8 N H V flops again, dW rounded
-              once per group.
+              alone, and the first chunks keep even that in dW's rows not yet written, which lets
+              them be as wide as the default's (fewer passes over the accumulator). Where dW
+              cannot hold it (no dW, or N >~ V) the backward walks twice instead: token chunks give
+              dX[rows], either in one GEMM dA[Tc, V] @ W or, where that leaves short chunks, over
+              vocabulary blocks [Tc, Vx] into an fp32 [Tc, H] accumulator (fewer weight re-reads);
+              then vocabulary chunks give dW as above; 10 N H V flops, scratch = one walk's chunk
+              and accumulator (`_bwd_plan`). With exact_dw=False that case walks once per token
+              group instead ([Tg, H] fp32 dX accumulator, dW[chunk] added up over the groups by
+              cuBLAS in dW's dtype): 8 N H V flops again, dW rounded once per group.
   impl="torch": plain torch, chunked; what the CPU trainer uses. The forward walks token chunks
     (each [C, V] logits chunk in fp32), the backward walks vocab chunks like the Triton path (on a
     GPU with half inputs its GEMMs take dA in the input dtype with fp32 accumulation).
@@ -645,6 +646,7 @@ class BwdPlan(NamedTuple):
     vcx: int     # the two-walk dX chunks' vocabulary width (V: one GEMM over the whole vocabulary)
     vc: int      # vocabulary columns per chunk of the dW walk (of the one walk)
     tail: int = 0  # one walk whose fp32 dX accumulator borrows dW's last `tail` rows (0: not)
+    room: tuple = ()  # that walk's first chunk widths, whose dA lives in dW's rows (dw_room_chunks)
 
 
 def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True, dw_row=0):
@@ -663,7 +665,8 @@ def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True, dw_r
                            twice, for dX while the accumulator lives there, then for their dW once
                            dX is out: 6 N H V + 2 N H tail flops in the backward (tail ~ N for
                            half dW: +0.22 N H V at 16k tokens, V = 152064), dX and dW as exact as
-                           the plain walk's;
+                           the plain walk's. The first chunks, `room`, keep their dA in dW's rows
+                           right after them (dw_room_chunks), the others in the budget's chunk;
       (1, tc, V, vc)       with exact_dw False, where neither fits (dW not computed, or N >~ V):
                            the walk once per token group of tc < N rows (an fp32 [tc, H]
                            accumulator), dW[chunk] added up over the groups in dW's dtype (rounded
@@ -691,7 +694,8 @@ def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True, dw_r
         return BwdPlan(1, N, V, one_walk_cols(budget - N * acc_row))
     tail = borrowed_rows(N, V, acc_row, dw_row)
     if tail and N * min_vc * elem <= budget:
-        return BwdPlan(1, N, V, one_walk_cols(budget), tail)
+        vc = one_walk_cols(budget)
+        return BwdPlan(1, N, V, vc, tail, dw_room_chunks(N, V - tail, elem, dw_row, block_v, vc))
     if not exact_dw:
         vc, tc = _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, 4 * elem)
         return BwdPlan(1, tc, V, vc)
@@ -709,6 +713,22 @@ def borrowed_rows(N, V, acc_row, dw_row):
         return 0
     start = (V - -(-(N - N // 2) * acc_row // dw_row)) // 8 * 8
     return V - start if start >= 8 else 0
+
+
+def dw_room_chunks(N, v_end, elem, dw_row, block_v, vc):
+    """Widths of the borrowed walk's first vocabulary chunks [N, w], each of whose dA (N * w * elem
+    bytes) fits in dW's rows right after it, before v_end: rows not written yet (each gets its dW
+    later in the walk), so the chunk needs no scratch. As wide as BWD_MAX_CHUNK_BYTES allows (fewer
+    passes over the fp32 dX accumulator), narrowing as the rows run out, while wider than vc, the
+    budget's chunk, which takes the rest of [0, v_end) in the scratch buffer."""
+    widths, v0 = [], 0
+    widest = max(vc, BWD_MAX_CHUNK_BYTES // (N * elem))
+    while True:
+        w = min(widest, (v_end - v0) * dw_row // (N * elem + dw_row)) // block_v * block_v
+        if w <= vc:
+            return tuple(widths)
+        widths.append(w)
+        v0 += w
 
 
 def _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, per_token_chunk):
@@ -796,6 +816,7 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
     c = _cfg(dev, hidden.dtype, bwd=True)
     on_gpu = dev.type == "cuda" and not _interpreting()
     dl_dtype = _dlogits_dtype(hidden)
+    dl_elem = torch.finfo(dl_dtype).bits // 8
     # FLAT configs: one persistent program per SM (the shipped-size tiles' registers and SMEM
     # leave room for one); 3 under the interpreter, so each program there walks several tiles
     persistent_programs = torch.cuda.get_device_properties(dev).multi_processor_count if on_gpu else 3
@@ -838,16 +859,26 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
             part = dlc.t() @ x_g[g0:g1]
             out.copy_(part if g0 == 0 else out.to(part.dtype) + part)
 
-    def walk(tc, vc, with_dx, with_dw, v_end=V, v_start=0, acc=None):
-        """dA over token groups of tc rows x vocabulary [v_start, v_end) in chunks of vc columns:
-        dX[group] += dA W[chunk] and dW[chunk] (+)= dA^T X[group]. dX sums in fp32: in `acc` when
+    def chunks(v_start, v_end, vc, room=()):
+        """[(v0, w, in_dw)] over vocabulary [v_start, v_end): the widths in room first (in_dw: their
+        dA lives in dW's rows right after them), then chunks of vc columns."""
+        out, v0 = [], v_start
+        for w in room:
+            out.append((v0, w, True))
+            v0 += w
+        return out + [(v, min(vc, v_end - v), False) for v in range(v0, v_end, vc)]
+
+    def walk(tc, cols, with_dx, with_dw, acc=None):
+        """dA over token groups of tc rows x the vocabulary chunks cols [(v0, w, in_dw)]:
+        dX[group] += dA W[chunk] and dW[chunk] (+)= dA^T X[group]. dA lives in a scratch buffer, or
+        for in_dw chunks in dW's rows after the chunk (one group). dX sums in fp32: in `acc` when
         given (the caller's accumulator of all N rows as pieces [(r0, r1, fp32 [r1 - r0, H])], one
         group, left holding the partial sums), else in an own [tc, H] accumulator copied into dX
         after each group (dX itself when fp32); one GEMM straight into dX when a chunk covers the
-        vocabulary. The chunk buffer (and own accumulator) live while this walk runs (peak scratch
-        = one walk's)."""
-        buf = torch.empty(min(tc, N) * vc, device=dev, dtype=dl_dtype)
-        whole = vc >= V
+        vocabulary. The buffers live while this walk runs (peak scratch = one walk's)."""
+        widest = max([w for _, w, in_dw in cols if not in_dw], default=0)
+        buf = torch.empty(min(tc, N) * widest, device=dev, dtype=dl_dtype) if widest else None
+        whole = cols[0][1] >= V
         own = None
         if acc is None and with_dx and not whole and hidden.dtype != torch.float32:
             own = torch.empty(min(tc, N), H, device=dev, dtype=torch.float32)
@@ -856,9 +887,12 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
             parts = acc  # where this group's dX sums: [(r0, r1, rows)]
             if parts is None and with_dx and not whole:
                 parts = [(g0, g1, (dx[g0:g1] if own is None else own[: g1 - g0]).zero_())]
-            for v0 in range(v_start, v_end, vc):
-                w = min(vc, v_end - v0)
-                dlc = dlogits(buf, g0, g1, v0, w)
+            for v0, w, in_dw in cols:
+                if in_dw:  # dA in dW's rows [v0 + w, ...), whose own gradient comes later in the walk
+                    at, size = (v0 + w) * H, (g1 - g0) * w * dl_elem // dw.element_size()
+                    dlc = dlogits(dw.view(-1)[at: at + size].view(dl_dtype), g0, g1, v0, w)
+                else:
+                    dlc = dlogits(buf, g0, g1, v0, w)
                 if with_dx and parts:
                     for r0, r1, rows in parts:
                         _acc_mm(rows, dlc[r0 - g0:r1 - g0], w_g[v0:v0 + w])
@@ -878,18 +912,18 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
         acc_a = dx.view(-1)[: 2 * n1 * H].view(torch.float32).view(n1, H)
         acc_b = dw.view(-1)[v_tail * H: v_tail * H + 2 * (N - n1) * H].view(torch.float32).view(N - n1, H)
         acc = [(r0, r1, rows.zero_()) for r0, r1, rows in ((0, n1, acc_a), (n1, N, acc_b)) if r1 > r0]
-        walk(N, plan.vc, True, True, v_tail, acc=acc)  # dX and dW of the rows before the tail
-        walk(N, plan.vc, True, False, V, v_tail, acc)  # the tail rows' dX
+        walk(N, chunks(0, v_tail, plan.vc, plan.room), True, True, acc)  # dX and dW before the tail
+        walk(N, chunks(v_tail, V, plan.vc), True, False, acc)  # the tail rows' dX
         _fp32_rows_to_half_in_place(acc_a, dx[:n1])
         dx[n1:] = acc_b  # onto dX bytes whose fp32 rows were read just above
-        walk(N, plan.vc, False, True, V, v_tail)  # the tail rows' dW
+        walk(N, chunks(v_tail, V, plan.vc), False, True)  # the tail rows' dW
     elif plan.passes == 2:  # dX by token chunks over vocabulary blocks, then dW over all N tokens at once
         if need_dx:
-            walk(plan.tc, plan.vcx, True, False)
+            walk(plan.tc, chunks(0, V, plan.vcx), True, False)
         if need_dw:
-            walk(N, plan.vc, False, True)
+            walk(N, chunks(0, V, plan.vc), False, True)
     else:  # one walk per token group (tc == N: one group, dW written once)
-        walk(plan.tc, plan.vc, need_dx, need_dw)
+        walk(plan.tc, chunks(0, V, plan.vc), need_dx, need_dw)
     return dx, dw
 
 

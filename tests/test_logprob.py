@@ -61,12 +61,15 @@ def _small_chunks(monkeypatch, walk):
                    fp32 [BLOCK_T, H] accumulator (dX itself for fp32);
       "groups":    the one walk per token group of BLOCK_T rows (exact_dw False), dW added up over
                    the groups in its dtype;
-      "borrow":    the one walk with the fp32 dX accumulator in dW's last rows (fp16; fp32 has no
-                   accumulator), those rows walked for dX, then for dW.
+      "borrow":    the one walk with the fp32 dX accumulator in dX's buffer and dW's last rows
+                   (fp16; fp32 has no accumulator), those rows walked for dX, then for dW; its
+                   first chunks' dA in dW's rows after them (up to 3 such chunks at H = 80).
     The torch path takes several token chunks."""
     def plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True, dw_row=0):
         if walk == "borrow":
-            return lp_mod.BwdPlan(1, N, V, block_v, lp_mod.borrowed_rows(N, V, acc_row, dw_row))
+            tail = lp_mod.borrowed_rows(N, V, acc_row, dw_row)
+            return lp_mod.BwdPlan(1, N, V, block_v, tail, lp_mod.dw_room_chunks(N, V - tail, elem, dw_row,
+                                                                                block_v, block_v))
         if walk in ("1pass", "groups"):
             return lp_mod.BwdPlan(1, (N if walk == "1pass" else block_t), V, block_v)
         return lp_mod.BwdPlan(2, block_t, (V if walk == "2pass" else 2 * block_v), block_v)
@@ -144,38 +147,40 @@ def test_bwd_plan_stays_within_budget():
     plan = lp_mod._bwd_plan
     N, H, V, bf16 = 16384, 5120, 152064, 2
     row, dw_row = H * 4, H * 2  # fp32 dX accumulator / bf16 dW bytes per token / row
-    assert plan(N, V, bf16, row, 128, 128, 1 << 30, True, dw_row) == (1, N, V, 16384, 0)  # chunk capped at 512 MiB
+    assert plan(N, V, bf16, row, 128, 128, 1 << 30, True, dw_row) == (1, N, V, 16384, 0, ())  # chunk capped at 512 MiB
     p = plan(2 * N, V, bf16, row, 128, 128, 1 << 30, True, dw_row)  # 32k: what the budget leaves
     assert p.passes == 1 and p.tail == 0 and p.vc % 128 == 0 and 2 * N * row + 2 * N * p.vc * bf16 <= 1 << 30 \
         < 2 * N * row + 2 * N * (p.vc + 128) * bf16
-    # 88 MiB at 16k (the benchmark's <= 100 MB row): 2816-column chunks (88 MiB of dA), the 320 MiB
-    # accumulator's first half in dX's buffer, the other in dW's last 16384 rows (10.8% of the
-    # vocabulary recomputed)
-    assert plan(N, V, bf16, row, 128, 128, 88 << 20, True, dw_row) == (1, N, V, 2816, 16384)
-    assert plan(N, V, bf16, row, 128, 128, 88 << 20, False, dw_row) == (1, N, V, 2816, 16384)  # exact anyway
+    # 88 MiB at 16k (the benchmark's <= 100 MB row): the 320 MiB accumulator's first half in dX's
+    # buffer, the other in dW's last 16384 rows (10.8% of the vocabulary recomputed); the first 11
+    # chunks' dA in dW's rows after them (5 x 16384 columns, then narrower), the rest 2816 wide (88
+    # MiB of dA)
+    low = plan(N, V, bf16, row, 128, 128, 88 << 20, True, dw_row)
+    assert low[:5] == (1, N, V, 2816, 16384) and len(low.room) == 11 and low.room[:5] == (16384,) * 5
+    assert plan(N, V, bf16, row, 128, 128, 88 << 20, False, dw_row) == low  # exact anyway
     assert plan(4 * N, V, bf16, row, 128, 128, 1 << 30, True, dw_row).tail == 65536  # 64k: acc = 1.25 GiB
     assert plan(8 * N, V, bf16, row, 128, 128, 1 << 30, True, dw_row).tail == 131072  # 128k: 86% of the rows
     assert plan(16 * N, V, bf16, row, 128, 128, 1 << 30, True, dw_row).passes == 2  # 256k: more than dW holds
     assert plan(N, V, bf16, row, 128, 128, 16 << 20, True, dw_row).passes == 2  # 16 MiB: not even a 1024 chunk
     # without dW to borrow (a frozen head): two walks within the budget
     for budget in (96 << 20, N * row):  # under 100 MB; the one-walk accumulator alone
-        passes, tc, vcx, vc, tail = plan(N, V, bf16, row, 128, 128, budget)
+        passes, tc, vcx, vc, tail = plan(N, V, bf16, row, 128, 128, budget)[:5]
         assert passes == 2 and tail == 0 and tc % 128 == 0 and vcx % 128 == 0 and vc % 128 == 0
         assert tc * (vcx * bf16 + row) <= budget and N * vc * bf16 <= budget and vc >= 128
         whole_vocab_tc = budget // (V * bf16) // 128 * 128  # 256 tokens at 96 MiB
         assert vcx < V and tc >= 4 * whole_vocab_tc, (budget, tc, vcx)
     # 96 MiB at 16k: 2688-token chunks over 8192-column blocks (52.5 MiB accumulator + 42 MiB of dA)
-    assert plan(N, V, bf16, row, 128, 128, 96 << 20) == (2, 2688, 8192, 3072, 0)
-    assert plan(N, V, 4, 0, 64, 128, 96 << 20, True, 4 * H) == (1, N, V, 1536, 0)  # fp32: dX is its own accumulator
+    assert plan(N, V, bf16, row, 128, 128, 96 << 20) == (2, 2688, 8192, 3072, 0, ())
+    assert plan(N, V, 4, 0, 64, 128, 96 << 20, True, 4 * H) == (1, N, V, 1536, 0, ())  # fp32: dX is its own accumulator
     # a budget a single block exceeds: the smallest footprint (one block per chunk, <= N rows)
-    assert plan(3, 1237, 4, 0, 64, 256, 1) == (2, 3, 256, 256, 0)
-    assert plan(3, 1237, 4, 0, 64, 256, 1 << 30) == (1, 3, 1237, 1237, 0)  # everything in one chunk
+    assert plan(3, 1237, 4, 0, 64, 256, 1) == (2, 3, 256, 256, 0, ())
+    assert plan(3, 1237, 4, 0, 64, 256, 1 << 30) == (1, 3, 1237, 1237, 0, ())  # everything in one chunk
     # exact_dw False where nothing can be borrowed: one walk per token group instead of two walks
     for budget in (88 << 20, 24 << 20):
-        passes, tg, vcx, vc, _ = plan(N, V, bf16, row, 128, 128, budget, False)
+        passes, tg, vcx, vc, _ = plan(N, V, bf16, row, 128, 128, budget, False)[:5]
         assert passes == 1 and vcx == V and tg < N and tg % 128 == 0 and vc % 128 == 0
         assert tg * (row + vc * bf16) <= budget, (budget, tg, vc)
-    assert plan(N, V, bf16, row, 128, 128, 88 << 20, False) == (1, 2432, V, 8192, 0)  # 7 groups at 16k
+    assert plan(N, V, bf16, row, 128, 128, 88 << 20, False) == (1, 2432, V, 8192, 0, ())  # 7 groups at 16k
     assert plan(N, V, bf16, row, 128, 128, 1 << 30, False) == plan(N, V, bf16, row, 128, 128, 1 << 30)
 
 
@@ -192,6 +197,26 @@ def test_borrowed_rows_hold_the_accumulator():
             assert (tail - 8) * dw_row < half * acc_row  # no more rows than that
     assert lp_mod.borrowed_rows(100, 1000, 0, 200) == 0 and lp_mod.borrowed_rows(100, 1000, 400, 0) == 0
     assert lp_mod.borrowed_rows(1000, 1000, 400, 200) == 0  # N = V: no row left before the tail
+
+
+def test_dw_room_chunks_fit_before_the_tail():
+    """The borrowed walk's first chunks: each one's dA fits in dW's rows between its end and the
+    tail, widths in whole blocks, never wider than BWD_MAX_CHUNK_BYTES allows, non-increasing, all
+    wider than the budget's chunk, and the next one would not be."""
+    for N, v_end, elem, dw_row, block_v, vc in ((16384, 135680, 2, 10240, 128, 2816),
+                                               (32768, 119296, 2, 10240, 128, 1408),
+                                               (97, 4000, 4, 160, 256, 256), (4000, 5000, 2, 512, 128, 1024)):
+        room = lp_mod.dw_room_chunks(N, v_end, elem, dw_row, block_v, vc)
+        v0 = 0
+        for w in room:
+            assert w % block_v == 0 and vc < w and N * w * elem <= lp_mod.BWD_MAX_CHUNK_BYTES
+            assert N * w * elem <= (v_end - v0 - w) * dw_row, (N, v0, w)
+            v0 += w
+        assert list(room) == sorted(room, reverse=True)
+        nxt = (v_end - v0) * dw_row // (N * elem + dw_row) // block_v * block_v
+        assert nxt <= vc or N * nxt * elem > lp_mod.BWD_MAX_CHUNK_BYTES
+    assert len(lp_mod.dw_room_chunks(32768, 119296, 2, 10240, 128, 1408)) == 19  # instead of 85 chunks of 1408
+    assert lp_mod.dw_room_chunks(4000, 5000, 2, 512, 128, 1024) == ()  # long sequences, narrow head: none
 
 
 BORROW_BUDGET = 333 * 1024 * 4 + 1000  # N = 333 below: one 1024-column fp32 dA chunk, not the accumulator
@@ -221,7 +246,7 @@ def test_scratch_budget_walks(budget, passes, exact_dw, monkeypatch):
                                               bwd_scratch_bytes=budget, exact_dw=exact_dw)
     got = _run(fn, x, w, t, temp, g_lp, g_en)
     assert seen and seen[0][0] == passes, seen
-    _, tc, vcx, vc, tail = seen[0]
+    _, tc, vcx, vc, tail = seen[0][:5]
     assert (tail > 0) == (budget == BORROW_BUDGET), seen[0]
     if passes == 2:
         assert N % tc and tc < N and V % vc and vc < V and V % vcx and vcx < V, seen[0]
@@ -523,6 +548,8 @@ def test_backward_plan_and_its_bench_text():
     assert _plan_text(P(1, 16384, 152064, 2816, 16384), 16384, 152064) == \
         ("one walk: vocabulary chunks of 2816 with the fp32 dX accumulator in dX's buffer and dW's last 16384 rows "
          "(their logits recomputed)")
+    assert _plan_text(P(1, 16384, 152064, 2816, 16384, (16384, 12800, 3200)), 16384, 152064).endswith(
+        "(their logits recomputed); the first 3 chunks (16384 down to 3200 columns) with their dA in dW's unwritten rows")
     assert _plan_text(P(2, 2688, 8192, 3072), 16384, 152064) == ("two walks: dX in 2688-token chunks over 8192-column "
                                                           "blocks (fp32 [2688, H] accumulator); dW in vocabulary chunks of 3072")
     assert "256-token chunks over the whole vocabulary" in _plan_text(P(2, 256, 152064, 3072), 16384, 152064)
