@@ -136,15 +136,15 @@ def _make_impls(temp, on_cuda, compile_torch=True):
 
 def _plan_text(plan, N, V):
     """kernels.logprob.BwdPlan for N tokens in words."""
-    passes, tc, vcx, vc, tail = plan[:5]
+    passes, tc, vcx, vc, tail, room = plan
     if passes == 1 and tc < N:
         return (f"one walk per {tc}-token group ({-(-N // tc)} groups): vocabulary chunks of {vc}, fp32 dX "
                 f"accumulator, dW added up over the groups")
     if passes == 1 and tail:
-        room = (f"; the first {len(plan.room)} chunks ({plan.room[0]} down to {plan.room[-1]} columns) with their "
-                f"dA in dW's unwritten rows") if plan.room else ""
+        in_dw = (f"; the first {len(room)} chunks ({room[0]} down to {room[-1]} columns) with their "
+                 f"dA in dW's unwritten rows") if room else ""
         return (f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator in dX's buffer and dW's "
-                f"last {tail} rows (their logits recomputed){room}")
+                f"last {tail} rows (their logits recomputed){in_dw}")
     if passes == 1:
         return f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator"
     dx = f"{tc}-token chunks over {vcx}-column blocks (fp32 [{tc}, H] accumulator)" if vcx < V \

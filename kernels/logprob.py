@@ -739,7 +739,7 @@ def _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, per_token_ch
     width = block_v
     while True:
         width = min(width, V)
-        tc, nbytes = dx_chunk_tokens(width, N, V, elem, acc_row, block_t, budget)
+        tc, nbytes = _dx_chunk_tokens(width, N, V, elem, acc_row, block_t, budget)
         cost = per_token_chunk / tc + (8 / width if width < V else 0.0)
         cands.append((nbytes > budget, cost if nbytes <= budget else nbytes, width, tc))
         if width == V:
@@ -754,7 +754,7 @@ def _whole_blocks(n, block, full):
     return min(full, max(block, n // block * block))
 
 
-def dx_chunk_tokens(vcx, N, V, elem, acc_row, block_t, budget):
+def _dx_chunk_tokens(vcx, N, V, elem, acc_row, block_t, budget):
     """(tc, scratch bytes) of a [tc, vcx] chunk walked over token groups (the two-walk plan's dX
     chunks, or exact_dw=False's groups): the most whole blocks of tokens whose dA chunk (and fp32
     [tc, H] accumulator where vcx < V) fit the budget (_bwd_plan)."""
@@ -769,21 +769,16 @@ def _dlogits_dtype(hidden):
     return hidden.dtype if on_gpu else torch.float32
 
 
-def plan_args(hidden, weight, scratch_bytes=None, need_dx=True, exact_dw=True, need_dw=True):
-    """_bwd_plan's arguments for these inputs and budget:
-    (N, V, elem, acc_row, BLOCK_T, BLOCK_V, budget, exact_dw, dw_row)."""
+def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True, exact_dw=True, need_dw=True):
+    """The Triton backward's walk for these inputs and budget (default BWD_SCRATCH_BYTES):
+    _bwd_plan's BwdPlan."""
     N, H = hidden.shape
     c = _cfg(hidden.device, hidden.dtype, bwd=True)
     elem = torch.finfo(_dlogits_dtype(hidden)).bits // 8
     acc_row = H * 4 if need_dx and hidden.dtype != torch.float32 else 0
     dw_row = H * weight.element_size() if need_dw else 0
     budget = BWD_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-    return N, weight.shape[0], elem, acc_row, c["BLOCK_T"], c["BLOCK_V"], budget, exact_dw, dw_row
-
-
-def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True, exact_dw=True, need_dw=True):
-    """The Triton backward's walk for these inputs and budget: _bwd_plan's BwdPlan."""
-    return _bwd_plan(*plan_args(hidden, weight, scratch_bytes, need_dx, exact_dw, need_dw))
+    return _bwd_plan(N, weight.shape[0], elem, acc_row, c["BLOCK_T"], c["BLOCK_V"], budget, exact_dw, dw_row)
 
 
 def _fp32_rows_to_half_in_place(rows32, out):

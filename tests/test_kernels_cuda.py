@@ -73,7 +73,7 @@ def test_logprob_lowmem_setting_stays_under_100mb(monkeypatch):
     token group, dW added up over the groups): everything fwd+bwd holds beyond its inputs and the
     dX / dW gradients stays under 10^8 bytes (the forward's statistics and upstream gradients
     included), and dX / dW match the default plan's (an independent walk) to bf16 rounding."""
-    from bench.bench_logprob import LOW_SCRATCH
+    from bench.bench_logprob import LOW_SCRATCH, _no_borrowing
     import kernels.logprob as lp
 
     T, H, V = 16384, 5120, 152064
@@ -89,7 +89,7 @@ def test_logprob_lowmem_setting_stays_under_100mb(monkeypatch):
     for name, scratch, exact in (("lowmem", LOW_SCRATCH, True), ("two_walks", LOW_SCRATCH, True),
                                  ("groups", LOW_SCRATCH, False), ("default", None, True)):
         borrow = name in ("lowmem", "default")
-        monkeypatch.setattr(lp, "borrowed_rows", borrowed_rows if borrow else lambda *a: 0)
+        monkeypatch.setattr(lp, "borrowed_rows", borrowed_rows if borrow else _no_borrowing)  # as the bench rows
         assert lp.backward_plan(x, w, scratch, exact_dw=exact).passes == (2 if name == "two_walks" else 1)
         x.grad = w.grad = None
         torch.cuda.synchronize()
