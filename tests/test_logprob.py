@@ -140,8 +140,8 @@ def test_matches_fp64_reference(impl, walk, tma, dtype, N, H, V, temp, grads, mo
 
 def test_bwd_plan_stays_within_budget():
     """The backward's scratch plan: one walk with the fp32 dX accumulator while it and a chunk of
-    >= ONE_PASS_MIN_VC columns fit the budget; else the same walk with the accumulator in dW's last
-    rows while dW can hold it; else two walks whose chunks each fit the budget (the dX walk in long
+    >= ONE_PASS_MIN_VC columns fit the budget; else the same walk with the accumulator in dX's
+    buffer and dW's last rows while dW can hold it; else two walks whose chunks each fit the budget (the dX walk in long
     token chunks over vocabulary blocks when whole-vocabulary chunks get short), or with exact_dw
     False one walk per token group."""
     plan = lp_mod._bwd_plan
