@@ -7,9 +7,9 @@
 Defaults are the paper's settings (LongWriter-Zero, arXiv 2506.18841) scaled to one GPU where
 the paper is silent or uses 64. The CPU default lives in configs/tiny.toml.
 
-Types drive parsing: each field's annotation (int, float, bool, str, Literal[...] for enums,
-Optional[X], list[X], tuple[X, ...]) says what a TOML value or a CLI string must be. TOML has
-no null, so an Optional field is None when its key is absent; on the CLI `none`/`null` sets None.
+Each field's annotation (int, float, bool, str, Literal[...], Optional[X], list[X], tuple[X, ...])
+says what a TOML value or a CLI string must be. TOML has no null, so an Optional field is None
+when its key is absent; on the CLI `none`/`null` sets None.
 
 Any problem is a `ConfigError` (a ValueError) whose message is one line naming the key, the
 value and what was expected. Entry points print it as `config error: <message>` and exit 2
@@ -21,18 +21,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import sys
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+import tomli_w
 
 
 class ConfigError(ValueError):
@@ -170,7 +169,6 @@ class DistributedConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs"  # runs go to run_dir/name
-    log_every: int = 1  # steps between log lines
     progress: bool = True  # progress bar on rank 0
     plot: bool = True  # write metric plots at the end
 
@@ -213,9 +211,10 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# Type-driven conversion
+# One type-driven walk: TOML values and CLI strings become field values here
 
 
+@functools.cache
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -224,13 +223,22 @@ def _is_section(tp) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+@functools.cache
+def _keys() -> dict[str, Any]:
+    """{dotted key: field type} for every setting (sections are one level deep)."""
+    out = {}
+    for name, tp in _hints(Config).items():
+        if _is_section(tp):
+            out.update({f"{name}.{k}": t for k, t in _hints(tp).items()})
+        else:
+            out[name] = tp
+    return out
+
+
 def _optional_inner(tp):
     """X for Optional[X], else None."""
-    origin = typing.get_origin(tp)
-    if origin is Union or origin is types.UnionType:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
     return None
 
 
@@ -238,512 +246,341 @@ def _type_name(tp) -> str:
     inner = _optional_inner(tp)
     if inner is not None:
         return f"{_type_name(inner)} or none"
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list or (origin is tuple and args[-1] is Ellipsis):
+        return f"list of {_type_name(args[0])}"
     if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"list of {_type_name(args[0])}"
-        if len(set(args)) == 1:
-            return f"list of {len(args)} {_type_name(args[0])}"
-        return f"list of {len(args)} " + "/".join(_type_name(a) for a in args)
-    return getattr(tp, "__name__", str(tp))
+        return f"list of {len(args)} " + "/".join(dict.fromkeys(_type_name(a) for a in args))
+    return tp.__name__
 
 
-def _bad(key: str, value: Any, tp) -> ConfigError:
-    return ConfigError(f"{key} = {_show(value)}: expected {_type_name(tp)}")
-
-
-def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else _toml_value(value) if _toml_ok(value) else repr(value)
-
-
-def _toml_ok(value: Any) -> bool:
-    try:
-        _toml_value(value)
-        return True
-    except TypeError:
-        return False
-
-
-def _convert(key: str, value: Any, tp) -> Any:
-    """Checks/converts a TOML-typed value (or an already-parsed CLI value) to the field type."""
-    inner = _optional_inner(tp)
-    if inner is not None:
-        return None if value is None else _convert(key, value, inner)
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed or type(value) is not type(allowed[0]):
-            raise ConfigError(
-                f"{key} = {_show(value)}: expected one of " + ", ".join(repr(a) for a in allowed)
-            )
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _bad(key, value, tp)
-        args = typing.get_args(tp)
-        if origin is list:
-            return [_convert(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key} = {_show(list(value))}: expected {_type_name(tp)}")
-        return tuple(_convert(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _bad(key, value, tp)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer() and math.isfinite(value):
-            return int(value)
-        raise _bad(key, value, tp)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _bad(key, value, tp)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _bad(key, value, tp)
-    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # a bug in this file, not in the input
-
-
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-def _parse_scalar(key: str, text: str, tp) -> Any:
-    """Parses one CLI string as the scalar type tp (int, float, bool, str, Literal)."""
-    s = text.strip()
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return _convert(key, _unquote(s), tp)
-    if tp is bool:
-        if s.lower() in _TRUE:
-            return True
-        if s.lower() in _FALSE:
-            return False
-        raise ConfigError(f"{key} = {text!r}: expected bool (true/false/1/0)")
-    if tp is int:
-        try:
-            return int(s.replace("_", ""), 0) if s.lower().startswith(("0x", "0o", "0b")) else int(s)
-        except ValueError:
-            try:
-                f = float(s)
-            except ValueError:
-                raise _bad(key, text, tp) from None
-            if f.is_integer():
-                return int(f)
-            raise _bad(key, text, tp) from None
-    if tp is float:
-        try:
-            return float(s)
-        except ValueError:
-            raise _bad(key, text, tp) from None
-    if tp is str:
-        return _unquote(text)
-    raise ConfigError(f"{key}: unsupported field type {tp!r}")
-
-
-def _unquote(s: str) -> str:
-    s2 = s.strip()
-    if len(s2) >= 2 and s2[0] == s2[-1] and s2[0] in "\"'":
-        try:
-            return tomllib.loads("v = " + s2)["v"]
-        except tomllib.TOMLDecodeError:
-            return s2[1:-1]
-    return s
-
-
-def _parse_cli_value(key: str, text: str, tp) -> Any:
-    """Parses a CLI override string by the field type."""
-    inner = _optional_inner(tp)
-    if inner is not None:
-        if text.strip().lower() in ("none", "null"):
-            return None
-        return _parse_cli_value(key, text, inner)
-    origin = typing.get_origin(tp)
-    if origin in (list, tuple):
-        s = text.strip()
-        if s.startswith("["):
-            try:
-                items = tomllib.loads("v = " + s)["v"]
-            except tomllib.TOMLDecodeError:
-                # unquoted strings inside brackets: [a, b]
-                body = s[1:-1] if s.endswith("]") else None
-                if body is None:
-                    raise _bad(key, text, tp) from None
-                items = [p for p in (x.strip() for x in body.split(",")) if p != ""]
-        else:
-            items = [p.strip() for p in s.split(",")] if s else []
-        args = typing.get_args(tp)
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            elem_types = list(args) if len(items) == len(args) else [args[0]] * len(items)
-        else:
-            elem_types = [args[0]] * len(items)
-        out = []
-        for i, (v, et) in enumerate(zip(items, elem_types)):
-            out.append(_parse_scalar(f"{key}[{i}]", v, et) if isinstance(v, str) else v)
-        return _convert(key, out, tp)
-    return _parse_scalar(key, text, tp)
-
-
-# --------------------------------------------------------------------------------------------
-# Building a Config from dicts and overrides
-
-
-def _all_keys(cls=Config, prefix: str = "") -> list[str]:
-    keys = []
-    for name, tp in _hints(cls).items():
-        full = prefix + name
-        if _is_section(tp):
-            keys.append(full)
-            keys.extend(_all_keys(tp, full + "."))
-        else:
-            keys.append(full)
-    return keys
-
-
-def _unknown(key: str, table: bool = False) -> ConfigError:
-    """One line for an unknown dotted key (or TOML table), with the closest real name if any."""
-    parts = key.split(".")
-    top = _hints(Config)
-    if table or (len(parts) > 1 and parts[0] not in top):
-        sections = [k for k, tp in top.items() if _is_section(tp)]
-        match = difflib.get_close_matches(parts[0], sections, n=1, cutoff=0.6)
-        hint = f" (did you mean '{match[0]}'?)" if match else f" (sections: {', '.join(sections)})"
-        return ConfigError(f"unknown section '{parts[0]}' in '{key}'{hint}" if len(parts) > 1 and not table
-                           else f"unknown section '{key}'{hint}")
-    candidates = [k for k in _all_keys() if not _is_section(_hints_at(k))]
-    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    if not match:  # a misplaced or misspelled field name: compare the last components
-        leaf = parts[-1]
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in candidates}
-        close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
-        match = [by_leaf[close[0]]] if close else []
-    hint = f" (did you mean '{match[0]}'?)" if match else ""
-    return ConfigError(f"unknown key '{key}'{hint}")
-
-
-def _hints_at(key: str):
-    """The annotation of a dotted key (a section class or a field type)."""
-    cls = Config
-    tp = None
-    for part in key.split("."):
-        tp = _hints(cls)[part]
-        cls = tp
-    return tp
-
-
-def _resolve(key: str):
-    """(section object path, field type) for a dotted key, or raises unknown key."""
-    parts = key.split(".")
-    cls = Config
-    for i, part in enumerate(parts):
-        hints = _hints(cls)
-        if part not in hints:
-            raise _unknown(key)
-        tp = hints[part]
-        if i == len(parts) - 1:
-            if _is_section(tp):
-                raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. '{key}.{next(iter(_hints(tp)))}'")
-            return tp
-        if not _is_section(tp):
-            raise _unknown(key)
-        cls = tp
-    raise _unknown(key)
-
-
-def _from_dict(cls, data: dict, prefix: str = ""):
-    hints = _hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        full = prefix + name
-        if name not in hints:
-            raise _unknown(full, table=isinstance(value, dict) and not prefix)
-        tp = hints[name]
-        if _is_section(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{full} = {_show(value)}: expected a [{full}] table")
-            kwargs[name] = _from_dict(tp, value, full + ".")
-        else:
-            if isinstance(value, dict):
-                raise ConfigError(f"{full}: expected {_type_name(tp)}, got a table")
-            kwargs[name] = _convert(full, value, tp)
-    return cls(**kwargs)
-
-
-def _set(cfg: Config, key: str, value: Any) -> None:
-    parts = key.split(".")
-    obj = cfg
-    for p in parts[:-1]:
-        obj = getattr(obj, p)
-    setattr(obj, parts[-1], value)
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Applies `--a.b=v` / `--a.b v` / `a.b=v` overrides to cfg in place (no validation)."""
-    i = 0
-    while i < len(overrides):
-        arg = overrides[i]
-        i += 1
-        body = arg[2:] if arg.startswith("--") else arg
-        if "=" in body:
-            key, text = body.split("=", 1)
-        else:
-            key = body
-            if i >= len(overrides) or (overrides[i].startswith("--") and not _looks_negative(overrides[i])):
-                # a bare flag: only booleans may omit the value
-                key = _norm_key(key)
-                tp = _resolve(key)
-                if tp is bool:
-                    _set(cfg, key, True)
-                    continue
-                raise ConfigError(f"--{key}: missing value (expected {_type_name(tp)})")
-            text = overrides[i]
-            i += 1
-        key = _norm_key(key)
-        tp = _resolve(key)
-        _set(cfg, key, _parse_cli_value(key, text, tp))
-    return cfg
-
-
-def _looks_negative(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _norm_key(key: str) -> str:
-    """Accepts dashes for underscores (`--rollout.max-new-tokens`) when that names a real key."""
-    if not key:
-        raise ConfigError("empty override key")
-    alt = key.replace("-", "_")
-    return alt if alt in _all_keys() and key not in _all_keys() else key
-
-
-# --------------------------------------------------------------------------------------------
-# Validation of values
+def _show(v: Any) -> str:
+    """A value as the one-line errors quote it: TOML-like lists and booleans, repr otherwise."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    return repr(v)
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{key} = {_show(value)} is not allowed: must be {allowed}")
 
 
+def _bad(key: str, value: Any, tp) -> ConfigError:
+    return ConfigError(f"{key} = {_show(value)}: expected {_type_name(tp)}")
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True,
+          "false": False, "0": False, "no": False, "off": False}
+
+
+def _unquote(text: str) -> str:
+    s = text.strip()
+    if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'":
+        try:
+            return tomllib.loads("v = " + s)["v"]
+        except tomllib.TOMLDecodeError:
+            return s[1:-1]
+    return text
+
+
+def _parse_text(text: str, tp) -> Any:
+    """A CLI string as a Python value of scalar type tp; the text itself where it does not parse."""
+    s = text.strip()
+    try:
+        if tp is bool:
+            return _BOOLS.get(s.lower(), text)
+        if tp is int:
+            try:
+                return int(s, 0)
+            except ValueError:
+                return float(s)  # 1e3; a fractional value then fails the int check
+        if tp is float:
+            return float(s)
+    except ValueError:
+        return text
+    return _unquote(text)  # str and Literal
+
+
+def _split_list(text: str) -> Any:
+    """`[1, 2]` or `["a", "b"]` (TOML arrays), `[a, b]` or `a,b` (bare items); '' is []."""
+    s = text.strip()
+    if s.startswith("["):
+        try:
+            return tomllib.loads("v = " + s)["v"]
+        except tomllib.TOMLDecodeError:
+            if not s.endswith("]"):
+                return text
+            s = s[1:-1]
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _coerce(key: str, v: Any, tp, cli: bool = False) -> Any:
+    """v as field type tp: a TOML/Python value, or with cli=True possibly a CLI string to parse."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        if v is None or (cli and isinstance(v, str) and v.strip().lower() in ("none", "null")):
+            return None
+        return _coerce(key, v, inner, cli)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, tuple):
+        items = _split_list(v) if cli and isinstance(v, str) else v
+        if not isinstance(items, (list, tuple)):
+            raise _bad(key, v, tp)
+        fixed = origin is tuple and args[-1] is not Ellipsis
+        item_types = args if fixed and len(items) == len(args) else [args[0]] * len(items)
+        out = [_coerce(f"{key}[{i}]", x, t, cli) for i, (x, t) in enumerate(zip(items, item_types))]
+        if fixed and len(out) != len(args):
+            raise _bad(key, out, tp)
+        return out if origin is list else tuple(out)
+    raw = v
+    if cli and isinstance(v, str):
+        v = _parse_text(v, str if origin is Literal else tp)  # every Literal field is of strings
+    if origin is Literal:
+        if v in args and type(v) is type(args[0]):
+            return v
+    elif tp is bool:
+        if isinstance(v, bool):
+            return v
+    elif tp in (int, float):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not math.isfinite(v):
+                raise _fail(key, v, "a finite number")
+            if tp is float or isinstance(v, int) or v.is_integer():
+                return tp(v)
+    elif tp is str:
+        if isinstance(v, str):
+            return v
+    else:
+        raise ConfigError(f"{key}: unsupported field type {tp!r}")  # a bug in this file, not in the input
+    raise _bad(key, raw, tp)
+
+
+def _unknown(key: str, table: bool = False) -> ConfigError:
+    """One line for an unknown dotted key (or TOML table), with the closest real name if any."""
+    head = key.split(".")[0]
+    sections = [k for k, tp in _hints(Config).items() if _is_section(tp)]
+    if table or ("." in key and head not in _hints(Config)):
+        match = difflib.get_close_matches(head, sections, n=1, cutoff=0.6)
+        hint = f" (did you mean '{match[0]}'?)" if match else f" (sections: {', '.join(sections)})"
+        return ConfigError(f"unknown section '{head}'" + ("" if table else f" in '{key}'") + hint)
+    match = difflib.get_close_matches(key, list(_keys()), n=1, cutoff=0.6)
+    if not match:  # a misplaced or misspelled field name: compare the last components
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in _keys()}
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.75)
+        match = [by_leaf[c] for c in close]
+    return ConfigError(f"unknown key '{key}'" + (f" (did you mean '{match[0]}'?)" if match else ""))
+
+
+def _field_type(key: str):
+    """The type of a dotted key; ConfigError for a section or an unknown key."""
+    if key in _keys():
+        return _keys()[key]
+    if _is_section(_hints(Config).get(key)):
+        raise ConfigError(f"'{key}' is a section, not a key: set its keys in a [{key}] table or as "
+                          f"'{key}.<name>', e.g. '{key}.{next(iter(_hints(_hints(Config)[key])))}'")
+    raise _unknown(key)
+
+
+def _set(cfg: Config, key: str, value: Any, cli: bool = False) -> None:
+    """Sets the dotted key of cfg to value (a TOML value, or a CLI string when cli) by its type."""
+    value = _coerce(key, value, _field_type(key), cli)
+    *path, name = key.split(".")
+    setattr(functools.reduce(getattr, path, cfg), name, value)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _toml_items(data: dict):
+    """(dotted key, value) pairs of a parsed TOML document; [section] tables are one level deep."""
+    for k, v in data.items():
+        if isinstance(v, dict) and _is_section(_hints(Config).get(k)):
+            yield from ((f"{k}.{k2}", v2) for k2, v2 in v.items())
+        elif isinstance(v, dict) and k not in _hints(Config):
+            raise _unknown(k, table=True)
+        else:
+            yield k, v
+
+
+def _cli_items(args: list[str]):
+    """(key, text) pairs of `--a.b=v`, `--a.b v`, `a.b=v` and bare `--flag` (= true, bools only)."""
+    i = 0
+    while i < len(args):
+        body = args[i][2:] if args[i].startswith("--") else args[i]
+        i += 1
+        key, eq, text = body.partition("=")
+        key = key.replace("-", "_")  # --rollout.max-new-tokens
+        if not key:
+            raise ConfigError(f"'{args[i - 1]}': empty override key")
+        if not eq:  # `--a.b v`, or a bare `--a.b` (= true) for a bool
+            if i >= len(args) or args[i].startswith("--"):
+                tp = _field_type(key)
+                if tp is not bool:
+                    raise ConfigError(f"--{key}: missing value (expected {_type_name(tp)})")
+                text = "true"
+            else:
+                text = args[i]
+                i += 1
+        yield key, text
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Applies `--a.b=v` / `--a.b v` / `a.b=v` overrides to cfg in place (no validation)."""
+    for key, text in _cli_items(overrides):
+        _set(cfg, key, text, cli=True)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every range and cross-field rule of the settings lives here
+
+# key: allowed range, as the error quotes it; a list field's rule applies to each item; None skips
+_RANGES = {
+    "steps": ">= 0",
+    "data.max_prompt_tokens": ">= 1",
+    "rollout.group_size": ">= 2",
+    "rollout.prompts_per_step": ">= 1",
+    "rollout.max_new_tokens": ">= 1",
+    "rollout.temperature": "> 0",
+    "rollout.top_p": "in (0, 1]",
+    "rollout.top_k": ">= 0",
+    "rollout.batch_size": ">= 0",
+    "rollout.cache_mem_fraction": "in (0, 1]",
+    "rollout.page_size": ">= 0",
+    "grpo.clip_low": "in [0, 1)",
+    "grpo.clip_high": ">= 0",
+    "grpo.clip_c": "> 1",
+    "grpo.kl_coef": ">= 0",
+    "grpo.norm_const": "> 0",
+    "grpo.ppo_epochs": ">= 1",
+    "grpo.mini_batches": ">= 1",
+    "grpo.max_tokens_per_microbatch": "> 0",
+    "grpo.logprob_scratch_mib": "> 0",
+    "rewards.weights": ">= 0",
+    "rewards.length_max_words": ">= 1",
+    "rewards.quality_ranks": ">= 0",
+    "rewards.quality_fsdp_min_gib": ">= 0",
+    "rewards.format_repetition_weight": ">= 0",
+    "optim.lr": ">= 0",
+    "optim.betas": "in [0, 1)",
+    "optim.eps": "> 0",
+    "optim.weight_decay": ">= 0",
+    "optim.warmup_steps": ">= 0",
+    "optim.min_lr_ratio": "in [0, 1]",
+    "optim.grad_clip": "> 0",
+    "checkpoint.every": ">= 0",
+    "checkpoint.keep": ">= 0",
+}
+
+
+def _within(v: float, rule: str) -> bool:
+    """v satisfies a rule of _RANGES: '>= a', '> a' or an interval 'in (a, b]' / '[a, b)' / ..."""
+    op, _, rest = rule.partition(" ")
+    if op in (">=", ">"):
+        return v >= float(rest) if op == ">=" else v > float(rest)
+    lo, hi = (float(x) for x in rest[1:-1].split(","))
+    return (v >= lo if rest[0] == "[" else v > lo) and (v <= hi if rest[-1] == "]" else v < hi)
+
+
 def validate(cfg: Config) -> Config:
-    """Checks ranges and cross-field rules; raises ConfigError with one line, returns cfg."""
-    # types first (cfg may have been edited in Python)
-    for key in _all_keys():
-        tp = _resolve_type_only(key)
-        if tp is None:
-            continue
-        obj = cfg
-        for p in key.split("."):
-            obj = getattr(obj, p)
-        _convert(key, obj, tp)
+    """Checks types, ranges and cross-field rules; raises ConfigError with one line, returns cfg
+    with each value in its field's type (cfg may have been edited in Python)."""
+    for key in _keys():
+        _set(cfg, key, _get(cfg, key))
+    for key, rule in _RANGES.items():
+        v = _get(cfg, key)
+        items = [(f"{key}[{i}]", x) for i, x in enumerate(v)] if isinstance(v, (list, tuple)) else [(key, v)]
+        for k, x in items:
+            if x is not None and not _within(x, rule):
+                raise _fail(k, x, rule)
 
-    def ge(key, v, lo):
-        if v < lo:
-            raise _fail(key, v, f">= {lo}")
-
-    def gt(key, v, lo):
-        if not v > lo:
-            raise _fail(key, v, f"> {lo}")
-
-    def finite(key, v):
-        if isinstance(v, float) and not math.isfinite(v):
-            raise _fail(key, v, "a finite number")
-
-    ge("steps", cfg.steps, 0)
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise _fail("name", cfg.name, "a non-empty name without '/'")
-
-    m = cfg.model
-    if not m.path:
-        raise _fail("model.path", m.path, "a non-empty folder path")
-    if not cfg.tokenizer.path:
-        raise _fail("tokenizer.path", cfg.tokenizer.path, "a non-empty folder path")
-
-    d = cfg.data
-    if not d.prompts:
-        raise _fail("data.prompts", d.prompts, "a non-empty JSONL path")
-    for k, t in (("data.template_en", d.template_en), ("data.template_zh", d.template_zh)):
+    for key in ("model.path", "tokenizer.path", "data.prompts", "logging.run_dir", "checkpoint.resume"):
+        if not _get(cfg, key):
+            raise _fail(key, "", "a non-empty path")  # resume: 'none', 'auto' or a checkpoint folder
+    d, r, g, w = cfg.data, cfg.rollout, cfg.grpo, cfg.rewards
+    for key, t in (("data.template_en", d.template_en), ("data.template_zh", d.template_zh)):
         if t is not None and "{question}" not in t:
-            raise _fail(k, t, "a template containing '{question}'")
-    ge("data.max_prompt_tokens", d.max_prompt_tokens, 1)
-
-    r = cfg.rollout
-    ge("rollout.group_size", r.group_size, 2)
-    ge("rollout.prompts_per_step", r.prompts_per_step, 1)
-    ge("rollout.max_new_tokens", r.max_new_tokens, 1)
-    finite("rollout.temperature", r.temperature)
-    gt("rollout.temperature", r.temperature, 0)
-    if not (0.0 < r.top_p <= 1.0):
-        raise _fail("rollout.top_p", r.top_p, "in (0, 1]")
-    ge("rollout.top_k", r.top_k, 0)
+            raise _fail(key, t, "a template containing '{question}'")
     for i, s in enumerate(r.stop_strings):
         if not s:
             raise _fail(f"rollout.stop_strings[{i}]", s, "a non-empty string")
-    ge("rollout.batch_size", r.batch_size, 0)
-    ge("rollout.page_size", r.page_size, 0)
-    finite("rollout.cache_mem_fraction", r.cache_mem_fraction)
-    if not (0.0 < r.cache_mem_fraction <= 1.0):
-        raise _fail("rollout.cache_mem_fraction", r.cache_mem_fraction, "in (0, 1]")
-
-    g = cfg.grpo
-    finite("grpo.clip_low", g.clip_low)
-    if not (0.0 <= g.clip_low < 1.0):
-        raise _fail("grpo.clip_low", g.clip_low, "in [0, 1)")
-    finite("grpo.clip_high", g.clip_high)
-    ge("grpo.clip_high", g.clip_high, 0)
-    if g.clip_c is not None:
-        finite("grpo.clip_c", g.clip_c)
-        gt("grpo.clip_c", g.clip_c, 1)
-    finite("grpo.kl_coef", g.kl_coef)
-    ge("grpo.kl_coef", g.kl_coef, 0)
-    if g.norm_const is not None:
-        finite("grpo.norm_const", g.norm_const)
-        gt("grpo.norm_const", g.norm_const, 0)
-    finite("grpo.entropy_coef", g.entropy_coef)
-    ge("grpo.ppo_epochs", g.ppo_epochs, 1)
-    ge("grpo.mini_batches", g.mini_batches, 1)
-    gt("grpo.max_tokens_per_microbatch", g.max_tokens_per_microbatch, 0)
-    gt("grpo.logprob_scratch_mib", g.logprob_scratch_mib, 0)
     n_seqs = r.prompts_per_step * r.group_size
     if g.mini_batches > n_seqs:
-        raise _fail("grpo.mini_batches", g.mini_batches, f"<= rollout.prompts_per_step * rollout.group_size = {n_seqs}")
+        raise _fail("grpo.mini_batches", g.mini_batches,
+                    f"<= rollout.prompts_per_step * rollout.group_size = {n_seqs}")
     longest = d.max_prompt_tokens + r.max_new_tokens
     if g.max_tokens_per_microbatch < longest:
-        raise _fail(
-            "grpo.max_tokens_per_microbatch",
-            g.max_tokens_per_microbatch,
-            f">= data.max_prompt_tokens + rollout.max_new_tokens = {longest} (the longest sequence)",
-        )
+        raise _fail("grpo.max_tokens_per_microbatch", g.max_tokens_per_microbatch,
+                    f">= data.max_prompt_tokens + rollout.max_new_tokens = {longest} (the longest sequence)")
 
-    w = cfg.rewards
     if len(w.weights) != 3:
         raise _fail("rewards.weights", w.weights, "3 numbers (length, quality, format)")
-    for i, x in enumerate(w.weights):
-        finite(f"rewards.weights[{i}]", x)
-        ge(f"rewards.weights[{i}]", x, 0)
     enabled = [w.length, w.quality, w.format]
     if not any(enabled):
         raise ConfigError("rewards.length/quality/format are all false: enable at least one reward")
     if not any(e and x > 0 for e, x in zip(enabled, w.weights)):
         raise _fail("rewards.weights", w.weights, "> 0 for at least one enabled reward")
-    ge("rewards.length_max_words", w.length_max_words, 1)
+    if w.quality and not w.quality_path:
+        raise ConfigError("rewards.quality = true needs rewards.quality_path (a reward-model folder)")
     if len(w.default_length_range) != 2:
         raise _fail("rewards.default_length_range", w.default_length_range, "[lo, hi]")
     lo, hi = w.default_length_range
-    if lo < 0 or lo > hi:
+    if not 0 <= lo <= hi:
         raise _fail("rewards.default_length_range", w.default_length_range, "[lo, hi] with 0 <= lo <= hi")
     if hi >= w.length_max_words:
-        raise _fail(
-            "rewards.length_max_words", w.length_max_words,
-            f"> rewards.default_length_range upper bound {hi}",
-        )
-    for i, rank in enumerate(w.quality_ranks):
-        ge(f"rewards.quality_ranks[{i}]", rank, 0)
-    finite("rewards.quality_fsdp_min_gib", w.quality_fsdp_min_gib)
-    ge("rewards.quality_fsdp_min_gib", w.quality_fsdp_min_gib, 0)
-    finite("rewards.format_repetition_weight", w.format_repetition_weight)
-    ge("rewards.format_repetition_weight", w.format_repetition_weight, 0)
-
-    o = cfg.optim
-    finite("optim.lr", o.lr)
-    ge("optim.lr", o.lr, 0)
-    for i, b in enumerate(o.betas):
-        if not (0.0 <= b < 1.0):
-            raise _fail(f"optim.betas[{i}]", b, "in [0, 1)")
-    gt("optim.eps", o.eps, 0)
-    ge("optim.weight_decay", o.weight_decay, 0)
-    ge("optim.warmup_steps", o.warmup_steps, 0)
-    if not (0.0 <= o.min_lr_ratio <= 1.0):
-        raise _fail("optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
-    finite("optim.grad_clip", o.grad_clip)
-    gt("optim.grad_clip", o.grad_clip, 0)
-
-    if not cfg.logging.run_dir:
-        raise _fail("logging.run_dir", cfg.logging.run_dir, "a non-empty folder path")
-    ge("logging.log_every", cfg.logging.log_every, 1)
-
-    c = cfg.checkpoint
-    ge("checkpoint.every", c.every, 0)
-    ge("checkpoint.keep", c.keep, 0)
-    if not c.resume:
-        raise _fail("checkpoint.resume", c.resume, "'none', 'auto' or a checkpoint path")
+        raise _fail("rewards.length_max_words", w.length_max_words,
+                    f"> rewards.default_length_range upper bound {hi}")
     return cfg
 
 
-def _resolve_type_only(key: str):
-    cls = Config
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        tp = _hints(cls)[part]
-        if i == len(parts) - 1:
-            return None if _is_section(tp) else tp
-        cls = tp
-    return None
-
-
 # --------------------------------------------------------------------------------------------
-# Public entry points
+# Entry points
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Config from a TOML file (None = defaults), then CLI overrides, then validation."""
+    cfg = Config()
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file '{path}' not found")
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: invalid TOML: {str(e).splitlines()[0]}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: invalid TOML: not UTF-8 text") from None
         try:
-            cfg = _from_dict(Config, data)
+            for key, value in _toml_items(data):
+                _set(cfg, key, value)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-    else:
-        cfg = Config()
-    apply_overrides(cfg, list(overrides or []))
-    return validate(cfg)
+    return validate(apply_overrides(cfg, list(overrides or [])))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
-    """`--config X.toml` (or `--config=X.toml`) plus overrides; `--resume V` = `--checkpoint.resume=V`."""
+    """`--config X.toml` (`-c X`, `--config=X`) plus overrides; `--resume V` = `--checkpoint.resume=V`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    path = None
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a in ("--config", "-c", "--resume"):
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{a}: missing value")
-            v = argv[i + 1]
-            i += 2
-        elif a.startswith(("--config=", "--resume=")):
-            a, v = a.split("=", 1)
-            i += 1
-        else:
-            rest.append(a)
-            i += 1
+    path, rest = None, []
+    while argv:
+        arg = argv.pop(0)
+        flag, eq, v = arg.partition("=")
+        if flag not in ("--config", "-c", "--resume"):
+            rest.append(arg)
             continue
-        if a in ("--config", "-c"):
-            path = v
-        else:
+        if not eq:
+            if not argv:
+                raise ConfigError(f"{flag}: missing value")
+            v = argv.pop(0)
+        if flag == "--resume":
             rest.append(f"--checkpoint.resume={v}")
+        else:
+            path = v
     return load_config(path, rest)
 
 
@@ -758,91 +595,22 @@ def die_on_config_error():
 
 
 def to_dict(cfg) -> dict:
-    """Nested plain dict of a config (tuples become lists; None values are left out)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out[f.name] = to_dict(v)
-        elif v is None:
-            continue
-        elif isinstance(v, tuple):
-            out[f.name] = list(v)
-        else:
-            out[f.name] = v
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Minimal TOML writer (strings, numbers, bools, flat arrays, one level of tables)
-
-
-def _toml_str(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)  # shortest round-trip form, always with '.' or 'e'
-    if isinstance(v, str):
-        return _toml_str(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+    """Nested plain dict of a config (None values are left out: TOML has no null)."""
+    return {f.name: to_dict(v) if dataclasses.is_dataclass(v) else v
+            for f in dataclasses.fields(cfg) if (v := getattr(cfg, f.name)) is not None}
 
 
 def to_toml(cfg: Config) -> str:
     """The config as TOML text: top-level keys, then one [section] table per section."""
-    d = to_dict(cfg)
-    lines = ["# lwz resolved config"]
-    tables = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            tables.append((k, v))
-        else:
-            lines.append(f"{k} = {_toml_value(v)}")
-    for name, table in tables:
-        lines.append("")
-        lines.append(f"[{name}]")
-        for k, v in table.items():
-            lines.append(f"{k} = {_toml_value(v)}")
-    return "\n".join(lines) + "\n"
+    return "# lwz resolved config\n" + tomli_w.dumps(to_dict(cfg))
 
 
 def save_config(cfg: Config, path: str) -> None:
     """Writes the resolved config as TOML (atomically); load_config(path) gives an equal Config."""
-    text = to_toml(cfg)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(to_toml(cfg))
+    os.replace(path + ".tmp", path)
 
 
 __all__ = [

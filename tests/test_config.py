@@ -12,6 +12,20 @@ from lwz.config import (
     Config, ConfigError, die_on_config_error, load_config, parse_args, save_config, to_toml, validate,
 )
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the defaults enable the quality reward, which needs a reward-model folder
+RM = "--rewards.quality_path=models/rm"
+
+
+def _load(overrides=(), path=None) -> Config:
+    return load_config(path, [RM, *overrides])
+
+
+def _with_rm() -> Config:
+    cfg = Config()
+    cfg.rewards.quality_path = "models/rm"
+    return cfg
+
 
 def _write(tmp_path, text, name="c.toml"):
     p = tmp_path / name
@@ -21,21 +35,27 @@ def _write(tmp_path, text, name="c.toml"):
 
 def _err(overrides=None, path=None) -> str:
     with pytest.raises(ConfigError) as ei:
-        load_config(path, overrides or [])
+        _load(overrides or [], path)
     msg = str(ei.value)
     assert "\n" not in msg
     return msg
 
 
-def test_default_is_valid_and_paper_like():
-    cfg = validate(Config())
+def test_default_is_paper_like():
+    cfg = validate(_with_rm())
     assert cfg.rollout.max_new_tokens == 14000
     assert cfg.rollout.temperature == 0.8 and cfg.rollout.top_p == 1.0
     assert cfg.grpo.clip_low == 0.2 and cfg.grpo.kl_coef == 0.0
     assert cfg.rollout.stop_strings == ["</answer>"]
     assert cfg.tokenizer.path == "assets/tokenizer"
     assert cfg.norm_const == 14000.0
-    assert load_config(None, []) == Config()
+    assert _load() == _with_rm()
+
+
+def test_quality_reward_needs_a_model_folder():
+    msg = _err([RM.split("=")[0] + "=none"])
+    assert msg == "rewards.quality = true needs rewards.quality_path (a reward-model folder)"
+    assert load_config(None, ["--rewards.quality=false"]).rewards.quality_path is None
 
 
 def test_optional_fields_default_to_none():
@@ -52,9 +72,9 @@ def test_optional_fields_default_to_none():
 
 def test_round_trip_defaults_and_edited(tmp_path):
     p = str(tmp_path / "a.toml")
-    save_config(Config(), p)
-    assert load_config(p, []) == Config()
-    cfg = load_config(None, [
+    save_config(_with_rm(), p)
+    assert load_config(p, []) == _with_rm()
+    cfg = _load([
         "--name=run-ü", "--rollout.stop_strings=[\"</answer>\", \"a\\\"b\\\\c\\nd\"]",
         "--grpo.clip_c=3.0", "--distributed.accumulate_unsharded=true", "--data.template_en=Q: {question}\tA:",
         "--optim.betas=0.8,0.95", "--rewards.quality_ranks=1,3", "--optim.lr=3.5e-7",
@@ -83,7 +103,7 @@ def test_toml_file_and_overrides(tmp_path):
         weights = [1, 0.5, 2]
         default_length_range = [20, 40]
     """)
-    cfg = load_config(p, ["--rollout.max_new_tokens=128", "--seed", "9"])
+    cfg = _load(["--rollout.max_new_tokens=128", "--seed", "9"], p)
     assert cfg.seed == 9 and cfg.steps == 3
     assert cfg.rollout.group_size == 4 and cfg.rollout.max_new_tokens == 128
     assert cfg.rewards.weights == [1.0, 0.5, 2.0]
@@ -115,7 +135,7 @@ def test_toml_file_and_overrides(tmp_path):
     ("--model.init=random", "model.init", "random"),
 ])
 def test_override_types(arg, key, expected):
-    cfg = load_config(None, [arg])
+    cfg = _load([arg])
     obj = cfg
     for part in key.split("."):
         obj = getattr(obj, part)
@@ -123,20 +143,21 @@ def test_override_types(arg, key, expected):
 
 
 def test_override_space_form_and_negative_and_bare_bool():
-    cfg = load_config(None, ["--rollout.group_size", "8", "--grpo.entropy_coef", "-0.01", "--logging.plot"])
+    cfg = _load(["--rollout.group_size", "8", "--grpo.entropy_coef", "-0.01", "--logging.plot"])
     assert cfg.rollout.group_size == 8
     assert cfg.grpo.entropy_coef == -0.01
     assert cfg.logging.plot is True
-    assert load_config(None, ["--rollout.max-new-tokens=99"]).rollout.max_new_tokens == 99
+    assert _load(["--rollout.max-new-tokens=99"]).rollout.max_new_tokens == 99
 
 
 def test_parse_args_config_and_resume(tmp_path):
-    p = _write(tmp_path, "steps = 5\n")
+    p = _write(tmp_path, "steps = 5\n[rewards]\nquality_path = 'rm'\n")
     cfg = parse_args(["--config", p, "--resume", "auto", "--optim.lr=2e-6"])
     assert cfg.steps == 5 and cfg.checkpoint.resume == "auto" and cfg.optim.lr == 2e-6
     cfg = parse_args([f"--config={p}", "--resume=runs/x/step_3"])
     assert cfg.checkpoint.resume == "runs/x/step_3"
-    assert parse_args([]) == Config()
+    assert parse_args(["-c", p]).steps == 5
+    assert parse_args([RM]) == _with_rm()
 
 
 def test_unknown_keys_suggest():
@@ -217,6 +238,21 @@ def test_wrong_type_toml(tmp_path):
     ("--checkpoint.every=-1", "checkpoint.every", "-1", ">= 0"),
     ("--data.template_en=no placeholder", "data.template_en", "'no placeholder'", "{question}"),
     ("--steps=-1", "steps", "-1", ">= 0"),
+    ("--data.max_prompt_tokens=0", "data.max_prompt_tokens", "0", ">= 1"),
+    ("--grpo.mini_batches=129", "grpo.mini_batches", "129", "<= rollout.prompts_per_step * rollout.group_size"),
+    ("--rollout.stop_strings=[\"x\", \"\"]", "rollout.stop_strings[1]", "''", "non-empty"),
+    ("--rewards.quality_ranks=0,-1", "rewards.quality_ranks[1]", "-1", ">= 0"),
+    ("--rewards.format_repetition_weight=-1", "rewards.format_repetition_weight", "-1.0", ">= 0"),
+    ("--rewards.weights=[0,0,0]", "rewards.weights", "[0.0, 0.0, 0.0]", "enabled reward"),
+    ("--optim.eps=0", "optim.eps", "0.0", "> 0"),
+    ("--optim.weight_decay=-0.1", "optim.weight_decay", "-0.1", ">= 0"),
+    ("--optim.warmup_steps=-1", "optim.warmup_steps", "-1", ">= 0"),
+    ("--optim.min_lr_ratio=1.5", "optim.min_lr_ratio", "1.5", "in [0, 1]"),
+    ("--optim.eps=inf", "optim.eps", "inf", "a finite number"),
+    ("--rollout.temperature=nan", "rollout.temperature", "nan", "a finite number"),
+    ("--checkpoint.keep=-1", "checkpoint.keep", "-1", ">= 0"),
+    ("--name=a/b", "name", "'a/b'", "without '/'"),
+    ("--checkpoint.resume=", "checkpoint.resume", "''", "non-empty"),
 ])
 def test_impossible_values(arg, key, value, allowed):
     msg = _err([arg])
@@ -244,6 +280,68 @@ def test_unknown_enum_lists_allowed(arg, key, choices):
     assert choices in msg
 
 
+def test_range_boundaries_are_allowed():
+    # each bound that the ranges above reject one step beyond is itself allowed
+    cfg = _load(["--rollout.group_size=2", "--rollout.top_p=1", "--grpo.clip_low=0", "--grpo.clip_high=0",
+                 "--optim.min_lr_ratio=1", "--optim.lr=0", "--steps=0", "--grpo.mini_batches=8",
+                 "--rewards.weights=[0,0,1]", "--rewards.length_max_words=801", "--rewards.quality_ranks=0"])
+    assert cfg.rollout.group_size == 2 and cfg.grpo.clip_low == 0.0 and cfg.optim.min_lr_ratio == 1.0
+
+
+def test_removed_key_is_an_unknown_key(tmp_path):
+    # logging.log_every was never read; a TOML or command line that still sets it gets one line
+    assert _err(["--logging.log_every=5"]).startswith("unknown key 'logging.log_every'")
+    msg = _err(path=_write(tmp_path, "[logging]\nlog_every = 5\n"))
+    assert "c.toml: unknown key 'logging.log_every'" in msg
+
+
+def test_validate_retypes_a_config_edited_in_python():
+    cfg = _with_rm()
+    cfg.optim.betas = [0.8, 0.9]
+    cfg.rollout.temperature = 1
+    cfg.rollout.max_new_tokens = 64.0
+    validate(cfg)
+    assert cfg.optim.betas == (0.8, 0.9) and type(cfg.rollout.temperature) is float
+    assert type(cfg.rollout.max_new_tokens) is int and cfg.rollout.max_new_tokens == 64
+    cfg.rollout.group_size = "8"
+    with pytest.raises(ConfigError, match=r"^rollout.group_size = '8': expected int$"):
+        validate(cfg)
+    cfg = _with_rm()
+    cfg.grpo.loss_agg = "sum"
+    with pytest.raises(ConfigError, match=r"^grpo.loss_agg = 'sum': expected one of 'token-mean'"):
+        validate(cfg)
+
+
+# rm_tiny.toml configures lwz/rewards/train_rm.py, which reads its own keys
+SHIPPED = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".toml") and f != "rm_tiny.toml")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_round_trip(tmp_path, name):
+    """Every shipped trainer config loads; its saved resolved config loads back equal, and each of
+    its values set on the command line (as the TOML text tomli-w writes) gives the same value."""
+    import tomli_w
+    cfg = load_config(os.path.join(ROOT, "configs", name), [])
+    p = str(tmp_path / "config.toml")
+    save_config(cfg, p)
+    assert load_config(p, []) == cfg
+    args = []
+    for section, table in dataclasses.asdict(cfg).items():
+        items = table.items() if isinstance(table, dict) else [(None, table)]
+        for k, v in items:
+            if v is not None:
+                text = tomli_w.dumps({"v": v}).split("=", 1)[1].strip()
+                args.append(f"--{section}.{k}={text}" if k else f"--{section}={text}")
+    assert len(args) > 60
+    assert load_config(None, args) == cfg
+
+
+def test_bare_bool_flag_before_another_flag():
+    cfg = _load(["--logging.plot=false", "--data.shuffle=false", "--logging.plot", "--data.shuffle", "--steps=3"])
+    assert cfg.logging.plot is True and cfg.data.shuffle is True and cfg.steps == 3
+    assert _err(["--steps", "--logging.plot"]) == "--steps: missing value (expected int)"
+
+
 def test_all_rewards_off_rejected():
     msg = _err(["--rewards.length=false", "--rewards.quality=false", "--rewards.format=false"])
     assert "rewards" in msg and "enable at least one" in msg
@@ -255,7 +353,7 @@ def test_section_key_and_missing_value():
 
 
 def test_norm_const_override():
-    cfg = load_config(None, ["--grpo.norm_const=4096", "--grpo.loss_agg=seq-mean-token-sum-norm"])
+    cfg = _load(["--grpo.norm_const=4096", "--grpo.loss_agg=seq-mean-token-sum-norm"])
     assert cfg.norm_const == 4096.0
 
 
