@@ -288,7 +288,7 @@ def _unquote(text: str) -> str:
 
 
 def _parse_text(text: str, tp) -> Any:
-    """A CLI string as a Python value of scalar type tp; the text itself where it does not parse."""
+    """A CLI string as a Python value of type tp (bool, int, float, str); the text where it does not parse."""
     s = text.strip()
     try:
         if tp is bool:
@@ -302,7 +302,7 @@ def _parse_text(text: str, tp) -> Any:
             return float(s)
     except ValueError:
         return text
-    return _unquote(text)  # str and Literal
+    return _unquote(text)
 
 
 def _split_list(text: str) -> Any:
@@ -314,8 +314,8 @@ def _split_list(text: str) -> Any:
         except tomllib.TOMLDecodeError:
             if not s.endswith("]"):
                 return text
-            s = s[1:-1]
-    return [x.strip() for x in s.split(",") if x.strip()]
+            return [x.strip() for x in s[1:-1].split(",") if x.strip()]  # bare items, trailing comma
+    return [x.strip() for x in s.split(",")] if s.strip() else []
 
 
 def _coerce(key: str, v: Any, tp, cli: bool = False) -> Any:
@@ -337,8 +337,10 @@ def _coerce(key: str, v: Any, tp, cli: bool = False) -> Any:
             raise _bad(key, out, tp)
         return out if origin is list else tuple(out)
     raw = v
-    if cli and isinstance(v, str):
-        v = _parse_text(v, str if origin is Literal else tp)  # every Literal field is of strings
+    if cli and isinstance(v, str) and origin is Literal:  # every Literal field is of strings
+        v = raw = _unquote(v.strip())
+    elif cli and isinstance(v, str):
+        v = _parse_text(v, tp)
     if origin is Literal:
         if v in args and type(v) is type(args[0]):
             return v
