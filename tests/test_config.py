@@ -133,6 +133,9 @@ def test_toml_file_and_overrides(tmp_path):
     ("--optim.betas=[0.9,0.95]", "optim.betas", (0.9, 0.95)),
     ("--grpo.loss_agg=seq-mean-token-sum-norm", "grpo.loss_agg", "seq-mean-token-sum-norm"),
     ("--model.init=random", "model.init", "random"),
+    ("--model.init= 'random' ", "model.init", "random"),
+    ("--rollout.stop_strings=[</answer>,]", "rollout.stop_strings", ["</answer>"]),
+    ("--rollout.max_new_tokens=0x40", "rollout.max_new_tokens", 64),
 ])
 def test_override_types(arg, key, expected):
     cfg = _load([arg])
