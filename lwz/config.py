@@ -555,6 +555,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file '{path}' not found") from None
+        except OSError as e:  # a folder, no permission
+            raise ConfigError(f"config file '{path}' cannot be read: {e.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: invalid TOML: {str(e).splitlines()[0]}") from None
         try:

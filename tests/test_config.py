@@ -203,6 +203,7 @@ def test_wrong_type_toml(tmp_path):
     msg = _err(path=_write(tmp_path, "steps = [1\n", "g.toml"))
     assert "invalid TOML" in msg
     assert "not found" in _err(path=str(tmp_path / "missing.toml"))
+    assert _err(path=str(tmp_path)) == f"config file '{tmp_path}' cannot be read: Is a directory"
 
 
 @pytest.mark.parametrize("arg,key,value,allowed", [
