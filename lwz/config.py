@@ -126,7 +126,7 @@ class GRPOConfig:
 class RewardsConfig:
     length: bool = True  # length reward (target word range per prompt)
     quality: bool = True  # writing-quality reward model
-    format: bool = True  # format reward (one <think> then one <answer>, repetition penalty)
+    format: bool = True  # format reward (one <think> then one <answer>, near-duplicate penalty)
     weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # length, quality, format advantages
     std_norm: bool = True  # divide each reward's group-centred value by the group std
     length_max_words: int = 12000  # L_max: the length reward reaches 0 here
@@ -138,7 +138,7 @@ class RewardsConfig:
     # there are several hosts and its weights exceed quality_fsdp_min_gib
     quality_fsdp: Literal["auto", "on", "off"] = "auto"
     quality_fsdp_min_gib: float = 2.0  # size threshold of quality_fsdp = "auto"
-    format_repetition_weight: float = 1.0  # weight of the repeated-content penalty in the format reward
+    format_repetition_weight: float = 1.0  # weight of the near-duplicate-paragraph penalty in the format reward
 
 
 @dataclass

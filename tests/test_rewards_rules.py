@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lwz.rewards import compute_rewards, group_advantages
-from lwz.rewards.format import FormatReward, format_reward, repetition_penalty, split_response
+from lwz.rewards.format import FormatReward, format_reward, near_duplicate_share, split_response
 from lwz.rewards.length import LengthReward, count_words, length_reward, parse_length_request
 
 # ------------------------------------------------------------------------------------ length
@@ -153,7 +153,7 @@ def wrap(answer, think="plan the essay"):
 
 def test_format_correct():
     assert format_reward(wrap(PARA)) == pytest.approx(1.0)
-    assert format_reward("  \n" + wrap("\n\n".join(VARIED)) + "\n ") > 0.97
+    assert format_reward("  \n" + wrap("\n\n".join(VARIED)) + "\n ") == 1.0
     assert split_response(wrap(" hi there ")) == ("plan the essay", "hi there")
 
 
@@ -193,17 +193,16 @@ def test_format_copy_paste_padding_scores_lower():
     padded = "\n\n".join([PARA] * 4)
     assert abs(count_words(varied) - count_words(padded)) <= 8   # same length
     s_var, s_pad = format_reward(wrap(varied)), format_reward(wrap(padded))
-    assert s_var > 0.95
-    assert s_pad < 0.35                      # ~1/4 for 4 copies
-    assert s_var - s_pad > 0.5
-    # penalty grows with the number of copies
-    p2 = repetition_penalty(" ".join([PARA] * 2))
-    p8 = repetition_penalty(" ".join([PARA] * 8))
-    assert 0.4 < p2 < p8 < 1.0
+    assert s_var == 1.0
+    assert s_pad == pytest.approx(0.25)      # 1/k for k copies
+    # penalty grows with the number of copies, on separate lines or run together in one line
+    p2 = near_duplicate_share("\n".join([PARA] * 2))
+    p8 = near_duplicate_share(" ".join([PARA] * 8))
+    assert p2 == pytest.approx(0.5) and p8 == pytest.approx(7 / 8)
     # Chinese: each character is a token
     zh = "春天来了，花开了，鸟儿在树上唱歌。小河里的冰融化了，孩子们在河边奔跑。"
-    assert repetition_penalty(zh) < 0.05
-    assert repetition_penalty(zh * 5) > 0.7
+    assert near_duplicate_share(zh) == 0.0
+    assert near_duplicate_share("\n".join([zh] * 5)) == pytest.approx(0.8)
 
 
 def test_format_module():

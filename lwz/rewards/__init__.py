@@ -5,7 +5,7 @@ are extracted answer texts (None when the format is broken) and `meta` holds per
 ("response": the whole generated text, "length_range": (lo, hi) or None, "stopped": bool, ...).
 
     length.LengthReward      rule-based, paper Eq. 3
-    format.FormatReward      rule-based, think/answer structure minus a repetition penalty
+    format.FormatReward      rule-based, think/answer structure minus a near-duplicate penalty
     quality.QualityRewardModel  Bradley–Terry writing reward model (nn.Module)
 
 The K rewards of a batch are combined by `group_advantages`: each is z-scored inside its GRPO
