@@ -151,8 +151,7 @@ def format_reward(text: str, allow_unclosed: bool = False, penalty_weight: float
     parts = split_response(text, allow_unclosed=allow_unclosed)
     if parts is None:
         return 0.0
-    share = near_duplicate_share(parts[1], similarity=similarity)
-    return max(0.0, 1.0 - penalty_weight * share) if share else 1.0
+    return max(0.0, 1.0 - penalty_weight * near_duplicate_share(parts[1], similarity=similarity))
 
 
 class FormatReward:

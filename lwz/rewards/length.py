@@ -65,7 +65,8 @@ def length_reward(n_words: float, lower: float, upper: float, max_words: float) 
 _EN_SMALL = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
     "fifteen sixteen seventeen eighteen nineteen".split())}
-_EN_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
+_EN_TENS = {w: 10 * i for i, w in
+            enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
 _EN_WORD = re.compile(r"[A-Za-z]+")
 # runs of number words (and the "a", "and", "half" that join them), separated by spaces or hyphens
 _EN_NUMBER_VOCAB = "|".join(sorted([*_EN_SMALL, *_EN_TENS, "hundred", "thousand", "and", "a", "an", "half"],
@@ -204,11 +205,13 @@ _EN_COUNT_UNITLESS = re.compile(
 
 _AT_LEAST_BEFORE = (r"at\s+least|no\s+less\s+than|no\s+fewer\s+than|not\s+less\s+than|not\s+fewer\s+than|"
                     r"(?:a\s+)?min(?:imum)?\.?\s*(?:of|:)?|more\s+than|over|exceeding|upwards\s+of|"
-                    r"不少于|不低于|不得少于|不能少于|不应少于|至少|最少|多于|超过|大于|下限为?")
+                    r"不少于|不低于|不得少于|不能少于|不应少于|至少|最少|"
+                    r"多于|超过|大于|下限为?")
 _AT_MOST_BEFORE = (r"no\s+more\s+than|not\s+more\s+than|no\s+longer\s+than|at\s+most|up\s+to|under|"
                    r"less\s+than|fewer\s+than|below|within|(?:a\s+)?max(?:imum)?\.?\s*(?:of|:)?|"
                    r"not\s+(?:to\s+)?exceed(?:ing)?|word\s+limit\s*(?:of|is|:)?|"
-                   r"不超过|不多于|不得超过|不能超过|不要超过|不应超过|最多|少于|低于|控制在|限制?在|上限为?")
+                   r"不超过|不多于|不得超过|不能超过|不要超过|不应超过|"
+                   r"最多|少于|低于|控制在|限制?在|上限为?")
 # (kind, pattern): kinds are "range", "at_least", "at_most", "exact". Overlapping matches keep
 # the earliest, then the longest ("no more than" beats "more than", "不超过" beats "超过").
 _PATTERNS: list[tuple[str, re.Pattern]] = [
@@ -225,13 +228,15 @@ _PATTERNS: list[tuple[str, re.Pattern]] = [
     ("at_least", re.compile(rf"{_N}{_EN_UNIT}\s+minimum", _I)),
     ("at_most", re.compile(rf"(?<![A-Za-z])(?:{_AT_MOST_BEFORE})\s*{_N}{_UNIT}", _I)),
     ("at_most", re.compile(rf"{_N}{_UNIT}\s*(?:or\s+less|or\s+fewer|or\s+shorter|max(?:imum)?\b|"
-                           rf"at\s+most|limit\b|cap\b|以内|之内|以下|内(?=[^\u4e00-\u9fff]|$|完成|回答|作答|写完|说明|介绍|概括|总结))", _I)),
+                           rf"at\s+most|limit\b|cap\b|以内|之内|以下|"
+                           rf"内(?=[^\u4e00-\u9fff]|$|完成|回答|作答|写完|说明|介绍|概括|总结))", _I)),
     ("exact", re.compile(rf"{_N}{_UNIT}", _I)),
 ]
 _TIER = {"range": 0, "at_least": 1, "at_most": 1, "exact": 2}
 
 # "cut / expand ... from A to B words" asks for B
-_RESIZE = re.compile(r"\b(?:cut|shorten|reduce|trim|condense|compress|expand|extend|lengthen|grow|bring)\b", _I)
+_RESIZE = re.compile(r"\b(?:cut|shorten|reduce|trim|condense|compress|expand|extend|lengthen|grow|"
+                     r"bring)\b", _I)
 # Cues read from the text before a mention, within its clause.
 _CLAUSE_END = re.compile(r"[.!?;:,\n。！？；：，]")
 # "this / my / the attached ... 3000-word article", "my essay is about 1500 words": material.
@@ -245,15 +250,16 @@ _EN_MATERIAL = re.compile(
     r"\s*(?:about|around|roughly|approximately|nearly|almost|some|just|over|under|only)?\s*$", _I)
 # a creation verb in the clause makes it a request again: "help me write my 650-word essay"
 _EN_CREATE = re.compile(r"\b(?:write|draft|compose|create|generate|produce|prepare|craft)\b", _I)
-_ZH_MATERIAL = re.compile(r"(?:这|那|该|此|本文|以下|下面|下列|上面|上述|如下|附件|附上|原文|原稿|我的|我写的|"
-                          r"我们的|他的|她的|我写了|我有)[^\d]{0,6}$")
+_ZH_MATERIAL = re.compile(r"(?:这|那|该|此|本文|以下|下面|下列|上面|上述|如下|附件|附上|"
+                          r"原文|原稿|我的|我写的|我们的|他的|她的|我写了|我有)[^\d]{0,6}$")
 _ZH_REQUEST_WORD = re.compile(r"要求|需要|应|须|请|控制|限|写|改|缩|扩")
 # "in / within / about / approximately N words", "用200字", "约2000字": a stated request, which
 # beats a bare mention ("a 1000-word story about a boy who reads 100 words a day").
 _STRONG_BEFORE = re.compile(
     r"(?:\b(?:in|within|of|to|into|using|use|be|around|about|approximately|approx|roughly|exactly|"
     r"only|just|total(?:ing|ling)?|write|answer|respond|reply|limit(?:ed)?|keep\s+it)\b\.?"
-    r"|用|以|约|大约|大概|为|在|到|成|写|字数|篇幅|控制在|限|共|总共|长度|全文|~|～)\s*$", _I)
+    r"|用|以|约|大约|大概|为|在|到|成|写|字数|篇幅|控制在|限|共|总共|"
+    r"长度|全文|~|～)\s*$", _I)
 _TINY_REQUEST = re.compile(r"(?:\b(?:in|within|using|exactly|only|just)|用)\s*$", _I)
 _STRONG_AFTER = re.compile(r"\s*(?:左右|上下)")
 # per-item lengths: "each about 500 words", "每首100字", "5 poems of 100 words", "... words each"
@@ -384,7 +390,8 @@ def parse_length_request(prompt: str) -> Optional[tuple[int, int]]:
                 continue
             m.lo, m.hi = m.lo * count, m.hi * count
         else:  # a per-item length is weaker than a length stated for the whole answer
-            m.strong = m.kind != "exact" or bool(_STRONG_BEFORE.search(before[-30:]) or _STRONG_AFTER.match(after))
+            m.strong = (m.kind != "exact" or _STRONG_BEFORE.search(before[-30:]) is not None
+                        or _STRONG_AFTER.match(after) is not None)
         # a few words are a request only when asked for ("in three words"), not when a story is
         # "about one word that ..."
         if m.hi <= 0 or (m.hi < 10 and not _TINY_REQUEST.search(before[-20:])):
