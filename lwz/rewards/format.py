@@ -111,8 +111,11 @@ def _scan(answer: str, similarity: float, shingle: int, min_tokens: int,
         n = len(sh)
         prefix = sorted(sh, key=rank.__getitem__)[:n - math.ceil(similarity * n - 1e-9) + 1]
         for j in set(chain.from_iterable(index[g] for g in prefix if g in index)):
+            m = len(sets[j])
+            if not similarity * n <= m <= n / similarity:   # Jaccard <= min/max of the sizes
+                continue
             c = len(sh & sets[j])
-            if c >= similarity * (n + len(sets[j]) - c):
+            if c >= similarity * (n + m - c):
                 dups.append(i)
                 break
         for g in prefix:
