@@ -112,7 +112,7 @@ def _scan(answer: str, similarity: float, shingle: int, min_tokens: int,
         prefix = sorted(sh, key=rank.__getitem__)[:n - math.ceil(similarity * n - 1e-9) + 1]
         for j in set(chain.from_iterable(index[g] for g in prefix if g in index)):
             m = len(sets[j])
-            if not similarity * n <= m <= n / similarity:   # Jaccard <= min/max of the sizes
+            if not similarity * n - 1e-9 <= m <= n / similarity + 1e-9:   # J <= min/max of the sizes
                 continue
             c = len(sh & sets[j])
             if c >= similarity * (n + m - c):
