@@ -66,7 +66,8 @@ class DataConfig:
     think: bool = True  # think-then-answer template; False = answer directly (no-think ablation)
     template_en: Optional[str] = None  # replaces the English template; must contain {question}
     template_zh: Optional[str] = None  # replaces the Chinese template; must contain {question}
-    max_prompt_tokens: int = 2048  # longer templated prompts are an error
+    max_prompt_tokens: int = 2048  # longer templated prompts stop the run at start-up (or are skipped, below)
+    skip_long_prompts: bool = False  # true: drop prompts over max_prompt_tokens at start-up (logged), not stop
 
 
 @dataclass

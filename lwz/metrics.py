@@ -104,3 +104,33 @@ def _finite(x) -> bool:
 def read_metrics(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(l) for l in f if l.strip()]
+
+
+class Progress:
+    """A one-line progress bar for long loops, `label  37%  1234/3300  12s`, redrawn in place at
+    most every `every` seconds on `stream` (default stderr), and only when the stream is a
+    terminal, so logs and pipes stay clean. update(n) adds n done units; close() ends the line."""
+
+    def __init__(self, total: int, label: str, stream=None, every: float = 0.2):
+        self.total, self.label, self.every = max(int(total), 0), label, every
+        self.stream = sys.stderr if stream is None else stream
+        self.on = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.done, self.t0, self.shown = 0, time.time(), 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.time()
+        if self.on and now - self.shown >= self.every:
+            self.shown = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        pct = f"{100 * self.done / self.total:3.0f}%" if self.total else "   "
+        self.stream.write(f"\r{self.label}  {pct}  {self.done}/{self.total}  {now - self.t0:.0f}s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.on:
+            self._draw(time.time())
+            self.stream.write("\n")
+            self.stream.flush()

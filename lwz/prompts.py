@@ -8,7 +8,9 @@ The wording here is ours; the structure is the paper's.
 
 Dataset: JSONL, one object a line: {"prompt": "...", "length_range": [lo, hi]} (length_range is
 optional: target answer length in words, 0 <= lo <= hi). Blank lines are skipped; anything else
-that is wrong is a PromptDataError `path:line: what is wrong`.
+that is wrong is a PromptDataError `path:line: what is wrong`. `tokenize_prompts` templates and
+tokenises every record once (the trainer does it at start-up, before step 1) and sets aside the
+ones longer than data.max_prompt_tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -133,6 +136,8 @@ class PromptRecord:
     prompt: str  # the question (before templating)
     length_range: Optional[tuple[int, int]]  # target answer length in words, or None
     line: int  # 1-based line number in the source file
+    # the templated prompt's token ids (int32), set by tokenize_prompts; None before
+    token_ids: Optional[array] = field(default=None, compare=False, repr=False)
 
 
 def _is_int(x) -> bool:
@@ -190,6 +195,41 @@ def load_prompts(path: str) -> list[PromptRecord]:
     if not records:
         raise PromptDataError(f"{path}: no prompts in file")
     return records
+
+
+def template_prompt(question: str, data) -> str:
+    """build_prompt with the template settings of a DataConfig (think, template_en, template_zh)."""
+    return build_prompt(question, think=data.think, template_en=data.template_en, template_zh=data.template_zh)
+
+
+def tokenize_prompts(records: list[PromptRecord], tok, data,
+                     chunk: int = 1024) -> tuple[list[PromptRecord], list[tuple[PromptRecord, int]]]:
+    """Template (template_prompt) and tokenise every record once, in chunks of `chunk` prompts.
+
+    Returns (kept, too_long): kept = the records, in file order, whose templated prompt has at most
+    data.max_prompt_tokens tokens, each with its token_ids (array of int32) set; too_long =
+    (record, token count) of the others, in file order. Which records are kept depends only on
+    the records, the tokenizer and data's template settings, so a resumed run sees the same list.
+    """
+    from lwz.tokenizer import encode_batch
+
+    kept, too_long = [], []
+    for start in range(0, len(records), chunk):
+        part = records[start:start + chunk]
+        for rec, ids in zip(part, encode_batch(tok, [template_prompt(r.prompt, data) for r in part])):
+            if len(ids) > data.max_prompt_tokens:
+                too_long.append((rec, len(ids)))
+            else:
+                kept.append(replace(rec, token_ids=array("i", ids)))
+    return kept, too_long
+
+
+def long_prompts_message(path: str, too_long: list[tuple[PromptRecord, int]], limit: int, show: int = 5) -> str:
+    """One line naming the first `show` over-long prompts as path:line (tokens) and how many more."""
+    where = ", ".join(f"{path}:{rec.line} ({n} tokens)" for rec, n in too_long[:show])
+    more = f" and {len(too_long) - show} more" if len(too_long) > show else ""
+    return (f"{len(too_long)} templated prompt{'s' if len(too_long) > 1 else ''} longer than "
+            f"data.max_prompt_tokens={limit}: {where}{more}")
 
 
 class PromptCursor:
@@ -261,5 +301,5 @@ __all__ = [
     "ANSWER_CLOSE", "ANSWER_OPEN", "NOTHINK_TEMPLATE_EN", "NOTHINK_TEMPLATE_ZH", "PromptCursor",
     "PromptDataError", "PromptRecord", "THINK_CLOSE", "THINK_OPEN", "THINK_TEMPLATE_EN",
     "THINK_TEMPLATE_ZH", "build_prompt", "extract_answer", "extract_think", "is_chinese",
-    "load_prompts", "parse_prompt_line",
+    "load_prompts", "long_prompts_message", "parse_prompt_line", "template_prompt", "tokenize_prompts",
 ]

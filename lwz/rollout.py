@@ -44,7 +44,9 @@ Stop conditions, checked after every token, the finishing token kept in the resp
   "stop_string"  the decoded response now contains a stop string (matched across token
                  boundaries on a tail window of the recent tokens, decoded only after tokens
                  that can complete a string; the response is cut right after the token that
-                 completes it, so the string itself, e.g. "</answer>", is kept),
+                 completes it, so the string itself, e.g. "</answer>", is kept in the tokens);
+                 `stopped_by[s]` names the string, and `strip_stop_string` cuts it (and
+                 whatever the completing token added after it) from the decoded text,
   "length"       max_new_tokens generated, or the context (max_context) is full: truncated=True.
 
 FSDP2. Wrap generation in `full_params_for_generation(model)`: every FSDP module (each
@@ -99,6 +101,9 @@ class RolloutBatch:
       response_logprobs       fp32 [S, Lr] log softmax(logits / T) at the sampled token (0 in padding)
       response_trunc_logprobs fp32 [S, Lr] log-prob under the truncated (top-k/top-p) distribution
       truncated        bool [S]     finished by length (max_new_tokens or the context)
+    finish_reasons[s] is one of FINISH_REASONS; stopped_by[s] is the stop string that ended sample
+    s (finish reason "stop_string"; the first in stop_strings' order when several end at its last
+    token), else None.
     `cat([prompt_tokens, response_tokens], 1)` holds each whole sequence contiguously from
     prompt_starts[s] for prompt_lengths[s] + response_lengths[s] tokens (sequence_tokens & co).
     """
@@ -113,6 +118,7 @@ class RolloutBatch:
     response_trunc_logprobs: torch.Tensor
     truncated: torch.Tensor
     finish_reasons: list = field(default_factory=list)
+    stopped_by: list = field(default_factory=list)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -379,20 +385,30 @@ class _StopStrings:
             return self.tok.batch_decode(seqs, skip_special_tokens=False)
         return self.tok.decode_batch(seqs, skip_special_tokens=False)  # a raw tokenizers.Tokenizer
 
-    def hits(self, tails: list[list[int]]) -> list[bool]:
-        """tails: the last tokens of each response (newest last). True where a stop string ends in
-        the newest token (i.e. is in the tail's text but not in the text without the newest token)."""
+    def hits(self, tails: list[list[int]]) -> list[str | None]:
+        """tails: the last tokens of each response (newest last). For each, the stop string that
+        ends in the newest token (it is in the tail's text but not in the text without the newest
+        token), the first in self.strings' order when several do; None where none does."""
         if not self.strings or not tails:
-            return [False] * len(tails)
+            return [None] * len(tails)
         texts = self._decode(tails)
-        found = [any(s in t for s in self.strings) for t in texts]
+        found = [[s for s in self.strings if s in t] for t in texts]
         idx = [i for i, f in enumerate(found) if f and len(tails[i]) > 1]
         if idx:  # a hit already present without the newest token belongs to the window's past
             prev = self._decode([tails[i][:-1] for i in idx])
             for i, t in zip(idx, prev):
-                if any(s in t for s in self.strings):
-                    found[i] = False
-        return found
+                found[i] = [s for s in found[i] if s not in t]
+        return [f[0] if f else None for f in found]
+
+
+def strip_stop_string(text: str, stop: str | None) -> str:
+    """The decoded response `text` without the stop string `stop` that ended it (batch.stopped_by[s])
+    and whatever the completing token added after it: text up to the string's last occurrence. The
+    text unchanged when stop is None or not in it (e.g. decoded without special tokens)."""
+    if not stop:
+        return text
+    at = text.rfind(stop)
+    return text if at < 0 else text[:at]
 
 
 # ---- generate -------------------------------------------------------------------------------------
@@ -810,6 +826,7 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
     count = [0] * B
     resp: list[list[int]] = [[] for _ in range(B)]  # host copies (stop strings need them)
     reasons = [None] * B
+    stopped_by = [None] * B  # the stop string that ended each sample
 
     gen = generator
     same = gen is not None and gen.device.type == device.type and gen.device.index in (None, device.index)
@@ -908,7 +925,7 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
         for i, b in enumerate(cur.samples):
             resp[b].append(tok_l[i])
             count[b] += 1
-        str_hit = [False] * len(cur)
+        str_hit = [None] * len(cur)
         if stopper.strings:
             check = [i for i in range(len(cur)) if check_l[i]]
             hits = stopper.hits([resp[cur.samples[i]][-stopper.window:] for i in check])
@@ -918,8 +935,9 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
         for i, b in enumerate(cur.samples):
             if stop_l[i]:
                 reasons[b] = "stop_token"
-            elif str_hit[i]:
+            elif str_hit[i] is not None:
                 reasons[b] = "stop_string"
+                stopped_by[b] = str_hit[i]
             elif done_l[i]:
                 reasons[b] = "length"
             else:
@@ -970,7 +988,8 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
 
     out_tok, out_lp, out_tlp = out_tok.cpu(), out_lp.cpu(), out_tlp.cpu()
     return [dict(prompt_index=b // n, response=out_tok[b, :count[b]], logp=out_lp[b, :count[b]],
-                 tlogp=out_tlp[b, :count[b]], reason=reasons[b]) for b in range(B)], rounds, preemptions
+                 tlogp=out_tlp[b, :count[b]], reason=reasons[b], stopped_by=stopped_by[b])
+            for b in range(B)], rounds, preemptions
 
 
 def _assemble(samples, prompts, n, pad_id, params) -> RolloutBatch:
@@ -1002,6 +1021,7 @@ def _assemble(samples, prompts, n, pad_id, params) -> RolloutBatch:
         response_trunc_logprobs=tlp_t,
         truncated=torch.tensor([r == "length" for r in reasons], dtype=torch.bool),
         finish_reasons=reasons,
+        stopped_by=[s["stopped_by"] for s in samples],
         temperature=params["temperature"],
         top_p=params["top_p"],
         top_k=params["top_k"],

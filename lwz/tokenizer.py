@@ -77,6 +77,13 @@ def encode(tok, text: str) -> list[int]:
     return list(tok.encode(text, add_special_tokens=False))
 
 
+def encode_batch(tok, texts: list[str]) -> list[list[int]]:
+    """encode() of every text in one call (a fast tokenizer encodes the batch in parallel)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
+
+
 def decode(tok, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
     """Text of ids. With skip_special_tokens=True the bundled tokenizer drops eos/pad only; the
     <think>/<answer> tags are ordinary added tokens and stay."""
@@ -102,5 +109,5 @@ def vocab_size(tok) -> int:
     return len(tok)
 
 
-__all__ = ["DEFAULT_PATH", "TokenizerError", "decode", "encode", "eos_id", "load_tokenizer", "pad_id",
+__all__ = ["DEFAULT_PATH", "TokenizerError", "decode", "encode", "encode_batch", "eos_id", "load_tokenizer", "pad_id",
            "single_token_id", "vocab_size"]

@@ -37,12 +37,13 @@ from lwz.distributed import (DTYPES, all_gather_objects, all_reduce_sum, init_di
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, Transformer, model_flops_per_token
 from lwz.packing import attn_coeff_for, pack_sequences, padding_waste, plan_microbatches
-from lwz.prompts import PromptCursor, PromptDataError, build_prompt, extract_answer, extract_think, load_prompts
+from lwz.prompts import (ANSWER_CLOSE, PromptCursor, PromptDataError, extract_answer, extract_think,
+                         load_prompts, long_prompts_message, template_prompt, tokenize_prompts)
 from lwz.rewards import group_advantages
 from lwz.rewards.format import FormatReward
 from lwz.rewards.length import LengthReward, count_words
-from lwz.rollout import full_params_for_generation, generate, logprob_mismatch
-from lwz.tokenizer import TokenizerError, encode, load_tokenizer, pad_id
+from lwz.rollout import full_params_for_generation, generate, logprob_mismatch, strip_stop_string
+from lwz.tokenizer import TokenizerError, load_tokenizer, pad_id
 
 
 @dataclass
@@ -312,13 +313,8 @@ def rollout(policy, tok, records, cfg, d, step):
     """Generate this rank's share of the step's prompts. Returns (per-sample dicts (CPU), engine
     metrics: the KV-cache rows decoded through and the paged cache's preemptions)."""
     r = cfg.rollout
-    texts = [build_prompt(rec.prompt, think=cfg.data.think, template_en=cfg.data.template_en,
-                          template_zh=cfg.data.template_zh) for rec in records]
-    prompt_ids = [encode(tok, t) for t in texts]
-    for i, p in enumerate(prompt_ids):
-        if len(p) > cfg.data.max_prompt_tokens:
-            raise ValueError(f"{cfg.data.prompts}:{records[i].line}: the templated prompt has {len(p)} tokens, "
-                             f"more than data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+    texts = [template_prompt(rec.prompt, cfg.data) for rec in records]
+    prompt_ids = [rec.token_ids.tolist() for rec in records]  # tokenised once, at start-up (_run)
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank)
     policy.eval()
     with full_params_for_generation(policy):
@@ -331,18 +327,21 @@ def rollout(policy, tok, records, cfg, d, step):
     out = []
     for j, (pi, resp_ids, logp) in enumerate(zip(batch.prompt_index.tolist(), batch.response_ids, batch.logprobs)):
         rec = records[pi]
-        resp = tok.decode(resp_ids, skip_special_tokens=True)  # drop eos/pad, keep the tags
+        # drop eos/pad, keep the tags; the stop string that ended the sample is cut from the text,
+        # so an answer never contains one and only `</answer>` closes an answer
+        stop = batch.stopped_by[j]
+        resp = strip_stop_string(tok.decode(resp_ids, skip_special_tokens=True), stop)
         out.append(dict(question=rec.prompt, prompt=texts[pi], prompt_ids=list(prompt_ids[pi]),
                         response_ids=resp_ids, response=resp, logp=torch.tensor(logp, dtype=torch.float32),
-                        truncated=bool(batch.truncated[j]), stopped=batch.finish_reasons[j] == "stop_string",
+                        truncated=bool(batch.truncated[j]), stopped_at_close=stop == ANSWER_CLOSE,
                         length_range=rec.length_range))
     return out, dict(rollout_cache_rows=batch.cache_rows, rollout_preemptions=batch.preemptions)
 
 
 def score(samples, reward_fns, weights, cfg):
     """Rewards [K, B] and advantages [B] of this rank's samples (whole groups are local)."""
-    answers = [extract_answer(s["response"], stopped_at_close=s["stopped"]) for s in samples]
-    meta = [dict(response=s["response"], length_range=s["length_range"], stopped=s["stopped"],
+    answers = [extract_answer(s["response"], stopped_at_close=s["stopped_at_close"]) for s in samples]
+    meta = [dict(response=s["response"], length_range=s["length_range"], stopped_at_close=s["stopped_at_close"],
                  question=s["question"]) for s in samples]
     prompts = [s["question"] for s in samples]
     R = torch.stack([fn(prompts, answers, meta).float().cpu() for fn in reward_fns])
@@ -386,6 +385,20 @@ def _run(cfg, d) -> int:
     tok = load_tokenizer(cfg.tokenizer.path)
     pad = pad_id(tok)
     records = load_prompts(cfg.data.prompts)
+    # every prompt templated and tokenised once, before step 1: an over-long one stops the run now,
+    # not at the step that reaches it (and again on every resume); skipped ones are left out of the
+    # cursor, which then runs over the kept records only
+    n_read = len(records)
+    records, too_long = tokenize_prompts(records, tok, cfg.data)
+    if too_long:
+        msg = long_prompts_message(cfg.data.prompts, too_long, cfg.data.max_prompt_tokens)
+        if not cfg.data.skip_long_prompts:
+            raise PromptDataError(f"{msg}; shorten or drop them, or set data.skip_long_prompts=true")
+        if not records:
+            raise PromptDataError(f"{cfg.data.prompts}: every prompt is longer than "
+                                  f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+        if d.is_main:
+            print(f"data: skipped {len(too_long)} of {n_read} prompts (data.skip_long_prompts): {msg}", flush=True)
     cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=cfg.data.shuffle)
     if cfg.rollout.prompts_per_step % d.world:
         raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a "

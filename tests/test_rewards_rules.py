@@ -183,8 +183,8 @@ def test_format_unclosed_when_stopped():
     assert format_reward(text) == 0.0
     assert format_reward(text, allow_unclosed=True) == pytest.approx(1.0)
     rew = FormatReward(accept_unclosed=True)
-    out = rew(["p", "p"], [None, None], [{"response": text, "stopped": True},
-                                         {"response": text, "stopped": False}])
+    out = rew(["p", "p"], [None, None], [{"response": text, "stopped_at_close": True},
+                                         {"response": text, "stopped_at_close": False}])
     assert out.tolist() == pytest.approx([1.0, 0.0])
 
 

@@ -2,7 +2,8 @@
 
 Every reward is called as `reward(prompts, answers, meta) -> Tensor[B]` fp32, where `answers`
 are extracted answer texts (None when the format is broken) and `meta` holds per-sample fields
-("response": the whole generated text, "length_range": (lo, hi) or None, "stopped": bool, ...).
+("response": the whole generated text, "length_range": (lo, hi) or None, "stopped_at_close": bool
+(generation ended on the `</answer>` stop string, which was cut from the text), ...).
 
     length.LengthReward      rule-based, paper Eq. 3
     format.FormatReward      rule-based, think/answer structure minus a near-duplicate penalty

@@ -162,11 +162,12 @@ class FormatReward:
 
     Reads the whole generated text from meta["response"] (a sample without one scores 0; the
     extracted answer alone cannot show the think segment). `accept_unclosed=True` (default) accepts a
-    missing final `</answer>` for samples whose meta["stopped"] is true (generation ended on the
-    `</answer>` stop string and the string was cut), like
-    `lwz.prompts.extract_answer(text, stopped_at_close=True)`; a text cut by the length cap
-    (stopped false) with no `</answer>` is broken. `penalty_weight` scales the near-duplicate
-    share; `similarity` is the detector's Jaccard threshold.
+    missing final `</answer>` for samples whose meta["stopped_at_close"] is true (generation ended
+    on the `</answer>` stop string and the string was cut), like
+    `lwz.prompts.extract_answer(text, stopped_at_close=True)`; a text cut by the length cap, or
+    ended by another stop string (e.g. `<|user|>`), with no `</answer>` is broken.
+    `penalty_weight` scales the near-duplicate share; `similarity` is the detector's Jaccard
+    threshold.
     """
 
     name = "format"
@@ -187,7 +188,7 @@ class FormatReward:
         vals = []
         for m in meta:
             text = m.get("response") or ""
-            unclosed = self.accept_unclosed and bool(m.get("stopped", False))
+            unclosed = self.accept_unclosed and bool(m.get("stopped_at_close", False))
             vals.append(format_reward(text, allow_unclosed=unclosed,
                                       penalty_weight=self.penalty_weight, similarity=self.similarity))
         return torch.tensor(vals, dtype=torch.float32)
