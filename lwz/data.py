@@ -414,6 +414,7 @@ def label_lengths(argv: list[str]) -> int:
             got.update(part)
         if d.is_main:
             counts = {"given": 0, "model": 0, "parser": 0, "default": 0}
+            unfit = sum(a is None for a in got.values())
             rows = []
             for i, obj in enumerate(objs):
                 if i in got:
@@ -427,7 +428,8 @@ def label_lengths(argv: list[str]) -> int:
             n = write_jsonl_atomic(args.out, rows)
             print(f"label-lengths: {n} records written to {args.out}: {counts['given']} kept their length_range, "
                   f"{counts['model']} labelled by the model, {counts['parser']} by the prompt's own request, "
-                  f"{counts['default']} by the default {list(default)}", flush=True)
+                  f"{counts['default']} by the default {list(default)}"
+                  f"{f' ({unfit} did not fit the model context)' if unfit else ''}", flush=True)
         ok = True
     finally:  # a failed rank does not wait at a barrier its peers may never reach
         shutdown_distributed(sync=ok)
