@@ -82,15 +82,17 @@ def write_jsonl_atomic(path: str, rows) -> int:
     return n
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m lwz.data {prog}", description=description)
+def _parser(prog: str, description: str, tokenizer_help: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m lwz.data {prog}", description=description,
+                                epilog="Any config key can follow as a dotted override: --data.max_prompt_tokens=1024")
 
     def one_line(msg):  # argparse prints usage + message; keep bad input to one line
         raise DataError(f"{prog}: {msg} (see --help)")
 
     p.error = one_line
-    p.add_argument("--config", help="TOML config of the run (templates, tokenizer, limits); default: defaults")
-    p.add_argument("--tokenizer", help="tokenizer folder (overrides tokenizer.path of the config)")
+    p.add_argument("--config", metavar="TOML",
+                   help="TOML config of the run (templates, tokenizer, limits); default: the defaults")
+    p.add_argument("--tokenizer", metavar="PATH", help=tokenizer_help)
     return p
 
 
@@ -181,11 +183,19 @@ def _require_pyarrow():
     return pq
 
 
+def _open_parquet(path: str):
+    pq = _require_pyarrow()
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors are many; one line names the file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"--in {path}: not a readable Parquet file ({msg})") from None
+
+
 def _parquet_rows(path: str, progress) -> Iterator[tuple[int, object, Optional[str]]]:
     """(row number from 1, record dict, None) of every row."""
-    pq = _require_pyarrow()
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+    for batch in _open_parquet(path).iter_batches(batch_size=4096):
         for obj in batch.to_pylist():
             row += 1
             yield row, obj, None
@@ -197,7 +207,7 @@ def _input_kind(path: str) -> str:
         raise DataError(f"--in {path}: file not found")
     if path.endswith(".parquet"):
         return "parquet"
-    if path.endswith((".jsonl", ".json")):
+    if path.endswith(".jsonl"):
         return "jsonl"
     raise DataError(f"--in {path}: expected a .jsonl or .parquet file")
 
@@ -206,9 +216,10 @@ def prepare(argv: list[str]) -> int:
     from lwz.metrics import Progress
     from lwz.tokenizer import load_tokenizer
 
-    p = _parser("prepare", "Convert a prompt set to the trainer's prompt JSONL.")
-    p.add_argument("--in", dest="inp", required=True, help="input .jsonl or .parquet")
-    p.add_argument("--out", required=True, help="output JSONL (written atomically)")
+    p = _parser("prepare", "Convert a prompt set to the trainer's prompt JSONL.",
+                "tokenizer folder (default: tokenizer.path of the config)")
+    p.add_argument("--in", dest="inp", metavar="PATH", required=True, help="input .jsonl or .parquet")
+    p.add_argument("--out", metavar="PATH", required=True, help="output JSONL (written atomically)")
     p.add_argument("--prompt-field", default="prompt", help="field holding the prompt (or a chat list)")
     p.add_argument("--range-field", default="length_range", help="field holding [lo, hi] (optional per record)")
     p.add_argument("--keep-long", action="store_true",
@@ -216,15 +227,10 @@ def prepare(argv: list[str]) -> int:
     args, overrides = p.parse_known_args(argv)
     kind = _input_kind(args.inp)
     check_output(args.out, args.inp)
-    if kind == "parquet":
-        _require_pyarrow()
+    total = _open_parquet(args.inp).metadata.num_rows if kind == "parquet" else os.path.getsize(args.inp)
     cfg = _load_cfg(args, overrides)
     tok = load_tokenizer(cfg.tokenizer.path)
 
-    if kind == "parquet":
-        total = _require_pyarrow().ParquetFile(args.inp).metadata.num_rows
-    else:
-        total = os.path.getsize(args.inp)
     bar = Progress(total, f"reading {os.path.basename(args.inp)}")
     read, bad, dups, seen, records = 0, [], 0, set(), []
     rows = _parquet_rows(args.inp, bar) if kind == "parquet" else _jsonl_rows(args.inp, bar)
@@ -372,13 +378,14 @@ def label_lengths(argv: list[str]) -> int:
     from lwz.model import Transformer
     from lwz.tokenizer import load_tokenizer
 
-    p = _parser("label-lengths", "Label every prompt's target word range with a local model.")
-    p.add_argument("--model", required=True, help="local HF model folder (config.json + safetensors)")
-    p.add_argument("--in", dest="inp", required=True, help="prompt JSONL (the trainer's format)")
-    p.add_argument("--out", required=True, help="labelled JSONL (written atomically)")
+    p = _parser("label-lengths", "Label every prompt's target word range with a local model.",
+                "tokenizer folder (default: the model folder)")
+    p.add_argument("--model", metavar="PATH", required=True, help="local HF model folder (config.json + safetensors)")
+    p.add_argument("--in", dest="inp", metavar="PATH", required=True, help="prompt JSONL (the trainer's format)")
+    p.add_argument("--out", metavar="PATH", required=True, help="labelled JSONL (written atomically)")
     p.add_argument("--relabel", action="store_true", help="label records that already have a length_range too")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per batched generation")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens the model may write per answer")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="prompts per batched generation")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens the model may write per answer")
     args, overrides = p.parse_known_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise DataError("--batch-size and --max-new-tokens must be >= 1")

@@ -125,7 +125,8 @@ def test_label_lengths_end_to_end_two_ranks(tmp_path, tok):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lwz.data",
-           "label-lengths", "--model", str(tmp_path / "labeller"), "--tokenizer", os.path.join(ROOT, "assets/tokenizer"),
+           "label-lengths", "--model", str(tmp_path / "labeller"),
+           "--tokenizer", os.path.join(ROOT, "assets/tokenizer"),
            "--in", inp, "--out", str(out), "--batch-size", "2", "--rewards.length_max_words=12000",
            "--rewards.default_length_range=[400,800]"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -142,8 +143,9 @@ def test_label_lengths_end_to_end_two_ranks(tmp_path, tok):
         ("model", [35, 79]), ("model", [35, 79])]
     line = [l for l in r.stdout.splitlines() if l.startswith("label-lengths:")]
     assert len(line) == 1, r.stdout  # rank 0 only
-    assert ("6 records written" in line[0] and "1 kept their length_range, 3 labelled by the model, "
-            "1 by the prompt's own request, 1 by the default [400, 800] (2 did not fit the model context)" in line[0]), line[0]
+    assert "6 records written" in line[0], line[0]
+    assert ("1 kept their length_range, 3 labelled by the model, 1 by the prompt's own request, "
+            "1 by the default [400, 800] (2 did not fit the model context)") in line[0], line[0]
 
 
 def test_label_lengths_bad_input_is_one_line(tmp_path):
@@ -240,6 +242,13 @@ def test_prepare_parquet_without_pyarrow_is_one_line(tmp_path, capsys, monkeypat
     assert not (tmp_path / "p.jsonl").exists()
 
 
+def test_prepare_bad_parquet_is_one_line(tmp_path, capsys):
+    inp = tmp_path / "raw.parquet"
+    inp.write_bytes(b"PAR1 not really")
+    rc, _, err = _prepare(["--in", str(inp), "--out", str(tmp_path / "p.jsonl")], capsys)
+    assert rc == 2 and err.count("\n") == 1 and f"--in {inp}: not a readable Parquet file" in err, err
+
+
 def test_prepare_never_overwrites_its_input_or_leaves_a_partial_file(tmp_path, capsys):
     inp = _write(tmp_path / "raw.jsonl", [{"prompt": "Write a sonnet."}])
     before = open(inp).read()
@@ -295,7 +304,8 @@ def test_progress_bar_draws_on_a_terminal_only():
         bar.close()
     assert off.text == ""
     frames = on.text.split("\r")[1:]
-    assert frames[0].startswith("reading x.jsonl   25%  50/200") and frames[-1].startswith("reading x.jsonl  100%  200/200")
+    assert frames[0].startswith("reading x.jsonl   25%  50/200")
+    assert frames[-1].startswith("reading x.jsonl  100%  200/200")
     assert on.text.endswith("\n") and on.text.count("\n") == 1
 
 
@@ -329,9 +339,11 @@ def test_trainer_stops_before_step_one_on_an_over_long_prompt(tmp_path, capsys, 
     rc = _train(tmp_path, "long", [f"--data.prompts={prompts}", "--steps=2"])
     err = capsys.readouterr().err
     assert rc == 2
+    n = len(encode(load_tokenizer(os.path.join(ROOT, "assets/tokenizer")),
+                   template_prompt(LONG_Q, load_config(TINY).data)))
+    assert n > 512
     assert err.strip().splitlines() == [
-        f"rank 0: error: 1 templated prompt longer than data.max_prompt_tokens=512: {prompts}:4 "
-        f"({len(encode(load_tokenizer(os.path.join(ROOT, 'assets/tokenizer')), template_prompt(LONG_Q, load_config(TINY).data)))} tokens); "
+        f"rank 0: error: 1 templated prompt longer than data.max_prompt_tokens=512: {prompts}:4 ({n} tokens); "
         f"shorten or drop them, or set data.skip_long_prompts=true"]
     assert not os.path.exists(tmp_path / "long" / "metrics.jsonl")
 
