@@ -99,7 +99,9 @@ def _parser(prog: str, description: str, tokenizer_help: str) -> argparse.Argume
 def _load_cfg(args, overrides: list[str]):
     """The run's config: --config (or the defaults), the dotted overrides left over by argparse
     (`--data.max_prompt_tokens=1024`), then --tokenizer."""
-    cfg = load_config(args.config, overrides)
+    # the defaults enable the quality reward, whose model folder validation requires; the data
+    # commands never load it
+    cfg = load_config(args.config, overrides if args.config else ["--rewards.quality=false"] + overrides)
     if args.tokenizer:
         cfg.tokenizer.path = args.tokenizer
     return cfg
