@@ -373,9 +373,9 @@ def _startup_checks(cfg, d):
                           f"the model's {mc.max_position_embeddings}-token context (max_position_embeddings)")
     if cfg.rollout.max_new_tokens > room and d.is_main:
         print(f"warning: rollout.max_new_tokens = {cfg.rollout.max_new_tokens} is more than the context leaves "
-              f"after data.max_prompt_tokens ({mc.max_position_embeddings} - {cfg.data.max_prompt_tokens}); "
-              f"each answer is capped at {mc.max_position_embeddings} minus its prompt tokens, so at least "
-              f"{room} (effective max_new_tokens for the longest prompts: {room})", file=sys.stderr, flush=True)
+              f"after data.max_prompt_tokens ({mc.max_position_embeddings} - {cfg.data.max_prompt_tokens} = {room}): "
+              f"an answer gets at most {mc.max_position_embeddings} minus its prompt's tokens (effective "
+              f"max_new_tokens: {room} for the longest prompts)", file=sys.stderr, flush=True)
     identity = dict(config=to_dict(cfg), prompts=ckpt.file_identity(cfg.data.prompts))
     return tok, records, ckpt.check_run_start(cfg, identity), identity
 
