@@ -112,5 +112,5 @@ def check_fits_model(tok, tok_path: str, model_vocab: int, model_path: str) -> N
                              f"vocab_size {model_vocab}: use the model's own tokenizer (tokenizer.path)")
 
 
-__all__ = ["DEFAULT_PATH", "TokenizerError", "check_fits_model", "decode", "encode", "eos_id", "load_tokenizer", "pad_id",
-           "single_token_id", "vocab_size"]
+__all__ = ["DEFAULT_PATH", "TokenizerError", "check_fits_model", "decode", "encode", "eos_id", "load_tokenizer",
+           "pad_id", "single_token_id", "vocab_size"]

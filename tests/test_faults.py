@@ -408,7 +408,8 @@ def test_train_rm_one_pair_and_data_from_a_pipe(tmp_path):
             f.write(pair)
     writer = threading.Thread(target=feed, daemon=True)
     writer.start()
-    r = _run([sys.executable, "-m", "lwz.rewards.train_rm", "--data", str(fifo), "--init", str(tmp_path / "config.json"),
+    r = _run([sys.executable, "-m", "lwz.rewards.train_rm", "--data", str(fifo), "--init",
+              str(tmp_path / "config.json"),
               "--tokenizer", os.path.join(ROOT, "assets/tokenizer"), "--out", str(tmp_path / "rm"), "--steps", "2",
               "--warmup", "1", "--template", "plain", "--max-length", "64"], timeout=300)
     writer.join(timeout=5)
@@ -422,4 +423,5 @@ def test_train_rm_one_pair_and_data_from_a_pipe(tmp_path):
     # a folder is still refused in one line
     r = _run([sys.executable, "-m", "lwz.rewards.train_rm", "--data", str(tmp_path), "--init",
               str(tmp_path / "config.json"), "--out", str(tmp_path / "rm2")], timeout=300)
-    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path}: is a folder, expected a preference file (JSONL)"
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {tmp_path}: is a folder, expected a preference file (JSONL)"
