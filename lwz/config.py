@@ -180,6 +180,9 @@ class CheckpointConfig:
     keep: int = 2  # newest checkpoints kept; 0 = keep all
     resume: str = "none"  # "none", "auto" (newest in the run dir) or a checkpoint path
     export_hf: bool = True  # write an HF-format model folder at the end
+    # a fresh start (resume = "none") in a run folder that holds another run: move that run aside to
+    # <run>.old-<time> (never deleted) instead of stopping
+    overwrite: bool = False
 
 
 @dataclass
@@ -444,7 +447,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 # key: allowed range, as the error quotes it; a list field's rule applies to each item; None skips
 _RANGES = {
-    "steps": ">= 0",
+    "steps": ">= 1",
     "data.max_prompt_tokens": ">= 1",
     "rollout.group_size": ">= 2",
     "rollout.prompts_per_step": ">= 1",
@@ -540,6 +543,10 @@ def validate(cfg: Config) -> Config:
     if hi >= w.length_max_words:
         raise _fail("rewards.length_max_words", w.length_max_words,
                     f"> rewards.default_length_range upper bound {hi}")
+    c = cfg.checkpoint
+    if c.overwrite and c.resume != "none":
+        raise _fail("checkpoint.overwrite", c.overwrite,
+                    f"false with checkpoint.resume = {c.resume!r} (a resume continues the run in place)")
     return cfg
 
 

@@ -5,9 +5,13 @@ A plain `python lwz/train.py` (no torchrun) runs as a world of one, on the same 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +49,10 @@ def init_distributed(backend: str = "auto") -> Dist:
     cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        from lwz.config import ConfigError
+        raise ConfigError("distributed.backend = 'nccl' needs CUDA GPUs and torch sees none on this machine; "
+                          "use 'gloo' or 'auto'")
     if cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -54,6 +62,79 @@ def init_distributed(backend: str = "auto") -> Dist:
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 device_id=device if backend == "nccl" else None)
     return Dist(rank, world, local_rank, device, backend)
+
+
+def die_with_launcher(poll_s: float = 1.0) -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set), exit when the launcher dies, even by SIGKILL: torch
+    starts its workers in their own session, so nothing else stops them, and they would keep
+    training and writing into a run folder that a resume may already be using. The launcher is this
+    process's parent; on Linux the kernel sends SIGKILL when it dies (prctl PR_SET_PDEATHSIG), and a
+    daemon thread watching os.getppid() does the same anywhere within `poll_s`. Safe at any point:
+    checkpoints and HF exports are written under *.tmp and renamed. A plain `python lwz/train.py`
+    (no launcher) is left alone."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the watchdog below still covers it
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        try:
+            print(f"rank {os.environ.get('RANK', '?')}: the launcher (pid {parent}) is gone; exiting",
+                  file=sys.stderr, flush=True)
+        finally:
+            os._exit(1)
+
+    if parent == 1:  # already orphaned before we looked
+        os._exit(1)
+    threading.Thread(target=watch, name="lwz-launcher-watchdog", daemon=True).start()
+
+
+class PeerFailed(RuntimeError):
+    """A start-up check failed on another rank, which reports it; this rank exits quietly."""
+
+
+def agree_on_errors(fn, d: Dist, errors: tuple[type[BaseException], ...]):
+    """Run fn() on every rank and return its result, unless it raises one of `errors` on any rank:
+    then the lowest failing rank re-raises its own exception and every other rank raises
+    PeerFailed, so a check that fails the same way everywhere is reported once, not once per rank.
+    Collective (every rank must call it); the other ranks' messages travel with the gather."""
+    err, out = None, None
+    try:
+        out = fn()
+    except errors as e:
+        err = e
+    msgs = all_gather_objects(None if err is None else str(err), d.world)
+    failed = [r for r, m in enumerate(msgs) if m is not None]
+    if not failed:
+        return out
+    first = failed[0]
+    if d.rank == first:
+        raise err
+    raise PeerFailed(msgs[first] if first == 0 else f"rank {first}: {msgs[first]}")
+
+
+def report_error(line: str, show: bool = True) -> None:
+    """A failing worker's one line: on stderr (when `show`) and, under torchrun, into the error file
+    the launcher quotes (TORCHELASTIC_ERROR_FILE): its failure report then reads
+    `traceback : <line>` instead of a link to the docs."""
+    if show:
+        print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        try:
+            with open(path, "w") as f:
+                json.dump(data, f)
+        except OSError:
+            pass
 
 
 def shutdown_distributed(sync: bool = True, exit_code: int | None = None) -> None:

@@ -70,13 +70,23 @@ class MetricsLog:
             os.makedirs(os.path.dirname(path), exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines of steps after the checkpoint, so the log matches the state."""
+        """On resume: drop lines of steps after the checkpoint, so the log matches the state. A
+        line cut short by a kill mid-write (not JSON) is dropped too; the file is replaced atomically."""
         if not (self.enabled and os.path.exists(self.path)):
             return
+        keep = []
         with open(self.path) as f:
-            keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
-        with open(self.path, "w") as f:
+            for line in f:
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(keep)
+        os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         if not self.enabled:

@@ -169,8 +169,10 @@ def parse_prompt_line(obj, where: str) -> tuple[str, Optional[tuple[int, int]]]:
 def iter_jsonl(path: str, error=ValueError, what: str = "file"):
     """Yield (line number, parsed object) of a JSONL file, skipping blank lines. A missing file,
     bad UTF-8 or bad JSON raises `error` with one line `path[:line]: what is wrong`."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # any readable path: a file, a pipe (`<(...)`), /dev/stdin
         raise error(f"{path}: {what} not found")
+    if os.path.isdir(path):
+        raise error(f"{path}: is a folder, expected a {what} (JSONL)")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"

@@ -109,5 +109,15 @@ def vocab_size(tok) -> int:
     return len(tok)
 
 
-__all__ = ["DEFAULT_PATH", "TokenizerError", "decode", "encode", "encode_batch", "eos_id", "load_tokenizer", "pad_id",
-           "single_token_id", "vocab_size"]
+def check_fits_model(tok, tok_path: str, model_vocab: int, model_path: str) -> None:
+    """TokenizerError (one line) when the tokenizer can produce an id the model has no embedding
+    row for (its largest id >= the model's vocab_size); a model vocabulary larger than the tokenizer's
+    (padded, as Qwen's) is fine."""
+    top = max(max(tok.get_vocab().values(), default=-1), len(tok) - 1)
+    if top >= model_vocab:
+        raise TokenizerError(f"tokenizer '{tok_path}' has ids up to {top}, but the model in '{model_path}' has "
+                             f"vocab_size {model_vocab}: use the model's own tokenizer (tokenizer.path)")
+
+
+__all__ = ["DEFAULT_PATH", "TokenizerError", "check_fits_model", "decode", "encode", "encode_batch", "eos_id",
+           "load_tokenizer", "pad_id", "single_token_id", "vocab_size"]

@@ -31,9 +31,10 @@ import torch.distributed as dist
 
 from kernels.grpo_loss import grpo_loss
 from lwz import checkpoint as ckpt
-from lwz.config import ConfigError, parse_args, save_config
-from lwz.distributed import (DTYPES, all_gather_objects, all_reduce_sum, init_distributed, set_grad_sync,
-                             shard_model, shutdown_distributed, subgroup_mesh)
+from lwz.config import ConfigError, parse_args, to_dict
+from lwz.distributed import (DTYPES, PeerFailed, agree_on_errors, all_gather_objects, all_reduce_sum,
+                             die_with_launcher, init_distributed, report_error, set_grad_sync, shard_model,
+                             shutdown_distributed, subgroup_mesh)
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, Transformer, model_flops_per_token
 from lwz.packing import attn_coeff_for, pack_sequences, padding_waste, plan_microbatches
@@ -43,7 +44,7 @@ from lwz.rewards import group_advantages
 from lwz.rewards.format import FormatReward
 from lwz.rewards.length import LengthReward, count_words
 from lwz.rollout import full_params_for_generation, generate, logprob_mismatch, strip_stop_string
-from lwz.tokenizer import TokenizerError, load_tokenizer, pad_id
+from lwz.tokenizer import TokenizerError, check_fits_model, load_tokenizer, pad_id
 
 
 @dataclass
@@ -349,41 +350,12 @@ def score(samples, reward_fns, weights, cfg):
     return R, adv, answers
 
 
-# ---- main --------------------------------------------------------------------------------------
-
-def main(argv=None) -> int:
-    try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(str(e) if str(e).startswith("config error") else f"config error: {e}", file=sys.stderr)
-        return 2
-    d = init_distributed(cfg.distributed.backend)
-    # rank 0 logs (attention backend, packing backend, ...); other ranks only warnings
-    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="lwz: %(message)s")
-    finished = False
-    rc = None  # stays None while an unexpected exception propagates (its traceback must print)
-    try:
-        rc = _run(cfg, d)
-        finished = True
-        return rc
-    except (ConfigError, ModelLoadError, PromptDataError, TokenizerError, FileNotFoundError, ValueError) as e:
-        # one clear line instead of a traceback; what was written so far stays on disk
-        print(f"rank {d.rank}: error: {e}", file=sys.stderr)
-        rc = 2
-        return rc
-    finally:
-        # several processes: leave right after the group is gone (see shutdown_distributed)
-        shutdown_distributed(sync=finished, exit_code=rc if d.world > 1 else None)
-
-
-def _run(cfg, d) -> int:
-    torch.manual_seed(cfg.seed + d.rank)
-    run_dir = cfg.run_path
-    if d.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.toml"))
+def _startup_checks(cfg, d):
+    """What must hold before any work or any write: tokenizer, prompt file, world-size rules, the
+    tokenizer against the model's vocabulary and context, and the run folder / checkpoint to resume
+    (lwz.checkpoint.check_run_start). Returns (tokenizer, prompt records, checkpoint path or None,
+    the run identity a checkpoint saves)."""
     tok = load_tokenizer(cfg.tokenizer.path)
-    pad = pad_id(tok)
     records = load_prompts(cfg.data.prompts)
     # every prompt templated and tokenised once, before step 1: an over-long one stops the run now,
     # not at the step that reaches it (and again on every resume); skipped ones are left out of the
@@ -399,14 +371,75 @@ def _run(cfg, d) -> int:
                                   f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
         if d.is_main:
             print(f"data: skipped {len(too_long)} of {n_read} prompts (data.skip_long_prompts): {msg}", flush=True)
-    cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=cfg.data.shuffle)
     if cfg.rollout.prompts_per_step % d.world:
         raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a "
                           f"multiple of the world size {d.world} (each rank samples whole groups)")
-
     if not cfg.distributed.fsdp and d.world > 1:
         raise ConfigError(f"distributed.fsdp=false with {d.world} processes would train {d.world} unsynchronised "
                           f"copies (there is no DDP path); use distributed.fsdp=true")
+    from lwz.model import ModelConfig
+    mc = ModelConfig.from_hf(cfg.model.path)
+    check_fits_model(tok, cfg.tokenizer.path, mc.vocab_size, cfg.model.path)
+    room = mc.max_position_embeddings - cfg.data.max_prompt_tokens
+    if room < 1:
+        raise ConfigError(f"data.max_prompt_tokens = {cfg.data.max_prompt_tokens} leaves no room for an answer in "
+                          f"the model's {mc.max_position_embeddings}-token context (max_position_embeddings)")
+    if cfg.rollout.max_new_tokens > room and d.is_main:
+        print(f"warning: rollout.max_new_tokens = {cfg.rollout.max_new_tokens} is more than the context leaves "
+              f"after data.max_prompt_tokens ({mc.max_position_embeddings} - {cfg.data.max_prompt_tokens} = {room}): "
+              f"an answer gets at most {mc.max_position_embeddings} minus its prompt's tokens (effective "
+              f"max_new_tokens: {room} for the longest prompts)", file=sys.stderr, flush=True)
+    identity = dict(config=to_dict(cfg), prompts=ckpt.file_identity(cfg.data.prompts))
+    return tok, records, ckpt.check_run_start(cfg, identity), identity
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(str(e) if str(e).startswith("config error") else f"config error: {e}", file=sys.stderr)
+        return 2
+    die_with_launcher()
+    try:
+        d = init_distributed(cfg.distributed.backend)
+    except ConfigError as e:  # before any process group: each node's first process says it
+        report_error(f"error: {e}", show=os.environ.get("LOCAL_RANK", "0") == "0")
+        return 2
+    # rank 0 logs (attention backend, packing backend, ...); other ranks only warnings
+    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="lwz: %(message)s")
+    finished = False
+    rc = None  # stays None while an unexpected exception propagates (its traceback must print)
+    try:
+        rc = _run(cfg, d)
+        finished = True
+        return rc
+    except PeerFailed as e:  # another rank reports this start-up error
+        report_error(f"error: {e}", show=False)
+        rc = 2
+        return rc
+    except STARTUP_ERRORS as e:
+        # one clear line instead of a traceback; what was written so far stays on disk
+        report_error(f"rank {d.rank}: error: {e}" if d.rank else f"error: {e}")
+        rc = 2
+        return rc
+    finally:
+        # several processes: leave right after the group is gone (see shutdown_distributed)
+        shutdown_distributed(sync=finished, exit_code=rc if d.world > 1 else None)
+
+
+# errors that end a run with one line (their messages name the file or key)
+STARTUP_ERRORS = (ConfigError, ModelLoadError, PromptDataError, TokenizerError, FileNotFoundError, ValueError)
+
+
+def _run(cfg, d) -> int:
+    torch.manual_seed(cfg.seed + d.rank)
+    run_dir = cfg.run_path
+    # every check that can fail before work starts, agreed by all ranks (reported once)
+    tok, records, resume_path, identity = agree_on_errors(lambda: _startup_checks(cfg, d), d, STARTUP_ERRORS)
+    pad = pad_id(tok)
+    cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=cfg.data.shuffle)
     if d.device.type == "cuda" and cfg.model.dtype != "float32" and d.is_main:
         print(f"warning: model.dtype={cfg.model.dtype} keeps the master weights and AdamW state in "
               f"{cfg.model.dtype}: updates smaller than half an ulp (most at lr={cfg.optim.lr:g}) round away; "
@@ -420,16 +453,18 @@ def _run(cfg, d) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start = 0
     ckdir = os.path.join(run_dir, "checkpoints")
-    resume = cfg.checkpoint.resume
-    if resume != "none":
-        path = ckpt.latest_checkpoint(ckdir) if resume == "auto" else resume
-        if path is not None:
-            extra = ckpt.load_training_state(path, policy, optimizer, d.rank)
-            scheduler.load_state_dict(extra["scheduler"])
-            cursor.load_state_dict(extra["cursor"])
-            start = extra["step"]
-            if d.is_main:
-                print(f"resumed from {path} at step {start}", flush=True)
+    if resume_path is not None:
+        extra = agree_on_errors(lambda: ckpt.load_training_state(resume_path, policy, optimizer, d.rank), d,
+                                STARTUP_ERRORS)
+        scheduler.load_state_dict(extra["scheduler"])
+        cursor.load_state_dict(extra["cursor"])
+        start = extra["step"]
+        if d.is_main:
+            print(f"resumed from {resume_path} at step {start}", flush=True)
+    if d.is_main:  # the first write into the run folder: every check above has passed
+        moved = ckpt.start_run_folder(cfg)
+        if moved:
+            print(f"moved the previous run in {run_dir} to {moved}", flush=True)
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), d.is_main, cfg.logging.progress, cfg.steps)
     log.truncate_after(start)
     nvml, peak = NVML(d.device), peak_flops(d.device)
@@ -499,10 +534,10 @@ def _run(cfg, d) -> int:
         if d.device.type == "cuda":  # this rank's peak of the step (rollout cache, training activations)
             row["gpu_peak_alloc_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         log.write(row)
-        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+        if cfg.checkpoint.every and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps):
             ckpt.save_training_state(ckdir, step + 1, policy, optimizer, d.rank,
                                      extra=dict(step=step + 1, scheduler=scheduler.state_dict(),
-                                                cursor=cursor.state_dict()),
+                                                cursor=cursor.state_dict(), identity=identity),
                                      keep=cfg.checkpoint.keep)
 
     if cfg.checkpoint.export_hf and start < cfg.steps:
@@ -510,7 +545,8 @@ def _run(cfg, d) -> int:
         sd = full_state_dict(policy)
         if d.is_main:  # in the compute dtype on CUDA (bf16 for the paper's models), as HF ships them
             export_dtype = DTYPES[cfg.distributed.param_dtype] if d.device.type == "cuda" else None
-            ckpt.save_hf_model(sd, mcfg, os.path.join(run_dir, "hf"), dtype=export_dtype)
+            ckpt.save_hf_model(sd, mcfg, os.path.join(run_dir, "hf"), dtype=export_dtype,
+                               tokenizer_path=cfg.tokenizer.path)
     if d.is_main:
         summarize(run_dir, cfg)
     return 0

@@ -241,7 +241,8 @@ def test_wrong_type_toml(tmp_path):
     ("--optim.betas=0.9,1.0", "optim.betas[1]", "1.0", "[0, 1)"),
     ("--checkpoint.every=-1", "checkpoint.every", "-1", ">= 0"),
     ("--data.template_en=no placeholder", "data.template_en", "'no placeholder'", "{question}"),
-    ("--steps=-1", "steps", "-1", ">= 0"),
+    ("--steps=-1", "steps", "-1", ">= 1"),
+    ("--steps=0", "steps", "0", ">= 1"),
     ("--data.max_prompt_tokens=0", "data.max_prompt_tokens", "0", ">= 1"),
     ("--grpo.mini_batches=129", "grpo.mini_batches", "129", "<= rollout.prompts_per_step * rollout.group_size"),
     ("--rollout.stop_strings=[\"x\", \"\"]", "rollout.stop_strings[1]", "''", "non-empty"),
@@ -287,7 +288,7 @@ def test_unknown_enum_lists_allowed(arg, key, choices):
 def test_range_boundaries_are_allowed():
     # each bound that the ranges above reject one step beyond is itself allowed
     cfg = _load(["--rollout.group_size=2", "--rollout.top_p=1", "--grpo.clip_low=0", "--grpo.clip_high=0",
-                 "--optim.min_lr_ratio=1", "--optim.lr=0", "--steps=0", "--grpo.mini_batches=8",
+                 "--optim.min_lr_ratio=1", "--optim.lr=0", "--steps=1", "--grpo.mini_batches=8",
                  "--rewards.weights=[0,0,1]", "--rewards.length_max_words=801", "--rewards.quality_ranks=0"])
     assert cfg.rollout.group_size == 2 and cfg.grpo.clip_low == 0.0 and cfg.optim.min_lr_ratio == 1.0
 

@@ -137,6 +137,9 @@ def train(args) -> dict:
     train_enc = [enc[i] for i in order[n_eval:]]
     if not train_enc:
         raise RMDataError(f"{args.data}: no pairs left for training after the held-out split")
+    if not eval_enc and args.eval_frac > 0:  # too few pairs for round(n * eval_frac) >= 1
+        print(f"note: {args.data}: {len(enc)} pair(s) x --eval-frac {args.eval_frac:g} hold out none; "
+              f"training on all of them, no eval accuracy is reported", file=sys.stderr, flush=True)
 
     decay = [p for n, p in rm.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in rm.named_parameters() if p.dim() < 2]
@@ -165,9 +168,10 @@ def train(args) -> dict:
             log({"step": step + 1, "loss": total / len(batch), "acc": float((rc > rr).float().mean()),
                  "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
                  "elapsed_s": round(time.time() - t0, 2)})
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+        if eval_enc and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             log({"step": step + 1, **{f"eval_{k}": v for k, v in evaluate(rm, eval_enc, args.max_tokens).items()}})
-    final = {"step": args.steps, **{f"eval_{k}": v for k, v in evaluate(rm, eval_enc, args.max_tokens).items()},
+    evaluated = evaluate(rm, eval_enc, args.max_tokens) if eval_enc else {}
+    final = {"step": args.steps, **{f"eval_{k}": v for k, v in evaluated.items()},
              "train_pairs": len(train_enc), "elapsed_s": round(time.time() - t0, 2)}
     log(final)
     rm.eval()
