@@ -203,16 +203,17 @@ class MicroBatch:
         return self.targets != IGNORE
 
 
-def next_tokens(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The token each position predicts: position t of a packed stream predicts token t + 1."""
-    return ids[positions + 1]
+def next_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """The token each position of a packed stream predicts: out[t] = ids[t + 1] (the last entry
+    wraps around; no sequence's last position is ever a target)."""
+    return ids.roll(-1)
 
 
 def microbatch(batch: Batch, seqs: list[int], pad_id: int) -> MicroBatch:
     """Pack the sequences `seqs` of `batch` (the planner's index list) with the pack op: one call
-    per flat tensor, index arithmetic for the shift, no loop over sequences. An empty list packs one
-    masked dummy token, so every rank runs the same number of forward/backward passes (FSDP needs
-    it)."""
+    per flat tensor, segment arithmetic for the shift, no loop over sequences. An empty list packs
+    one masked dummy token, so every rank runs the same number of forward/backward passes (FSDP
+    needs it)."""
     dev = batch.device
     if not seqs:
         z = torch.zeros(1, device=dev)
@@ -227,27 +228,31 @@ def microbatch(batch: Batch, seqs: list[int], pad_id: int) -> MicroBatch:
     L, P = batch.lengths[idx], batch.prompt_lengths[idx]
     Rr = L - P
     cu_h, rcu_h = _cu(L), _cu(Rr)
-    N, Rm = int(cu_h[-1]), int(rcu_h[-1])
+    N, Rm, nb = int(cu_h[-1]), int(rcu_h[-1]), idx.numel()
     cu = cu_h.to(torch.int32).to(dev)
     ids = pack_with_layout(batch.tokens.view(1, -1), batch.cu_seqlens[:-1][idx].long().to(dev), cu, N).long()
     pos = position_ids_from_cu(cu, N)
+    # each sequence is three segments: P-1 prompt positions that predict prompt tokens, Rr that
+    # predict the response, and its last position, which predicts nothing
+    seg = torch.stack([P - 1, Rr, torch.ones_like(P)], 1).reshape(-1).to(dev)
+
+    def segments(prompt, response, last):  # per-segment values [3B] -> per-token [N]
+        return torch.repeat_interleave(torch.stack([prompt, response, last], 1).reshape(-1), seg, output_size=N)
+
+    zero = torch.zeros(nb, device=dev)
+    mask = segments(zero.bool(), ~zero.bool(), zero.bool())
+    targets = torch.where(mask, next_tokens(ids), IGNORE)
+    adv = segments(zero, batch.advantages[idx.to(dev)].float(), zero)
     # sequence b's j-th response token is predicted at packed position cu[b] + P[b] - 1 + j
     shift = (cu_h[:-1] + P - 1 - rcu_h[:-1]).to(dev)
-    Rd = Rr.to(dev)
-    resp_index = torch.arange(Rm, device=dev) + torch.repeat_interleave(shift, Rd, output_size=Rm)
-    targets = torch.full((N,), IGNORE, dtype=torch.int64, device=dev)
-    targets[resp_index] = next_tokens(ids, resp_index)
-    adv = torch.zeros(N, device=dev)
-    adv[resp_index] = torch.repeat_interleave(batch.advantages[idx.to(dev)], Rd, output_size=Rm)
+    resp_index = torch.arange(Rm, device=dev) + torch.repeat_interleave(shift, Rr.to(dev), output_size=Rm)
     rcu = rcu_h.to(torch.int32).to(dev)
     rstarts = batch.resp_cu[:-1][idx].to(dev)
 
-    def per_token(values):
+    def per_token(values):  # [R] of the batch -> [N], the values at the positions that predict them
         if values is None:
             return None
-        out = torch.zeros(N, device=dev)
-        out[resp_index] = pack_with_layout(values.view(1, -1), rstarts, rcu, Rm)
-        return out
+        return torch.zeros(N, device=dev).masked_scatter_(mask, pack_with_layout(values.view(1, -1), rstarts, rcu, Rm))
 
     return MicroBatch(input_ids=ids, position_ids=pos, cu_seqlens=cu, max_seqlen=int(L.max()), targets=targets,
                       advantages=adv, old_logp=per_token(batch.old_logp), ref_logp=per_token(batch.ref_logp),
