@@ -97,11 +97,12 @@ def from_rollout(rb, advantages: torch.Tensor, device=None) -> Batch:
     """This rank's Batch from a lwz.rollout.RolloutBatch (padded CPU tensors) and the advantages
     [S] of its samples, in the rollout's sample order; per-token data moved to `device`."""
     device = torch.device(device) if device is not None else rb.prompt_tokens.device
-    seq = rb.sequence_tokens.to(device)
-    tokens, cu, _, _ = pack(seq, rb.sequence_starts, rb.sequence_lengths)
-    logp, _, _, _ = pack(rb.response_logprobs.to(device), None, rb.response_lengths)
-    return Batch(tokens=tokens.to(torch.int32), cu_seqlens=cu.cpu(), prompt_lengths=rb.prompt_lengths.cpu().long(),
-                 advantages=advantages.to(device, torch.float32), rollout_logp=logp.float())
+    # packed where the rollout's tensors are, then only the flat tensors move
+    tokens, cu, _, _ = pack(rb.sequence_tokens, rb.sequence_starts, rb.sequence_lengths)
+    logp, _, _, _ = pack(rb.response_logprobs, None, rb.response_lengths)
+    return Batch(tokens=tokens.to(device, torch.int32), cu_seqlens=cu.cpu(),
+                 prompt_lengths=rb.prompt_lengths.cpu().long(), advantages=advantages.to(device, torch.float32),
+                 rollout_logp=logp.to(device, torch.float32))
 
 
 # ---- exchange ------------------------------------------------------------------------------------
@@ -153,16 +154,15 @@ def gather_response_values(batch: Batch, plan: list[list[list[int]]], mine: torc
         raise ValueError(f"gather_response_values: rank {rank} holds {mine.numel()} values, its plan has {want} "
                          "response tokens")
     vals = torch.cat(all_gather_tensors(mine.float().to(dev), world))
-    out = torch.full((batch.num_response_tokens,), float("nan"), device=dev)
+    # vals holds the plan's sequences' spans in plan order: one pack puts them in batch order, the
+    # sequences outside the plan reading a NaN tail
     order = torch.tensor([i for part in plan for mb in part for i in mb], dtype=torch.int64)
-    if order.numel():
-        n = rl[order]
-        # value j of sequence order[k] goes to resp_cu[order[k]] + j
-        shift = (batch.resp_cu[:-1][order] - _cu(n)[:-1]).to(dev)
-        dst = torch.arange(vals.numel(), device=dev) + torch.repeat_interleave(shift, n.to(dev),
-                                                                               output_size=vals.numel())
-        out[dst] = vals
-    return out
+    src = torch.full((len(batch),), vals.numel(), dtype=torch.int64)
+    src[order] = _cu(rl[order])[:-1]
+    absent = rl[src == vals.numel()]
+    tail = int(absent.max()) if absent.numel() else 0
+    source = torch.cat([vals, torch.full((tail,), float("nan"), device=dev)]) if tail else vals
+    return pack(source.view(1, -1), src, rl)[0]
 
 
 def padded_responses(batch: Batch, values: torch.Tensor, seqs: list[int]) -> torch.Tensor:
@@ -229,12 +229,17 @@ def microbatch(batch: Batch, seqs: list[int], pad_id: int) -> MicroBatch:
     Rr = L - P
     cu_h, rcu_h = _cu(L), _cu(Rr)
     N, Rm, nb = int(cu_h[-1]), int(rcu_h[-1]), idx.numel()
-    cu = cu_h.to(torch.int32).to(dev)
-    ids = pack_with_layout(batch.tokens.view(1, -1), batch.cu_seqlens[:-1][idx].long().to(dev), cu, N).long()
-    pos = position_ids_from_cu(cu, N)
     # each sequence is three segments: P-1 prompt positions that predict prompt tokens, Rr that
     # predict the response, and its last position, which predicts nothing
-    seg = torch.stack([P - 1, Rr, torch.ones_like(P)], 1).reshape(-1).to(dev)
+    seg = torch.stack([P - 1, Rr, torch.ones_like(P)], 1).reshape(-1)
+    # sequence b's j-th response token is predicted at packed position cu[b] + P[b] - 1 + j
+    shift = cu_h[:-1] + P - 1 - rcu_h[:-1]
+    # the host's index arithmetic goes to the device in one copy
+    parts = (cu_h, batch.cu_seqlens[:-1][idx].long(), seg, shift, Rr, rcu_h, batch.resp_cu[:-1][idx], idx)
+    cu, starts, seg, shift, Rr, rcu, rstarts, idx = torch.cat(parts).to(dev).split([p.numel() for p in parts])
+    cu, rcu = cu.to(torch.int32), rcu.to(torch.int32)
+    ids = pack_with_layout(batch.tokens.view(1, -1), starts, cu, N).long()
+    pos = position_ids_from_cu(cu, N)
 
     def segments(prompt, response, last):  # per-segment values [3B] -> per-token [N]
         return torch.repeat_interleave(torch.stack([prompt, response, last], 1).reshape(-1), seg, output_size=N)
@@ -242,12 +247,8 @@ def microbatch(batch: Batch, seqs: list[int], pad_id: int) -> MicroBatch:
     zero = torch.zeros(nb, device=dev)
     mask = segments(zero.bool(), ~zero.bool(), zero.bool())
     targets = torch.where(mask, next_tokens(ids), IGNORE)
-    adv = segments(zero, batch.advantages[idx.to(dev)].float(), zero)
-    # sequence b's j-th response token is predicted at packed position cu[b] + P[b] - 1 + j
-    shift = (cu_h[:-1] + P - 1 - rcu_h[:-1]).to(dev)
-    resp_index = torch.arange(Rm, device=dev) + torch.repeat_interleave(shift, Rr.to(dev), output_size=Rm)
-    rcu = rcu_h.to(torch.int32).to(dev)
-    rstarts = batch.resp_cu[:-1][idx].to(dev)
+    adv = segments(zero, batch.advantages[idx].float(), zero)
+    resp_index = torch.arange(Rm, device=dev) + torch.repeat_interleave(shift, Rr, output_size=Rm)
 
     def per_token(values):  # [R] of the batch -> [N], the values at the positions that predict them
         if values is None:
