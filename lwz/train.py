@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from kernels.grpo_loss import grpo_loss
 from lwz import checkpoint as ckpt
-from lwz.config import ConfigError, parse_args, save_config
 from lwz.batch import Batch, exchange, from_rollout, gather_response_values, microbatch, padded_responses
+from lwz.config import ConfigError, parse_args, save_config
 from lwz.distributed import (DTYPES, all_gather_objects, all_reduce_sum, init_distributed, set_grad_sync,
                              shard_model, shutdown_distributed, subgroup_mesh)
 from lwz.metrics import NVML, MetricsLog, peak_flops
