@@ -421,7 +421,7 @@ def plan_microbatches(lengths, max_tokens: int, num_ranks: int = 1, cost: str = 
         raise ValueError(f"cost must be 'tokens' or 'quadratic', got {cost!r}")
     if cost == "quadratic":
         if attn_coeff is None:
-            raise ValueError("cost='quadratic' needs attn_coeff (e.g. attn_coeff_for(hidden_size))")
+            raise ValueError("cost='quadratic' needs attn_coeff (e.g. attn_coeff_for(hidden_size, intermediate_size))")
         a = int(attn_coeff)
         if a < 0:
             raise ValueError(f"attn_coeff must be >= 0, got {attn_coeff}")

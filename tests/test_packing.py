@@ -379,7 +379,7 @@ def test_planner_balance_on_large_batches():
     rng = random.Random(0)
     for R, quadratic in ((8, False), (8, True), (3, False), (16, False)):
         lengths = [min(14336, int(rng.lognormvariate(7.3, 1.0))) + 1 for _ in range(1024)]
-        a = P.attn_coeff_for(3584)
+        a = P.attn_coeff_for(3584, 18944)  # Qwen2.5-7B
         cost = "quadratic" if quadratic else "tokens"
         plan = P.plan_microbatches(lengths, 32768, R, cost=cost, attn_coeff=a)
         check_plan(lengths, plan, 32768, R)
