@@ -116,7 +116,6 @@ def old_path(rb, adv, world, rank, device, max_tokens, timer):
     # exchange: rollout() built token lists per sample, every rank gathered them pickled
     payload = [dict(tokens=p + r, n_prompt=len(p), adv=float(a), logp=torch.tensor(lp, dtype=torch.float32))
                for p, r, lp, a in zip(rb.prompt_ids, rb.response_ids, rb.logprobs, adv.tolist())]
-    sent = [len(pickle.dumps(payload))]
     parts = all_gather_objects(payload, world)
     samples = [Sample(torch.tensor(p["tokens"]), p["n_prompt"], p["adv"], p["logp"]) for part in parts for p in part]
     for s in samples:
@@ -133,11 +132,11 @@ def old_path(rb, adv, world, rank, device, max_tokens, timer):
         for i, st in zip(mb_idx, starts):
             s = samples[i]
             mine[i] = mb["old"][st + s.n_prompt - 1: st + s.tokens.numel() - 1].detach().float().cpu()
-    sent.append(len(pickle.dumps(mine)))
     for part in all_gather_objects(mine, world):
         for i, lp in part.items():
             samples[i].old_logp = lp
     timer("logp_back")
+    sent = [len(pickle.dumps(payload)), len(pickle.dumps(mine))]  # what all_gather_object sent (untimed)
     return sent, sum(s.tokens.numel() for s in samples), mbs
 
 
