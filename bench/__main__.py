@@ -10,6 +10,7 @@ time limit (a failing or missing piece is reported, never fatal):
   rollout       tiny-model decode vs transformers.generate, and the long-tail scenario: static
                 batches vs continuous admission vs the paged cache (bench/bench_rollout.py, 1 thread)
   decode_attn   decode attention kernels on the CPU case (bench/bench_decode_attention.py)
+  data_path     a 1M-token step's data path, tensors vs pickled objects, 2 gloo ranks (goal >= 10x)
 Prints a compact summary table and writes bench/results/cpu-summary.json.
 
     python -m bench [--only profile_step,pack] [--timeout 300]
@@ -59,6 +60,10 @@ PIECES = {
                     ["-m", "bench.common", "run", "bench.bench_decode_attention", "--out",
                      _r("decode_attention-cpu.json")],
                     _r("decode_attention-cpu.json")),
+    "data_path": ("bench/bench_data_path.py",
+                  ["-m", "bench.common", "run", "bench.bench_data_path", "--tokens", "1000000", "--iters", "1",
+                   "--out", _r("data_path-cpu.json")],
+                  _r("data_path-cpu.json")),
 }
 
 

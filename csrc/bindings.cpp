@@ -4,6 +4,8 @@
 //
 // Ops (schemas below; Python API and fake/autograd registrations in lwz/packing.py):
 //   pack(x[B, L, *f], starts[B] int, cu_seqlens[B+1] int32, total) -> packed[total, *f]
+//     x may also be one row [1, L, *f] that every sequence reads (a flat source: starts are offsets
+//     into it), which gathers any subset of a flat stream without a [B, L] copy of it
 //   unpack(packed[N, *f], starts[B] int, cu_seqlens[B+1] int32, L, fill) -> out[B, L, *f]
 //   position_ids(cu_seqlens[B+1] int32, total) -> int64[total], restarting at 0 per sequence
 //   plan_microbatches(lengths[n] int64 (CPU), max_tokens, num_ranks, attn_coeff) -> int64 encoding
@@ -73,6 +75,15 @@ void check_layout_values_cpu(const char* op, const Layout& lay, int64_t total) {
               bad < 0 ? 0 : cu[bad + 1] - cu[bad], ", L ", lay.L);
 }
 
+// pack's number of sequences: x's rows, or starts' length when x is one row read by all of them.
+int64_t pack_rows(const at::Tensor& x, const at::Tensor& starts) {
+  return x.size(0) == 1 ? starts.numel() : x.size(0);
+}
+
+// Tokens between the starts of consecutive rows of pack's source: 0 when every sequence reads x's
+// one row (starts are then offsets into that row), else L. The kernels read x[b * stride + starts[b]].
+int64_t row_stride(const at::Tensor& x, const Layout& lay) { return x.size(0) == 1 ? 0 : lay.L; }
+
 std::vector<int64_t> packed_sizes(const at::Tensor& x, int64_t total) {
   std::vector<int64_t> sizes{total};
   for (int64_t d = 2; d < x.dim(); ++d) sizes.push_back(x.size(d));
@@ -102,7 +113,7 @@ int64_t grain_rows(int64_t row_bytes, int64_t avg_tokens) {
 at::Tensor pack_cpu(const at::Tensor& x, const at::Tensor& starts, const at::Tensor& cu_seqlens,
                     int64_t total) {
   TORCH_CHECK(x.dim() >= 2, "lwz::pack: x must be [B, L, *feature], got ", x.sizes());
-  Layout lay = check_layout("pack", x, starts, cu_seqlens, x.size(0), x.size(1));
+  Layout lay = check_layout("pack", x, starts, cu_seqlens, pack_rows(x, starts), x.size(1));
   check_layout_values_cpu("pack", lay, total);
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty(packed_sizes(x, total), x.options());
@@ -112,7 +123,7 @@ at::Tensor pack_cpu(const at::Tensor& x, const at::Tensor& starts, const at::Ten
   const int64_t* st = lay.starts.data_ptr<int64_t>();
   const int32_t* cu = lay.cu.data_ptr<int32_t>();
   at::parallel_for(0, lay.B, grain_rows(rb, lay.B ? total / lay.B : 0), [&](int64_t b0, int64_t b1) {
-    pack_rows_cpu(src, dst, st, cu, lay.L, rb, b0, b1);
+    pack_rows_cpu(src, dst, st, cu, row_stride(x, lay), rb, b0, b1);
   });
   return out;
 }
@@ -183,14 +194,15 @@ void check_cuda(const char* op, int err) {
 at::Tensor pack_cuda_op(const at::Tensor& x, const at::Tensor& starts, const at::Tensor& cu_seqlens,
                         int64_t total) {
   TORCH_CHECK(x.dim() >= 2, "lwz::pack: x must be [B, L, *feature], got ", x.sizes());
-  Layout lay = check_layout("pack", x, starts, cu_seqlens, x.size(0), x.size(1));
+  Layout lay = check_layout("pack", x, starts, cu_seqlens, pack_rows(x, starts), x.size(1));
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty(packed_sizes(x, total), x.options());
   const int64_t rb = feature_bytes(x, 2);
   if (total == 0) return out;
   check_cuda("pack", pack_cuda(xc.data_ptr(), out.data_ptr(), lay.starts.data_ptr<int64_t>(),
-                               lay.cu.data_ptr<int32_t>(), lay.B, lay.L, rb, total / std::max<int64_t>(1, lay.B),
+                               lay.cu.data_ptr<int32_t>(), lay.B, row_stride(x, lay), rb,
+                               total / std::max<int64_t>(1, lay.B),
                                c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }

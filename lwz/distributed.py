@@ -1,4 +1,4 @@
-"""torch.distributed plumbing: init from the torchrun environment, FSDP2 wrapping, object gathers.
+"""torch.distributed plumbing: init from the torchrun environment, FSDP2 wrapping, gathers.
 
 A plain `python lwz/train.py` (no torchrun) runs as a world of one, on the same code path.
 """
@@ -202,6 +202,28 @@ def all_gather_objects(obj, world: int) -> list:
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather_tensors(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Every rank's 1-D tensor `t` (lengths may differ; same dtype and device on every rank), in rank
+    order. Sizes first, then one padded all-gather of the data on t's device (nccl on GPUs, gloo on
+    CPU); no pickling."""
+    if world == 1:
+        return [t]
+    n = torch.tensor([t.numel()], dtype=torch.int64, device=t.device)
+    sizes = torch.empty(world, dtype=torch.int64, device=t.device)
+    _gather_single(sizes, n)
+    sizes = sizes.tolist()
+    m = max(sizes)
+    buf = t.new_empty(m)
+    buf[:t.numel()] = t
+    out = t.new_empty(world * m)
+    _gather_single(out, buf)
+    return [out[r * m:r * m + k] for r, k in enumerate(sizes)]
+
+
+# all_gather_single is the newer name of all_gather_into_tensor (which torch 2.14 deprecates)
+_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:

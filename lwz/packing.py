@@ -7,6 +7,10 @@ span is neither a prefix nor a suffix). ``pack`` concatenates the spans into one
 ``position_ids[N]`` restarting at 0 per sequence and the host int ``max_seqlen`` — the inputs of
 varlen attention. ``unpack`` is the exact inverse (padding positions get ``fill``).
 
+A source of one row ``x[1, L, *feature]`` is read by every sequence: then ``starts`` are offsets
+into that row and spans may overlap or repeat. This gathers any subset of a flat stream (the
+step's tokens end to end, lwz.batch) into a micro-batch without a padded copy of it.
+
 Implementations: the ops of the extension ``lwz._C`` (``torch.ops.lwz.pack / unpack /
 position_ids / plan_microbatches``; CPU kernels always, CUDA kernels when it was built with CUDA),
 else pure torch with the same semantics (index_select / index_copy). ``BACKEND`` says which one runs
@@ -89,10 +93,12 @@ if HAVE_EXT:
     def _pack_setup(ctx, inputs, output):
         x, starts, cu_seqlens, _total = inputs
         ctx.save_for_backward(starts, cu_seqlens)
-        ctx.L = x.shape[1]
+        ctx.L, ctx.one_row = x.shape[1], x.shape[0] == 1
 
     def _pack_backward(ctx, grad):
         starts, cu_seqlens = ctx.saved_tensors
+        if ctx.one_row:  # spans of one row may overlap: their gradients add up
+            return _one_row_grad(grad, starts, cu_seqlens, ctx.L), None, None, None
         return torch.ops.lwz.unpack(grad, starts, cu_seqlens, ctx.L, 0), None, None, None
 
     def _unpack_setup(ctx, inputs, output):
@@ -122,14 +128,21 @@ def _token_rows(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, tor
 
 
 def _flat_index(starts, cu_seqlens, L, total):
+    """Source row of each packed token in x.reshape(B * L, ...); L = 0 for a one-row source."""
     row, pos = _token_rows(cu_seqlens, total)
     return row * L + starts.long()[row] + pos
 
 
 def _pack_torch(x, starts, cu_seqlens, total):
     B, L = x.shape[:2]
-    idx = _flat_index(starts, cu_seqlens, L, total)
+    idx = _flat_index(starts, cu_seqlens, 0 if B == 1 else L, total)
     return x.reshape(B * L, *x.shape[2:]).index_select(0, idx)
+
+
+def _one_row_grad(grad, starts, cu_seqlens, L):
+    """Gradient of a one-row pack: packed grad [N, *f] summed into its source row -> [1, L, *f]."""
+    idx = _flat_index(starts, cu_seqlens, 0, grad.shape[0])
+    return grad.new_zeros((L, *grad.shape[1:])).index_add_(0, idx, grad).unsqueeze(0)
 
 
 def _unpack_torch(packed, starts, cu_seqlens, L, fill=0):
@@ -149,7 +162,8 @@ def _position_ids_torch(cu_seqlens, total):
 def pack_with_layout(x: torch.Tensor, starts: torch.Tensor, cu_seqlens: torch.Tensor,
                      total: int) -> torch.Tensor:
     """x[B, L, *f] (any dtype), starts[B] int64, cu_seqlens[B+1] int32 (both on x's device),
-    total = cu_seqlens[-1] as a host int → packed[total, *f], same dtype."""
+    total = cu_seqlens[-1] as a host int → packed[total, *f], same dtype. x may be one row
+    [1, L, *f] that all B sequences read (starts are offsets into it)."""
     if _use_ext(x.device):
         return torch.ops.lwz.pack(x, starts, cu_seqlens, total)
     return _pack_torch(x, starts, cu_seqlens, total)
@@ -206,9 +220,11 @@ def make_layout(starts, lengths, B: int, L: int):
 def pack(x: torch.Tensor, starts, lengths):
     """Pack the valid spans of a padded batch into one stream.
 
-    x: [B, L, *feature], any dtype (int64 token ids, fp32/bf16 hidden states, ...), any device.
+    x: [B, L, *feature], any dtype (int64 token ids, fp32/bf16 hidden states, ...), any device;
+      or one row [1, L, *feature] that every sequence reads (B = len(lengths)).
     starts, lengths: [B] ints (tensors on any device, lists or arrays); ``starts=None`` means 0
-      (right padding). Row b's tokens are x[b, starts[b] : starts[b] + lengths[b]].
+      (right padding). Row b's tokens are x[b, starts[b] : starts[b] + lengths[b]] (x[0, ...] for
+      a one-row x).
     Returns (packed [N, *feature] x.dtype, cu_seqlens [B+1] int32, position_ids [N] int64,
       max_seqlen int), tensors on x's device, N = sum(lengths). Device-side starts/lengths are copied
       to the host once (one sync); pass host values to avoid it.
@@ -217,6 +233,8 @@ def pack(x: torch.Tensor, starts, lengths):
     if x.dim() < 2:
         raise ValueError(f"pack: x must be [B, L, *feature], got shape {tuple(x.shape)}")
     B, L = x.shape[:2]
+    if B == 1:  # one row read by every sequence
+        B = int(torch.as_tensor(lengths).numel())
     starts_h, _, cu_h, total, max_seqlen = make_layout(starts, lengths, B, L)
     dev = x.device
     cu = cu_h.to(dev)
@@ -403,7 +421,7 @@ def plan_microbatches(lengths, max_tokens: int, num_ranks: int = 1, cost: str = 
         raise ValueError(f"cost must be 'tokens' or 'quadratic', got {cost!r}")
     if cost == "quadratic":
         if attn_coeff is None:
-            raise ValueError("cost='quadratic' needs attn_coeff (e.g. attn_coeff_for(hidden_size))")
+            raise ValueError("cost='quadratic' needs attn_coeff (e.g. attn_coeff_for(hidden_size, intermediate_size))")
         a = int(attn_coeff)
         if a < 0:
             raise ValueError(f"attn_coeff must be >= 0, got {attn_coeff}")

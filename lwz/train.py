@@ -5,9 +5,11 @@ One step, top to bottom:
   2. rollout: `group_size` answers per prompt with the KV-cache engine (full params gathered)
   3. rewards (length, quality, format) per group on the rank that sampled it; advantages are each
      reward's group z-score, averaged (the paper's formula)
-  4. all ranks exchange the token lists, split them into mini-batches, plan token-budget
-     micro-batches balanced across ranks (the planner) and pack them
-  5. old log-probs: recomputed by the policy before the update (default) or the sampler's
+  4. one flat tensor batch (lwz.batch: tokens, cu_seqlens, advantages, per-response-token
+     log-probs) exchanged across ranks as tensors; the planner splits it into token-budget
+     micro-batches balanced across ranks, the pack op builds each one
+  5. old log-probs: recomputed by the policy before the update (default) or the sampler's; the
+     reference model's likewise when grpo.kl_coef > 0; written into the batch's tensors
   6. for ppo_epochs x mini-batches: forward over packed micro-batches -> fused log-probs ->
      GRPO loss normalised by the whole mini-batch's token/sequence counts -> backward;
      clip, AdamW step (a non-finite grad norm skips the update)
@@ -21,7 +23,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 if __package__ in (None, ""):  # `torchrun lwz/train.py`: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,13 +32,14 @@ import torch.distributed as dist
 
 from kernels.grpo_loss import grpo_loss
 from lwz import checkpoint as ckpt
+from lwz.batch import Batch, exchange, from_rollout, gather_response_values, microbatch, padded_responses
 from lwz.config import ConfigError, parse_args, to_dict
 from lwz.distributed import (DTYPES, PeerFailed, agree_on_errors, all_gather_objects, all_reduce_sum,
                              die_with_launcher, init_distributed, report_error, set_grad_sync, shard_model,
                              shutdown_distributed, subgroup_mesh)
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, Transformer, model_flops_per_token
-from lwz.packing import attn_coeff_for, pack_sequences, padding_waste, plan_microbatches
+from lwz.packing import attn_coeff_for, padding_waste, plan_microbatches
 from lwz.prompts import (ANSWER_CLOSE, PromptCursor, PromptDataError, extract_answer, extract_think,
                          load_prompts, long_prompts_message, template_prompt, tokenize_prompts)
 from lwz.rewards import group_advantages
@@ -45,22 +47,6 @@ from lwz.rewards.format import FormatReward
 from lwz.rewards.length import LengthReward, count_words
 from lwz.rollout import full_params_for_generation, generate, logprob_mismatch, strip_stop_string
 from lwz.tokenizer import TokenizerError, check_fits_model, load_tokenizer, pad_id
-
-
-@dataclass
-class Sample:
-    """One trained sequence: prompt + response tokens and what the loss needs (CPU tensors)."""
-    tokens: torch.Tensor  # [Lp + Lr] int64
-    n_prompt: int
-    advantage: float
-    rollout_logp: torch.Tensor  # [Lr] fp32, from the sampler
-    old_logp: torch.Tensor | None = None  # [Lr] fp32
-    ref_logp: torch.Tensor | None = None  # [Lr] fp32
-    trainer_logp: torch.Tensor | None = None  # [Lr] fp32, the first update's forward (rollout mode)
-
-    @property
-    def n_response(self) -> int:
-        return self.tokens.numel() - self.n_prompt
 
 
 # ---- building blocks ---------------------------------------------------------------------------
@@ -190,99 +176,59 @@ def lr_lambda(cfg):
     return f
 
 
-def pack_samples(samples: list[Sample], device, pad_id: int):
-    """Pack sequences end to end. Returns ids, positions, cu_seqlens (int32), max_seqlen, targets
-    (next token at the positions that predict a response token, -100 elsewhere) and per-token
-    advantages / old / ref log-probs aligned with the targets. An empty list packs one masked
-    dummy token, so every rank runs the same number of forward/backward passes (FSDP needs it)."""
-    if not samples:
-        ids = torch.tensor([pad_id], device=device)
-        z = torch.zeros(1, device=device)
-        return dict(ids=ids, pos=torch.zeros(1, dtype=torch.long, device=device),
-                    cu=torch.tensor([0, 1], dtype=torch.int32, device=device), max_len=1,
-                    targets=torch.full((1,), -100, device=device), adv=z, old=z, ref=z)
-    tgt, adv, old, ref = [], [], [], []
-    for s in samples:
-        L, P = s.tokens.numel(), s.n_prompt
-        t = torch.full((L,), -100, dtype=torch.long)
-        t[P - 1:L - 1] = s.tokens[P:]
-        tgt.append(t)
-        a = torch.zeros(L)
-        a[P - 1:L - 1] = s.advantage
-        adv.append(a)
-        for dst, src in ((old, s.old_logp), (ref, s.ref_logp)):
-            x = torch.zeros(L)
-            if src is not None:
-                x[P - 1:L - 1] = src
-            dst.append(x)
-    ids, cu, pos, max_len = pack_sequences([s.tokens.to(device) for s in samples])
-    cat = lambda xs: torch.cat(xs).to(device)  # noqa: E731
-    return dict(ids=ids, pos=pos, cu=cu, max_len=max_len, targets=cat(tgt), adv=cat(adv), old=cat(old),
-                ref=cat(ref))
-
-
-def split_logp(logp: torch.Tensor, samples: list[Sample], cu: torch.Tensor) -> list[torch.Tensor]:
-    """Per-sample response log-probs [Lr] from a packed [N] tensor (inverse of pack_samples)."""
-    out, starts = [], cu.tolist()
-    for s, st in zip(samples, starts):
-        out.append(logp[st + s.n_prompt - 1: st + s.tokens.numel() - 1].detach().float().cpu())
-    return out
-
-
 def policy_logprobs(model, mb, temperature: float, entropy: bool, scratch_bytes: int | None = None,
                     exact_dw: bool = True):
-    return model(mb["ids"], mb["pos"], mb["cu"], mb["max_len"], targets=mb["targets"], temperature=temperature,
-                 return_entropy=entropy, logprob_scratch_bytes=scratch_bytes, logprob_exact_dw=exact_dw)
+    """(logp [N] fp32, entropy [N] fp32 or None) of a MicroBatch's targets."""
+    return model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, targets=mb.targets,
+                 temperature=temperature, return_entropy=entropy, logprob_scratch_bytes=scratch_bytes,
+                 logprob_exact_dw=exact_dw)
 
 
-def plan(samples: list[Sample], cfg, world: int, hidden: int) -> list[list[list[int]]]:
-    lengths = [s.tokens.numel() for s in samples]
-    return plan_microbatches(lengths, cfg.grpo.max_tokens_per_microbatch, num_ranks=world, cost=cfg.grpo.pack_cost,
-                             attn_coeff=attn_coeff_for(hidden) if cfg.grpo.pack_cost == "quadratic" else None)
+def plan(batch: Batch, seqs: list[int], cfg, world: int, mcfg) -> list[list[list[int]]]:
+    """Rank -> micro-batch -> indices into `batch` of the sequences `seqs` (a mini-batch), balanced
+    on the planner's cost (the quadratic one weighs the gated MLP by mcfg.intermediate_size)."""
+    g = cfg.grpo
+    coeff = attn_coeff_for(mcfg.hidden_size, mcfg.intermediate_size) if g.pack_cost == "quadratic" else None
+    local = plan_microbatches(batch.lengths[seqs], g.max_tokens_per_microbatch, num_ranks=world, cost=g.pack_cost,
+                              attn_coeff=coeff)
+    return [[[seqs[i] for i in mb] for mb in rank] for rank in local]
 
 
 @torch.no_grad()
-def recompute_logprobs(model, samples, my_plan, cfg, d, pad_id, field: str):
-    """Fill `field` ("old_logp" / "ref_logp") of this rank's samples, then share them with all ranks."""
-    mine = {}
-    for mb_idx in my_plan:
-        mb_samples = [samples[i] for i in mb_idx]
-        mb = pack_samples(mb_samples, d.device, pad_id)
+def recompute_logprobs(model, batch: Batch, full_plan, cfg, d, pad_id) -> torch.Tensor:
+    """Per-response-token log-probs [R] of the whole batch under `model` (the policy before the
+    update, or the reference): each rank computes its share of the plan, then all ranks gather."""
+    mine = []
+    for seqs in full_plan[d.rank]:
+        mb = microbatch(batch, seqs, pad_id)
         logp, _ = policy_logprobs(model, mb, cfg.rollout.temperature, False)
-        for i, lp in zip(mb_idx, split_logp(logp, mb_samples, mb["cu"])):
-            mine[i] = lp
-    share_logprobs(samples, mine, field, d)
+        mine.append(logp[mb.resp_index])
+    return gather_response_values(batch, full_plan, torch.cat(mine) if mine else torch.zeros(0), d.world, d.rank)
 
 
-def share_logprobs(samples, mine: dict, field: str, d) -> None:
-    """Set `field` of samples[i] = lp for every rank's {i: lp}, on every rank."""
-    for part in all_gather_objects(mine, d.world):
-        for i, lp in part.items():
-            setattr(samples[i], field, lp)
-
-
-def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id, keep_logp: bool = False) -> dict:
-    """One optimizer step over one mini-batch; every rank holds all `samples`, trains its share.
-    keep_logp: store the forward's log-probs in each sample's `trainer_logp` (on every rank)."""
+def train_minibatch(model, optimizer, batch: Batch, plans, cfg, d, pad_id, keep_logp: bool = False) -> dict:
+    """One optimizer step over one mini-batch: the sequences of `plans` (rank -> micro-batch ->
+    indices into `batch`, which every rank holds whole); each rank trains its share.
+    keep_logp: store the forward's log-probs in batch.trainer_logp (on every rank; NaN for the
+    sequences outside this mini-batch)."""
     g = cfg.grpo
-    n_tokens = sum(s.n_response for s in samples)  # the global normalisers, exact on every rank
-    n_seqs = sum(1 for s in samples if s.n_response > 0)
+    resp = batch.response_lengths[[i for rank in plans for mb in rank for i in mb]]
+    n_tokens, n_seqs = int(resp.sum()), int((resp > 0).sum())  # the global normalisers, exact on every rank
     my = plans[d.rank]
-    sums, kept = {}, {}
-    for k, mb_idx in enumerate(my):
+    sums, kept = {}, []
+    for k, seqs in enumerate(my):
         # reduce-scatter every micro-batch (sharded accumulation) unless asked to keep full gradients
         set_grad_sync(model, not cfg.distributed.accumulate_unsharded or k == len(my) - 1)
-        mb_samples = [samples[i] for i in mb_idx]
-        mb = pack_samples(mb_samples, d.device, pad_id)
-        mask = mb["targets"] != -100
+        mb = microbatch(batch, seqs, pad_id)
+        mask = mb.mask
         logp, ent = policy_logprobs(model, mb, cfg.rollout.temperature, True, g.logprob_scratch_mib << 20,
                                     g.logprob_exact_dw)
         if keep_logp:
-            kept.update(zip(mb_idx, split_logp(logp, mb_samples, mb["cu"])))
-        loss, stats = grpo_loss(logp, mb["old"], mb["adv"], mask, mb["ref"] if g.kl_coef > 0 else None,
+            kept.append(logp.detach()[mb.resp_index])
+        loss, stats = grpo_loss(logp, mb.old_logp, mb.advantages, mask, mb.ref_logp if g.kl_coef > 0 else None,
                                 clip_low=g.clip_low, clip_high=g.clip_high, clip_c=g.clip_c, kl_coef=g.kl_coef,
                                 kl_type=g.kl_type, loss_agg=g.loss_agg, global_tokens=max(n_tokens, 1),
-                                global_seqs=max(n_seqs, 1), cu_seqlens=mb["cu"], norm_const=cfg.norm_const,
+                                global_seqs=max(n_seqs, 1), cu_seqlens=mb.cu_seqlens, norm_const=cfg.norm_const,
                                 entropy=ent if g.entropy_coef > 0 else None, entropy_coef=g.entropy_coef)
         (loss * d.world).backward()  # FSDP2 averages over ranks; the loss is already globally normalised
         # stats are means over this micro-batch's unmasked tokens: re-weight to global sums
@@ -294,7 +240,8 @@ def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id, keep_logp:
             if key in stats:
                 sums[key] = sums.get(key, 0.0) + float(stats[key]) * n_mb
     if keep_logp:
-        share_logprobs(samples, kept, "trainer_logp", d)
+        batch.trainer_logp = gather_response_values(batch, plans, torch.cat(kept) if kept else torch.zeros(0),
+                                                    d.world, d.rank)
     keys = sorted(sums)
     tot = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], d.device)))
     params = [p for p in model.parameters() if p.grad is not None]
@@ -311,8 +258,9 @@ def train_minibatch(model, optimizer, samples, plans, cfg, d, pad_id, keep_logp:
 
 
 def rollout(policy, tok, records, cfg, d, step):
-    """Generate this rank's share of the step's prompts. Returns (per-sample dicts (CPU), engine
-    metrics: the KV-cache rows decoded through and the paged cache's preemptions)."""
+    """Generate this rank's share of the step's prompts. Returns (per-sample dicts of texts for the
+    rewards, the RolloutBatch (tokens and sampling log-probs as tensors), engine metrics: the
+    KV-cache rows decoded through and the paged cache's preemptions)."""
     r = cfg.rollout
     texts = [template_prompt(rec.prompt, cfg.data) for rec in records]
     prompt_ids = [rec.token_ids.tolist() for rec in records]  # tokenised once, at start-up (_run)
@@ -326,17 +274,16 @@ def rollout(policy, tok, records, cfg, d, step):
                          cuda_graphs=r.cuda_graphs, page_size=r.page_size, overlap=r.overlap)
     policy.train()
     out = []
-    for j, (pi, resp_ids, logp) in enumerate(zip(batch.prompt_index.tolist(), batch.response_ids, batch.logprobs)):
+    for j, (pi, resp_ids) in enumerate(zip(batch.prompt_index.tolist(), batch.response_ids)):
         rec = records[pi]
         # drop eos/pad, keep the tags; the stop string that ended the sample is cut from the text,
         # so an answer never contains one and only `</answer>` closes an answer
         stop = batch.stopped_by[j]
         resp = strip_stop_string(tok.decode(resp_ids, skip_special_tokens=True), stop)
-        out.append(dict(question=rec.prompt, prompt=texts[pi], prompt_ids=list(prompt_ids[pi]),
-                        response_ids=resp_ids, response=resp, logp=torch.tensor(logp, dtype=torch.float32),
+        out.append(dict(question=rec.prompt, prompt=texts[pi], response=resp,
                         truncated=bool(batch.truncated[j]), stopped_at_close=stop == ANSWER_CLOSE,
                         length_range=rec.length_range))
-    return out, dict(rollout_cache_rows=batch.cache_rows, rollout_preemptions=batch.preemptions)
+    return out, batch, dict(rollout_cache_rows=batch.cache_rows, rollout_preemptions=batch.preemptions)
 
 
 def score(samples, reward_fns, weights, cfg):
@@ -477,57 +424,55 @@ def _run(cfg, d) -> int:
             torch.cuda.reset_peak_memory_stats(d.device)
         step_records = cursor.next(records, cfg.rollout.prompts_per_step)
         mine = step_records[d.rank::d.world]
-        local, engine = rollout(policy, tok, mine, cfg, d, step)
+        local, rolled, engine = rollout(policy, tok, mine, cfg, d, step)
         t_roll = time.time()
         R, adv, answers = score(local, reward_fns, weights, cfg)
         t_rew = time.time()
 
-        # every rank gets every sequence (token lists are small) so the plan is global and exact
-        payload = [dict(tokens=s["prompt_ids"] + s["response_ids"], n_prompt=len(s["prompt_ids"]),
-                        adv=float(a), logp=s["logp"]) for s, a in zip(local, adv.tolist())]
-        samples = [Sample(torch.tensor(p["tokens"]), p["n_prompt"], p["adv"], p["logp"])
-                   for part in all_gather_objects(payload, d.world) for p in part]
-        full_plan = plan(samples, cfg, d.world, mcfg.hidden_size)
+        # every rank gets every sequence as one flat tensor batch, so the plan is global and exact
+        batch = exchange(from_rollout(rolled, adv, d.device), d.world)
+        everything = list(range(len(batch)))
+        full_plan = plan(batch, everything, cfg, d.world, mcfg)
 
         if cfg.rollout.old_logprobs == "recompute":
-            recompute_logprobs(policy, samples, full_plan[d.rank], cfg, d, pad, "old_logp")
+            batch.old_logp = recompute_logprobs(policy, batch, full_plan, cfg, d, pad)
         if cfg.rollout.old_logprobs == "rollout":
-            for s in samples:
-                s.old_logp = s.rollout_logp
+            batch.old_logp = batch.rollout_logp
         if ref is not None:
-            recompute_logprobs(ref, samples, full_plan[d.rank], cfg, d, pad, "ref_logp")
+            batch.ref_logp = recompute_logprobs(ref, batch, full_plan, cfg, d, pad)
         t_old = time.time()
 
         upd = []
         n_mini = cfg.grpo.mini_batches
         for _ in range(cfg.grpo.ppo_epochs):
             for m in range(n_mini):
-                idx = list(range(len(samples)))[m::n_mini]
-                mini = [samples[i] for i in idx]
+                mini = everything[m::n_mini]
                 # in rollout mode the first update's forward sees the sampling policy's weights:
                 # its log-probs measure the rollout/trainer mismatch at no extra cost
                 first = not upd and cfg.rollout.old_logprobs == "rollout"
-                upd.append(train_minibatch(policy, optimizer, mini, plan(mini, cfg, d.world, mcfg.hidden_size),
+                upd.append(train_minibatch(policy, optimizer, batch, plan(batch, mini, cfg, d.world, mcfg),
                                            cfg, d, pad, keep_logp=first))
         scheduler.step()
         t_upd = time.time()
         skipped_total += int(sum(u["skipped"] for u in upd))
 
         # metrics: sums over ranks of this rank's rollouts
-        row = step_metrics(step + 1, local, R, answers, reward_fns, weights, d)
+        row = step_metrics(step + 1, local, rolled.response_lengths.tolist(), R, answers, reward_fns, weights, d)
         row.update({k: sum(u[k] for u in upd) / len(upd) for k in upd[0]})
-        row.update(logprob_mismatch_stats(samples, "old_logp" if cfg.rollout.old_logprobs == "recompute"
-                                          else "trainer_logp"))
+        if cfg.rollout.old_logprobs == "recompute":
+            row.update(logprob_mismatch_stats(batch, batch.old_logp, everything))
+        else:
+            row.update(logprob_mismatch_stats(batch, batch.trainer_logp, everything[0::n_mini]))
         row["skipped_total"] = skipped_total
         row.update(engine)  # rank 0's rows (batch_size = 0 sizes them to the free memory) and preemptions
         row["lr"] = scheduler.get_last_lr()[0]
-        trained = sum(s.tokens.numel() for s in samples)
+        lengths = batch.lengths.tolist()
         # forward+backward per PPO epoch, plus one forward (1/3 of fwd+bwd) per recomputation
         passes = cfg.grpo.ppo_epochs + (cfg.rollout.old_logprobs == "recompute") / 3 + (ref is not None) / 3
-        flops = passes * sum(model_flops_per_token(mcfg, s.tokens.numel()) * s.tokens.numel() for s in samples)
+        flops = passes * sum(model_flops_per_token(mcfg, n) * n for n in lengths)
         row.update(time_rollout=t_roll - t0, time_reward=t_rew - t_roll, time_old_logprob=t_old - t_rew,
-                   time_update=t_upd - t_old, time_step=t_upd - t0, tokens_per_s=trained / (t_upd - t0),
-                   padding_waste=padding_waste([s.tokens.numel() for s in samples], full_plan))
+                   time_update=t_upd - t_old, time_step=t_upd - t0, tokens_per_s=sum(lengths) / (t_upd - t0),
+                   padding_waste=padding_waste(lengths, full_plan))
         if peak:  # model FLOPs of the training passes over their wall time, all GPUs
             row["mfu"] = flops / (t_upd - t_rew) / (peak * d.world)
         row.update(nvml.read())
@@ -552,30 +497,27 @@ def _run(cfg, d) -> int:
     return 0
 
 
-def logprob_mismatch_stats(samples, field: str) -> dict:
-    """Rollout-vs-trainer log-prob mismatch over the sequences whose `field` holds the trainer's
-    log-probs under the sampling weights ("old_logp" recomputed, or "trainer_logp": the first
-    mini-batch's update forward in rollout mode)."""
-    have = [s for s in samples if getattr(s, field) is not None and s.n_response > 0]
-    if not have:
+def logprob_mismatch_stats(batch: Batch, trainer_logp: torch.Tensor | None, seqs: list[int]) -> dict:
+    """Rollout-vs-trainer log-prob mismatch over the sequences `seqs`, whose values in
+    `trainer_logp` [R] are the trainer's under the sampling weights (the recomputed old log-probs,
+    or the first mini-batch's update forward in rollout mode)."""
+    seqs = [i for i, n in zip(seqs, batch.response_lengths[seqs].tolist()) if n > 0] if seqs else []
+    if trainer_logp is None or not seqs:
         return {}
-    Lr = max(s.n_response for s in have)
-    a = torch.zeros(len(have), Lr)
-    b = torch.zeros(len(have), Lr)
-    mask = torch.zeros(len(have), Lr, dtype=torch.bool)
-    for i, s in enumerate(have):
-        a[i, :s.n_response], b[i, :s.n_response], mask[i, :s.n_response] = s.rollout_logp, getattr(s, field), True
-    lengths = torch.tensor([s.n_response for s in have])
+    a, b = padded_responses(batch, batch.rollout_logp, seqs), padded_responses(batch, trainer_logp, seqs)
+    lengths = batch.response_lengths[seqs]
+    mask = torch.arange(a.shape[1])[None, :] < lengths[:, None]
     out = logprob_mismatch(a, b, mask, lengths)
     return {f"logp_mismatch_{k}": float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
 
-def step_metrics(step, local, R, answers, reward_fns, weights, d) -> dict:
+def step_metrics(step, local, resp_tok: list[int], R, answers, reward_fns, weights, d) -> dict:
+    """The step's reward and response metrics, summed over ranks: `local` this rank's sample dicts,
+    resp_tok their response lengths in tokens."""
     names = [getattr(f, "name", "quality") for f in reward_fns]
     n = len(local)
     w = torch.tensor(weights)
     total = (w[:, None] * R).sum(0)  # weighted sum of the raw rewards
-    resp_tok = [len(s["response_ids"]) for s in local]
     words = [count_words(a) if a is not None else count_words(s["response"]) for s, a in zip(local, answers)]
     thinks = [extract_think(s["response"]) for s in local]
     vals = [n, float(total.sum())] + [float(R[k].sum()) for k in range(len(names))] + [

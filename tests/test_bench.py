@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "device_check.sh")
 
 DRY_RUN_STEPS = ["wheels", "env", "build", "ext_import", "ceilings", "tests_cuda", "train_tiny", "bench_pack", "bench_decode_attn",
-                 "bench_rollout", "profile_step", "profile_fixed", "profile_8k", "bench_logprob", "bench_grpo_loss", "bench_logprob_compiled", "bench_grpo_loss_compiled", "collect"]
+                 "bench_rollout", "profile_step", "profile_fixed", "profile_8k", "bench_data_path", "bench_logprob", "bench_grpo_loss", "bench_logprob_compiled", "bench_grpo_loss_compiled", "collect"]
 
 
 def _finite_pos(x):
@@ -212,3 +212,23 @@ def test_key_number_prefers_headline():
     assert key_number(data) == "pct_of_copy=81.550 speedup_vs_eager=12.600 pct_of_copy_seq_mean=75.100"
     del data["headline"]
     assert key_number(data) == "gbps=554.400 ms=0.014"
+
+
+def test_bench_data_path_small(tmp_path):
+    """The data-path bench at its --small size: both paths build the same micro-batches on 2 gloo
+    ranks, every phase is timed, and bytes per token are reported for both."""
+    from bench import bench_data_path
+
+    out = tmp_path / "dp.json"
+    assert bench_data_path.main(["--small", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    (r,) = d["sizes"]
+    assert d["bench"] == "data_path" and d["ranks"] == 2 and r["same_microbatches"] is True
+    assert r["tokens"] >= 20000 and r["sequences"] > 2
+    for path in ("new", "old"):
+        for phase in ("exchange", "plan", "pack", "logp_back"):
+            assert _finite_pos(r[path]["seconds"][phase]), (path, phase)
+        # 4 bytes per token plus 4 per response token at least, in both paths
+        assert 4 < r[path]["bytes_per_token"]["exchange"] < 64, r[path]
+    assert _finite_pos(d["headline"]["speedup_largest"])
+    assert bench_data_path.main(["--tokens", "many"]) == 2

@@ -182,6 +182,49 @@ def test_gradients_fp64(use_op):
     assert torch.equal(gx, ref_unpack(g, cu, starts, L, 0.0))
 
 
+@pytest.mark.parametrize("use_op", [True, False])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.bfloat16])
+def test_one_row_source_gathers_any_spans(use_op, dtype):
+    """x[1, L]: every sequence reads the one row, so any subset of a flat stream (in any order,
+    overlapping) packs in one call; same as slicing the spans and concatenating them."""
+    if use_op and not P.HAVE_EXT:
+        pytest.skip("lwz._C not built")
+    gen = torch.Generator().manual_seed(3)
+    T = 50
+    flat = rand_data((T, 3), dtype, gen)
+    starts = torch.tensor([41, 0, 7, 7, 30, 49])
+    lengths = torch.tensor([9, 5, 12, 3, 0, 1])
+    want = torch.cat([flat[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())])
+    _, _, cu, total, _ = P.make_layout(starts, lengths, len(starts), T)
+    x = flat.unsqueeze(0)
+    got = torch.ops.lwz.pack(x, starts, cu, total) if use_op else P._pack_torch(x, starts, cu, total)
+    assert same(got, want)
+    packed, cu2, pos, mx = P.pack(x, starts, lengths)  # the Python API takes B from lengths
+    assert same(packed, want) and torch.equal(cu2, cu) and mx == 12
+    assert pos.tolist() == [t for n in lengths.tolist() for t in range(n)]
+    with pytest.raises(ValueError, match="row 0: start 41 \\+ length 10 does not fit in L=50"):
+        P.pack(x, [41], [10])
+
+
+@pytest.mark.parametrize("use_op", [True, False])
+def test_one_row_source_gradients(use_op):
+    """Overlapping spans of one row: the source's gradient sums every span that read it."""
+    if use_op and not P.HAVE_EXT:
+        pytest.skip("lwz._C not built")
+    starts, lengths = torch.tensor([4, 0, 2]), torch.tensor([3, 5, 4])
+    _, _, cu, total, _ = P.make_layout(starts, lengths, 3, 8)
+    pk = (lambda x: torch.ops.lwz.pack(x, starts, cu, total)) if use_op else \
+        (lambda x: P._pack_torch(x, starts, cu, total))
+    x = torch.randn(1, 8, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(pk, (x,))
+    g = torch.arange(total * 2, dtype=torch.float64).view(total, 2)
+    (gx,) = torch.autograd.grad(pk(x), x, g)
+    want = torch.zeros(8, 2, dtype=torch.float64)
+    for s, n, c in zip(starts.tolist(), lengths.tolist(), cu.tolist()):
+        want[s:s + n] += g[c:c + n]
+    assert torch.equal(gx[0], want)
+
+
 @needs_ext
 def test_opcheck():
     starts = torch.tensor([1, 0, 2])
@@ -257,6 +300,17 @@ def test_cuda_matches_cpu(dtype, feat):
 
 
 @needs_cuda
+def test_cuda_one_row_source_matches_cpu():
+    gen = torch.Generator().manual_seed(2)
+    flat = rand_data((300, 4), torch.bfloat16, gen)
+    starts, lengths = torch.tensor([250, 3, 3, 100, 299]), torch.tensor([50, 97, 1, 0, 1])
+    cpu = P.pack(flat.unsqueeze(0), starts, lengths)
+    gpu = P.pack(flat.cuda().unsqueeze(0), starts.cuda(), lengths)
+    for a, b in zip(cpu[:3], gpu[:3]):
+        assert same(a, b.cpu())
+
+
+@needs_cuda
 def test_cuda_gradients():
     B, L, H = 4, 10, 8
     starts, lengths = torch.tensor([0, 3, 1, 9]), torch.tensor([10, 5, 0, 1])
@@ -325,7 +379,7 @@ def test_planner_balance_on_large_batches():
     rng = random.Random(0)
     for R, quadratic in ((8, False), (8, True), (3, False), (16, False)):
         lengths = [min(14336, int(rng.lognormvariate(7.3, 1.0))) + 1 for _ in range(1024)]
-        a = P.attn_coeff_for(3584)
+        a = P.attn_coeff_for(3584, 18944)  # Qwen2.5-7B
         cost = "quadratic" if quadratic else "tokens"
         plan = P.plan_microbatches(lengths, 32768, R, cost=cost, attn_coeff=a)
         check_plan(lengths, plan, 32768, R)

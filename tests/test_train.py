@@ -24,23 +24,32 @@ def _join(rank, world, store):
     return init_distributed("gloo")
 
 
-def _fixed_samples(vocab=1024):
+def _fixed_batch(vocab=1024):
     """Rollouts of different lengths with signed advantages and perturbed old log-probs."""
-    from lwz.train import Sample
+    from lwz.batch import Batch
     g = torch.Generator().manual_seed(7)
-    out = []
-    for i, (p, r) in enumerate([(9, 5), (4, 17), (12, 1), (6, 30), (3, 11), (15, 8), (7, 22)]):
-        toks = torch.randint(2, vocab, (p + r,), generator=g)
-        out.append(Sample(toks, p, float(torch.randn(1, generator=g)), torch.zeros(r),
-                          old_logp=-7.0 + 0.3 * torch.randn(r, generator=g)))
-    return out
+    toks, adv, old, pl = [], [], [], []
+    for p, r in [(9, 5), (4, 17), (12, 1), (6, 30), (3, 11), (15, 8), (7, 22)]:
+        toks.append(torch.randint(2, vocab, (p + r,), generator=g))
+        adv.append(float(torch.randn(1, generator=g)))
+        old.append(-7.0 + 0.3 * torch.randn(r, generator=g))
+        pl.append(p)
+    cu = torch.tensor([0] + [len(t) for t in toks]).cumsum(0).to(torch.int32)
+    old = torch.cat(old)
+    return Batch(tokens=torch.cat(toks).to(torch.int32), cu_seqlens=cu, prompt_lengths=torch.tensor(pl),
+                 advantages=torch.tensor(adv), rollout_logp=torch.zeros_like(old), old_logp=old)
+
+
+def _plan_all(batch, cfg, world, model):
+    from lwz.train import plan
+    return plan(batch, list(range(len(batch))), cfg, world, model.config)
 
 
 def _update_worker(rank, world, store, out_path, loss_agg, accumulate_unsharded):
     torch.set_num_threads(1)
     from lwz.config import load_config
     from lwz.distributed import full_state_dict
-    from lwz.train import build_policy, plan, train_minibatch
+    from lwz.train import build_policy, train_minibatch
     cfg = load_config(os.path.join(ROOT, "configs/tiny.toml"),
                       [f"--model.path={ROOT}/assets/tiny-model", "--grpo.max_tokens_per_microbatch=40", "--data.max_prompt_tokens=20", "--rollout.max_new_tokens=20",
                        f"--grpo.loss_agg={loss_agg}", f"--distributed.accumulate_unsharded={accumulate_unsharded}"])
@@ -49,10 +58,10 @@ def _update_worker(rank, world, store, out_path, loss_agg, accumulate_unsharded)
     # eps well above fp32 summation noise: Adam divides by |g|, which would turn 1e-12 reordering
     # differences in near-zero gradients into full-size steps
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4, weight_decay=0.0)
-    samples = _fixed_samples()
-    plans = plan(samples, cfg, world, model.config.hidden_size)
+    batch = _fixed_batch()
+    plans = _plan_all(batch, cfg, world, model)
     assert all(len(p) == len(plans[0]) for p in plans)
-    stats = train_minibatch(model, opt, samples, plans, cfg, d, pad_id=1)
+    stats = train_minibatch(model, opt, batch, plans, cfg, d, pad_id=1)
     sd = full_state_dict(model)
     if rank == 0:
         torch.save({"sd": sd, "stats": stats}, out_path)
@@ -283,22 +292,22 @@ def test_non_finite_grad_norm_skips_the_update():
     the weights stay as they were, and the next finite mini-batch updates normally."""
     from lwz.config import load_config
     from lwz.distributed import Dist
-    from lwz.train import build_policy, plan, train_minibatch
+    from lwz.train import build_policy, train_minibatch
     cfg = load_config(os.path.join(ROOT, "configs/tiny.toml"),
                       [f"--model.path={ROOT}/assets/tiny-model", "--distributed.fsdp=false"])
     d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), backend="none")
     model = build_policy(cfg, d)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    samples = _fixed_samples()
-    samples[2].advantage = float("nan")
-    plans = plan(samples, cfg, 1, model.config.hidden_size)
-    out = train_minibatch(model, opt, samples, plans, cfg, d, pad_id=1)
+    batch = _fixed_batch()
+    batch.advantages[2] = float("nan")
+    plans = _plan_all(batch, cfg, 1, model)
+    out = train_minibatch(model, opt, batch, plans, cfg, d, pad_id=1)
     assert out["skipped"] == 1.0 and not (out["grad_norm"] == out["grad_norm"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    samples[2].advantage = 0.5
-    out = train_minibatch(model, opt, samples, plans, cfg, d, pad_id=1)
+    batch.advantages[2] = 0.5
+    out = train_minibatch(model, opt, batch, plans, cfg, d, pad_id=1)
     assert out["skipped"] == 0.0
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -309,7 +318,7 @@ def test_logprob_scratch_budget_reaches_the_kernel(monkeypatch):
     import kernels.logprob as lp_mod
     from lwz.config import load_config
     from lwz.distributed import Dist
-    from lwz.train import build_policy, plan, train_minibatch
+    from lwz.train import build_policy, train_minibatch
     cfg = load_config(os.path.join(ROOT, "configs/tiny.toml"),
                       [f"--model.path={ROOT}/assets/tiny-model", "--distributed.fsdp=false",
                        "--grpo.logprob_scratch_mib=3", "--grpo.logprob_exact_dw=false"])
@@ -323,9 +332,9 @@ def test_logprob_scratch_budget_reaches_the_kernel(monkeypatch):
     monkeypatch.setattr(lp_mod, "fused_logprobs", spy)
     d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), backend="none")
     model = build_policy(cfg, d)
-    samples = _fixed_samples()
-    train_minibatch(model, torch.optim.AdamW(model.parameters(), lr=1e-3), samples,
-                    plan(samples, cfg, 1, model.config.hidden_size), cfg, d, pad_id=1)
+    batch = _fixed_batch()
+    train_minibatch(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch, _plan_all(batch, cfg, 1, model),
+                    cfg, d, pad_id=1)
     assert seen and all(b == (3 << 20, False) for b in seen), seen
 
 
