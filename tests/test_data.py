@@ -343,7 +343,7 @@ def test_trainer_stops_before_step_one_on_an_over_long_prompt(tmp_path, capsys, 
                    template_prompt(LONG_Q, load_config(TINY).data)))
     assert n > 512
     assert err.strip().splitlines() == [
-        f"rank 0: error: 1 templated prompt longer than data.max_prompt_tokens=512: {prompts}:4 ({n} tokens); "
+        f"error: 1 templated prompt longer than data.max_prompt_tokens=512: {prompts}:4 ({n} tokens); "
         f"shorten or drop them, or set data.skip_long_prompts=true"]
     assert not os.path.exists(tmp_path / "long" / "metrics.jsonl")
 
