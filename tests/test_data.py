@@ -384,7 +384,7 @@ def _rollout_and_score(tmp_path, tok, text, stop_strings):
     records, _ = tokenize_prompts(load_prompts(path), tok, cfg.data)
     model = scripted_model([records[0].token_ids[-1]] + encode(tok, text))
     d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), backend="none")
-    samples, _ = rollout(model, tok, records, cfg, d, step=0)
+    samples, _, _ = rollout(model, tok, records, cfg, d, step=0)
     fns, weights = build_rewards(cfg, d)
     R, _, answers = score(samples, fns, weights, cfg)
     return samples, R, answers
