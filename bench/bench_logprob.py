@@ -7,17 +7,9 @@ CUDA: H=5120, V=152064 (Qwen2.5-14B/32B head), bf16, temperature 0.8, entropy on
 on both outputs. Median times by triton.testing.do_bench (>= 5 timed calls) for forward (no grad)
 and forward + backward, for
   triton          our fused kernels (impl="triton"), default backward scratch budget (1 GiB)
-  triton_lowmem   the same with bwd_scratch_bytes = 88 MiB, the setting for the goal of <= 100 MB
-                  (10^8 bytes) beyond the gradients, with ~1 MiB of forward statistics and upstream
-                  gradients on top of the budget: one walk whose fp32 dX accumulator lives in
-                  dX's own buffer and dW's last rows until dX is out, those rows' logits
-                  recomputed, the first chunks' dA in dW's rows not yet written (each triton row
-                  records its backward plan, kernels.logprob.backward_plan)
-  triton_lowmem_two_walks   the same budget with nothing borrowed from dW, the plan before: two
-                  walks (token chunks for dX, vocabulary chunks for dW), the logits recomputed in
-                  both (10*T*H*V flops), timed in the same run
-  triton_lowmem_groups   the same with exact_dw=False instead: one walk per token group, dW added
-                  up over the groups in bf16 (8*T*H*V flops; dW rounded ~7 times at 16k)
+  triton_lowmem   the same with bwd_scratch_bytes = LOW_SCRATCH (88 MiB: under 10^8 bytes beyond
+                  the gradients with the forward's statistics on top): the two-walk backward at
+                  the goal sizes (each triton row records its plan, kernels.logprob.backward_plan)
   torch_chunked_compiled   the chunked torch path (impl="torch") with its chunk bodies compiled by
                   torch.compile (kernels.logprob.compile_torch_chunks; the loops stay in Python)
   torch_eager     materialised [T, V] logits -> log_softmax -> gather + entropy (skipped, and
@@ -29,9 +21,7 @@ recomputed in backward 8*T*H*V (2 fwd + 2 recompute + 2 dX + 2 dW), used for eve
 numbers compare time. "% of matmul" is against a bf16 8192^3 torch.matmul measured in the same run.
 Peak extra memory = max_memory_allocated during fwd+bwd minus the memory held before it; "-grads"
 subtracts the gradients dX and dW themselves (outputs every implementation holds), leaving the
-working memory: for triton the backward's dlogits chunk and the fp32 dX accumulator (T*H*4 B in
-the one-walk plan unless it lives in the gradients' own buffers, one token chunk's in the two-walk
-plan), together within bwd_scratch_bytes.
+working memory (for triton: within bwd_scratch_bytes plus the forward's [T] statistics).
 Errors are against an fp32 reference of the same bf16 inputs on the first 256 tokens; the dX /
 dW errors ("dX err", "dW err": max |error| / max |reference|) come from a separate fwd+bwd of each
 implementation on those tokens with the same random signed per-token upstream gradients
@@ -47,7 +37,6 @@ prints a table. `main(argv)` returns the JSON dict.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -59,27 +48,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench.common import git_commit, matmul_seconds, time_call, write_json  # noqa: E402
-import kernels.logprob as lp_mod  # noqa: E402
 from kernels.logprob import backward_plan, compile_torch_chunks, fused_logprobs  # noqa: E402
 from kernels.reference import logprobs_reference  # noqa: E402
 
 FLOPS_FORMULA = "fwd: 2*T*H*V; fwd+bwd (recompute): 8*T*H*V"
 LOW_SCRATCH = 88 << 20  # the triton_lowmem row's backward budget: 92.3 MB, under the 100 MB goal
-
-
-def _no_borrowing(*_):
-    """kernels.logprob.borrowed_rows for the rows that measure the plans dW cannot host."""
-    return 0
-
-
-# the rows of our kernels: backward budget (scratch), exact_dw, and kernels.logprob module
-# settings held while the row runs (forward, backward and its plan)
-TRITON_ROWS = {
-    "triton": dict(scratch=None),
-    "triton_lowmem": dict(scratch=LOW_SCRATCH),
-    "triton_lowmem_two_walks": dict(scratch=LOW_SCRATCH, settings={"borrowed_rows": _no_borrowing}),
-    "triton_lowmem_groups": dict(scratch=LOW_SCRATCH, exact_dw=False, settings={"borrowed_rows": _no_borrowing}),
-}
+# the rows of our kernels: their backward scratch budget (None: the kernel's default)
+TRITON_ROWS = {"triton": None, "triton_lowmem": LOW_SCRATCH}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -105,14 +80,14 @@ def _inputs(T, H, V, dtype, device, seed=0):
 
 
 def _make_impls(temp, on_cuda, compile_torch=True):
-    def fused(impl, scratch=None, exact_dw=True):
+    def fused(impl, scratch=None):
         return lambda x, w, t: fused_logprobs(x, w, t, temp, return_entropy=True, impl=impl,
-                                              bwd_scratch_bytes=scratch, exact_dw=exact_dw)
+                                              bwd_scratch_bytes=scratch)
 
     impls = {}
     if on_cuda:
-        for name, spec in TRITON_ROWS.items():
-            impls[name] = fused("triton", spec["scratch"], spec.get("exact_dw", True))
+        for name, scratch in TRITON_ROWS.items():
+            impls[name] = fused("triton", scratch)
         if compile_torch:  # one graph per chunk shape (a few per token count), not the loops
             compile_torch_chunks(dynamic=False)
             impls["torch_chunked_compiled"] = fused("torch")
@@ -136,41 +111,10 @@ def _make_impls(temp, on_cuda, compile_torch=True):
 
 def _plan_text(plan, N, V):
     """kernels.logprob.BwdPlan for N tokens in words."""
-    passes, tc, vcx, vc, tail, room = plan
-    if passes == 1 and tc < N:
-        return (f"one walk per {tc}-token group ({-(-N // tc)} groups): vocabulary chunks of {vc}, fp32 dX "
-                f"accumulator, dW added up over the groups")
-    if passes == 1 and tail:
-        in_dw = (f"; the first {len(room)} chunks ({room[0]} down to {room[-1]} columns) with their "
-                 f"dA in dW's unwritten rows") if room else ""
-        return (f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator in dX's buffer and dW's "
-                f"last {tail} rows (their logits recomputed){in_dw}")
-    if passes == 1:
-        return f"one walk: vocabulary chunks of {vc} with the fp32 dX accumulator"
-    dx = f"{tc}-token chunks over {vcx}-column blocks (fp32 [{tc}, H] accumulator)" if vcx < V \
-        else f"{tc}-token chunks over the whole vocabulary"
-    return f"two walks: dX in {dx}; dW in vocabulary chunks of {vc}"
-
-
-@contextlib.contextmanager
-def _settings(name):
-    """kernels.logprob's module settings of row `name` (TRITON_ROWS), restored after."""
-    settings = TRITON_ROWS.get(name, {}).get("settings", {})
-    saved = {k: getattr(lp_mod, k) for k in settings}
-    try:
-        for k, v in settings.items():
-            setattr(lp_mod, k, v)
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(lp_mod, k, v)
-
-
-def _with_settings(name, f):
-    def run():
-        with _settings(name):
-            return f()
-    return run
+    if plan.tc >= N:
+        return f"one walk: vocabulary chunks of {plan.vc} with the fp32 dX accumulator"
+    return (f"two walks: dX in {plan.tc}-token groups ({-(-N // plan.tc)}) over vocabulary chunks of "
+            f"{plan.vc}; dW in vocabulary chunks of {plan.vc_dw}")
 
 
 def _fwd_bwd(fn, x, w, t, gl, ge):
@@ -282,10 +226,7 @@ def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None, device="
         for name, fn in impls.items():
             row = dict(T=T, H=H, V=V, dtype=DTYPE_NAMES[dtype], impl=name, matmul_tflops=mm_tflops)
             if name in TRITON_ROWS:
-                spec = TRITON_ROWS[name]
-                with _settings(name):
-                    plan = backward_plan(x, w, spec["scratch"], exact_dw=spec.get("exact_dw", True))
-                row["bwd_plan"] = _plan_text(plan, T, V)
+                row["bwd_plan"] = _plan_text(backward_plan(x, w, TRITON_ROWS[name]), T, V)
             if name == "torch_eager":
                 free, _ = torch.cuda.mem_get_info()
                 need = _eager_bytes(T, V)
@@ -295,7 +236,6 @@ def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None, device="
                     rows.append(row)
                     continue
             fwd, fb, xr, wr = _step_fns(fn, x, w, t, gl, ge)
-            fwd, fb = _with_settings(name, fwd), _with_settings(name, fb)
             try:
                 with torch.no_grad():
                     lp, _ = fn(x, w, t)
@@ -329,8 +269,7 @@ def run_cuda(sizes, quick, compile_torch=True, on_size=None, only=None, device="
             torch.cuda.empty_cache()
             if "skipped" not in row:  # after the timing: a failure here keeps the row's numbers
                 try:
-                    with _settings(name):
-                        row["rel_err_dx"], row["rel_err_dw"] = grad_errors(fn, x, w, t, gl, ge, temp, n_err)
+                    row["rel_err_dx"], row["rel_err_dw"] = grad_errors(fn, x, w, t, gl, ge, temp, n_err)
                 except Exception as e:
                     row["grad_err_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             torch.cuda.empty_cache()
@@ -395,13 +334,6 @@ def main(argv=None):
                 low = same_t["triton_lowmem"]
                 res["headline"].update(pct_matmul_fwd_bwd_lowmem=low["pct_matmul_fwd_bwd"],
                                        beyond_grads_mb_lowmem=low["peak_beyond_grads_mib"] * 2**20 / 1e6)
-                if "triton_lowmem_two_walks" in same_t:  # the borrowed accumulator vs the plan before
-                    res["headline"]["speedup_lowmem_vs_two_walks"] = \
-                        same_t["triton_lowmem_two_walks"]["fwd_bwd_s"] / low["fwd_bwd_s"]
-            if "triton_lowmem_groups" in same_t:
-                grp = same_t["triton_lowmem_groups"]
-                res["headline"].update(pct_matmul_fwd_bwd_lowmem_groups=grp["pct_matmul_fwd_bwd"],
-                                       beyond_grads_mb_lowmem_groups=grp["peak_beyond_grads_mib"] * 2**20 / 1e6)
             for base in ("torch_chunked_compiled", "liger_flce"):  # fwd+bwd time ratios
                 if base in same_t and r["impl"] == "triton":
                     res["headline"][f"speedup_vs_{base}"] = same_t[base]["fwd_bwd_s"] / r["fwd_bwd_s"]

@@ -189,18 +189,12 @@ bench_step bench_pack bench.bench_pack 45
 bench_step bench_decode_attn bench.bench_decode_attention 30
 
 # 6a. the log-prob kernels' launch configs tuned at 16k tokens (pointer loads vs TMA descriptors,
-#    tile shapes, flattened loops); the fastest correct pair is exported for every later step, so
-#    the benchmarks and profiles below measure it (bench/results/tune_logprob-<gpu>.json says which
-#    it was)
+#    tile shapes, flattened loops); the fastest correct pair goes into this tree's launch-config
+#    table under the GPU's name (kernels/logprob_configs.json), which every later step reads at
+#    import, so the benchmarks and profiles below measure it (bench/results/tune_logprob-<gpu>.json
+#    says which it was)
 step tune_logprob 200 "$RES/tune_logprob-$GPU_TAG.json" "$PYTHON" -m bench.tune_logprob \
-  --out "$RES/tune_logprob-$GPU_TAG.json" --env "$LOGS/tune.env"
-if [[ $DRY -eq 0 && -s "$LOGS/tune.env" ]]; then
-  set -a
-  # shellcheck source=/dev/null
-  source "$LOGS/tune.env"
-  set +a
-  echo "tuned log-prob configs: $(tr '\n' ' ' < "$LOGS/tune.env")"
-fi
+  --out "$RES/tune_logprob-$GPU_TAG.json" --table kernels/logprob_configs.json
 
 # 6b. the Triton kernel benchmarks vs eager torch (torch.compile of the references is left out: it
 #    alone takes minutes at these sizes); the log-prob at 4k and at its goal size, 16k tokens

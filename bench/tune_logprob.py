@@ -1,7 +1,7 @@
 """Tune the Triton log-prob kernels' launch configs on a GPU at one size (bf16, H=5120, V=152064).
 
     python -m bench.tune_logprob [--tokens 16384] [--fwd CFG;CFG...] [--bwd CFG;CFG...]
-                                 [--out JSON] [--env FILE]
+                                 [--out JSON] [--table kernels/logprob_configs.json]
 
 A config is "BTxBVxBH:wW:sS[:gG]:tma|ptr[:flat]" (kernels.logprob.parse_config): tile sizes,
 warps, stages, token-block group of the backward, whether hidden/weight tiles come through TMA
@@ -9,18 +9,19 @@ tensor descriptors or pointer loads, and whether the loops are flattened (persis
 the backward). Steps, each timed with triton.testing.do_bench (median):
   1. every forward config: forward time (no grad), TFLOP/s and % of the bf16 GEMM measured in the
      same run, the logp error against an fp32 oracle of the same bf16 inputs (first 256 tokens)
-     and the largest logp difference from the shipped config;
+     and the largest logp difference from the first config;
   2. every backward config, behind the fastest correct forward: forward + backward time and the
-     largest relative difference of dX and dW from the shipped configs' gradients.
+     largest relative difference of dX and dW from the first configs' gradients.
 A config whose results leave the tolerances (logp 1e-3 from the oracle; dX, dW 2e-2 relative) is
 marked wrong and never chosen. Writes JSON (bench/results/tune_logprob-<gpu>.json by default), a
-table, and with --env the fastest correct pair as LWZ_LOGPROB_FWD_CONFIG=... /
-LWZ_LOGPROB_BWD_CONFIG=... lines that the kernels read at import.
+table, and with --table the fastest correct pair into that launch-config table under this GPU's
+name (kernels/logprob_configs.json: the kernels read it at import).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -52,7 +53,19 @@ def _rel(a, b):
 
 
 # kernels.logprob settings the tuning sets while it runs; main restores them (in-process callers)
-_SETTINGS = ("GPU_CONFIG", "GPU_BWD_CONFIG", "INTERP_CONFIG", "INTERP_BWD_CONFIG")
+_SETTINGS = ("CONFIGS", "INTERP_CONFIG", "INTERP_BWD_CONFIG")
+
+
+def write_table(path, gpu, fwd, bwd, source):
+    """Set entry `gpu` of the launch-config table at `path` (kernels.logprob.load_configs' form) to
+    the configs fwd / bwd, keeping the other entries; checked by reading it back."""
+    with open(path) as f:
+        table = json.load(f)
+    table[gpu] = {"fwd": fwd, "bwd": bwd, "source": source}
+    with open(path, "w") as f:
+        json.dump(table, f, indent=2)
+        f.write("\n")
+    lp.load_configs(path)
 
 
 def main(argv=None):
@@ -75,7 +88,9 @@ def _tune(argv):
     ap.add_argument("--rep", type=int, default=1000,
                     help="do_bench repetition time, ms (>= 5 timed calls of a ~0.2 s fwd+bwd)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--env", default=None, help="write the chosen configs as VAR=value lines here")
+    ap.add_argument("--table", default=None,
+                    help="write the chosen pair into this launch-config table under the GPU's name "
+                         "(kernels/logprob_configs.json)")
     a = ap.parse_args(argv)
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("tune_logprob: needs a CUDA GPU (or TRITON_INTERPRET=1 for a dry run of the flow)")
@@ -85,9 +100,18 @@ def _tune(argv):
         def do_bench(fn, rep, return_mode):
             return time_call(fn, 1, False, warmup=0) * 1e3
 
-    fwd_cfgs = [lp.parse_config(c, lp.GPU_CONFIG, "--fwd") for c in a.fwd.split(";") if c]
-    bwd_cfgs = [lp.parse_config(c, lp.GPU_BWD_CONFIG, "--bwd") for c in a.bwd.split(";") if c]
-    cfg_var, bwd_var = ("GPU_CONFIG", "GPU_BWD_CONFIG") if cuda else ("INTERP_CONFIG", "INTERP_BWD_CONFIG")
+    if a.table:
+        lp.load_configs(a.table)  # a broken table stops here, before any GPU time is spent
+    fwd_base, bwd_base = lp.CONFIGS["default"]
+    fwd_cfgs = [lp.parse_config(c, fwd_base, "--fwd") for c in a.fwd.split(";") if c]
+    bwd_cfgs = [lp.parse_config(c, bwd_base, "--bwd") for c in a.bwd.split(";") if c]
+
+    def use(fwd_c, bwd_c):  # the configs every launch of this process takes
+        if cuda:
+            lp.CONFIGS = {"default": (fwd_c, bwd_c)}
+        else:
+            lp.INTERP_CONFIG, lp.INTERP_BWD_CONFIG = fwd_c, bwd_c
+
     env = env_info()
     out = a.out or os.path.join(ROOT, "bench", "results", f"tune_logprob-{gpu_tag(env.get('gpu'))}.json")
     dev = torch.device("cuda" if cuda else "cpu")
@@ -144,7 +168,7 @@ def _tune(argv):
                     diff_vs_first=diff, ok=err <= LOGP_TOL and diff <= LOGP_TOL)
 
     for c in fwd_cfgs:
-        setattr(lp, cfg_var, c)
+        use(c, bwd_cfgs[0])
         record(dict(step="fwd", config=lp.format_config(c)), measure_fwd)
     good = [r for r in rows if r["step"] == "fwd" and r.get("ok")]
     best_fwd = min(good, key=lambda r: r["ms"]) if good else None
@@ -164,10 +188,10 @@ def _tune(argv):
     # the baseline pair (the first configs of both lists), then every backward config behind the
     # fastest correct forward
     for k, c in enumerate([bwd_cfgs[0]] + bwd_cfgs):
-        setattr(lp, cfg_var, fwd_cfgs[0] if k == 0 else best_fwd_cfg)
-        setattr(lp, bwd_var, c)
+        fwd_c = fwd_cfgs[0] if k == 0 else best_fwd_cfg
+        use(fwd_c, c)
         record(dict(step="baseline" if k == 0 else "fwd+bwd", config=lp.format_config(c),
-                    fwd_config=lp.format_config(getattr(lp, cfg_var))), measure_fb)
+                    fwd_config=lp.format_config(fwd_c)), measure_fb)
         del base[1:]  # keep the baseline's gradients only
     good = [r for r in rows if r["step"] == "fwd+bwd" and r.get("ok")]
     best_bwd = min(good, key=lambda r: r["ms"]) if good else None
@@ -182,9 +206,11 @@ def _tune(argv):
     print(format_table(rows, ["step", "config", "fwd_config", "ms", "tflops", "pct_matmul", "err_logp", "diff_vs_first",
                               "diff_dx", "diff_dw", "ok", "error"]))
     print(f"best: fwd {result['best']['fwd']}  bwd {result['best']['bwd']}  (GEMM {mm:.0f} TFLOP/s this run)")
-    if a.env and best_fwd and best_bwd:
-        with open(a.env, "w") as f:
-            f.write(f"LWZ_LOGPROB_FWD_CONFIG={best_fwd['config']}\nLWZ_LOGPROB_BWD_CONFIG={best_bwd['config']}\n")
+    if a.table and best_fwd and best_bwd:
+        gpu = torch.cuda.get_device_name() if cuda else "interpreter"
+        write_table(a.table, gpu, best_fwd["config"], best_bwd["config"],
+                    f"bench/tune_logprob.py at {T} tokens, H={H}, V={V}, commit {env.get('commit')}")
+        print(f"{a.table}: {gpu} -> fwd {best_fwd['config']}, bwd {best_bwd['config']}")
     print(f"wrote {out}")
     return 0
 

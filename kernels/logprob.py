@@ -1,6 +1,7 @@
 """Fused hidden states -> per-token log-probs (and entropy), never materialising [N, V] logits.
 
-    fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, impl="auto")
+    fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, impl="auto",
+                   bwd_scratch_bytes=None)
         hidden   [N, H]  fp16 / bf16 / fp32 (fp64 too on impl="torch"); rows with unit last stride
         weight   [V, H]  same dtype as hidden, contiguous (the lm head; the embedding when tied)
         targets  [N]     int64, in [0, V) or -100 (= ignored)
@@ -11,68 +12,43 @@
     entropy[i] = -sum_j p_ij log p_ij,  p = softmax(z[i])
     Ignored rows (target == -100) give logp 0 and entropy 0 and no gradient from either output.
 
-Differentiable in hidden and weight. Gradient with respect to z (derivation):
+Differentiable in hidden and weight. Gradient with respect to z:
     d logp_i / d z_ij = [j == t_i] - p_ij
     d H_i    / d z_ij = -p_ij (z_ij - sum_k p_ik z_ik) = -p_ij (log p_ij + H_i)
-and d z / d (hidden @ weight.T) = 1 / temperature, so with upstream g (logp) and e (entropy)
+so with upstream g (logp) and e (entropy)
     dA_ij = (g_i ([j == t_i] - p_ij) - e_i p_ij (log p_ij + H_i)) / temperature,
     d hidden = dA @ weight,  d weight = dA^T @ hidden.
 
-Two implementations, same semantics:
-  impl="triton": Triton kernels (CUDA, or the interpreter under TRITON_INTERPRET=1). On CUDA both
-    matmul kernels read their hidden / weight tiles through TMA tensor descriptors (GPU_CONFIG /
-    GPU_BWD_CONFIG, tuned by bench/tune_logprob.py; pointer loads where a tensor is not 16-byte
-    aligned, for fp32 inputs, or with ":ptr" in LWZ_LOGPROB_FWD_CONFIG / LWZ_LOGPROB_BWD_CONFIG).
-    forward   `_fwd_kernel`, grid (vocab splits x token blocks): each program loops over its vocab
-              slice, builds each [BLOCK_T, BLOCK_V] logit tile with tl.dot over H, and keeps per-row
-              online stats in fp32: running max m, s = sum exp(z - m), t = sum exp(z - m)(z - m)
-              (entropy = log s - t / s, computed relative to the max so a large common shift of the
-              logits does not cancel), and the target logit. `_merge_kernel` merges the per-split
-              partials [4, splits, N] into logp, entropy and the row stats. Saved for backward:
-              max [N], log sum exp(z - max) [N] and entropy [N] (fp32) besides the inputs (the
-              lse itself is never rounded to fp32: at |z| >> 1 that rounding shifts every
-              recomputed p by a common factor); nothing of size N x V.
-    backward  vocab chunk by vocab chunk: `_bwd_dlogits_kernel` recomputes the logit tiles of the
-              chunk and writes dA[N, Vc] (computed in fp32, stored in the GEMM dtype only at the
-              end, so the 1 - p_target cancellation happens in fp32); then two cuBLAS GEMMs per
-              chunk: dW[chunk] = dA^T @ hidden (reduction over ALL N tokens: dW is written exactly
-              once, never read-modify-written per token chunk) and dX_fp32 += dA @ W[chunk].
-              Why not two pure-Triton GEMM kernels (dX over a vocab loop per token block, dW over a
-              token loop per vocab block)? Their accumulators are [BLOCK_T, H] and [BLOCK_V, H]:
-              at H = 5120 that is 2.6 MB of fp32 per program, far beyond registers/SMEM, so they
-              would need an extra H split that multiplies the logit recompute by H / BLOCK_H_out.
-              A chunked dA buffer + cuBLAS costs 8 N H V flops in total (2 fwd + 2 recompute +
-              4 GEMMs) and the two big GEMMs run at cuBLAS speed. The only per-chunk
-              read-modify-write is dX (N x H x 4 bytes, V/Vc times), small next to the GEMMs.
-              Memory beyond the gradients: the dX accumulator (N H 4 B) + the dA chunk (N Vc 2 B),
-              bounded by `bwd_scratch_bytes` (default 1 GiB). Where only the chunk fits (a small
-              budget, or N >~ 37k tokens at H = 5120), the accumulator lives in the gradients' own
-              buffers, not yet written: its first N/2 rows in dX's (a half-precision [N, H] holds
-              fp32 [N/2, H]), the others in dW's last ~N rows, which are walked for dX first, then
-              once dX is out for their dW (+2 N H tail flops: +2.7% of fwd+bwd at 16k tokens,
-              +5.4% at 32k, V = 152064; dX and dW exact as before); the scratch is the dA chunk
-              alone, and the first chunks keep even that in dW's rows not yet written, which lets
-              them be as wide as the default's (fewer passes over the accumulator). Where dW
-              cannot hold it (no dW, or N >~ V) the backward walks twice instead: token chunks give
-              dX[rows], either in one GEMM dA[Tc, V] @ W or, where that leaves short chunks, over
-              vocabulary blocks [Tc, Vx] into an fp32 [Tc, H] accumulator (fewer weight re-reads);
-              then vocabulary chunks give dW as above; 10 N H V flops, scratch = one walk's chunk
-              and accumulator (`_bwd_plan`). With exact_dw=False that case walks once per token
-              group instead ([Tg, H] fp32 dX accumulator, dW[chunk] added up over the groups by
-              cuBLAS in dW's dtype): 8 N H V flops again, dW rounded once per group.
-  impl="torch": plain torch, chunked; what the CPU trainer uses. The forward walks token chunks
-    (each [C, V] logits chunk in fp32), the backward walks vocab chunks like the Triton path (on a
-    GPU with half inputs its GEMMs take dA in the input dtype with fp32 accumulation).
-  impl="auto": Triton when the tensors are on CUDA and triton imports, torch otherwise.
+impl="triton" (CUDA, or the interpreter under TRITON_INTERPRET=1):
+  forward   `_fwd_kernel`, grid (vocab splits x token blocks), builds [BLOCK_T, BLOCK_V] logit tiles
+            with tl.dot over H and keeps per-row online stats in fp32 (running max m,
+            s = sum exp(z - m), t = sum exp(z - m)(z - m), target logit); `_merge_kernel` merges the
+            splits. Entropy = log s - t / s is taken relative to the max so that a large common
+            shift of the logits does not cancel. Saved for backward: row max, log s and entropy
+            (fp32 [N]); the lse itself is never rounded to fp32 (at |z| >> 1 that would shift every
+            recomputed p by a common factor).
+  backward  a walk over token groups x vocabulary chunks: `_bwd_dlogits_kernel` recomputes a
+            chunk's logits and writes dA (fp32 math, stored in the GEMM dtype), then cuBLAS adds
+            dA @ W[chunk] into an fp32 dX accumulator and writes dW[chunk] = dA^T @ X. Why cuBLAS:
+            a Triton dX / dW kernel would hold a [BLOCK, H] fp32 accumulator (2.6 MB at H = 5120)
+            or recompute the logits once per H slice. The walk holds at most `bwd_scratch_bytes`
+            beyond the gradients (`backward_plan`): one group of all N tokens when its fp32 [N, H]
+            accumulator and a chunk of MIN_CHUNK_COLS columns fit (dX and dW from one walk, dW
+            written once); else token groups for dX, then a second walk over all N tokens for dW
+            (its logits recomputed, dW still written once).
+  Launch configs: the table kernels/logprob_configs.json (GPU name -> forward / backward config,
+  "default" for the others), written by bench/tune_logprob.py.
+impl="torch": plain torch, chunked (the CPU trainer's path); same math, same saved stats.
+impl="auto": Triton when the tensors are on CUDA and triton imports, torch otherwise.
 
-Offsets are 64-bit in the kernels (program ids and row/col indices cast to int64 before any
-multiplication by a stride): N * V passes 2^31 at N ~ 14.1k for V = 152064.
-Temperature is a `tl.constexpr` (a Python float passed as a plain argument would become fp64 under
-torch.compile/Inductor); each temperature value compiles once.
+Offsets are 64-bit in the kernels (program ids and indices cast to int64 before any multiplication
+by a stride): N * V passes 2^31 at N ~ 14.1k for V = 152064. Temperature is a `tl.constexpr` (a
+Python float passed as a plain argument would become fp64 under torch.compile/Inductor).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -96,43 +72,28 @@ except Exception:  # pragma: no cover
 
 IGNORE_INDEX = -100
 
-# Scratch the Triton backward may hold beyond the gradients (bytes): its dA chunk plus, in the
-# one-pass walk, the fp32 dX accumulator (N*H*4). Where the accumulator and a chunk of
-# ONE_PASS_MIN_VC columns do not fit, the accumulator borrows dW's last rows (their logits are
-# recomputed once more), or failing that the backward walks twice; see _bwd_plan.
-BWD_SCRATCH_BYTES = int(os.environ.get("LWZ_LOGPROB_BWD_SCRATCH_BYTES", str(1 << 30)))
-# Narrowest vocabulary chunk of the one-pass walk: each chunk re-reads and re-writes the fp32 dX
-# accumulator (8 N H bytes), ~15% on top of its 6 N Vc H flops at 1024 columns on an H100-class GPU
-# (measured on an H200: +6.6% at 2048); narrower chunks would cost more than the two-pass recompute.
-ONE_PASS_MIN_VC = 1024
-# Widest dA chunk of the one-pass walk: past ~512 MiB the saved accumulator passes are < 0.3% of
-# the time at 16k tokens (the H200 numbers of the README were measured with this chunk).
-BWD_MAX_CHUNK_BYTES = 512 << 20
-# Elements of one fp32 logits chunk in the torch path ([C, V] forward, [N, Vc] backward).
-# 0 = by device (see _torch_chunk_elems).
-TORCH_CHUNK_ELEMS = int(os.environ.get("LWZ_LOGPROB_TORCH_CHUNK_ELEMS", "0"))
+# Default scratch of the Triton backward beyond the gradients (the trainer passes
+# grpo.logprob_scratch_mib instead): the fp32 dX accumulator (N*H*4) plus one dA chunk.
+BWD_SCRATCH_BYTES = 1 << 30
+# Narrowest vocabulary chunk of the one walk over all tokens: every chunk re-reads and re-writes
+# the fp32 dX accumulator, which at narrower chunks costs more than a second walk for dW.
+MIN_CHUNK_COLS = 1024
+# Widest dA chunk: wider ones save accumulator passes that no longer show in the time.
+MAX_CHUNK_BYTES = 512 << 20
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# ---- block sizes -------------------------------------------------------------------------------
-# H100 (sm_90), bf16/fp16, tuned by bench/tune_logprob.py at 16k tokens, H=5120, V=152064 on an H100
-# (bench/results/tune_logprob-h100.json; triton 3.6): both kernels read hidden / weight tiles
-# through TMA descriptors (no pointer tensors in registers, which is what lets the forward's
-# accumulator grow to 256 x 128 without spilling: 255 registers, 144 KB of SMEM in 3 stages).
-# Forward 256 x 128 tiles: 46 ms = 69% of the bf16 GEMM vs 76 ms (42%) with 128 x 128 pointer
-# tiles, whose 64 FLOP per operand byte leave the kernel bound by L2 bandwidth. Backward logit
-# recompute 128 x 128 (its dA epilogue spills at 256-wide tiles), 4 stages: fwd+bwd 163 ms (78%)
-# vs 200 ms. All checked spill-free by `python -m kernels.report`. The interpreter pays per tile op,
-# not per element, so it gets tiles that cover the small test shapes in few steps.
+# ---- launch configs -----------------------------------------------------------------------------
 def parse_config(text: str, base: dict, name: str = "config") -> dict:
     """A launch config from "BTxBVxBH[:wW][:sS][:gG][:tma|:ptr][:flat]" (e.g. "128x256x64:w8:s3:tma"),
-    the fields not given taken from `base`; what bench/tune_logprob.py prints and
-    LWZ_LOGPROB_FWD_CONFIG / LWZ_LOGPROB_BWD_CONFIG take. ":flat" flattens the vocab-tile and H
-    loops into one pipelined loop (the backward then runs one persistent program per SM); without
-    it the loops stay nested, whatever `base` says."""
+    the fields not given taken from `base`; the form of kernels/logprob_configs.json and of
+    bench/tune_logprob.py. ":tma": hidden / weight tiles through TMA tensor descriptors (where the
+    tensors allow it), ":ptr": pointer loads. ":flat" flattens the vocab-tile and H loops into one
+    pipelined loop (the backward then runs one persistent program per SM); without it the loops
+    stay nested, whatever `base` says."""
     keys = {"w": "num_warps", "s": "num_stages", "g": "GROUP_T"}
     cfg = dict(base, FLAT=False)  # the loop form is never inherited: only ":flat" flattens
     try:
@@ -165,18 +126,38 @@ def format_config(c: dict) -> str:
             f":{'tma' if c.get('TMA') else 'ptr'}{':flat' if c.get('FLAT') else ''}")
 
 
-def _env_config(var, base):
-    return parse_config(os.environ[var], base, var) if os.environ.get(var) else base
+CONFIGS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "logprob_configs.json")
+_FWD_BASE = dict(num_warps=8, num_stages=3, TMA=False)
+_BWD_BASE = dict(_FWD_BASE, GROUP_T=8)
 
 
-GPU_CONFIG = _env_config("LWZ_LOGPROB_FWD_CONFIG",
-                         dict(BLOCK_T=256, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3, TMA=True))
-GPU_BWD_CONFIG = _env_config("LWZ_LOGPROB_BWD_CONFIG",
-                             dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, GROUP_T=8, num_warps=8, num_stages=4,
-                                  TMA=True))
+def load_configs(path: str = CONFIGS_PATH) -> dict:
+    """The launch-config table: {GPU name (torch.cuda.get_device_name) or "default": (forward
+    config, backward config)} from `path`, a JSON object {name: {"fwd": str, "bwd": str, ...}}
+    (other keys, e.g. where the numbers came from, are ignored). It must have a "default" entry."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: expected a JSON table of log-prob launch configs ({e})") from None
+    if not isinstance(table, dict) or "default" not in table:
+        raise ValueError(f"{path}: expected a JSON object with a \"default\" entry {{\"fwd\": ..., \"bwd\": ...}}")
+    out = {}
+    for gpu, entry in table.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("fwd"), str) and isinstance(entry.get("bwd"), str)):
+            raise ValueError(f"{path}: entry {gpu!r} must be an object with string fields \"fwd\" and \"bwd\"")
+        out[gpu] = (parse_config(entry["fwd"], _FWD_BASE, f"{path}: {gpu}.fwd"),
+                    parse_config(entry["bwd"], _BWD_BASE, f"{path}: {gpu}.bwd"))
+    return out
+
+
+# bf16/fp16 on a GPU: {GPU name or "default": (forward, backward config)}; "default" is what
+# kernels/report.py compiles for sm_90
+CONFIGS = load_configs()
 # fp32 inputs ("ieee" dots, no tensor cores; fp32 models or tests): the bf16 tiles would spill
 GPU_FP32_CONFIG = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=2)
 GPU_FP32_BWD_CONFIG = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=32, GROUP_T=8, num_warps=8, num_stages=2)
+# the interpreter pays per tile op, not per element: tiles that cover the test shapes in few steps
 INTERP_CONFIG = dict(BLOCK_T=64, BLOCK_V=256, BLOCK_H=64, num_warps=4, num_stages=1, TMA=False)
 INTERP_BWD_CONFIG = dict(BLOCK_T=64, BLOCK_V=256, BLOCK_H=64, GROUP_T=2, num_warps=4, num_stages=1, TMA=False)
 MERGE_BLOCK = 256
@@ -416,7 +397,7 @@ def _aot_specs(dtype="bf16", c=None, b=None, sfx=None):
     c / b (default: the shipped ones); names end in sfx (default: "" for bf16, "_fp32")."""
     if not HAS_TRITON:
         return []
-    c0, b0 = (GPU_CONFIG, GPU_BWD_CONFIG) if dtype == "bf16" else (GPU_FP32_CONFIG, GPU_FP32_BWD_CONFIG)
+    c0, b0 = CONFIGS["default"] if dtype == "bf16" else (GPU_FP32_CONFIG, GPU_FP32_BWD_CONFIG)
     c, b = c or c0, b or b0
     prec = "tf32" if dtype == "bf16" else "ieee"
 
@@ -476,6 +457,7 @@ if AOT_SPECS:
     AOT_SPECS.append(_merge_spec_ones())
 
 
+
 # ---- checks ---------------------------------------------------------------------------------------
 def _check_inputs(hidden, weight, targets, temperature, impl):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
@@ -528,15 +510,16 @@ def _check_inputs(hidden, weight, targets, temperature, impl):
     return t
 
 
+
+
 # ---- Triton launchers -------------------------------------------------------------------------------
 def _cfg(device, dtype, bwd=False):
     if device.type == "cuda" and not _interpreting():
         if dtype == torch.float32:
             return GPU_FP32_BWD_CONFIG if bwd else GPU_FP32_CONFIG
-        return GPU_BWD_CONFIG if bwd else GPU_CONFIG
+        fwd_c, bwd_c = CONFIGS.get(torch.cuda.get_device_name(device), CONFIGS["default"])
+        return bwd_c if bwd else fwd_c
     return INTERP_BWD_CONFIG if bwd else INTERP_CONFIG
-
-
 def _tma_ok(t):
     """The copy engine addresses t [R, C]: unit last stride, 16-byte aligned base and row stride."""
     nbytes = t.element_size()
@@ -641,112 +624,9 @@ def _acc_mm(out32, a, b):
 
 class BwdPlan(NamedTuple):
     """How the Triton backward walks dA = d loss / d logits (see _bwd_plan)."""
-    passes: int  # 1: dX and dW from one walk over the chunks; 2: a walk for dX, then one for dW
-    tc: int      # tokens per group / chunk (N: all of them)
-    vcx: int     # the two-walk dX chunks' vocabulary width (V: one GEMM over the whole vocabulary)
-    vc: int      # vocabulary columns per chunk of the dW walk (of the one walk)
-    tail: int = 0  # one walk whose fp32 dX accumulator borrows dW's last `tail` rows (0: not)
-    room: tuple = ()  # that walk's first chunk widths, whose dA lives in dW's rows (dw_room_chunks)
-
-
-def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget, exact_dw=True, dw_row=0):
-    """How the backward walks dA = d loss / d logits within `budget` bytes of scratch.
-
-    N tokens, V vocabulary, elem = bytes per dA (and weight) element, acc_row = bytes per token of
-    the fp32 dX accumulator (H*4 for half-precision hidden; 0 when dX is fp32 itself or not needed),
-    dw_row = bytes per row of the dW gradient (0 when dW is not computed). Returns a BwdPlan:
-      (1, N, V, vc)        one walk over vocabulary chunks [N, vc]: dW[chunk] = dA^T X and
-                           dX_fp32 += dA W[chunk], chosen when the [N, H] accumulator and a chunk of
-                           >= ONE_PASS_MIN_VC columns fit (the chunk: what the budget leaves, at
-                           most BWD_MAX_CHUNK_BYTES);
-      (1, N, V, vc, tail)  where only the chunk fits: the same walk with the accumulator held in the
-                           gradients' own buffers (not scratch): rows [0, N/2) in dX's, the others
-                           in the last `tail` rows of dW's (borrowed_rows). Those rows' dA is walked
-                           twice, for dX while the accumulator lives there, then for their dW once
-                           dX is out: 6 N H V + 2 N H tail flops in the backward (tail ~ N for
-                           half dW: +0.22 N H V at 16k tokens, V = 152064), dX and dW as exact as
-                           the plain walk's. The first chunks, `room`, keep their dA in dW's rows
-                           right after them (dw_room_chunks), the others in the budget's chunk;
-      (1, tc, V, vc)       with exact_dw False, where neither fits (dW not computed, or N >~ V):
-                           the walk once per token group of tc < N rows (an fp32 [tc, H]
-                           accumulator), dW[chunk] added up over the groups in dW's dtype (rounded
-                           once per group instead of once): 8 N H V flops in all instead of 10. The
-                           shape minimises the modelled traffic 8 / vc (accumulator) + 4 * elem / tc
-                           (dW read and written, weight read twice, per group);
-      (2, tc, vcx, vc)     otherwise first dX, by token chunks of tc rows: vcx == V gives one GEMM
-                           per chunk, dX[rows] = dA[tc, V] W, with no accumulator; vcx < V walks
-                           the chunk's vocabulary in blocks [tc, vcx] into an fp32 [tc, H]
-                           accumulator. Then dW from vocabulary chunks [N, vc]. The logits are
-                           recomputed in both walks.
-    The dX walk's shape comes from a traffic model (bytes per N*V*H): every token chunk reads the
-    weight twice (recompute + GEMM), 2*elem / tc, and every accumulated block reads and writes its
-    fp32 [tc, H] accumulator, 8 / vcx. Without the accumulator a 96 MiB budget leaves 256-token
-    chunks at V = 152064, and the 1.5 GB weight is streamed from HBM twice per 256 tokens; with it,
-    ~2700-token chunks over 8192-column blocks move ~6x fewer bytes. Candidates that fit the budget
-    win; with none (a budget under one block), the smallest footprint.
-    """
-    min_vc = min(V, ONE_PASS_MIN_VC)
-
-    def one_walk_cols(spare):
-        return _whole_blocks(min(spare, BWD_MAX_CHUNK_BYTES) // max(1, N * elem), block_v, V)
-
-    if N * acc_row + N * min_vc * elem <= budget:
-        return BwdPlan(1, N, V, one_walk_cols(budget - N * acc_row))
-    tail = borrowed_rows(N, V, acc_row, dw_row)
-    if tail and N * min_vc * elem <= budget:
-        vc = one_walk_cols(budget)
-        return BwdPlan(1, N, V, vc, tail, dw_room_chunks(N, V - tail, elem, dw_row, block_v, vc))
-    if not exact_dw:
-        vc, tc = _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, 4 * elem)
-        return BwdPlan(1, tc, V, vc)
-    vc = _whole_blocks(budget // max(1, N * elem), block_v, V)
-    vcx, tc = _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, 2 * elem)
-    return BwdPlan(2, tc, vcx, vc)
-
-
-def borrowed_rows(N, V, acc_row, dw_row):
-    """Rows at the end of dW [V, H] that hold the fp32 dX accumulator's rows [N // 2, N) ((N - N//2)
-    * acc_row bytes; rows [0, N // 2) fit in dX's own half-precision buffer), starting at a row that
-    is a multiple of 8 (16-byte aligned for cuBLAS at any H): at most V - 8, else 0 (nothing to
-    borrow: no accumulator, no dW, or too little of it)."""
-    if acc_row == 0 or dw_row == 0:
-        return 0
-    start = (V - -(-(N - N // 2) * acc_row // dw_row)) // 8 * 8
-    return V - start if start >= 8 else 0
-
-
-def dw_room_chunks(N, v_end, elem, dw_row, block_v, vc):
-    """Widths of the borrowed walk's first vocabulary chunks [N, w], each of whose dA (N * w * elem
-    bytes) fits in dW's rows right after it, before v_end: rows not written yet (each gets its dW
-    later in the walk), so the chunk needs no scratch. As wide as BWD_MAX_CHUNK_BYTES allows (fewer
-    passes over the fp32 dX accumulator), narrowing as the rows run out, while wider than vc, the
-    budget's chunk, which takes the rest of [0, v_end) in the scratch buffer."""
-    widths, v0 = [], 0
-    widest = max(vc, BWD_MAX_CHUNK_BYTES // (N * elem))
-    while True:
-        w = min(widest, (v_end - v0) * dw_row // (N * elem + dw_row)) // block_v * block_v
-        if w <= vc:
-            return tuple(widths)
-        widths.append(w)
-        v0 += w
-
-
-def _cheapest_chunks(N, V, elem, acc_row, block_t, block_v, budget, per_token_chunk):
-    """(width, tc): the [tc, width] chunks (with the fp32 [tc, H] accumulator where width < V) of
-    least modelled traffic per N*V*H, per_token_chunk / tc + 8 / width, among widths block_v * 2^k
-    and V. Chunks that fit the budget win; with none, the smallest."""
-    cands = []  # (fits, modelled bytes or footprint, width, tc)
-    width = block_v
-    while True:
-        width = min(width, V)
-        tc, nbytes = _dx_chunk_tokens(width, N, V, elem, acc_row, block_t, budget)
-        cost = per_token_chunk / tc + (8 / width if width < V else 0.0)
-        cands.append((nbytes > budget, cost if nbytes <= budget else nbytes, width, tc))
-        if width == V:
-            break
-        width *= 2
-    _, _, width, tc = min(cands)
-    return width, tc
+    tc: int     # tokens per group of the dX walk; N: one walk gives dX and dW together
+    vc: int     # vocabulary columns per chunk of that walk
+    vc_dw: int  # columns per chunk of the separate dW walk over all N tokens (used where tc < N)
 
 
 def _whole_blocks(n, block, full):
@@ -754,13 +634,23 @@ def _whole_blocks(n, block, full):
     return min(full, max(block, n // block * block))
 
 
-def _dx_chunk_tokens(vcx, N, V, elem, acc_row, block_t, budget):
-    """(tc, scratch bytes) of a [tc, vcx] chunk walked over token groups (the two-walk plan's dX
-    chunks, or exact_dw=False's groups): the most whole blocks of tokens whose dA chunk (and fp32
-    [tc, H] accumulator where vcx < V) fit the budget (_bwd_plan)."""
-    row = vcx * elem + (acc_row if vcx < V else 0)  # scratch bytes per token of the chunk
-    tc = _whole_blocks(budget // row, block_t, N)
-    return tc, tc * row
+def _chunk_cols(rows, acc_row, elem, block_v, V, budget):
+    """Vocabulary columns of a dA chunk [rows, w] (elem bytes each) that fit the budget beside an
+    fp32 accumulator of rows * acc_row bytes: whole blocks, at least one, at most V and
+    MAX_CHUNK_BYTES."""
+    spare = min(budget - rows * acc_row, MAX_CHUNK_BYTES)
+    return _whole_blocks(spare // max(1, rows * elem), block_v, V)
+
+
+def _bwd_plan(N, V, elem, acc_row, block_t, block_v, budget):
+    """The backward's walk within `budget` bytes of scratch: N tokens, V vocabulary, elem = bytes
+    per dA element, acc_row = bytes per token of the fp32 dX accumulator (H * 4 for half-precision
+    hidden; 0 when dX is fp32 itself or not needed). Token groups are as many rows as fit with a
+    chunk of MIN_CHUNK_COLS columns (all N when they fit: one walk); each walk's chunks are what the
+    budget leaves beside its accumulator (_chunk_cols). With a budget under one block, the smallest
+    footprint (one block of each)."""
+    tc = _whole_blocks(budget // max(1, acc_row + min(V, MIN_CHUNK_COLS) * elem), block_t, N)
+    return BwdPlan(tc, _chunk_cols(tc, acc_row, elem, block_v, V, budget), _chunk_cols(N, 0, elem, block_v, V, budget))
 
 
 def _dlogits_dtype(hidden):
@@ -769,38 +659,21 @@ def _dlogits_dtype(hidden):
     return hidden.dtype if on_gpu else torch.float32
 
 
-def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True, exact_dw=True, need_dw=True):
-    """The Triton backward's walk for these inputs and budget (default BWD_SCRATCH_BYTES):
-    _bwd_plan's BwdPlan."""
+def backward_plan(hidden, weight, scratch_bytes=None, need_dx=True):
+    """The Triton backward's walk for these inputs and budget (default BWD_SCRATCH_BYTES): _bwd_plan's
+    BwdPlan."""
     N, H = hidden.shape
     c = _cfg(hidden.device, hidden.dtype, bwd=True)
     elem = torch.finfo(_dlogits_dtype(hidden)).bits // 8
     acc_row = H * 4 if need_dx and hidden.dtype != torch.float32 else 0
-    dw_row = H * weight.element_size() if need_dw else 0
     budget = BWD_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-    return _bwd_plan(N, weight.shape[0], elem, acc_row, c["BLOCK_T"], c["BLOCK_V"], budget, exact_dw, dw_row)
-
-
-def _fp32_rows_to_half_in_place(rows32, out):
-    """out[r] = rows32[r] for fp32 rows32 [n, H] stored in the first half of out's own bytes
-    (half-precision [>= 2n, H], its first n rows written). Half row r lands on the bytes of fp32
-    rows < (r + 1) / 2, so rows [a, 2a) copy onto rows already read, with no overlap within a copy;
-    the first rows go through a small copy."""
-    n = rows32.shape[0]
-    head = min(n, 64)
-    out[:head] = rows32[:head].clone()
-    a = head
-    while a < n:
-        b = min(n, 2 * a)
-        out[a:b] = rows32[a:b]
-        a = b
+    return _bwd_plan(N, weight.shape[0], elem, acc_row, c["BLOCK_T"], c["BLOCK_V"], budget)
 
 
 def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
-                    need_dx=True, need_dw=True, scratch_bytes=None, exact_dw=True):
+                    need_dx=True, need_dw=True, scratch_bytes=None):
     """(dX [N, H] in hidden's dtype or None, dW [V, H] in weight's dtype or None), holding at most
-    scratch_bytes (default BWD_SCRATCH_BYTES) beyond them; exact_dw False lets a tight budget add
-    dW up over token groups instead of recomputing the logits twice; see _bwd_plan."""
+    scratch_bytes (default BWD_SCRATCH_BYTES) beyond them; see _bwd_plan."""
     mx, log_s = stats
     N, H = hidden.shape
     V = weight.shape[0]
@@ -811,11 +684,10 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
     c = _cfg(dev, hidden.dtype, bwd=True)
     on_gpu = dev.type == "cuda" and not _interpreting()
     dl_dtype = _dlogits_dtype(hidden)
-    dl_elem = torch.finfo(dl_dtype).bits // 8
     # FLAT configs: one persistent program per SM (the shipped-size tiles' registers and SMEM
     # leave room for one); 3 under the interpreter, so each program there walks several tiles
     persistent_programs = torch.cuda.get_device_properties(dev).multi_processor_count if on_gpu else 3
-    plan = backward_plan(hidden, weight, scratch_bytes, need_dx, exact_dw, need_dw)
+    plan = backward_plan(hidden, weight, scratch_bytes, need_dx)
     dummy = ent  # placeholder pointer for absent upstream grads (never read: constexpr-guarded)
     x_g = hidden if on_gpu or hidden.dtype == torch.float32 else hidden.float()
     w_g = weight if on_gpu or weight.dtype == torch.float32 else weight.float()
@@ -839,86 +711,45 @@ def triton_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperat
         return out
 
     dw = torch.empty_like(weight) if need_dw else None
-    dx = torch.empty(N, H, device=dev, dtype=hidden.dtype) if need_dx else None  # contiguous: it may hold fp32 rows
+    dx = torch.empty(N, H, device=dev, dtype=hidden.dtype) if need_dx else None
 
-    def dw_update(v0, w, dlc, g0, g1):
-        """dW[v0:v0+w] = dA^T X[g0:g1] for the first token group, += for the others (cuBLAS adds in
-        fp32 and rounds once per group to dW's dtype)."""
-        out = dw[v0:v0 + w]
-        if on_gpu:
-            if g0 == 0:
-                torch.mm(dlc.t(), hidden[g0:g1], out=out)
-            else:
-                out.addmm_(dlc.t(), hidden[g0:g1])
-        else:
-            part = dlc.t() @ x_g[g0:g1]
-            out.copy_(part if g0 == 0 else out.to(part.dtype) + part)
-
-    def chunks(v_start, v_end, vc, room=()):
-        """[(v0, w, in_dw)] over vocabulary [v_start, v_end): the widths in room first (in_dw: their
-        dA lives in dW's rows right after them), then chunks of vc columns."""
-        out, v0 = [], v_start
-        for w in room:
-            out.append((v0, w, True))
-            v0 += w
-        return out + [(v, min(vc, v_end - v), False) for v in range(v0, v_end, vc)]
-
-    def walk(tc, cols, with_dx, with_dw, acc=None):
-        """dA over token groups of tc rows x the vocabulary chunks cols [(v0, w, in_dw)]:
-        dX[group] += dA W[chunk] and dW[chunk] (+)= dA^T X[group]. dA lives in a scratch buffer, or
-        for in_dw chunks in dW's rows after the chunk (one group). dX sums in fp32: in `acc` when
-        given (the caller's accumulator of all N rows as pieces [(r0, r1, fp32 [r1 - r0, H])], one
-        group, left holding the partial sums), else in an own [tc, H] accumulator copied into dX
-        after each group (dX itself when fp32); one GEMM straight into dX when a chunk covers the
-        vocabulary. The buffers live while this walk runs (peak scratch = one walk's)."""
-        widest = max([w for _, w, in_dw in cols if not in_dw], default=0)
-        buf = torch.empty(min(tc, N) * widest, device=dev, dtype=dl_dtype) if widest else None
-        whole = cols[0][1] >= V
-        own = None
-        if acc is None and with_dx and not whole and hidden.dtype != torch.float32:
-            own = torch.empty(min(tc, N), H, device=dev, dtype=torch.float32)
+    def walk(tc, vc, with_dx, with_dw):
+        """Token groups of tc rows x vocabulary chunks of vc columns: dX[group] = sum over chunks of
+        dA W[chunk] in fp32 (an own [tc, H] accumulator, or dX itself when fp32; one GEMM straight
+        into dX when a chunk covers the vocabulary), and, with with_dw (tc == N only),
+        dW[chunk] = dA^T X over all tokens, written once. The buffers live while the walk runs."""
+        whole = vc >= V
+        buf = torch.empty(min(tc, N) * min(vc, V), device=dev, dtype=dl_dtype)
+        acc = None
+        if with_dx and not whole and dx.dtype != torch.float32:
+            acc = torch.empty(min(tc, N), H, device=dev, dtype=torch.float32)
         for g0 in range(0, N, tc):
             g1 = min(N, g0 + tc)
-            parts = acc  # where this group's dX sums: [(r0, r1, rows)]
-            if parts is None and with_dx and not whole:
-                parts = [(g0, g1, (dx[g0:g1] if own is None else own[: g1 - g0]).zero_())]
-            for v0, w, in_dw in cols:
-                if in_dw:  # dA in dW's rows [v0 + w, ...), whose own gradient comes later in the walk
-                    at, size = (v0 + w) * H, (g1 - g0) * w * dl_elem // dw.element_size()
-                    dlc = dlogits(dw.view(-1)[at: at + size].view(dl_dtype), g0, g1, v0, w)
-                else:
-                    dlc = dlogits(buf, g0, g1, v0, w)
-                if with_dx and parts:
-                    for r0, r1, rows in parts:
-                        _acc_mm(rows, dlc[r0 - g0:r1 - g0], w_g[v0:v0 + w])
+            if with_dx and not whole:
+                rows = (dx[g0:g1] if acc is None else acc[: g1 - g0]).zero_()
+            for v0 in range(0, V, vc):
+                w = min(vc, V - v0)
+                dlc = dlogits(buf, g0, g1, v0, w)
+                if with_dx and not whole:
+                    _acc_mm(rows, dlc, w_g[v0:v0 + w])
                 elif with_dx and on_gpu:
                     torch.mm(dlc, weight, out=dx[g0:g1])
                 elif with_dx:
                     dx[g0:g1] = (dlc @ w_g).to(dx.dtype)
-                if with_dw:
-                    dw_update(v0, w, dlc, g0, g1)
-            if own is not None:
-                dx[g0:g1] = own[: g1 - g0]
+                if with_dw and on_gpu:
+                    torch.mm(dlc.t(), hidden, out=dw[v0:v0 + w])
+                elif with_dw:
+                    dw[v0:v0 + w] = (dlc.t() @ x_g).to(dw.dtype)
+            if acc is not None:
+                dx[g0:g1] = acc[: g1 - g0]
 
-    if plan.tail:  # one walk; the fp32 dX accumulator lives in dX's and dW's own buffers until dX is out
-        # rows [0, n1) in dX's (a half-precision [N, H] holds fp32 [N/2, H]), rows [n1, N) in dW's
-        # last rows, whose logits are walked for dX first and, once dX is out, for their dW
-        n1, v_tail = N // 2, V - plan.tail
-        acc_a = dx.view(-1)[: 2 * n1 * H].view(torch.float32).view(n1, H)
-        acc_b = dw.view(-1)[v_tail * H: v_tail * H + 2 * (N - n1) * H].view(torch.float32).view(N - n1, H)
-        acc = [(r0, r1, rows.zero_()) for r0, r1, rows in ((0, n1, acc_a), (n1, N, acc_b)) if r1 > r0]
-        walk(N, chunks(0, v_tail, plan.vc, plan.room), True, True, acc)  # dX and dW before the tail
-        walk(N, chunks(v_tail, V, plan.vc), True, False, acc)  # the tail rows' dX
-        _fp32_rows_to_half_in_place(acc_a, dx[:n1])
-        dx[n1:] = acc_b  # onto dX bytes whose fp32 rows were read just above
-        walk(N, chunks(v_tail, V, plan.vc), False, True)  # the tail rows' dW
-    elif plan.passes == 2:  # dX by token chunks over vocabulary blocks, then dW over all N tokens at once
+    if plan.tc >= N:  # one walk: the accumulator of all N tokens beside a chunk fits
+        walk(N, plan.vc, need_dx, need_dw)
+    else:  # dX by token groups, then dW over all tokens (its logits recomputed), each within the budget
         if need_dx:
-            walk(plan.tc, chunks(0, V, plan.vcx), True, False)
+            walk(plan.tc, plan.vc, True, False)
         if need_dw:
-            walk(N, chunks(0, V, plan.vc), False, True)
-    else:  # one walk per token group (tc == N: one group, dW written once)
-        walk(plan.tc, chunks(0, V, plan.vc), need_dx, need_dw)
+            walk(N, plan.vc_dw, False, True)
     return dx, dw
 
 
@@ -932,9 +763,8 @@ def _torch_logits(x, weight, temperature):
 
 
 def _torch_chunk_elems(device):
-    if TORCH_CHUNK_ELEMS > 0:
-        return TORCH_CHUNK_ELEMS
-    # CPU: ~1 MB fp32 chunks stay in L2 across the elementwise passes; GPU: big chunks, few launches
+    """Elements of one fp32 logits chunk of the torch path ([C, V] forward, [N, Vc] backward): on
+    the CPU ~1 MB, which stays in L2 across the elementwise passes; on a GPU big (few launches)."""
     return (1 << 24) if device.type == "cuda" else (1 << 18)
 
 
@@ -996,8 +826,8 @@ def _dA_chunk(hidden, wc, idx, mx_, ls_, ent_, gl, nge, temperature):
 
 
 def torch_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperature,
-                   need_dx=True, need_dw=True, scratch_bytes=None, exact_dw=True):
-    # chunks by TORCH_CHUNK_ELEMS: dW is always written once per chunk (scratch_bytes, exact_dw unused)
+                   need_dx=True, need_dw=True, scratch_bytes=None):
+    # chunks of _torch_chunk_elems (scratch_bytes is the Triton path's): dW written once per chunk
     N, H = hidden.shape
     V = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -1033,9 +863,8 @@ def torch_backward(hidden, weight, targets, stats, ent, g_logp, g_ent, temperatu
 
 def _half_gemms(hidden):
     """Whether the torch backward runs its GEMMs on dA in the input dtype (fp32 accumulation):
-    fp16/bf16 on a GPU, as the Triton path does. Elsewhere (the CPU trainer, fp64 tests) they run
-    in fp32 / fp64; on a GPU, fp32 GEMMs of half inputs took ~5x the time of the whole fused
-    backward, which made the torch.compile baseline of the benchmark slower than it need be."""
+    fp16/bf16 on a GPU, as the Triton path does (fp32 GEMMs of half inputs are several times
+    slower there). Elsewhere (the CPU trainer, fp64 tests) they run in fp32 / fp64."""
     return hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
 
 
@@ -1051,20 +880,18 @@ def compile_torch_chunks(**compile_kwargs):
 
 # ---- autograd -----------------------------------------------------------------------------------
 class FusedLogprobFunction(torch.autograd.Function):
-    """(hidden, weight, targets, temperature, impl, scratch_bytes, exact_dw) -> (logp fp32 [N],
-    entropy fp32 [N]).
+    """(hidden, weight, targets, temperature, impl, scratch_bytes) -> (logp fp32 [N], entropy fp32 [N]).
     Saves hidden, weight, targets and the fp32 [N] stats (row max, log sum exp(z - max),
     entropy); nothing [N, V]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, impl, scratch_bytes, exact_dw):
+    def forward(ctx, hidden, weight, targets, temperature, impl, scratch_bytes):
         fwd = triton_forward if impl == "triton" else torch_forward
         logp, ent, (mx, log_s) = fwd(hidden, weight, targets, temperature)
         ctx.save_for_backward(hidden, weight, targets, mx, log_s, ent)
         ctx.temperature = temperature
         ctx.impl = impl
         ctx.scratch_bytes = scratch_bytes
-        ctx.exact_dw = exact_dw
         return logp, ent
 
     @staticmethod
@@ -1072,29 +899,25 @@ class FusedLogprobFunction(torch.autograd.Function):
         hidden, weight, targets, mx, log_s, ent = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_dw):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None
         g_logp = None if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         bwd = triton_backward if ctx.impl == "triton" else torch_backward
         dx, dw = bwd(hidden, weight, targets, (mx, log_s), ent, g_logp, g_ent, ctx.temperature,
-                     need_dx=need_dx, need_dw=need_dw, scratch_bytes=ctx.scratch_bytes, exact_dw=ctx.exact_dw)
-        return dx, dw, None, None, None, None, None
+                     need_dx=need_dx, need_dw=need_dw, scratch_bytes=ctx.scratch_bytes)
+        return dx, dw, None, None, None, None
 
 
 def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, impl="auto",
-                   bwd_scratch_bytes=None, exact_dw=True):
+                   bwd_scratch_bytes=None):
     """Per-token log p(target) (and entropy) of softmax(hidden @ weight.T / temperature).
 
     hidden [N, H], weight [V, H] (same float dtype), targets int64 [N] (-100 = ignored: logp 0,
     entropy 0, no gradient). Returns (logp fp32 [N], entropy fp32 [N] or None); differentiable in
     hidden and weight. impl: "triton" | "torch" | "auto" (Triton on CUDA, chunked torch elsewhere).
     bwd_scratch_bytes: the memory the Triton backward may hold beyond the gradients (default
-    BWD_SCRATCH_BYTES = LWZ_LOGPROB_BWD_SCRATCH_BYTES or 1 GiB); under ~N*H*4 + N*1024*2 bytes its
-    fp32 dX accumulator lives in dX's own buffer and dW's last ~N rows, whose logits it recomputes
-    (+2.7% flops at 16k tokens, V = 152064). Where dW cannot hold it (no dW, or N >~ V) it
-    recomputes all the logits once more (+25% flops), unless exact_dw is False: then it walks token
-    groups once each and adds dW up over the groups in dW's dtype (rounded once per group instead
-    of once).
+    BWD_SCRATCH_BYTES, 1 GiB). From about N * (H * 4 + MIN_CHUNK_COLS * 2) bytes (half precision)
+    it walks once; below that twice, recomputing the logits for dW (+25% flops). Both exact.
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"fused_logprobs: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
@@ -1110,7 +933,5 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     t = _check_inputs(hidden, weight, targets, temperature, impl)
     if bwd_scratch_bytes is not None and not (isinstance(bwd_scratch_bytes, int) and bwd_scratch_bytes >= 0):
         raise ValueError(f"fused_logprobs: bwd_scratch_bytes must be an int >= 0, got {bwd_scratch_bytes!r}")
-    if not isinstance(exact_dw, bool):
-        raise ValueError(f"fused_logprobs: exact_dw must be True or False, got {exact_dw!r}")
-    logp, ent = FusedLogprobFunction.apply(hidden, weight, targets, t, impl, bwd_scratch_bytes, exact_dw)
+    logp, ent = FusedLogprobFunction.apply(hidden, weight, targets, t, impl, bwd_scratch_bytes)
     return logp, (ent if return_entropy else None)

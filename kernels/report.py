@@ -100,11 +100,11 @@ def _logprob_config_specs(fwd=(), bwd=()):
 
     specs = []
     for text in fwd:
-        c = lp.parse_config(text, lp.GPU_CONFIG, "--logprob-fwd")
+        c = lp.parse_config(text, lp.CONFIGS["default"][0], "--logprob-fwd")
         specs += [dict(s, name=f"logprob_fwd[{text}]") for s in lp._aot_specs("bf16", c=c)
                   if s["name"] == "logprob_fwd"]
     for text in bwd:
-        b = lp.parse_config(text, lp.GPU_BWD_CONFIG, "--logprob-bwd")
+        b = lp.parse_config(text, lp.CONFIGS["default"][1], "--logprob-bwd")
         specs += [dict(s, name=f"logprob_bwd_dlogits[{text}]") for s in lp._aot_specs("bf16", b=b)
                   if s["name"] == "logprob_bwd_dlogits"]
     return specs

@@ -110,17 +110,10 @@ class GRPOConfig:
     max_tokens_per_microbatch: int = 16384  # token budget of one packed forward/backward
     pack_cost: Literal["tokens", "quadratic"] = "quadratic"  # cost model balancing micro-batches/ranks
     # memory the fused log-prob backward may hold beyond its gradients: one walk needs an fp32 dX
-    # accumulator (micro-batch tokens x hidden x 4 B) + a logits-gradient chunk; below that the
-    # accumulator lives in the gradients' own buffers (the hidden one's and the head's last ~tokens
-    # rows, whose logits are recomputed: +2.7% of its flops at 16k tokens, V = 152064), or where the
-    # head gradient cannot hold it (tokens >~ vocab, or a frozen head) it walks twice (+25%); 88
-    # keeps it under 100 MB (10^8 bytes) with the ~1 MiB of row statistics on top (96 measured
-    # 101.7 MB at 16k tokens).
+    # accumulator (micro-batch tokens x hidden x 4 B) + a logits-gradient chunk of >= 1024 columns;
+    # below that it walks twice, recomputing the logits for the head's gradient (+25% of its flops);
+    # 88 keeps it under 100 MB (10^8 bytes) with the row statistics on top
     logprob_scratch_mib: int = 1024
-    # false: where even the borrowed accumulator does not fit, walk once per token group and add the
-    # head's gradient up over the groups in its dtype (bf16: rounded once per group) instead of
-    # recomputing the logits a second time (10 -> 8 x tokens x hidden x vocab flops)
-    logprob_exact_dw: bool = True
 
 
 @dataclass

@@ -316,23 +316,19 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g, device=dev) * std)
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, targets=None,
-                temperature: float = 1.0, return_entropy: bool = False, logprob_scratch_bytes=None,
-                logprob_exact_dw: bool = True):
+                temperature: float = 1.0, return_entropy: bool = False, logprob_scratch_bytes=None):
         """input_ids/position_ids [N] int64, cu_seqlens [B+1] int32 -> final-normed hidden [N, H].
 
         With `targets` [N] int64 (-100 = ignored) it returns `(logp [N] fp32, entropy [N] fp32 | None)`
         from the fused log-prob kernel instead. Computing them inside forward matters under FSDP2:
         the head weight is only guaranteed unsharded while the root module's forward runs.
-        logprob_scratch_bytes: the log-prob backward's memory budget (None: the kernel's default);
-        logprob_exact_dw False lets a tight budget that cannot borrow the head gradient's rows add
-        that gradient up over token groups (kernels.logprob.fused_logprobs' exact_dw)."""
+        logprob_scratch_bytes: the log-prob backward's memory budget (None: the kernel's default)."""
         hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
         if targets is None:
             return hidden
         from kernels.logprob import fused_logprobs
         return fused_logprobs(hidden, self.lm_head_weight, targets, temperature=temperature,
-                              return_entropy=return_entropy, bwd_scratch_bytes=logprob_scratch_bytes,
-                              exact_dw=logprob_exact_dw)
+                              return_entropy=return_entropy, bwd_scratch_bytes=logprob_scratch_bytes)
 
     def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen: int):
         """The decoder stack: [N] ids -> final-normed hidden [N, H]."""

@@ -176,12 +176,10 @@ def lr_lambda(cfg):
     return f
 
 
-def policy_logprobs(model, mb, temperature: float, entropy: bool, scratch_bytes: int | None = None,
-                    exact_dw: bool = True):
+def policy_logprobs(model, mb, temperature: float, entropy: bool, scratch_bytes: int | None = None):
     """(logp [N] fp32, entropy [N] fp32 or None) of a MicroBatch's targets."""
     return model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, targets=mb.targets,
-                 temperature=temperature, return_entropy=entropy, logprob_scratch_bytes=scratch_bytes,
-                 logprob_exact_dw=exact_dw)
+                 temperature=temperature, return_entropy=entropy, logprob_scratch_bytes=scratch_bytes)
 
 
 def plan(batch: Batch, seqs: list[int], cfg, world: int, mcfg) -> list[list[list[int]]]:
@@ -221,8 +219,7 @@ def train_minibatch(model, optimizer, batch: Batch, plans, cfg, d, pad_id, keep_
         set_grad_sync(model, not cfg.distributed.accumulate_unsharded or k == len(my) - 1)
         mb = microbatch(batch, seqs, pad_id)
         mask = mb.mask
-        logp, ent = policy_logprobs(model, mb, cfg.rollout.temperature, True, g.logprob_scratch_mib << 20,
-                                    g.logprob_exact_dw)
+        logp, ent = policy_logprobs(model, mb, cfg.rollout.temperature, True, g.logprob_scratch_mib << 20)
         if keep_logp:
             kept.append(logp.detach()[mb.resp_index])
         loss, stats = grpo_loss(logp, mb.old_logp, mb.advantages, mask, mb.ref_logp if g.kl_coef > 0 else None,

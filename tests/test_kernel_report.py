@@ -44,8 +44,8 @@ def test_logprob_kernels_compile_without_spills(rows):
         assert r["stack"] == 0, f"{name} spills: {r}"
         assert r["shared_dynamic"] <= 227 * 1024, r  # H100 max dynamic SMEM per block
     # shipped block sizes are the ones compiled
-    assert by_name["logprob_fwd"]["num_warps"] == logprob.GPU_CONFIG["num_warps"]
-    assert by_name["logprob_bwd_dlogits"]["num_stages"] == logprob.GPU_BWD_CONFIG["num_stages"]
+    assert by_name["logprob_fwd"]["num_warps"] == logprob.CONFIGS["default"][0]["num_warps"]
+    assert by_name["logprob_bwd_dlogits"]["num_stages"] == logprob.CONFIGS["default"][1]["num_stages"]
     assert by_name["logprob_fwd_fp32"]["num_stages"] == logprob.GPU_FP32_CONFIG["num_stages"]
     print("\n" + rep.format_table(rows))
 

@@ -33,48 +33,35 @@ def _grads(fn, x, w, t, temp, g_lp, g_en):
 @pytest.mark.parametrize("N,H,V", [(1, 80, 4099), (333, 128, 12289), (2050, 256, 32003)])
 def test_logprob_kernel_vs_reference(dtype, N, H, V, scratch):
     """Backward plans (kernels.logprob._bwd_plan): the default budget walks once in one chunk at
-    these sizes; 8 MiB walks once over several vocabulary chunks with the fp32 dX accumulator
-    (bf16/fp16: 23 chunks at N = 2050); 5 MiB at N = 2050 holds 1152-column chunks but not the
-    accumulator: its first half goes to dX's buffer, the rest to dW's last 2051 rows (bf16/fp16);
-    256 KiB walks twice (token chunks for dX, each over vocabulary blocks into an fp32
-    accumulator, then vocabulary chunks for dW) at N = 333 and 2050 in every dtype."""
-    if scratch == 5 << 20 and N == 2050 and dtype != torch.float32:
+    these sizes; 8 MiB walks once over several vocabulary chunks with the fp32 dX accumulator at
+    N = 2050; 5 MiB and 256 KiB walk twice there (token groups for dX, each over vocabulary chunks
+    into an fp32 accumulator, then vocabulary chunks over all tokens for dW)."""
+    if N == 2050 and dtype != torch.float32:
         x = torch.empty(N, H, dtype=dtype, device="cuda")
         p = backward_plan(x, torch.empty(V, H, dtype=dtype, device="cuda"), scratch)
-        assert p.passes == 1 and p.tc == N and p.tail == 2051 and 1024 <= p.vc < V, p
+        assert (p.tc == N) == (scratch in (None, 8 << 20)) and (p.vc < V) == (scratch is not None), p
     _check_logprob(dtype, N, H, V, scratch)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_logprob_token_groups(dtype):
-    """exact_dw=False at 256 KiB: one walk per token group (bf16/fp16: 17 groups of 128 tokens at
-    N = 2050, the last one short; fp32: 5 of 512), dW added up over the groups in its own dtype;
-    within twice plain torch's error."""
-    _check_logprob(dtype, 2050, 256, 32003, 256 << 10, exact_dw=False)
-
-
-@pytest.mark.parametrize("vcx", ["whole", 384], ids=["whole-vocab", "blocks"])
+@pytest.mark.parametrize("vcx", ["whole", 384], ids=["whole-vocab", "chunks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_logprob_two_walk_dx_chunks(dtype, vcx, monkeypatch):
-    """The two-walk backward's dX chunks, fixed: 640-token chunks (the last one short) each in one
-    GEMM over the whole vocabulary, or over 384-column blocks (the last one short) into the fp32
+    """The two-walk backward's dX walk, fixed: 640-token groups (the last one short) each in one
+    GEMM over the whole vocabulary, or over 384-column chunks (the last one short) into the fp32
     accumulator (bf16) or into dX itself (fp32)."""
     import kernels.logprob as lp
 
     N, H, V = 2050, 256, 32003
-    monkeypatch.setattr(lp, "_bwd_plan", lambda N_, V_, *a: lp.BwdPlan(2, 640, V_ if vcx == "whole" else vcx, 1024))
+    monkeypatch.setattr(lp, "_bwd_plan", lambda N_, V_, *a: lp.BwdPlan(640, V_ if vcx == "whole" else vcx, 1024))
     _check_logprob(dtype, N, H, V, 1 << 20)
 
 
-def test_logprob_lowmem_setting_stays_under_100mb(monkeypatch):
+def test_logprob_lowmem_setting_stays_under_100mb():
     """The goal's shape, T=16k, H=5120, V=152064, bf16, at the benchmark's low-memory budget: its
-    plan (one walk, the fp32 dX accumulator in dX's buffer and dW's last rows) and the plans it
-    falls back to where dW cannot hold the accumulator (two walks; exact_dw=False: one walk per
-    token group, dW added up over the groups): everything fwd+bwd holds beyond its inputs and the
-    dX / dW gradients stays under 10^8 bytes (the forward's statistics and upstream gradients
-    included), and dX / dW match the default plan's (an independent walk) to bf16 rounding."""
-    from bench.bench_logprob import LOW_SCRATCH, _no_borrowing
-    import kernels.logprob as lp
+    plan walks twice, everything fwd+bwd holds beyond its inputs and the dX / dW gradients stays
+    under 10^8 bytes (the forward's statistics and upstream gradients included), and dX / dW
+    match the default plan's (one walk) to bf16 rounding."""
+    from bench.bench_logprob import LOW_SCRATCH
 
     T, H, V = 16384, 5120, 152064
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -83,31 +70,24 @@ def test_logprob_lowmem_setting_stays_under_100mb(monkeypatch):
     t = torch.randint(0, V, (T,), device="cuda", generator=g)
     t[::17] = -100
     gl, ge = torch.randn(2, T, device="cuda", generator=g)
-    p = lp.backward_plan(x, w, LOW_SCRATCH)  # what the benchmark measures
-    assert p.passes == 1 and p.tc == T and p.tail == 16384, p
-    grads, borrowed_rows = {}, lp.borrowed_rows
-    for name, scratch, exact in (("lowmem", LOW_SCRATCH, True), ("two_walks", LOW_SCRATCH, True),
-                                 ("groups", LOW_SCRATCH, False), ("default", None, True)):
-        borrow = name in ("lowmem", "default")
-        monkeypatch.setattr(lp, "borrowed_rows", borrowed_rows if borrow else _no_borrowing)  # as the bench rows
-        assert lp.backward_plan(x, w, scratch, exact_dw=exact).passes == (2 if name == "two_walks" else 1)
+    assert backward_plan(x, w, LOW_SCRATCH).tc < T and backward_plan(x, w).tc == T
+    grads = {}
+    for name, scratch in (("lowmem", LOW_SCRATCH), ("default", None)):
         x.grad = w.grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        logp, ent = fused_logprobs(x, w, t, 0.8, return_entropy=True, impl="triton", bwd_scratch_bytes=scratch,
-                                   exact_dw=exact)
+        logp, ent = fused_logprobs(x, w, t, 0.8, return_entropy=True, impl="triton", bwd_scratch_bytes=scratch)
         ((logp * gl).sum() + (ent * ge).sum()).backward()
         del logp, ent
         torch.cuda.synchronize()
         beyond = torch.cuda.max_memory_allocated() - base - (x.numel() + w.numel()) * 2
         grads[name] = (x.grad.float(), w.grad.float(), beyond)
-    for low in ("lowmem", "two_walks", "groups"):
-        assert grads[low][2] <= 100e6, f"{low}: {grads[low][2] / 1e6:.1f} MB beyond the gradients"
-        for i, name in ((0, "dX"), (1, "dW")):
-            a, b = grads[low][i], grads["default"][i]
-            assert (a - b).abs().max().item() <= 2 ** -6 * b.abs().max().item(), (low, name)
-    assert grads["default"][2] > 300e6  # the one-walk plan's fp32 dX accumulator alone is 335 MB
+    assert grads["lowmem"][2] <= 100e6, f"{grads['lowmem'][2] / 1e6:.1f} MB beyond the gradients"
+    for i, name in ((0, "dX"), (1, "dW")):
+        a, b = grads["lowmem"][i], grads["default"][i]
+        assert (a - b).abs().max().item() <= 2 ** -6 * b.abs().max().item(), name
+    assert grads["default"][2] > 300e6  # the one walk's fp32 dX accumulator alone is 335 MB
 
 
 @pytest.mark.parametrize("fwd,bwd", [("128x128x64:w8:s3:tma", "128x128x64:w8:s3:g8:tma"),
@@ -119,17 +99,17 @@ def test_logprob_lowmem_setting_stays_under_100mb(monkeypatch):
 def test_logprob_tma_configs(fwd, bwd, N, H, V, scratch, monkeypatch):
     """The kernels reading hidden / weight through TMA tensor descriptors (the configs
     bench/tune_logprob.py tries, the flattened / persistent ":flat" ones too), bf16, in both
-    backward walks (token-chunk views of hidden)."""
+    backward walks (token-group views of hidden)."""
     import kernels.logprob as lp
 
-    monkeypatch.setattr(lp, "GPU_CONFIG", lp.parse_config(fwd, lp.GPU_CONFIG))
-    monkeypatch.setattr(lp, "GPU_BWD_CONFIG", lp.parse_config(bwd, lp.GPU_BWD_CONFIG))
+    f0, b0 = lp.CONFIGS["default"]
+    monkeypatch.setattr(lp, "CONFIGS", {"default": (lp.parse_config(fwd, f0), lp.parse_config(bwd, b0))})
     x = torch.empty(4, H, device="cuda", dtype=torch.bfloat16)
-    assert lp._operands(x, x, lp.GPU_CONFIG)[2], "descriptors expected"
+    assert lp._operands(x, x, lp.CONFIGS["default"][0])[2], "descriptors expected"
     _check_logprob(torch.bfloat16, N, H, V, scratch)
 
 
-def _check_logprob(dtype, N, H, V, scratch, exact_dw=True):
+def _check_logprob(dtype, N, H, V, scratch):
     g = torch.Generator(device="cuda").manual_seed(N + V)
     x = torch.randn(N, H, device="cuda", generator=g).to(dtype)
     w = (torch.randn(V, H, device="cuda", generator=g) / math.sqrt(H) * 3).to(dtype)
@@ -138,8 +118,8 @@ def _check_logprob(dtype, N, H, V, scratch, exact_dw=True):
     g_lp = torch.randn(N, device="cuda", dtype=torch.float64, generator=g)
     g_en = torch.randn(N, device="cuda", dtype=torch.float64, generator=g)
     temp = 0.8
-    got = _grads(lambda *a: fused_logprobs(*a, return_entropy=True, impl="triton", bwd_scratch_bytes=scratch,
-                                           exact_dw=exact_dw), x, w, t, temp, g_lp, g_en)
+    got = _grads(lambda *a: fused_logprobs(*a, return_entropy=True, impl="triton", bwd_scratch_bytes=scratch),
+                 x, w, t, temp, g_lp, g_en)
     oracle = _grads(lambda *a: logprobs_reference(*a, compute_dtype=torch.float64), x.double(), w.double(), t,
                     temp, g_lp, g_en)
     same = _grads(lambda *a: logprobs_reference(*a, compute_dtype=dtype), x, w, t, temp, g_lp, g_en)

@@ -313,20 +313,19 @@ def test_non_finite_grad_norm_skips_the_update():
 
 
 def test_logprob_scratch_budget_reaches_the_kernel(monkeypatch):
-    """grpo.logprob_scratch_mib is the fused log-prob backward's budget in the training forward,
-    and grpo.logprob_exact_dw its exact_dw."""
+    """grpo.logprob_scratch_mib is the fused log-prob backward's budget in the training forward."""
     import kernels.logprob as lp_mod
     from lwz.config import load_config
     from lwz.distributed import Dist
     from lwz.train import build_policy, train_minibatch
     cfg = load_config(os.path.join(ROOT, "configs/tiny.toml"),
                       [f"--model.path={ROOT}/assets/tiny-model", "--distributed.fsdp=false",
-                       "--grpo.logprob_scratch_mib=3", "--grpo.logprob_exact_dw=false"])
+                       "--grpo.logprob_scratch_mib=3"])
     seen = []
     real = lp_mod.fused_logprobs
 
     def spy(*a, **kw):
-        seen.append((kw.get("bwd_scratch_bytes"), kw.get("exact_dw")))
+        seen.append(kw.get("bwd_scratch_bytes"))
         return real(*a, **kw)
 
     monkeypatch.setattr(lp_mod, "fused_logprobs", spy)
@@ -335,7 +334,7 @@ def test_logprob_scratch_budget_reaches_the_kernel(monkeypatch):
     batch = _fixed_batch()
     train_minibatch(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch, _plan_all(batch, cfg, 1, model),
                     cfg, d, pad_id=1)
-    assert seen and all(b == (3 << 20, False) for b in seen), seen
+    assert seen and all(b == 3 << 20 for b in seen), seen
 
 
 def test_shutdown_exit_code_keeps_output():
