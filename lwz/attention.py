@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +119,7 @@ except Exception:
 
 
 def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, block_table=None, max_length=None,
-                     backend="auto"):
+                     backend="auto", kernel="auto"):
     """One new query per sequence against its cached keys (used by the rollout engine).
 
     q [B, Hq, D]; static cache: k_cache/v_cache [R, S, Hkv, D] with the first `lengths[b]` slots of
@@ -130,7 +129,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, block_ta
     of 64 for triton, of 256 for flash and varlen). `max_length` (host int >= lengths.max()) lets
     the SDPA path read only the first max_length positions. Returns [B, Hq, D].
 
-    Kernels (see decode_backend for the choice):
+    Kernels (see decode_backend for the choice; `kernel` other than "auto" forces one):
       flash  -- flash_attn_with_kvcache(cache_seqlens=lengths, cache_batch_idx=rows or block_table)
       varlen -- torch varlen_attn over the cache seen as a paged cache with one page per row
                 (block_table = rows, seqused_k = lengths); S must suit the kernel's page size
@@ -139,7 +138,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, block_ta
       sdpa   -- masked SDPA (any device, the CPU path; gathers rows when `rows` is given)
     flash and varlen cannot run on the CPU CI; triton is tested there under the interpreter.
     """
-    backend = decode_backend(backend, q.device, q.dtype)
+    backend = decode_backend(backend, q.device, q.dtype, kernel)
     if backend == "triton":
         from kernels.decode_attention import decode_attention_triton
         return decode_attention_triton(q, k_cache, v_cache, lengths, scale, rows=rows, max_length=max_length,
@@ -167,18 +166,19 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, rows=None, block_ta
 DECODE_KERNELS = ("flash", "varlen", "triton", "sdpa")
 
 
-def decode_backend(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+def decode_backend(requested: str, device: torch.device, dtype: torch.dtype | None = None,
+                   kernel: str = "auto") -> str:
     """The kernel decode_attention will use for the model's attention backend `requested` on
     `device`. On CUDA: "flash" (flash-attn's flash_attn_with_kvcache) when installed, else "varlen"
     (torch varlen_attn with block_table/seqused_k/enable_gqa, a torch that has them), else
     "triton" (kernels.decode_attention); "sdpa" on CPU or when the model asks for sdpa. All but
     sdpa read cache rows in place, so the rollout engine passes row indices instead of compacting
-    the cache. LWZ_DECODE_KERNEL=<one of DECODE_KERNELS> forces a kernel (benchmarks, tests)."""
-    forced = os.environ.get("LWZ_DECODE_KERNEL", "")
-    if forced:
-        if forced not in DECODE_KERNELS:
-            raise ValueError(f"LWZ_DECODE_KERNEL: got {forced!r}, expected one of {DECODE_KERNELS}")
-        return forced
+    the cache. kernel: "auto" (that choice) or one of DECODE_KERNELS, which is used as given
+    (rollout.decode_kernel)."""
+    if kernel != "auto":
+        if kernel not in DECODE_KERNELS:
+            raise ValueError(f"rollout.decode_kernel: got {kernel!r}, expected 'auto' or one of {DECODE_KERNELS}")
+        return kernel
     backend = resolve_backend(requested, device, dtype)
     if backend == "flash" and _flash_kvcache is not None:
         return "flash"

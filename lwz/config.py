@@ -91,6 +91,9 @@ class RolloutConfig:
     # decode step t+1 on the GPU while the host reads step t's tokens (stop checks, admissions); rows read
     # in place only (CUDA kernels); the same samples either way. Off until measured on a GPU.
     overlap: bool = False
+    # decode attention kernel: auto = flash-attn when installed, else torch's paged varlen_attn, else
+    # our Triton kernel on CUDA, sdpa on the CPU; or one of those forced
+    decode_kernel: Literal["auto", "flash", "varlen", "triton", "sdpa"] = "auto"
 
 
 @dataclass

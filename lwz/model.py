@@ -490,10 +490,11 @@ def _prefill(model: "Transformer", input_ids, position_ids, cu_seqlens, max_seql
 
 
 def _decode_step(model: "Transformer", input_ids, position_ids, cache: KVCache, rows=None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, kernel: str = "auto"):
     """One new token per sequence. input_ids/position_ids int64 [B]; rows int64 [B] = cache row of
     each sequence (None: row b, the compacted layout; a paged cache needs rows); max_length = a
-    host-side bound on position_ids + 1 (lets the SDPA path read only the filled part of the cache).
+    host-side bound on position_ids + 1 (lets the SDPA path read only the filled part of the cache);
+    kernel = the decode attention kernel (lwz.attention.decode_backend; "auto" chooses).
     Writes the new k/v at cache[row, position] and returns the final-normed hidden [B, H]."""
     idx_rows = torch.arange(input_ids.shape[0], device=input_ids.device) if rows is None else rows
     # once per step, not per layer: the attention kernels take int32 lengths, rows and block tables
@@ -504,7 +505,7 @@ def _decode_step(model: "Transformer", input_ids, position_ids, cache: KVCache, 
         model, input_ids, position_ids, cache, idx_rows,
         lambda li, attn, q, k, v: decode_attention(q, cache.k[li], cache.v[li], lengths, attn.scale, rows=rows32,
                                                    block_table=table, max_length=max_length,
-                                                   backend=attn.backend))
+                                                   backend=attn.backend, kernel=kernel))
 
 
 Transformer.prefill = _prefill

@@ -427,7 +427,7 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
              stop_strings=(), tokenizer=None, generator: torch.Generator | None = None,
              max_context: int | None = None, batch_size: int = 0, cache_mem_fraction: float = 0.9,
              compact: str | bool = "auto", cuda_graphs: bool = True, page_size: int = 0, num_pages: int = 0,
-             overlap: bool = False, pad_id: int | None = None) -> RolloutBatch:
+             overlap: bool = False, decode_kernel: str = "auto", pad_id: int | None = None) -> RolloutBatch:
     """Sample `n` responses for each prompt (lists of token ids) with a KV cache.
 
     temperature 0 means greedy. top_k = 0 and top_p = 1 disable truncation. stop_token_ids end a
@@ -446,8 +446,9 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
     (0: on CUDA what fits in cache_mem_fraction of the free memory, on the CPU every row's whole
     budget); rows then only bound how many sequences decode at once, and memory follows the real
     lengths. overlap: launch each next decode step before reading this step's tokens on the host
-    (rows read in place only; see _decode_all); the same samples either way. Returns a RolloutBatch
-    (CPU tensors).
+    (rows read in place only; see _decode_all); the same samples either way. decode_kernel: the
+    decode attention kernel, "auto" or one of lwz.attention.DECODE_KERNELS (decode_backend).
+    Returns a RolloutBatch (CPU tensors).
     """
     if n < 1:
         raise ValueError(f"generate: n must be >= 1, got {n}")
@@ -484,7 +485,8 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
     if num:
         device, dtype = _model_device_dtype(model)
         backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
-        kernel = decode_backend(backend, device, dtype)
+        kernel = decode_backend(backend, device, dtype, decode_kernel)
+        params["kernel"] = kernel
         params["compact"] = kernel == "sdpa" and not page_size if compact == "auto" else bool(compact)
         if page_size and params["compact"]:
             raise ValueError("generate: a paged cache (page_size > 0) reads rows in place; compact must be False")
@@ -696,14 +698,15 @@ class _DecodeGraphs:
     capture=False runs exactly the same padded steps eagerly (how the CPU tests check the padding).
     """
 
-    def __init__(self, model, cache, S: int, pad_row: int, capture: bool):
+    def __init__(self, model, cache, S: int, pad_row: int, capture: bool, kernel: str = "auto"):
         self.model, self.cache, self.S, self.pad_row, self.capture = model, cache, S, pad_row, capture
+        self.kernel = kernel  # the decode attention kernel (decode_backend)
         self.device = cache.k[0].device
         self.states: dict = {}  # padded size -> (tok, pos, rows, graph or None, logits or None)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def _step(self, tok, pos, rows):
-        hidden = self.model.decode_step(tok, pos, self.cache, rows=rows, max_length=self.S)
+        hidden = self.model.decode_step(tok, pos, self.cache, rows=rows, max_length=self.S, kernel=self.kernel)
         return self.model.logits(hidden)
 
     def _size(self, B: int) -> int:
@@ -789,7 +792,7 @@ class _LiveRows:
 
 def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top_p, top_k, greedy,
                 stop_token_ids, stopper, generator, max_context, compact, cuda_graphs, page_size=0, num_pages=0,
-                overlap=False):
+                overlap=False, kernel="auto"):
     """Generate all len(prompts) * n samples through `slots` cache rows with continuous admission
     (compact: the live rows kept contiguous, for SDPA; cuda_graphs: replay the decode steps):
     whenever sequences finish, waiting samples are admitted into the freed rows at once (their
@@ -801,7 +804,7 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
     tokens, so the GPU computes step t+1 while the host checks stops and admits; the rows that
     finished at step t computed one step for nothing (their outputs are dropped, their cache row
     or pages are free again). Returns (per-sample dicts in sample order (sample b is prompt b // n's),
-    sampling rounds, preemptions)."""
+    sampling rounds, preemptions). kernel: the decode attention kernel (decode_backend)."""
     device, dtype = _model_device_dtype(model)
     B = len(prompts) * n
     plen = [len(prompts[b // n]) for b in range(B)]
@@ -813,7 +816,8 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
         pages = _Pages(cache, num_pages, slots)
     else:
         cache = KVCache.allocate(model.config, slots + extra, S, dtype, device)
-    graphs = _DecodeGraphs(model, cache, S, pad_row=slots, capture=device.type == "cuda") if cuda_graphs else None
+    graphs = _DecodeGraphs(model, cache, S, pad_row=slots, capture=device.type == "cuda",
+                           kernel=kernel) if cuda_graphs else None
 
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.int64, device=device)
     max_cap = max(cap)
@@ -859,7 +863,8 @@ def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top
                 graphs = None
                 torch.cuda.synchronize(device)
         view = cache.head(len(cur)) if compact else cache
-        hidden = model.decode_step(tok, positions, view, rows=None if compact else cur.slots_t, max_length=max_len)
+        hidden = model.decode_step(tok, positions, view, rows=None if compact else cur.slots_t, max_length=max_len,
+                                   kernel=kernel)
         return model.logits(hidden)
 
     while True:

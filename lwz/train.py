@@ -268,7 +268,8 @@ def rollout(policy, tok, records, cfg, d, step):
                          temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                          stop_token_ids=[tok.eos_token_id], stop_strings=list(r.stop_strings), tokenizer=tok,
                          generator=gen, batch_size=r.batch_size, cache_mem_fraction=r.cache_mem_fraction,
-                         cuda_graphs=r.cuda_graphs, page_size=r.page_size, overlap=r.overlap)
+                         cuda_graphs=r.cuda_graphs, page_size=r.page_size, overlap=r.overlap,
+                         decode_kernel=r.decode_kernel)
     policy.train()
     out = []
     for j, (pi, resp_ids) in enumerate(zip(batch.prompt_index.tolist(), batch.response_ids)):

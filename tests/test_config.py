@@ -270,6 +270,7 @@ def test_impossible_values(arg, key, value, allowed):
     ("--model.dtype=fp8", "model.dtype", "'float32', 'bfloat16', 'float16'"),
     ("--model.attn_backend=xformers", "model.attn_backend", "'auto', 'flash', 'varlen', 'sdpa'"),
     ("--rollout.old_logprobs=none", "rollout.old_logprobs", "'recompute', 'rollout'"),
+    ("--rollout.decode_kernel=paged", "rollout.decode_kernel", "'auto', 'flash', 'varlen', 'triton', 'sdpa'"),
     ("--grpo.kl_type=k4", "grpo.kl_type", "'k1', 'k2', 'k3'"),
     ("--grpo.loss_agg=sum", "grpo.loss_agg", "'token-mean'"),
     ("--grpo.pack_cost=flops", "grpo.pack_cost", "'tokens', 'quadratic'"),

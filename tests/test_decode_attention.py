@@ -71,7 +71,7 @@ def _paged(k, v, rows, page, g):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_paged_cache_reads_the_same_keys(dtype, splits, monkeypatch):
+def test_paged_cache_reads_the_same_keys(dtype, splits):
     """A paged cache (pages scattered in the pool, rows sharing none) gives what the static rows
     give, in the Triton kernel and in the SDPA path; a page size the kernel cannot tile is refused."""
     from lwz.attention import decode_attention
@@ -85,8 +85,7 @@ def test_paged_cache_reads_the_same_keys(dtype, splits, monkeypatch):
     tol = 1e-6 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(paged, static, atol=tol, rtol=tol)
     torch.testing.assert_close(paged.double(), ref, atol=10 * tol, rtol=10 * tol)
-    monkeypatch.setenv("LWZ_DECODE_KERNEL", "sdpa")
-    sd = decode_attention(q, kp, vp, lengths, 0.3, block_table=table, max_length=int(lengths.max()))
+    sd = decode_attention(q, kp, vp, lengths, 0.3, block_table=table, max_length=int(lengths.max()), kernel="sdpa")
     torch.testing.assert_close(sd.double(), ref, atol=10 * tol, rtol=10 * tol)
     kp2, vp2, table2 = _paged(k, v, rows, 32, g)
     with pytest.raises(ValueError, match="page size 32 must be a multiple of 64"):
@@ -118,7 +117,7 @@ def test_generation_through_the_triton_kernel(monkeypatch):
     prompts = [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (5, 17, 2)]
     kw = dict(n=2, max_new_tokens=12, temperature=1.0, stop_token_ids=[0] + list(range(8, 60)))
     ref = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kw)
-    monkeypatch.setenv("LWZ_DECODE_KERNEL", "triton")
+    kw["decode_kernel"] = "triton"
     import kernels.decode_attention as mod
     calls = []
     real = mod.decode_attention_triton
@@ -134,11 +133,10 @@ def test_generation_through_the_triton_kernel(monkeypatch):
     torch.testing.assert_close(paged.response_logprobs, ref.response_logprobs, atol=1e-5, rtol=1e-5)
 
 
-def test_bad_forced_kernel_is_one_clear_error(monkeypatch):
+def test_bad_forced_kernel_is_one_clear_error():
     from lwz.attention import decode_backend
-    monkeypatch.setenv("LWZ_DECODE_KERNEL", "paged")
-    with pytest.raises(ValueError, match="LWZ_DECODE_KERNEL: got 'paged'"):
-        decode_backend("auto", torch.device("cpu"))
+    with pytest.raises(ValueError, match="rollout.decode_kernel: got 'paged'"):
+        decode_backend("auto", torch.device("cpu"), kernel="paged")
 
 
 def test_bench_cpu_case(tmp_path):

@@ -358,7 +358,7 @@ def test_paged_cache_gives_the_static_results(tiny):
     assert paged.preemptions == 0 and len(set(static.response_lengths.tolist())) > 2
 
 
-def test_paged_cache_preempts_and_recomputes_when_pages_run_out(tiny, monkeypatch):
+def test_paged_cache_preempts_and_recomputes_when_pages_run_out(tiny):
     """With too few pages for every admitted sequence to grow, the latest admitted ones give their
     pages back and come back later by recomputing their tokens: greedy answers are unchanged."""
     model, _ = tiny
@@ -377,9 +377,8 @@ def test_paged_cache_preempts_and_recomputes_when_pages_run_out(tiny, monkeypatc
     # the pool must hold one whole sequence; the kernel's tile size bounds the page size
     with pytest.raises(ValueError, match=rf"pool of {per_seq - 1} pages of 4 tokens cannot hold one sequence"):
         generate(model, prompts, page_size=4, num_pages=per_seq - 1, **kw)
-    monkeypatch.setenv("LWZ_DECODE_KERNEL", "triton")
     with pytest.raises(ValueError, match="page_size=48: the triton decode kernel needs a multiple of 64"):
-        generate(model, prompts, page_size=48, **kw)
+        generate(model, prompts, page_size=48, decode_kernel="triton", **kw)
     with pytest.raises(ValueError, match="compact must be False"):
         generate(model, prompts, page_size=64, **{**kw, "compact": True})
 
@@ -628,7 +627,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @cuda
 @pytest.mark.parametrize("kernel", ["flash", "varlen", "triton"])
-def test_cuda_decode_attention_matches_sdpa(kernel, monkeypatch):
+def test_cuda_decode_attention_matches_sdpa(kernel):
     import lwz.attention as attn
     from lwz.attention import decode_attention
     dev = torch.device("cuda")
@@ -636,7 +635,6 @@ def test_cuda_decode_attention_matches_sdpa(kernel, monkeypatch):
         pytest.skip("flash-attn is not installed")
     if kernel == "varlen" and not {"block_table", "seqused_k", "enable_gqa"} <= attn._VARLEN_PARAMS:
         pytest.skip("this torch's varlen_attn has no block_table / seqused_k")
-    monkeypatch.setenv("LWZ_DECODE_KERNEL", kernel)
     g = torch.Generator(device=dev).manual_seed(0)
     R, S, Hq, Hkv, D = 6, 512, 12, 2, 128
     kc = torch.randn(R, S, Hkv, D, generator=g, device=dev, dtype=torch.bfloat16)
@@ -644,10 +642,8 @@ def test_cuda_decode_attention_matches_sdpa(kernel, monkeypatch):
     q = torch.randn(4, Hq, D, generator=g, device=dev, dtype=torch.bfloat16)
     rows = torch.tensor([5, 0, 2, 3], device=dev)
     lengths = torch.tensor([300, 1, 512, 77], device=dev)
-    monkeypatch.setenv("LWZ_DECODE_KERNEL", "sdpa")
-    ref = decode_attention(q.float(), kc.float(), vc.float(), lengths, D ** -0.5, rows=rows)
-    monkeypatch.setenv("LWZ_DECODE_KERNEL", kernel)
-    out = decode_attention(q, kc, vc, lengths, D ** -0.5, rows=rows)
+    ref = decode_attention(q.float(), kc.float(), vc.float(), lengths, D ** -0.5, rows=rows, kernel="sdpa")
+    out = decode_attention(q, kc, vc, lengths, D ** -0.5, rows=rows, kernel=kernel)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
