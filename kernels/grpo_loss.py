@@ -78,7 +78,7 @@ gradient is known in the forward pass up to the upstream scalar and the normalis
     backward = `_grpo_bwd_kernel`: dlogp = g_t * grad_output * scale (and the same for entropy).
 All float hyper-parameters are tl.constexpr (they are fixed for a run) and the per-step
 normaliser travels in an fp32 tensor: no Python float reaches a runtime kernel argument, which
-Inductor would turn into fp64 (see shared/reference/kernels.md, Liger PRs #1362/#1366).
+Inductor would turn into fp64 (Liger-Kernel hit this: its PRs #1362 / #1366).
 """
 
 from __future__ import annotations
@@ -95,9 +95,8 @@ from kernels.reference import grpo_loss_reference
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = {"k1": 1, "k2": 2, "k3": 3}
 
-# Slots of the per-program partial sums (fwd kernel -> finalize kernel).
+# Width of the per-program partial sums (fwd kernel -> finalize kernel; the kernels index the slots).
 _NSLOT = 16
-P_POL, P_KL, P_ENT, P_TOK, P_CLO, P_CHI, P_DUAL, P_RATIO, P_KLRAW, P_AKL, P_ENTRAW = range(11)
 # Slots of the finalized stats vector.
 STAT_NAMES = ("policy_loss", "kl_loss", "entropy_loss", "clip_frac_low", "clip_frac_high",
               "dual_clip_frac", "ratio_mean", "kl_mean", "approx_kl", "entropy_mean", "n_tokens")
@@ -106,9 +105,8 @@ _O_SCALE = 12  # 1/denominator, kept for the backward kernel
 # Shipped launch configuration (also what AOT_SPECS compiles).
 FWD_BLOCK, FWD_WARPS = 1024, 8  # 4 warps: 128 regs (seq-mean+k3+entropy) and an 8-byte stack at sm_90
 # Tiles per forward program: at most FWD_TILES, and only as many as keep >= FWD_MIN_PROGRAMS
-# programs (~8 per SM), so a 256k-token batch still spreads over the GPU. Measured on an H200 at
-# 16M tokens (bench/results/grpo_loss-tiles-h200.json): fwd+bwd 0.40 ms with 1 tile per program,
-# 0.28 with 4, 0.23 with 16, 0.22 with 32.
+# programs (~8 per SM), so a 256k-token batch still spreads over the GPU. More tiles per program
+# were faster up to 16 at 16M tokens (bench/results/grpo_loss-tiles-h200.json).
 FWD_TILES, FWD_MIN_PROGRAMS = 16, 1024
 
 
