@@ -195,6 +195,7 @@ setup(
     install_requires=["torch>=2.11", "transformers", "safetensors", "numpy", "nvidia-ml-py", "tomli-w"],
     extras_require={"flash": ["flash-attn"], "test": ["pytest", "hypothesis"]},
     include_package_data=True,
+    package_data={"kernels": ["logprob_configs.json"]},  # the log-prob launch-config table
     ext_modules=[CMakeExtension("lwz._C")],
     cmdclass={"build_ext": LwzBuildExt},
 )
