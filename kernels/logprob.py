@@ -15,7 +15,7 @@
 Differentiable in hidden and weight. Gradient with respect to z:
     d logp_i / d z_ij = [j == t_i] - p_ij
     d H_i    / d z_ij = -p_ij (z_ij - sum_k p_ik z_ik) = -p_ij (log p_ij + H_i)
-so with upstream g (logp) and e (entropy)
+and d z / d (hidden @ weight.T) = 1 / temperature, so with upstream g (logp) and e (entropy)
     dA_ij = (g_i ([j == t_i] - p_ij) - e_i p_ij (log p_ij + H_i)) / temperature,
     d hidden = dA @ weight,  d weight = dA^T @ hidden.
 
