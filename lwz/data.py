@@ -351,7 +351,8 @@ def choose_range(answer: Optional[str], prompt: str, max_words: int,
     return (int(default[0]), int(default[1])), "default"
 
 
-def _label_answers(model, tok, prompts: list[str], batch_size: int, max_new_tokens: int, bar) -> list[Optional[str]]:
+def _label_answers(model, tok, prompts: list[str], batch_size: int, max_new_tokens: int, bar,
+                   decode_kernel: str = "auto") -> list[Optional[str]]:
     """The model's greedy continuation of the labelling prompt of each question (None where the
     labelling prompt does not fit the model's context with max_new_tokens)."""
     from lwz.rollout import generate
@@ -365,7 +366,8 @@ def _label_answers(model, tok, prompts: list[str], batch_size: int, max_new_toke
         fit = [(i, x) for i, x in zip(part, ids) if len(x) <= limit]
         if fit:
             batch = generate(model, [x for _, x in fit], n=1, max_new_tokens=max_new_tokens, greedy=True,
-                             stop_token_ids=[tok.eos_token_id], stop_strings=["]", "\n"], tokenizer=tok)
+                             stop_token_ids=[tok.eos_token_id], stop_strings=["]", "\n"], tokenizer=tok,
+                             decode_kernel=decode_kernel)
             for (i, _), resp in zip(fit, batch.response_ids):
                 out[i] = tok.decode(resp, skip_special_tokens=True)
         bar.update(len(part))
@@ -416,7 +418,8 @@ def label_lengths(argv: list[str]) -> int:
         model = Transformer.from_pretrained(args.model, dtype=dtype, device=d.device).eval()
         mine = todo[d.rank::d.world]
         bar = Progress(len(mine), "labelling", stream=None if d.is_main else io.StringIO())  # rank 0 draws
-        answers = _label_answers(model, tok, [prompts[i] for i in mine], args.batch_size, args.max_new_tokens, bar)
+        answers = _label_answers(model, tok, [prompts[i] for i in mine], args.batch_size, args.max_new_tokens, bar,
+                                 cfg.rollout.decode_kernel)
         bar.close()
         got = {}
         for part in all_gather_objects(dict(zip(mine, answers)), d.world):
