@@ -2,7 +2,7 @@
 
     batch = generate(model, prompt_ids, n=8, max_new_tokens=14000, temperature=0.8,
                      stop_strings=("</answer>",), tokenizer=tok, generator=g)
-    packed = to_packed(batch)          # the training stream: input_ids, position_ids, cu_seqlens, targets
+    # training takes the batch on through lwz.batch: from_rollout(batch, advantages), microbatch(...)
 
 How it runs (one rollout batch of B = prompts * n samples, `batch_size` = R cache rows):
   1. A static KV cache [R, S, Hkv, D] per layer is allocated once (S = the longest prompt + its
@@ -83,7 +83,6 @@ from lwz.model import KVCache
 from lwz.packing import pack_token_lists
 
 FINISH_REASONS = ("stop_token", "stop_string", "length")
-IGNORE_INDEX = -100
 
 
 # ---- results ---------------------------------------------------------------------------------------
@@ -171,82 +170,12 @@ class RolloutBatch:
         return self.prompt_lengths + self.response_lengths
 
 
-@dataclass
-class PackedRollout:
-    """The rollout as one packed training stream (sequence s = its prompt then its response).
-
-      input_ids     int64 [N]    position_ids int64 [N] (restart at 0 per sequence)
-      cu_seqlens    int32 [S+1]  max_seqlen int
-      targets       int64 [N]    next token where that next token is a response token, else -100
-      loss_mask     bool  [N]    targets != -100
-      response_index int64 [R]   positions of loss_mask in order = each response token, sample by sample
-      old_logprobs  fp32  [N]    the rollout's log-prob of targets[i] (0 where no loss)
-    fused_logprobs(hidden, W, targets, temperature=batch.temperature)[response_index] lines up
-    with batch.response_logprobs[batch.response_mask].
-    """
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    targets: torch.Tensor
-    loss_mask: torch.Tensor
-    response_index: torch.Tensor
-    old_logprobs: torch.Tensor
-    response_lengths: torch.Tensor
-
-    def unpack_responses(self, per_token: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """[N] per-token values (e.g. trainer log-probs) -> [S, Lr] aligned with response_tokens."""
-        S, Lr = self.response_lengths.numel(), int(self.response_lengths.max().item()) if len(self.response_lengths) else 0
-        out = per_token.new_full((S, Lr), fill)
-        mask = torch.arange(Lr)[None, :] < self.response_lengths[:, None]
-        out[mask.to(out.device)] = per_token[self.response_index.to(per_token.device)]
-        return out
-
-
-def to_packed(batch: RolloutBatch) -> PackedRollout:
-    """Pack prompt + response of every sample into one stream (pure torch; the csrc pack op does the
-    same from `batch.sequence_tokens / sequence_starts / sequence_lengths`)."""
-    seqs, tgts, olds, resp_idx = [], [], [], []
-    offset = 0
-    for s in range(len(batch)):
-        lp, lr = int(batch.prompt_lengths[s]), int(batch.response_lengths[s])
-        p = batch.prompt_tokens[s, int(batch.prompt_starts[s]):]
-        r = batch.response_tokens[s, :lr]
-        seq = torch.cat([p, r])
-        t = torch.full((lp + lr,), IGNORE_INDEX, dtype=torch.int64)
-        o = torch.zeros(lp + lr, dtype=torch.float32)
-        # position i predicts token i + 1: positions lp-1 .. lp+lr-2 predict the response
-        t[lp - 1:lp + lr - 1] = r
-        o[lp - 1:lp + lr - 1] = batch.response_logprobs[s, :lr]
-        resp_idx.append(torch.arange(lp - 1, lp + lr - 1) + offset)
-        seqs.append(seq), tgts.append(t), olds.append(o)
-        offset += lp + lr
-    lengths = batch.sequence_lengths
-    cu = torch.zeros(len(batch) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
-    cat = (lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt))
-    input_ids = cat(seqs, torch.int64)
-    targets = cat(tgts, torch.int64)
-    return PackedRollout(
-        input_ids=input_ids,
-        position_ids=cat([torch.arange(int(n)) for n in lengths], torch.int64),
-        cu_seqlens=cu,
-        max_seqlen=int(lengths.max()) if len(batch) else 0,
-        targets=targets,
-        loss_mask=targets != IGNORE_INDEX,
-        response_index=cat(resp_idx, torch.int64),
-        old_logprobs=cat(olds, torch.float32),
-        response_lengths=batch.response_lengths.clone(),
-    )
-
-
 def logprob_mismatch(rollout_logp, trainer_logp, response_mask, lengths,
                      buckets=(256, 1024, 4096, 16384)) -> dict:
     """|rollout log-prob - trainer log-prob| over response tokens, overall and per length bucket.
 
-    rollout_logp, trainer_logp [S, L] (e.g. batch.response_logprobs and
-    packed.unpack_responses(trainer_logp)); response_mask bool [S, L]; lengths [S] (each sample's
+    rollout_logp, trainer_logp [S, L] (e.g. batch.response_logprobs and lwz.batch.padded_responses
+    of the trainer's [R] log-probs); response_mask bool [S, L]; lengths [S] (each sample's
     response length, which picks its bucket: "len<=256", "len<=1024", ..., "len>16384").
     Returns a flat dict for the metrics log: mean, max, tokens, and mean/<bucket>, max/<bucket>,
     tokens/<bucket> for every non-empty bucket.

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from kernels.logprob import fused_logprobs
+from lwz.batch import from_rollout, microbatch, padded_responses
 from lwz.distributed import shutdown_distributed
 from lwz.model import Transformer
 from lwz.rollout import (
-    RolloutBatch, full_params_for_generation, generate, logprob_mismatch, to_packed,
+    RolloutBatch, full_params_for_generation, generate, logprob_mismatch,
 )
 from tests.test_model import tiny_hf
 
@@ -58,11 +59,19 @@ def test_greedy_equals_transformers(tmp_path, kind, tied):
 
 # ---- log-probs -------------------------------------------------------------------------------------
 
-def trainer_logprobs(model, packed, temperature):
+def packed_rollout(rb, device=None):
+    """The rollout as the trainer sees it: its lwz.batch.Batch (old log-probs = the sampler's, as
+    with rollout.old_logprobs = "rollout") and one micro-batch of all its sequences in order."""
+    batch = from_rollout(rb, torch.zeros(len(rb)), device)
+    batch.old_logp = batch.rollout_logp
+    return batch, microbatch(batch, list(range(len(rb))), rb.pad_id)
+
+
+def trainer_logprobs(model, mb, temperature, impl="torch"):
+    """[N] log-prob of each micro-batch position's target under `model`."""
     with torch.no_grad():
-        hidden = model(packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
-        logp, _ = fused_logprobs(hidden, model.lm_head_weight, packed.targets, temperature=temperature,
-                                 impl="torch")
+        hidden = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen)
+        logp, _ = fused_logprobs(hidden, model.lm_head_weight, mb.targets, temperature=temperature, impl=impl)
     return logp
 
 
@@ -74,13 +83,13 @@ def test_logprobs_match_trainer_recomputation(tiny, top_p, top_k):
     batch = generate(model, prompts, n=3, max_new_tokens=40, temperature=T, top_p=top_p, top_k=top_k,
                      stop_token_ids=[0], generator=torch.Generator().manual_seed(1))
     assert batch.response_logprobs.dtype == torch.float32
-    packed = to_packed(batch)
-    logp = trainer_logprobs(model, packed, T)
-    # the packed layout: targets are the response tokens, old_logprobs the rollout's
-    assert torch.equal(packed.targets[packed.response_index], batch.response_tokens[batch.response_mask])
-    assert torch.equal(packed.old_logprobs[packed.response_index], batch.response_logprobs[batch.response_mask])
-    assert int(packed.loss_mask.sum()) == int(batch.response_lengths.sum())
-    trainer = packed.unpack_responses(logp)
+    tb, mb = packed_rollout(batch)
+    logp = trainer_logprobs(model, mb, T)
+    # the packed layout: targets are the response tokens, old log-probs the rollout's
+    assert torch.equal(mb.targets[mb.resp_index], batch.response_tokens[batch.response_mask])
+    assert torch.equal(mb.old_logp[mb.resp_index], batch.response_logprobs[batch.response_mask])
+    assert int(mb.mask.sum()) == int(batch.response_lengths.sum())
+    trainer = padded_responses(tb, logp[mb.resp_index], mb.seqs)
     stats = logprob_mismatch(batch.response_logprobs, trainer, batch.response_mask, batch.response_lengths)
     assert stats["tokens"] == int(batch.response_lengths.sum()) > 0
     assert stats["max"] <= 1e-4 and stats["mean"] <= stats["max"]
@@ -186,8 +195,8 @@ def test_empty_and_bad_prompts(tiny):
     empty = generate(model, [], n=4, max_new_tokens=8)
     assert isinstance(empty, RolloutBatch) and len(empty) == 0
     assert empty.response_tokens.shape[0] == 0 and empty.finish_reasons == []
-    packed = to_packed(empty)
-    assert packed.input_ids.numel() == 0 and packed.cu_seqlens.tolist() == [0]
+    tb = from_rollout(empty, torch.zeros(0))
+    assert tb.tokens.numel() == 0 and tb.cu_seqlens.tolist() == [0] and tb.num_response_tokens == 0
     with pytest.raises(ValueError, match=r"prompt 1 has 1024 tokens.*max_context=1024"):
         generate(model, [[1, 2], [3] * 1024], max_new_tokens=8)
     with pytest.raises(ValueError, match="prompt 0 has 10 tokens"):
@@ -478,7 +487,7 @@ def test_layout_for_packing(tiny):
         assert (b.response_logprobs[s, :n] <= 0).all()
         seq = b.sequence_tokens[s, int(b.sequence_starts[s]):int(b.sequence_starts[s]) + int(b.sequence_lengths[s])]
         assert seq.tolist() == b.prompt_ids[s] + b.response_ids[s]
-    p = to_packed(b)
+    _, p = packed_rollout(b)
     assert p.cu_seqlens.dtype == torch.int32 and p.cu_seqlens[-1] == p.input_ids.numel()
     assert p.max_seqlen == int(b.sequence_lengths.max())
     s1 = slice(int(p.cu_seqlens[1]), int(p.cu_seqlens[2]))
@@ -614,8 +623,8 @@ def test_bf16_generation_runs_and_logprobs_are_close(tiny):
     b = generate(m16, prompts_for(1024, [5, 12]), n=2, max_new_tokens=12, temperature=0.8,
                  generator=torch.Generator().manual_seed(0))
     assert b.response_logprobs.dtype == torch.float32 and torch.isfinite(b.response_logprobs).all()
-    packed = to_packed(b)
-    trainer = packed.unpack_responses(trainer_logprobs(m16, packed, 0.8))
+    tb, mb = packed_rollout(b)
+    trainer = padded_responses(tb, trainer_logprobs(m16, mb, 0.8)[mb.resp_index], mb.seqs)
     stats = logprob_mismatch(b.response_logprobs, trainer, b.response_mask, b.response_lengths)
     assert stats["mean"] < 0.1, stats  # bf16: same math, different rounding of decode vs packed
 
@@ -714,12 +723,10 @@ def test_cuda_generate_logprobs_match_trainer(tiny):
     m = m.to(device="cuda", dtype=torch.bfloat16)
     b = generate(m, prompts_for(1024, [5, 40, 17]), n=4, max_new_tokens=64, temperature=0.8,
                  stop_token_ids=[0], generator=torch.Generator(device="cuda").manual_seed(0))
-    packed = to_packed(b)
-    with torch.no_grad():
-        h = m(packed.input_ids.cuda(), packed.position_ids.cuda(), packed.cu_seqlens.cuda(), packed.max_seqlen)
-        lp, _ = fused_logprobs(h, m.lm_head_weight, packed.targets.cuda(), temperature=0.8)
-    stats = logprob_mismatch(b.response_logprobs, packed.unpack_responses(lp.cpu()), b.response_mask,
-                             b.response_lengths)
+    tb, mb = packed_rollout(b, "cuda")
+    lp = trainer_logprobs(m, mb, 0.8, impl="auto")
+    stats = logprob_mismatch(b.response_logprobs, padded_responses(tb, lp[mb.resp_index], mb.seqs).cpu(),
+                             b.response_mask, b.response_lengths)
     assert stats["mean"] < 0.05, stats
     # the same run on the SDPA path samples (nearly: bf16 rounding may flip a near-tie) the same tokens
     m.set_attn_backend("sdpa")
