@@ -34,9 +34,8 @@ from kernels.grpo_loss import grpo_loss
 from lwz import checkpoint as ckpt
 from lwz.batch import Batch, exchange, from_rollout, gather_response_values, microbatch, padded_responses
 from lwz.config import ConfigError, parse_args, to_dict
-from lwz.distributed import (DTYPES, PeerFailed, agree_on_errors, all_gather_objects, all_reduce_sum,
-                             die_with_launcher, init_distributed, report_error, set_grad_sync, shard_model,
-                             shutdown_distributed, subgroup_mesh)
+from lwz.distributed import (DTYPES, PeerFailed, agree_on_errors, all_reduce_sum, die_with_launcher,
+                             init_distributed, report_error, set_grad_sync, shard_model, shutdown_distributed)
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, Transformer, model_flops_per_token
 from lwz.packing import attn_coeff_for, padding_waste, plan_microbatches
@@ -44,6 +43,7 @@ from lwz.prompts import (ANSWER_CLOSE, PromptCursor, PromptDataError, extract_an
                          load_prompts, long_prompts_message, template_prompt, tokenize_prompts)
 from lwz.rewards import group_advantages
 from lwz.rewards.format import FormatReward
+from lwz.rewards.hosting import HostedReward, load_quality_model
 from lwz.rewards.length import LengthReward, count_words
 from lwz.rollout import full_params_for_generation, generate, logprob_mismatch, strip_stop_string
 from lwz.tokenizer import TokenizerError, check_fits_model, load_tokenizer, pad_id
@@ -80,63 +80,6 @@ def build_policy(cfg, d, for_reference: bool = False) -> Transformer:
     return model
 
 
-class HostedReward:
-    """A reward model that lives only on `hosts` (rewards.quality_ranks): every rank sends its
-    samples there, host h scores the samples whose global index i has i % len(hosts) == h, and the
-    scores come back. Every rank must call it at the same time (it uses collectives); every host
-    scores, even nothing, because a model sharded over the hosts needs all of them in each forward.
-    Only valid answers travel; broken ones (None) get their floor from the calling rank's own
-    batch, as a local model gives them."""
-
-    name = "quality"
-
-    def __init__(self, model, hosts: list[int], d):
-        self.model, self.hosts, self.d = model, hosts, d
-
-    def __call__(self, prompts, answers, meta):
-        from lwz.rewards.quality import fill_broken
-
-        valid = [i for i, a in enumerate(answers) if a is not None]
-        parts = all_gather_objects([(prompts[i], answers[i], meta[i]) for i in valid], self.d.world)
-        flat = [x for part in parts for x in part]
-        mine = {}
-        if self.d.rank in self.hosts:
-            idx = list(range(self.hosts.index(self.d.rank), len(flat), len(self.hosts)))
-            p, a, m = zip(*[flat[i] for i in idx]) if idx else ((), (), ())
-            mine = dict(zip(idx, self.model(list(p), list(a), list(m)).tolist()),
-                        broken_score=self.model.broken_score)
-        scores = {}
-        for part in all_gather_objects(mine, self.d.world):
-            scores.update(part)
-        offset = sum(len(part) for part in parts[:self.d.rank])
-        got = torch.full((len(prompts),), float("nan"))
-        got[valid] = torch.tensor([scores[offset + j] for j in range(len(valid))], dtype=torch.float32)
-        return fill_broken(got, scores["broken_score"])
-
-
-def load_quality_model(cfg, d, hosts: list[int]):
-    """The quality reward model on this rank: whole, an FSDP2 shard (rewards.quality_fsdp), or None
-    on a rank that does not host it. Weights in the policy's compute dtype (distributed.param_dtype)
-    on CUDA, fp32 on CPU."""
-    from lwz.model import ModelConfig
-    from lwz.rewards.quality import QualityRewardModel
-
-    r = cfg.rewards
-    members = hosts or list(range(d.world))
-    dtype = DTYPES[cfg.distributed.param_dtype] if d.device.type == "cuda" else torch.float32
-    shard = r.quality_fsdp == "on"
-    if r.quality_fsdp == "auto" and len(members) > 1:
-        with torch.device("meta"):
-            n = sum(p.numel() for p in QualityRewardModel(ModelConfig.from_hf(r.quality_path)).parameters())
-        shard = n * dtype.itemsize >= r.quality_fsdp_min_gib * 2**30
-    mesh = subgroup_mesh(members, d.device) if shard and d.world > 1 else None  # collective: every rank
-    if d.rank not in members:
-        return None
-    shard_fn = (lambda rm: QualityRewardModel.shard(rm, mesh)) if mesh is not None else None
-    return QualityRewardModel.from_pretrained(r.quality_path, dtype=dtype, device=d.device,
-                                              shard_fn=shard_fn).eval()
-
-
 def build_rewards(cfg, d):
     """The enabled rewards, in the order length, quality, format (matching rewards.weights)."""
     r = cfg.rewards
@@ -146,8 +89,6 @@ def build_rewards(cfg, d):
                                 on_broken=r.length_on_broken_format))
         weights.append(r.weights[0])
     if r.quality:
-        if not r.quality_path:
-            raise ConfigError("rewards.quality=true needs rewards.quality_path (a reward-model folder)")
         hosts = sorted(set(r.quality_ranks))
         bad = [h for h in hosts if h >= d.world]
         if bad:
@@ -158,8 +99,6 @@ def build_rewards(cfg, d):
     if r.format:
         fns.append(FormatReward(penalty_weight=r.format_repetition_weight))
         weights.append(r.weights[2])
-    if not fns:
-        raise ConfigError("rewards: at least one of length, quality, format must be true")
     return fns, weights
 
 

@@ -239,7 +239,7 @@ class _ScoreByLength:
 
 
 def _hosted_worker(rank, world, store, out_path):
-    from lwz.train import HostedReward
+    from lwz.rewards.hosting import HostedReward
     d = _join(rank, world, store)
     n = 3 + 2 * rank  # ranks hold different numbers of samples
     prompts = [f"prompt {rank}-{i}" * (i + 1) for i in range(n)]
