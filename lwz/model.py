@@ -4,7 +4,7 @@ The training forward takes a packed stream (sequences laid end to end, no paddin
     forward(input_ids[N] int64, position_ids[N] int64, cu_seqlens[B+1] int32, max_seqlen) -> hidden[N, H]
 and returns the final-normed hidden states; it never computes logits (the fused log-prob kernel
 consumes `hidden` and `lm_head_weight`). Module names mirror the HF checkpoints, without the
-leading "model." (see lwz/checkpoint.py for the mapping).
+leading "model." (see lwz/hf_io.py for the mapping).
 
 Architecture differences handled here:
   qwen2 (Qwen2 / Qwen2.5): q/k/v projections with bias; tied or untied embeddings.
@@ -25,16 +25,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _activation_checkpoint
 
 from lwz.attention import varlen_attention
+from lwz.hf_io import ModelLoadError, load_state_into, save_hf_model
 
 ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "llama": "LlamaForCausalLM",
 }
-
-
-class ModelLoadError(ValueError):
-    """A model folder or config that cannot be used; the message names the file and the problem."""
 
 
 @dataclass
@@ -349,15 +346,28 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if exclude_embedding else n
 
-    # -- Hugging Face folders (implemented in lwz/checkpoint.py) --
+    # -- Hugging Face folders (tensor I/O in lwz/hf_io.py) --
     @classmethod
     def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", attn_backend: str = "auto",
                         activation_checkpointing: bool = False, shard_fn=None) -> "Transformer":
-        """Load an HF folder. shard_fn (e.g. FSDP2 wrapping) runs on the meta device first, so each
-        rank allocates and reads only its shard (lwz.checkpoint.load_hf_model)."""
-        from lwz.checkpoint import load_hf_model
-        return load_hf_model(cls, path, dtype=dtype, device=device, shard_fn=shard_fn, attn_backend=attn_backend,
-                             activation_checkpointing=activation_checkpointing)
+        """Load an HF folder: config.json + safetensors.
+
+        shard_fn: optional callable applied to the model while it is still on the meta device (e.g.
+        FSDP2 wrapping by lwz.distributed.shard_model); each rank then allocates and reads only its
+        shard, so the full model is never materialised on one rank."""
+        if not os.path.isdir(path):
+            raise ModelLoadError(f"{path}: model folder not found")
+        cfg = ModelConfig.from_hf(path)
+        with torch.device("meta"):
+            model = cls(cfg, attn_backend=attn_backend, activation_checkpointing=activation_checkpointing).to(dtype)
+        if shard_fn is not None:
+            shard_fn(model)
+        model = model.to_empty(device=device)
+        # A checkpoint saved untied but configured tied (or the reverse) is a mismatch the tensor names
+        # reveal. A tied model's folder may still carry an lm_head.weight (some re-saved checkpoints
+        # do): as in transformers, the tie wins and that copy is skipped.
+        load_state_into(model, path, ignore=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+        return model
 
     @classmethod
     def from_config(cls, path_or_cfg, dtype=torch.float32, device="cpu", seed: int = 0, **kw) -> "Transformer":
@@ -369,7 +379,6 @@ class Transformer(nn.Module):
         return model.to(dtype=dtype)
 
     def save_pretrained(self, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
-        from lwz.checkpoint import save_hf_model
         save_hf_model(self.state_dict(), self.config, path, max_shard_bytes=max_shard_bytes)
 
 

@@ -36,6 +36,7 @@ from lwz.batch import Batch, exchange, from_rollout, gather_response_values, mic
 from lwz.config import ConfigError, parse_args, to_dict
 from lwz.distributed import (DTYPES, PeerFailed, agree_on_errors, all_reduce_sum, die_with_launcher,
                              init_distributed, report_error, set_grad_sync, shard_model, shutdown_distributed)
+from lwz.hf_io import save_hf_model
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, Transformer, model_flops_per_token
 from lwz.packing import attn_coeff_for, padding_waste, plan_microbatches
@@ -427,8 +428,8 @@ def _run(cfg, d) -> int:
         sd = full_state_dict(policy)
         if d.is_main:  # in the compute dtype on CUDA (bf16 for the paper's models), as HF ships them
             export_dtype = DTYPES[cfg.distributed.param_dtype] if d.device.type == "cuda" else None
-            ckpt.save_hf_model(sd, mcfg, os.path.join(run_dir, "hf"), dtype=export_dtype,
-                               tokenizer_path=cfg.tokenizer.path)
+            save_hf_model(sd, mcfg, os.path.join(run_dir, "hf"), dtype=export_dtype,
+                          tokenizer_path=cfg.tokenizer.path)
     if d.is_main:
         summarize(run_dir, cfg)
     return 0

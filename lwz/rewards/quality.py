@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from lwz.hf_io import _shard_files, load_state_into, save_hf_model
 from lwz.model import ModelConfig, ModelLoadError, Transformer
 from lwz.packing import pack_token_lists
 from lwz.rewards import batch_meta
@@ -253,8 +254,6 @@ class QualityRewardModel(nn.Module):
         `score.weight`): the backbone is loaded and the head is freshly initialised (for training).
         shard_fn: applied on the meta device before allocation (FSDP2, see `shard`), so each rank
         allocates and reads only its shard. Keyword arguments override the constructor's settings."""
-        from lwz.checkpoint import load_state_into
-
         if not os.path.isdir(folder):
             raise ModelLoadError(f"{folder}: reward model folder not found")
         cfg_path = os.path.join(folder, "config.json")
@@ -287,7 +286,6 @@ class QualityRewardModel(nn.Module):
         new_head = False
         if not is_cls and allow_new_head:
             from safetensors import safe_open
-            from lwz.checkpoint import _shard_files
             names = set()
             for path in _shard_files(folder):
                 with safe_open(path, framework="pt", device="cpu") as f:
@@ -338,7 +336,6 @@ class QualityRewardModel(nn.Module):
     def save_pretrained(self, folder: str, dtype: Optional[torch.dtype] = None) -> None:
         """Write an HF folder that transformers loads as ...ForSequenceClassification (num_labels=1,
         pad_token_id set), plus the tokenizer and our settings file."""
-        from lwz.checkpoint import save_hf_model
 
         state = {k: v for k, v in self.state_dict().items()}
         save_hf_model(state, self.config, folder, dtype=dtype, name_map=lambda k: k,
