@@ -236,26 +236,11 @@ def score(samples, reward_fns, weights, cfg):
 
 
 def _startup_checks(cfg, d):
-    """What must hold before any work or any write: tokenizer, prompt file, world-size rules, the
-    tokenizer against the model's vocabulary and context, and the run folder / checkpoint to resume
-    (lwz.checkpoint.check_run_start). Returns (tokenizer, prompt records, checkpoint path or None,
-    the run identity a checkpoint saves)."""
+    """What must hold before any work or any write: tokenizer, world-size rules, the tokenizer
+    against the model's vocabulary and context (cheap checks first), the prompt file, and the run
+    folder / checkpoint to resume (lwz.checkpoint.check_run_start). Returns (tokenizer, prompt
+    records, checkpoint path or None, the run identity a checkpoint saves)."""
     tok = load_tokenizer(cfg.tokenizer.path)
-    records = load_prompts(cfg.data.prompts)
-    # every prompt templated and tokenised once, before step 1: an over-long one stops the run now,
-    # not at the step that reaches it (and again on every resume); skipped ones are left out of the
-    # cursor, which then runs over the kept records only
-    n_read = len(records)
-    records, too_long = tokenize_prompts(records, tok, cfg.data)
-    if too_long:
-        msg = long_prompts_message(cfg.data.prompts, too_long, cfg.data.max_prompt_tokens)
-        if not cfg.data.skip_long_prompts:
-            raise PromptDataError(f"{msg}; shorten or drop them, or set data.skip_long_prompts=true")
-        if not records:
-            raise PromptDataError(f"{cfg.data.prompts}: every prompt is longer than "
-                                  f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
-        if d.is_main:
-            print(f"data: skipped {len(too_long)} of {n_read} prompts (data.skip_long_prompts): {msg}", flush=True)
     if cfg.rollout.prompts_per_step % d.world:
         raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a "
                           f"multiple of the world size {d.world} (each rank samples whole groups)")
@@ -274,6 +259,21 @@ def _startup_checks(cfg, d):
               f"after data.max_prompt_tokens ({mc.max_position_embeddings} - {cfg.data.max_prompt_tokens} = {room}): "
               f"an answer gets at most {mc.max_position_embeddings} minus its prompt's tokens (effective "
               f"max_new_tokens: {room} for the longest prompts)", file=sys.stderr, flush=True)
+    records = load_prompts(cfg.data.prompts)
+    # then every prompt templated and tokenised once, before step 1: an over-long one stops the run
+    # now, not at the step that reaches it (and again on every resume); skipped ones are left out of
+    # the cursor, which then runs over the kept records only
+    n_read = len(records)
+    records, too_long = tokenize_prompts(records, tok, cfg.data)
+    if too_long:
+        msg = long_prompts_message(cfg.data.prompts, too_long, cfg.data.max_prompt_tokens)
+        if not cfg.data.skip_long_prompts:
+            raise PromptDataError(f"{msg}; shorten or drop them, or set data.skip_long_prompts=true")
+        if not records:
+            raise PromptDataError(f"{cfg.data.prompts}: every prompt is longer than "
+                                  f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+        if d.is_main:
+            print(f"data: skipped {len(too_long)} of {n_read} prompts (data.skip_long_prompts): {msg}", flush=True)
     identity = dict(config=to_dict(cfg), prompts=ckpt.file_identity(cfg.data.prompts))
     return tok, records, ckpt.check_run_start(cfg, identity), identity
 
