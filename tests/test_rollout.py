@@ -553,15 +553,23 @@ def test_bench_rollout_tiny(tmp_path):
     # the tiny CPU case even on a GPU machine (its CUDA default is the 1.5B shape)
     res = bench_rollout.main(["--model", "tiny", "--device", "cpu", "--prompts", "4", "--new-tokens", "8",
                               "--tail-prompts", "3", "--tail-group", "2",
-                              "--tail-rows", "3", "--tail-max-new", "24", "--tail-mean", "8", "--out", str(out)])
+                              "--tail-rows", "3", "--tail-max-new", "24", "--tail-mean", "8", "--grid", "3x6",
+                              "--sync-every", "4", "--copy-mib", "8", "--repeats", "1", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(res))
     for key in ("device", "torch", "transformers"):
         assert data[key]
     if os.path.isdir(os.path.join(ROOT, ".git")):  # a checkout without .git (the device copy) has none
         assert data["commit"]
-    fixed, tail = data["results"]
+    fixed, dec, tail = data["results"]
     assert fixed["scenario"] == "fixed-length" and tail["scenario"] == "long-tail"
+    assert dec["scenario"] == "decode" and (dec["batch"], dec["new_tokens"]) == (3, 6)
+    for k in ("engine_tokens_per_s", "plain_tokens_per_s", "engine_ms_per_round", "plain_ms_per_round",
+              "decode_roofline_fraction", "copy_gb_per_s", "weight_gb", "kv_gb_per_round"):
+        assert math.isfinite(dec[k]) and dec[k] > 0, k
+    # the plain loop looks every round; the engine once per 4 rounds (+ the start)
+    assert dec["plain_host_syncs"] == 6 and dec["engine_host_syncs"] == 2
+    assert dec["roofline_ms"] == pytest.approx(1e3 * (dec["weight_gb"] + dec["kv_gb_per_round"]) / dec["copy_gb_per_s"])
     for k in ("lwz_tokens_per_s", "hf_tokens_per_s", "speedup"):
         assert math.isfinite(fixed[k]) and fixed[k] > 0
     for k in ("static_tokens_per_s", "continuous_tokens_per_s", "continuous_vs_static", "paged_tokens_per_s",
