@@ -38,6 +38,15 @@ where the bytes are the weights plus the live KV cache (batch x mean context x k
 token, averaged over the rounds) and the copy bandwidth is measured in the same run (a device
 copy of --copy-mib MiB: (read + written bytes) / time).
 
+Log-prob mismatch (--mismatch SAMPLESxTOKENS, off by default): a bf16 model's sampled-token
+log-probs against the trainer's recomputation (the fused log-prob kernel on the packed sequences),
+per response-length bucket (lwz.rollout.logprob_mismatch), for the engine's fp32-accumulated
+sampling logits ("after") and for logits rounded to bf16 before the softmax ("before",
+F.linear(bf16, bf16).float(), the earlier engine), same prompts and seed. Random weights give
+flat logits that hide the rounding; --logit-scale multiplies the output head (embedding when
+tied) so the logits reach a trained model's magnitudes (default 20 = max |logit| ~ 20-30 here).
+On the CPU the model is --mismatch-model (default "mid": 4 layers, hidden 512, vocab 32768).
+
 Writes bench/results/rollout-<gpu-tag|cpu>.json (device, versions, commit) and prints a table.
 `main(argv)` returns the JSON dict.
 """
@@ -66,13 +75,20 @@ QWEN25_1_5B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, inte
                    max_position_embeddings=32768, eos_token_id=151643, pad_token_id=151643)
 
 
+MID = dict(model_type="qwen2", vocab_size=32768, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+           num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, attention_bias=True,
+           max_position_embeddings=4096, eos_token_id=0, pad_token_id=0)
+
+
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> Transformer:
     if name == "tiny":
         cfg = ModelConfig.from_hf(os.path.join(ROOT, "assets", "tiny-model"))
+    elif name == "mid":
+        cfg = ModelConfig(**MID)
     elif name == "qwen2.5-1.5b":
         cfg = ModelConfig(**QWEN25_1_5B)
     else:
-        raise ValueError(f"--model: expected tiny | qwen2.5-1.5b | auto, got {name!r}")
+        raise ValueError(f"--model: expected tiny | mid | qwen2.5-1.5b | auto, got {name!r}")
     return Transformer.from_config(cfg, dtype=dtype, device=device, seed=0).eval()
 
 
@@ -130,6 +146,45 @@ def decode_grid(model, cfg, device, args, bw: float) -> list[dict]:
         row["decode_roofline_fraction"] = row["engine_roofline_fraction"]
         row["engine_vs_plain"] = row["engine_tokens_per_s"] / row["plain_tokens_per_s"]
         rows.append(row)
+    return rows
+
+
+def mismatch(model, cfg, device, samples: int, new: int, scale: float) -> list[dict]:
+    """Sampled-token log-prob mismatch, bf16-rounded logits ("before") vs fp32-accumulated ("after")."""
+    import types
+
+    import torch.nn.functional as F
+
+    from kernels.logprob import fused_logprobs
+    from lwz.batch import from_rollout, microbatch, padded_responses
+    from lwz.rollout import logprob_mismatch
+    with torch.no_grad():
+        model.lm_head_weight.mul_(scale)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(2, cfg.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(16, 129, (samples // 4,), generator=g)]
+    # answers of many lengths: stop tokens hit with probability ~1/(new/3) per token
+    stops = tuple(torch.randperm(cfg.vocab_size, generator=g)[:max(1, cfg.vocab_size * 3 // new)].tolist())
+    sp = SamplingParams(n=4, max_new_tokens=new, temperature=0.8, stop_token_ids=stops, seed=1)
+    buckets = tuple(new * k // 8 for k in (1, 2, 4)) + (new,)
+    rows = []
+    for name in ("before", "after"):
+        if name == "before":  # the earlier engine's logits: the bf16 product rounded, then fp32
+            model.logits = types.MethodType(lambda self, h: F.linear(h, self.lm_head_weight).float(), model)
+        else:
+            del model.logits
+        out = generate(model, prompts, sp, EngineSettings(batch_size=32))
+        batch = from_rollout(out, torch.zeros(len(out)), device)
+        mb = microbatch(batch, list(range(len(out))), out.pad_id)  # the trainer's packed forward
+        with torch.no_grad():
+            h = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen)
+            logp, _ = fused_logprobs(h, model.lm_head_weight, mb.targets, temperature=0.8)
+        trainer = padded_responses(batch, logp[mb.resp_index], mb.seqs).cpu()
+        st = logprob_mismatch(out.response_logprobs, trainer, out.response_mask, out.response_lengths, buckets)
+        rows.append(dict(scenario="logprob-mismatch", logits=name, dtype=str(model.lm_head_weight.dtype),
+                         samples=len(out), new_tokens=new, logit_scale=scale, **st))
+    with torch.no_grad():
+        model.lm_head_weight.div_(scale)
     return rows
 
 
@@ -222,6 +277,9 @@ def main(argv=None) -> dict:
                                                 "on CUDA, 4x16 on the CPU; 'none' skips them")
     ap.add_argument("--sync-every", type=int, default=16, help="the engine's rollout.sync_every in the decode rows")
     ap.add_argument("--copy-mib", type=int, default=0, help="copy-bandwidth probe size; 0: 2048 on CUDA, 256 on CPU")
+    ap.add_argument("--mismatch", default="", help="SAMPLESxTOKENS: the log-prob mismatch scenario (bf16)")
+    ap.add_argument("--mismatch-model", default="", help="its model; default the run's model on CUDA, mid on CPU")
+    ap.add_argument("--logit-scale", type=float, default=20.0, help="output-head scale in the mismatch scenario")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/rollout-<gpu|cpu>.json)")
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -281,6 +339,11 @@ def main(argv=None) -> dict:
         rows += decode_grid(model, cfg, device, args, copy_bandwidth(device, args.copy_mib))
     if not args.no_tail:
         rows.append(long_tail(model, cfg, device, args))
+    if args.mismatch:
+        n_s, n_t = (int(x) for x in args.mismatch.split("x"))
+        mname = args.mismatch_model or (name if device.type == "cuda" else "mid")
+        mm = model if mname == name and dtype == torch.bfloat16 else build_model(mname, device, torch.bfloat16)
+        rows += mismatch(mm, mm.config, device, n_s, n_t, args.logit_scale)
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
 

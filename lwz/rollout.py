@@ -1,71 +1,64 @@
 """Rollout engine: batched sampling with a KV cache, returning tokens and sampling log-probs.
 
-    batch = generate(model, prompt_ids, n=8, max_new_tokens=14000, temperature=0.8,
-                     stop_strings=("</answer>",), tokenizer=tok, generator=g)
+    params = SamplingParams(n=8, max_new_tokens=14000, temperature=0.8, stop_token_ids=(eos,),
+                            stop_strings=("</answer>",), seed=step_seed)
+    batch = generate(model, prompt_ids, params, EngineSettings(sync_every=16), tokenizer=tok)
     # training takes the batch on through lwz.batch: from_rollout(batch, advantages), microbatch(...)
+    # (SamplingParams.from_config / EngineSettings.from_config build both from a RolloutConfig)
 
-How it runs (one rollout batch of B = prompts * n samples, `batch_size` = R cache rows):
-  1. A static KV cache [R, S, Hkv, D] per layer is allocated once (S = the longest prompt + its
-     token budget - 1); R = batch_size, or B when batch_size is 0.
-  2. Continuous admission: samples wait in a queue (prompt by prompt) and enter free rows. A
-     prompt is prefilled once, as part of ONE packed varlen batch of the admitted prompts, through
-     the same blocks as training (model.prefill), into its first sample's row; its other samples
-     get a copy of those rows (the prompt is never recomputed while a sibling is still decoding).
-  3. Decode loop: one token per live sequence per step (model.decode_step). A sequence that
-     finishes frees its row and a waiting sample takes it before the next token is drawn, so the
-     batch stays full until the queue runs dry: with R < B the decode does not wait, batch after
-     batch, for the longest answer of each (a 14k-token answer keeps one row busy, not R).
-     On CPU/SDPA the live rows are kept contiguous (a survivor beyond the new end moves into a
-     finished row: only those rows are copied); on CUDA the live rows' indices are passed to the
-     kernel (flash-attn's cache_batch_idx, torch varlen_attn's paged cache with one page per row,
-     or our Triton split-K kernel, kernels/decode_attention.py), so nothing is copied, and each
-     decode step is replayed from a CUDA graph (one per power-of-two batch size, the batch padded
-     with a spare row; _DecodeGraphs), so a small model's decode is not bound by launch overhead.
+How it runs (B = prompts * n samples through R cache rows, R = batch_size or what fits):
+  1. Transformer.setup_caches gives every attention layer its KV cache (static [R + 1, S] or a
+     pool of pages with one block table); the extra row R pads the batch buckets.
+  2. Rounds (_Engine._round) run on the device only, over the occupied rows of a power-of-two
+     bucket: the round's input token of each row goes through the same Block.forward as training
+     (the cache written and read through CacheBatch), model.logits makes fp32 logits, a token is
+     drawn, its log-probs written to the sample's output row, the row's count, stop token,
+     stop strings (token-suffix match against the row's last K tokens) and budget checked. On CUDA
+     each bucket's round is one CUDA graph. Nothing is read by the host.
+  3. Every sync_every rounds (_Engine._sync) the host reads, in one copy (pinned memory on CUDA),
+     each occupied row's finished flag, finish code, count and the tokens of the window. It checks
+     the stop strings exactly on the decoded text (a string may end inside a token: only tokens
+     that can complete one are decoded), ends samples, and admits waiting samples into the freed
+     rows: a prompt is prefilled (minus its last token, the first round's input) as one packed
+     varlen batch, or its rows are copied from a live sibling. A row that finished between two
+     syncs keeps running harmlessly (its writes go to scratch slots) until the host frees it.
+     Paged cache: each live row is granted the pages its next window needs; when the pool is
+     short, the latest admitted sequence gives its pages back and waits (vLLM's recompute
+     preemption: readmitted, it prefills its prompt and tokens and draws on; `preemptions`).
+
+Sampling noise. The token at response position t of sample s is drawn by inverse CDF on the
+(truncated) distribution with u = counter_uniform(seed, s, t), a hash of the three integers: the
+samples do not depend on sync_every, the batch size, cache rows, admission order or padding.
 
 Log-probs. Every sampled token gets two numbers:
   logprobs        log softmax(logits / temperature)[token], BEFORE top-k / top-p truncation.
                   This is what the trainer recomputes with kernels.logprob.fused_logprobs at the
-                  same temperature, so with top_p = 1 and top_k = 0 (the paper's setting) it is
-                  exactly the sampling distribution's log-prob, and old/new ratios are consistent.
+                  same temperature (the logits accumulated in fp32 the same way), so with top_p = 1
+                  and top_k = 0 (the paper's setting) it is exactly the sampling distribution's
+                  log-prob, and old/new ratios are consistent.
   trunc_logprobs  the log-prob under the distribution actually sampled from when top_k > 0 or
                   top_p < 1: the truncated distribution renormalised. Equals `logprobs` when
-                  nothing is truncated. Greedy decoding gives 0 here (a point mass) and the
-                  temperature-T log-prob (T = 1 when temperature is 0) in `logprobs`.
+                  nothing is truncated. Greedy decoding (temperature 0) gives 0 here (a point
+                  mass) and the temperature-1 log-prob in `logprobs`.
 
-Sampling noise. Each step draws uniform noise for all R rows (live or not), turns it into Exp(1)
-noise E and picks argmax(log p - log E) (the exponential race = sampling from p). A sample uses
-the noise row of the slot it was admitted to (the smallest free one), whatever cache row holds it,
-so compacted and indexed layouts draw the same samples; with batch_size 0 sample s always uses
-row s. The same seed and batch_size give the same samples; another batch_size gives other
-(equally valid) samples, since the admission schedule changes which noise a sample meets.
-
-Stop conditions, checked after every token, the finishing token kept in the response:
+Stop conditions, the finishing token kept in the response:
   "stop_token"   the token is in stop_token_ids (e.g. eos),
-  "stop_string"  the decoded response now contains a stop string (matched across token
-                 boundaries on a tail window of the recent tokens, decoded only after tokens
-                 that can complete a string; the response is cut right after the token that
-                 completes it, so the string itself, e.g. "</answer>", is kept in the tokens);
-                 `stopped_by[s]` names the string, and `strip_stop_string` cuts it (and
-                 whatever the completing token added after it) from the decoded text,
+  "stop_string"  the decoded response now contains a stop string that ends in this token (the
+                 response is cut right after it, so the string itself, e.g. "</answer>", is kept
+                 in the tokens); `stopped_by[s]` names the string, and `strip_stop_string` cuts it
+                 (and whatever the completing token added after it) from the decoded text,
   "length"       max_new_tokens generated, or the context (max_context) is full: truncated=True.
 
 FSDP2. Wrap generation in `full_params_for_generation(model)`: every FSDP module (each
 fully_shard'ed block and the root) is unsharded for the duration and resharded afterwards.
 Memory while generating: one full copy of the parameters in the param dtype (e.g. 3.1 GB for
-a 1.5B model in bf16) on every rank, plus the KV cache 2 * layers * R * S * Hkv * D * bytes
-(Qwen2.5-1.5B, bf16: 28 KiB per token, so 64 sequences x 15k tokens = 27 GB).
-
-Static cache (page_size 0): every row is sized for the longest sample's budget (prompt +
-max_new_tokens) up front; batch_size bounds it (KVCache.nbytes_for(cfg, R, S, dtype) gives the
-size), and on CUDA batch_size = 0 sizes R to the free memory (cache_rows).
+a 1.5B model in bf16) on every rank, plus the KV cache (Transformer.kv_bytes(1) per position:
+Qwen2.5-1.5B, bf16: 28 KiB per token, so 64 sequences x 15k tokens = 27 GB in static rows).
+Static cache: every row is sized for the longest sample's budget (prompt + max_new_tokens);
+batch_size bounds it, and on CUDA batch_size = 0 sizes R to the free memory (cache_rows).
 Paged cache (page_size P > 0): a pool of P-token pages (sized to the free memory on CUDA,
-cache_pages) and a block table per row. An admitted sample gets pages for its prompt (a sibling's
-prompt pages are copied), a row gets one more page when its newest token starts one, and a
-finished row gives its pages back, so memory follows the real lengths and R (batch_size, or every
-sample) only caps the sequences in flight. Admission keeps ~1% of the pages free for growth; when
-the live rows still need more pages than are free, the latest admitted sequence gives its pages
-back and returns to the queue (vLLM's recompute preemption): readmitted, it prefills its prompt
-and the tokens it already drew, then draws on (result field `preemptions`).
+cache_pages); memory follows the real lengths and R (batch_size, or every sample) only caps the
+sequences in flight.
 """
 
 from __future__ import annotations
