@@ -668,7 +668,14 @@ class _Engine:
         self.alive, self.reason, self.which = z(R + 1, dt=torch.bool), z(R + 1), z(R + 1)
         L = max(self.cap)
         self.out_tok, self.out_lp, self.out_tlp = z(B + 1, L), z(B + 1, L, dt=torch.float32), z(B + 1, L, dt=torch.float32)
-        self.stop_ids = torch.tensor(sorted(set(sp.stop_token_ids)), dtype=torch.int64, device=dev)
+        # a membership table, not torch.isin: isin's sorting path (many stop ids) calls unique, whose
+        # output size the host must read
+        V = model.config.vocab_size
+        ids = [t for t in set(sp.stop_token_ids) if 0 <= t < V]
+        self.stop_table = torch.zeros(V, dtype=torch.bool, device=dev)
+        if ids:
+            self.stop_table[torch.tensor(ids, device=dev)] = True
+        self.any_stop = bool(ids)
         self.enc = stopper.token_suffixes(dev)  # (ids [nS, K] right-aligned, pad mask) or None
         K = self.enc[0].shape[1] if self.enc is not None else 0
         self.tail = torch.full((R + 1, K), -1, dtype=torch.int64, device=dev)
@@ -704,8 +711,8 @@ class _Engine:
             self.which[idx] = torch.where(alive, match.to(torch.int8).argmax(-1), self.which[idx])
             code = torch.where(match.any(-1), _STOP_STRING, code)
             self.tail[idx] = torch.where(alive[:, None], tail, self.tail[idx])
-        if self.stop_ids.numel():
-            code = torch.where(torch.isin(new, self.stop_ids), _STOP_TOKEN, code)
+        if self.any_stop:
+            code = torch.where(self.stop_table[new], _STOP_TOKEN, code)
         done = alive & (code > 0)
         go = alive & ~done
         self.reason[idx] = torch.where(done, code, self.reason[idx])

@@ -312,7 +312,9 @@ def test_host_syncs_once_per_sync_every_rounds(tiny, monkeypatch):
     import lwz.rollout as ro
     model, tok = tiny
     syncing = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-               torch.ops.aten.masked_select.default, torch.ops.aten.item.default}
+               torch.ops.aten.masked_select.default, torch.ops.aten.item.default,
+               torch.ops.aten._unique.default, torch.ops.aten._unique2.default,
+               torch.ops.aten.unique_dim.default, torch.ops.aten.unique_consecutive.default}
 
     class Count(TorchDispatchMode):
         def __init__(self):
