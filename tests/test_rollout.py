@@ -623,6 +623,23 @@ def test_decode_attention_sdpa_matches_reference():
     torch.testing.assert_close(dense, out, atol=1e-6, rtol=1e-6)
 
 
+def test_sampling_logits_accumulate_in_fp32(tiny):
+    """model.logits of a bf16 model: the fp32 product of the bf16 operands (as the trainer's
+    log-prob kernel accumulates it), not the product rounded to bf16 first."""
+    import torch.nn.functional as F
+    model, _ = tiny
+    m16 = Transformer.from_config(os.path.join(ROOT, "assets/tiny-model"), seed=0)
+    m16.load_state_dict(model.state_dict())
+    m16 = m16.to(torch.bfloat16)
+    h = torch.randn(7, m16.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    out = m16.logits(h)
+    ref = h.double() @ m16.lm_head_weight.double().t()
+    assert out.dtype == torch.float32 and out.shape == (7, m16.config.vocab_size)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-5)
+    rounded = F.linear(h, m16.lm_head_weight).double()  # what sampling used before
+    assert (rounded - ref).abs().max() > 100 * (out.double() - ref).abs().max()
+
+
 def test_bf16_generation_runs_and_logprobs_are_close(tiny):
     model, _ = tiny
     m16 = Transformer.from_config(os.path.join(ROOT, "assets/tiny-model"), seed=0)
