@@ -40,11 +40,13 @@ copy of --copy-mib MiB: (read + written bytes) / time).
 
 Log-prob mismatch (--mismatch SAMPLESxTOKENS, off by default): a bf16 model's sampled-token
 log-probs against the trainer's recomputation (the fused log-prob kernel on the packed sequences),
+and against the value the CUDA kernel accumulates in fp32 (the fp64 log-prob of the bf16 operands,
+kernels.reference; on the CPU the trainer's torch path runs its GEMM in bf16, so both are shown),
 per response-length bucket (lwz.rollout.logprob_mismatch), for the engine's fp32-accumulated
 sampling logits ("after") and for logits rounded to bf16 before the softmax ("before",
 F.linear(bf16, bf16).float(), the earlier engine), same prompts and seed. Random weights give
 flat logits that hide the rounding; --logit-scale multiplies the output head (embedding when
-tied) so the logits reach a trained model's magnitudes (default 20 = max |logit| ~ 20-30 here).
+tied) so the logits spread like a trained model's (default 5: logit std ~2, max ~10 on "mid").
 On the CPU the model is --mismatch-model (default "mid": 4 layers, hidden 512, vocab 32768).
 
 Writes bench/results/rollout-<gpu-tag|cpu>.json (device, versions, commit) and prints a table.
@@ -156,6 +158,7 @@ def mismatch(model, cfg, device, samples: int, new: int, scale: float) -> list[d
     import torch.nn.functional as F
 
     from kernels.logprob import fused_logprobs
+    from kernels.reference import logprobs_reference
     from lwz.batch import from_rollout, microbatch, padded_responses
     from lwz.rollout import logprob_mismatch
     with torch.no_grad():
@@ -178,11 +181,19 @@ def mismatch(model, cfg, device, samples: int, new: int, scale: float) -> list[d
         mb = microbatch(batch, list(range(len(out))), out.pad_id)  # the trainer's packed forward
         with torch.no_grad():
             h = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen)
+            # the trainer's kernel on this device (on the CPU its torch path: a GEMM in bf16), and
+            # the value the CUDA kernel accumulates in fp32: the fp64 log-prob of the bf16 operands
             logp, _ = fused_logprobs(h, model.lm_head_weight, mb.targets, temperature=0.8)
-        trainer = padded_responses(batch, logp[mb.resp_index], mb.seqs).cpu()
-        st = logprob_mismatch(out.response_logprobs, trainer, out.response_mask, out.response_lengths, buckets)
-        rows.append(dict(scenario="logprob-mismatch", logits=name, dtype=str(model.lm_head_weight.dtype),
-                         samples=len(out), new_tokens=new, logit_scale=scale, **st))
+            exact = logprobs_reference(h[mb.resp_index], model.lm_head_weight, mb.targets[mb.resp_index],
+                                       temperature=0.8)[0]
+        row = dict(scenario="logprob-mismatch", logits=name, dtype=str(model.lm_head_weight.dtype).split(".")[-1],
+                   samples=len(out), new_tokens=new, logit_scale=scale,
+                   trainer_impl="triton" if device.type == "cuda" else "torch")
+        for key, ref in (("vs_fp32acc", exact), ("vs_trainer", logp[mb.resp_index])):
+            trainer = padded_responses(batch, ref.float(), mb.seqs).cpu()
+            st = logprob_mismatch(out.response_logprobs, trainer, out.response_mask, out.response_lengths, buckets)
+            row.update({f"{key}/{k}": v for k, v in st.items() if not k.startswith("tokens/")})
+        rows.append(row)
     with torch.no_grad():
         model.lm_head_weight.div_(scale)
     return rows
@@ -279,7 +290,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--copy-mib", type=int, default=0, help="copy-bandwidth probe size; 0: 2048 on CUDA, 256 on CPU")
     ap.add_argument("--mismatch", default="", help="SAMPLESxTOKENS: the log-prob mismatch scenario (bf16)")
     ap.add_argument("--mismatch-model", default="", help="its model; default the run's model on CUDA, mid on CPU")
-    ap.add_argument("--logit-scale", type=float, default=20.0, help="output-head scale in the mismatch scenario")
+    ap.add_argument("--logit-scale", type=float, default=5.0, help="output-head scale in the mismatch scenario")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/rollout-<gpu|cpu>.json)")
     args = ap.parse_args(argv)
     if args.threads > 0:

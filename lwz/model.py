@@ -411,8 +411,12 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = _activation_checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, cache, use_reentrant=False)
+            elif cache is not None:
+                # generation calls the block's forward without module hooks: FSDP2's would lazily
+                # initialise a block before the root (full_params_for_generation unsharded them all)
+                x = layer.forward(x, cos, sin, cu_seqlens, max_seqlen, cache)
             else:
-                x = layer(x, cos, sin, cu_seqlens, max_seqlen, cache)
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
