@@ -789,7 +789,7 @@ class _Engine:
 
     def _sync(self) -> int:
         """Read what the last rounds did, finish, admit, grant pages; returns the rounds to run next."""
-        sp, dev, strings = self.sp, self.device, self.stopper.strings
+        dev, strings = self.device, self.stopper.strings
         kill = []
         if self.row_of:
             rows_t = torch.tensor(sorted(self.row_of.values()), dtype=torch.int64, device=dev)
@@ -842,7 +842,7 @@ class _Engine:
     def _admit(self, kill: list) -> int:
         """Fill free rows from the queue, grant the window's pages (preempting the latest admitted
         sequences while the pool is short); returns the rounds to run before the next sync."""
-        sp, dev, n = self.sp, self.device, self.sp.n
+        dev = self.device
         pg = self.pages
         length = lambda b: self.plen[b] + len(self.resp[b])  # noqa: E731  (positions held after the window's input)
         new = []
