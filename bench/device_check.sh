@@ -202,7 +202,8 @@ step tune_logprob 200 "$RES/tune_logprob-$GPU_TAG.json" "$PYTHON" -m bench.tune_
 bench_step bench_logprob bench.bench_logprob 130 --sizes 4096,16384 --quick --no-compile
 bench_step bench_grpo_loss bench.bench_grpo_loss 45 --no-compile
 
-bench_step bench_rollout bench.bench_rollout 120
+# the rollout engine at 512 new tokens (batch 64 and 256: engine vs plain loop, roofline fraction)
+bench_step bench_rollout bench.bench_rollout 150 --grid 64x512,256x512
 
 # 7. the long-sequence step profile: Qwen2.5-1.5B shape at 14336 tokens, long-tail mix (the padded
 #    baseline may run out of memory: that is recorded as its result), one fixed 14336 sequence
@@ -236,6 +237,11 @@ bench_step bench_logprob_compiled bench.bench_logprob 150 --sizes 16384 --quick 
   --impls triton,torch_chunked_compiled
 # and torch.compile of the GRPO loss reference, at the bandwidth-bound 16M tokens only
 bench_step bench_grpo_loss_compiled bench.bench_grpo_loss 120 --tokens 16777216 --big-tokens 0
+
+# 7c. the rollout engine at 8k new tokens (batch 64 and 256), engine vs plain loop: the long-context
+#    decode rounds where the KV cache, not the weights, dominates the bytes read
+bench_step bench_rollout_8k bench.bench_rollout 420 --grid 64x8192,256x8192 --no-hf --no-tail \
+  --prompts 8 --new-tokens 64
 
 # 8. collect: merged JSON + markdown, and the table as the last lines
 if [[ $DRY -eq 1 ]]; then

@@ -112,7 +112,7 @@ def _sdpa_packed(q, k, v, cu_seqlens, scale):
     return out
 
 
-try:  # optional: flash-attn's decode kernel reading a cache in place (cache_batch_idx: no compaction copy)
+try:  # optional: flash-attn's decode kernel reading a cache in place (cache_batch_idx: rows by index)
     from flash_attn import flash_attn_with_kvcache as _flash_kvcache  # type: ignore
 except Exception:
     _flash_kvcache = None
@@ -172,8 +172,7 @@ def decode_backend(requested: str, device: torch.device, dtype: torch.dtype | No
     `device`. On CUDA: "flash" (flash-attn's flash_attn_with_kvcache) when installed, else "varlen"
     (torch varlen_attn with block_table/seqused_k/enable_gqa, a torch that has them), else
     "triton" (kernels.decode_attention); "sdpa" on CPU or when the model asks for sdpa. All but
-    sdpa read cache rows in place, so the rollout engine passes row indices instead of compacting
-    the cache. kernel: "auto" (that choice) or one of DECODE_KERNELS, which is used as given
+    sdpa read cache rows in place (sdpa gathers them), and can be captured in a CUDA graph. kernel: "auto" (that choice) or one of DECODE_KERNELS, which is used as given
     (rollout.decode_kernel)."""
     if kernel != "auto":
         if kernel not in DECODE_KERNELS:

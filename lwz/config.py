@@ -88,9 +88,9 @@ class RolloutConfig:
     # real lengths, rows (batch_size) only cap the sequences in flight; sequences that cannot grow
     # give their pages back and are recomputed later (logged as rollout_preemptions)
     page_size: int = 0
-    # decode step t+1 on the GPU while the host reads step t's tokens (stop checks, admissions); rows read
-    # in place only (CUDA kernels); the same samples either way. Off until measured on a GPU.
-    overlap: bool = False
+    # decode rounds between two host reads of the finished flags (admission of waiting samples, exact
+    # stop-string checks, page grants); finished rows idle until then. The samples do not depend on it
+    sync_every: int = 16
     # decode attention kernel: auto = flash-attn when installed, else torch's paged varlen_attn, else
     # our Triton kernel on CUDA, sdpa on the CPU; or one of those forced
     decode_kernel: Literal["auto", "flash", "varlen", "triton", "sdpa"] = "auto"
@@ -101,6 +101,9 @@ class GRPOConfig:
     clip_low: float = 0.2  # ratio clipped below at 1 - clip_low (paper eps = 0.2)
     clip_high: float = 0.2  # ratio clipped above at 1 + clip_high (DAPO clip-higher when > clip_low)
     clip_c: Optional[float] = None  # dual-clip bound for negative advantages (> 1); None = off
+    # truncated importance sampling for the sampler/trainer mismatch: each token's policy-gradient term is
+    # weighted by min(pi_old / pi_rollout, tis_cap) (needs rollout.old_logprobs = "recompute"); None = off
+    tis_cap: Optional[float] = None
     kl_coef: float = 0.0  # KL penalty to the reference model (paper: beta = 0, no reference model)
     kl_type: Literal["k1", "k2", "k3"] = "k3"  # KL estimator when kl_coef > 0
     loss_agg: Literal[
@@ -493,9 +496,11 @@ _RANGES = {
     "rollout.batch_size": ">= 0",
     "rollout.cache_mem_fraction": "in (0, 1]",
     "rollout.page_size": ">= 0",
+    "rollout.sync_every": ">= 1",
     "grpo.clip_low": "in [0, 1)",
     "grpo.clip_high": ">= 0",
     "grpo.clip_c": "> 1",
+    "grpo.tis_cap": "> 0",
     "grpo.kl_coef": ">= 0",
     "grpo.norm_const": "> 0",
     "grpo.ppo_epochs": ">= 1",
@@ -564,6 +569,8 @@ def validate(cfg: Config) -> Config:
     for i, s in enumerate(r.stop_strings):
         if not s:
             raise _fail(f"rollout.stop_strings[{i}]", s, "a non-empty string")
+    if g.tis_cap is not None and r.old_logprobs != "recompute":
+        raise _fail("grpo.tis_cap", g.tis_cap, "None unless rollout.old_logprobs = 'recompute' (pi_old = pi_rollout)")
     n_seqs = r.prompts_per_step * r.group_size
     if g.mini_batches > n_seqs:
         raise _fail("grpo.mini_batches", g.mini_batches,

@@ -368,7 +368,7 @@ def _label_answers(model, tok, prompts: list[str], batch_size: int, max_new_toke
                    decode_kernel: str = "auto") -> list[Optional[str]]:
     """The model's greedy continuation of the labelling prompt of each question (None where the
     labelling prompt does not fit the model's context with max_new_tokens)."""
-    from lwz.rollout import generate
+    from lwz.rollout import EngineSettings, SamplingParams, generate
     from lwz.tokenizer import encode_batch
 
     limit = model.config.max_position_embeddings - max_new_tokens
@@ -378,9 +378,10 @@ def _label_answers(model, tok, prompts: list[str], batch_size: int, max_new_toke
         ids = encode_batch(tok, [LABEL_PROMPT.replace("{question}", prompts[i].strip()) for i in part])
         fit = [(i, x) for i, x in zip(part, ids) if len(x) <= limit]
         if fit:
-            batch = generate(model, [x for _, x in fit], n=1, max_new_tokens=max_new_tokens, greedy=True,
-                             stop_token_ids=[tok.eos_token_id], stop_strings=["]", "\n"], tokenizer=tok,
-                             decode_kernel=decode_kernel)
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                    stop_token_ids=(tok.eos_token_id,), stop_strings=("]", "\n"))
+            batch = generate(model, [x for _, x in fit], params, EngineSettings(decode_kernel=decode_kernel),
+                             tokenizer=tok)
             for (i, _), resp in zip(fit, batch.response_ids):
                 out[i] = tok.decode(resp, skip_special_tokens=True)
         bar.update(len(part))

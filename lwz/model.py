@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _activation_checkpoint
 
-from lwz.attention import varlen_attention
+from lwz.attention import decode_attention, varlen_attention
 from lwz.hf_io import ModelLoadError, load_state_into, save_hf_model
 
 ARCHITECTURES = {
@@ -206,6 +206,72 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
+# ---- KV cache (the rollout engine, lwz/rollout.py) --------------------------------------------------
+
+@dataclass
+class KVCache:
+    """One attention layer's key/value cache, in the model's dtype; set on `Attention.kv_cache` by
+    Transformer.setup_caches, so prefill, decode and training run the same Block.forward.
+
+    Static (block_table None): k, v [R, S, Hkv, D]; row r holds one sequence, slot s the key/value
+    of its token at position s.
+    Paged: k, v [pages, P, Hkv, D] and block_table int32 [R, ceil(S / P)] (one tensor shared by
+    every layer) maps row r's positions [j*P, (j+1)*P) to page block_table[r, j].
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    block_table: torch.Tensor | None = None
+
+    def update(self, input_pos, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k/v [N, Hkv, D] at input_pos = CacheBatch.where (an index pair into k/v)."""
+        self.k.index_put_(input_pos, k)
+        self.v.index_put_(input_pos, v)
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, upto: int) -> None:
+        """Static: cache[dst, :upto] = cache[src, :upto] (fan a prefilled prompt out to its other
+        samples). Paged: src/dst are page indices and whole pages are copied (upto unused)."""
+        for t in (self.k, self.v):
+            if self.block_table is None:
+                t[dst, :upto] = t[src, :upto]
+            else:
+                t[dst] = t[src]
+
+
+@dataclass
+class CacheBatch:
+    """How one forward uses the layers' caches: every token's k/v is written at (rows[t],
+    position_ids[t]); `lengths` None = prefill (packed varlen attention among the new tokens, the
+    training path), else decode (one query per row attends to its first lengths[b] cached keys).
+
+    where       the (row, slot) or (page, offset) index pair of every token (KVCache.update)
+    rows        int32 [N] cache rows (decode kernels)
+    lengths     int32 [N] or None
+    block_table int32 [N, pages per row] (paged) or None
+    max_length  host bound on lengths (lets the SDPA path read only the filled part), or None
+    kernel      the decode attention kernel (lwz.attention.decode_backend)
+    """
+
+    where: tuple
+    rows: torch.Tensor
+    lengths: torch.Tensor | None = None
+    block_table: torch.Tensor | None = None
+    max_length: int | None = None
+    kernel: str = "auto"
+
+    @classmethod
+    def build(cls, table: torch.Tensor | None, page: int, rows: torch.Tensor, positions: torch.Tensor,
+              decode: bool, max_length: int | None = None, kernel: str = "auto") -> "CacheBatch":
+        """rows, positions int64 [N]; table: the shared block table (paged) or None; page: P."""
+        if table is None:
+            where, bt = (rows, positions), None
+        else:
+            where = (table[rows, positions // page].long(), positions % page)
+            bt = table.index_select(0, rows) if decode else None
+        return cls(where, rows.to(torch.int32), (positions + 1).to(torch.int32) if decode else None, bt,
+                   max_length, kernel)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -222,6 +288,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.scale = self.head_dim ** -0.5
         self.backend = "auto"
+        self.kv_cache: KVCache | None = None  # set for generation (Transformer.setup_caches)
 
     def qkv(self, x, cos, sin):
         """x [N, H] -> q [N, Hq, D], k/v [N, Hkv, D] with q/k norm (qwen3) and RoPE applied."""
@@ -233,9 +300,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache: CacheBatch | None = None):
         q, k, v = self.qkv(x, cos, sin)
-        o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.scale, self.backend)
+        if cache is not None:
+            self.kv_cache.update(cache.where, k, v)
+        if cache is None or cache.lengths is None:
+            o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.scale, self.backend)
+        else:
+            c = self.kv_cache
+            o = decode_attention(q, c.k, c.v, cache.lengths, self.scale, rows=cache.rows,
+                                 block_table=cache.block_table, max_length=cache.max_length,
+                                 backend=self.backend, kernel=cache.kernel)
         return self.o_proj(o.reshape(x.shape[0], -1))
 
 
@@ -259,8 +334,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache: CacheBatch | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -327,20 +402,61 @@ class Transformer(nn.Module):
         return fused_logprobs(hidden, self.lm_head_weight, targets, temperature=temperature,
                               return_entropy=return_entropy, bwd_scratch_bytes=logprob_scratch_bytes)
 
-    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen: int):
-        """The decoder stack: [N] ids -> final-normed hidden [N, H]."""
+    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, cache: CacheBatch | None = None):
+        """The decoder stack: [N] ids -> final-normed hidden [N, H]. With `cache` (generation, after
+        setup_caches) every token's k/v is also written to the layers' caches, and a decode batch
+        attends to them (cu_seqlens/max_seqlen unused then)."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = _activation_checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+                x = _activation_checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, cache, use_reentrant=False)
+            elif cache is not None:
+                # generation calls the block's forward without module hooks: FSDP2's would lazily
+                # initialise a block before the root (full_params_for_generation unsharded them all)
+                x = layer.forward(x, cos, sin, cu_seqlens, max_seqlen, cache)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> [N, V] in fp32. For tests and sampling only; training uses the fused kernel."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        """[N, H] -> [N, V] fp32: the one place sampling logits are made. Accumulated and returned
+        in fp32 without a half-precision rounding of the product, as the trainer's fused log-prob
+        kernel computes them (kernels.logprob._acc_mm)."""
+        from kernels.logprob import _acc_mm
+        w = self.lm_head_weight
+        out = torch.zeros(hidden.shape[0], w.shape[0], dtype=torch.float32, device=hidden.device)
+        _acc_mm(out, hidden, w.t())
+        return out
+
+    def setup_caches(self, rows: int, max_len: int, page_size: int = 0, pages: int = 0) -> torch.Tensor | None:
+        """Give every attention layer a KV cache in the parameters' dtype and device: static [rows,
+        max_len] (page_size 0), or `pages` pages of page_size slots with one block table int32
+        [rows, ceil(max_len / page_size)] shared by all layers (returned; entries point at page 0
+        until the caller assigns pages). Head counts come from each Attention module."""
+        w = self.embed_tokens.weight
+        table = None
+        if page_size:
+            table = torch.zeros(rows, -(-max_len // page_size), dtype=torch.int32, device=w.device)
+        for layer in self.layers:
+            a = layer.self_attn
+            shape = (pages, page_size, a.n_kv, a.head_dim) if page_size else (rows, max_len, a.n_kv, a.head_dim)
+            a.kv_cache = KVCache(torch.zeros(shape, dtype=w.dtype, device=w.device),
+                                 torch.zeros(shape, dtype=w.dtype, device=w.device), table)
+        return table
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+
+    def caches(self) -> list:
+        return [layer.self_attn.kv_cache for layer in self.layers]
+
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes of cached k/v for `tokens` positions of one sequence, all layers, in the
+        parameters' dtype (head counts from each Attention module)."""
+        el = self.embed_tokens.weight.element_size()
+        return sum(2 * tokens * l.self_attn.n_kv * l.self_attn.head_dim * el for l in self.layers)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -396,126 +512,3 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
     dense = L * per_layer + H * cfg.vocab_size
     attn = 12 * L * cfg.num_attention_heads * cfg.head_dim * (seq_len + 1) / 2
     return 6 * dense + attn
-
-
-# ---- decode path (the rollout engine, lwz/rollout.py) --------------------------------------------
-# Appended, not woven into the training forward: prefill and decode call the same submodules in the
-# same order as Block.forward (norm -> qkv -> attention -> o_proj -> residual -> norm -> MLP), so the
-# sampled tokens' log-probs match what the trainer recomputes on the packed sequences.
-
-from lwz.attention import decode_attention  # noqa: E402
-
-
-@dataclass
-class KVCache:
-    """Per-layer key/value cache in the model's dtype, static or paged.
-
-    Static (block_table None): k[l], v[l] are [R, S, Hkv, D]; row r holds one sequence, slot s the
-    key/value of its token at position s. Memory 2 * layers * R * S * Hkv * D * bytes(dtype). On
-    CUDA the kernels read it as a paged cache with one page per row, so dropping finished rows
-    costs no copy.
-    Paged: k[l], v[l] are [pages, P, Hkv, D] and block_table int32 [R, S // P] maps row r's
-    positions [j*P, (j+1)*P) to page block_table[r, j]; the rollout engine hands pages to rows as
-    their sequences grow, so memory follows the real lengths (2 * layers * pages * P * Hkv * D *
-    bytes) instead of every row's whole budget.
-    """
-
-    k: list
-    v: list
-    block_table: torch.Tensor | None = None
-
-    @classmethod
-    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device) -> "KVCache":
-        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)])
-
-    @classmethod
-    def allocate_paged(cls, cfg: ModelConfig, pages: int, page: int, rows: int, max_len: int,
-                       dtype: torch.dtype, device) -> "KVCache":
-        """`pages` pages of `page` slots, and a block table for `rows` rows of up to `max_len`
-        positions (every entry page 0 until the engine assigns pages)."""
-        shape = (pages, page, cfg.num_key_value_heads, cfg.head_dim)
-        table = torch.zeros(rows, -(-max_len // page), dtype=torch.int32, device=device)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)], table)
-
-    @staticmethod
-    def nbytes_for(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
-        el = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * batch * max_len * cfg.num_key_value_heads * cfg.head_dim * el
-
-    def where(self, rows: torch.Tensor, positions: torch.Tensor):
-        """The index pair that addresses (row, position) in k[l] / v[l]: (row, position) for a
-        static cache, (page, offset in the page) for a paged one."""
-        if self.block_table is None:
-            return rows, positions
-        P = self.k[0].shape[1]
-        return self.block_table[rows, positions // P].long(), positions % P
-
-    def head(self, rows: int) -> "KVCache":
-        """A view of the first `rows` rows (the live ones of the rollout's compacted layout; static)."""
-        return KVCache([t[:rows] for t in self.k], [t[:rows] for t in self.v])
-
-    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, upto: int) -> None:
-        """Static: cache[dst, :upto] = cache[src, :upto] (fan a prefilled prompt out to its n
-        samples). Paged: src/dst are page indices and whole pages are copied (upto unused)."""
-        for t in self.k + self.v:
-            if self.block_table is None:
-                t[dst, :upto] = t[src, :upto]
-            else:
-                t[dst] = t[src]
-
-
-def _forward_with_cache(model: "Transformer", input_ids, position_ids, cache: KVCache, rows, attend):
-    """Embeddings, the decoder blocks in Block.forward's order, final norm; every token's k/v is
-    also written to cache[rows[t], position_ids[t]]. attend(li, attn, q, k, v) -> o [N, Hq, D] is
-    the attention of layer li (packed varlen for prefill, against the cache for decode)."""
-    x = model.embed_tokens(input_ids)
-    cos, sin = model.rope(position_ids, x.dtype)
-    where = cache.where(rows, position_ids)  # once for all layers
-    for li, layer in enumerate(model.layers):
-        attn = layer.self_attn
-        q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)
-        cache.k[li].index_put_(where, k)
-        cache.v[li].index_put_(where, v)
-        x = x + attn.o_proj(attend(li, attn, q, k, v).reshape(x.shape[0], -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.norm(x)
-
-
-def _prefill(model: "Transformer", input_ids, position_ids, cu_seqlens, max_seqlen: int,
-             cache: KVCache, rows: torch.Tensor):
-    """Packed prompt forward that also writes every token's k/v into cache[rows[b], position].
-
-    input_ids/position_ids [N], cu_seqlens [P+1] int32, rows int64 [P] (cache row of each sequence).
-    Returns the final-normed hidden [N, H], bit-for-bit the training forward's.
-    """
-    seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    tok_rows = torch.repeat_interleave(rows.to(input_ids.device), seq_lens)
-    return _forward_with_cache(
-        model, input_ids, position_ids, cache, tok_rows,
-        lambda li, attn, q, k, v: varlen_attention(q, k, v, cu_seqlens, max_seqlen, attn.scale, attn.backend))
-
-
-def _decode_step(model: "Transformer", input_ids, position_ids, cache: KVCache, rows=None,
-                 max_length: int | None = None, kernel: str = "auto"):
-    """One new token per sequence. input_ids/position_ids int64 [B]; rows int64 [B] = cache row of
-    each sequence (None: row b, the compacted layout; a paged cache needs rows); max_length = a
-    host-side bound on position_ids + 1 (lets the SDPA path read only the filled part of the cache);
-    kernel = the decode attention kernel (lwz.attention.decode_backend; "auto" chooses).
-    Writes the new k/v at cache[row, position] and returns the final-normed hidden [B, H]."""
-    idx_rows = torch.arange(input_ids.shape[0], device=input_ids.device) if rows is None else rows
-    # once per step, not per layer: the attention kernels take int32 lengths, rows and block tables
-    lengths = (position_ids + 1).to(torch.int32)
-    rows32 = None if rows is None else rows.to(torch.int32)
-    table = None if cache.block_table is None else cache.block_table.index_select(0, idx_rows)
-    return _forward_with_cache(
-        model, input_ids, position_ids, cache, idx_rows,
-        lambda li, attn, q, k, v: decode_attention(q, cache.k[li], cache.v[li], lengths, attn.scale, rows=rows32,
-                                                   block_table=table, max_length=max_length,
-                                                   backend=attn.backend, kernel=kernel))
-
-
-Transformer.prefill = _prefill
-Transformer.decode_step = _decode_step

@@ -1,71 +1,64 @@
 """Rollout engine: batched sampling with a KV cache, returning tokens and sampling log-probs.
 
-    batch = generate(model, prompt_ids, n=8, max_new_tokens=14000, temperature=0.8,
-                     stop_strings=("</answer>",), tokenizer=tok, generator=g)
+    params = SamplingParams(n=8, max_new_tokens=14000, temperature=0.8, stop_token_ids=(eos,),
+                            stop_strings=("</answer>",), seed=step_seed)
+    batch = generate(model, prompt_ids, params, EngineSettings(sync_every=16), tokenizer=tok)
     # training takes the batch on through lwz.batch: from_rollout(batch, advantages), microbatch(...)
+    # (SamplingParams.from_config / EngineSettings.from_config build both from a RolloutConfig)
 
-How it runs (one rollout batch of B = prompts * n samples, `batch_size` = R cache rows):
-  1. A static KV cache [R, S, Hkv, D] per layer is allocated once (S = the longest prompt + its
-     token budget - 1); R = batch_size, or B when batch_size is 0.
-  2. Continuous admission: samples wait in a queue (prompt by prompt) and enter free rows. A
-     prompt is prefilled once, as part of ONE packed varlen batch of the admitted prompts, through
-     the same blocks as training (model.prefill), into its first sample's row; its other samples
-     get a copy of those rows (the prompt is never recomputed while a sibling is still decoding).
-  3. Decode loop: one token per live sequence per step (model.decode_step). A sequence that
-     finishes frees its row and a waiting sample takes it before the next token is drawn, so the
-     batch stays full until the queue runs dry: with R < B the decode does not wait, batch after
-     batch, for the longest answer of each (a 14k-token answer keeps one row busy, not R).
-     On CPU/SDPA the live rows are kept contiguous (a survivor beyond the new end moves into a
-     finished row: only those rows are copied); on CUDA the live rows' indices are passed to the
-     kernel (flash-attn's cache_batch_idx, torch varlen_attn's paged cache with one page per row,
-     or our Triton split-K kernel, kernels/decode_attention.py), so nothing is copied, and each
-     decode step is replayed from a CUDA graph (one per power-of-two batch size, the batch padded
-     with a spare row; _DecodeGraphs), so a small model's decode is not bound by launch overhead.
+How it runs (B = prompts * n samples through R cache rows, R = batch_size or what fits):
+  1. Transformer.setup_caches gives every attention layer its KV cache (static [R + 1, S] or a
+     pool of pages with one block table); the extra row R pads the batch buckets.
+  2. Rounds (_Engine._round) run on the device only, over the occupied rows of a power-of-two
+     bucket: the round's input token of each row goes through the same Block.forward as training
+     (the cache written and read through CacheBatch), model.logits makes fp32 logits, a token is
+     drawn, its log-probs written to the sample's output row, the row's count, stop token,
+     stop strings (token-suffix match against the row's last K tokens) and budget checked. On CUDA
+     each bucket's round is one CUDA graph. Nothing is read by the host.
+  3. Every sync_every rounds (_Engine._sync) the host reads, in one copy (pinned memory on CUDA),
+     each occupied row's finished flag, finish code, count and the tokens of the window. It checks
+     the stop strings exactly on the decoded text (a string may end inside a token: only tokens
+     that can complete one are decoded), ends samples, and admits waiting samples into the freed
+     rows: a prompt is prefilled (minus its last token, the first round's input) as one packed
+     varlen batch, or its rows are copied from a live sibling. A row that finished between two
+     syncs keeps running harmlessly (its writes go to scratch slots) until the host frees it.
+     Paged cache: each live row is granted the pages its next window needs; when the pool is
+     short, the latest admitted sequence gives its pages back and waits (vLLM's recompute
+     preemption: readmitted, it prefills its prompt and tokens and draws on; `preemptions`).
+
+Sampling noise. The token at response position t of sample s is drawn by inverse CDF on the
+(truncated) distribution with u = counter_uniform(seed, s, t), a hash of the three integers: the
+samples do not depend on sync_every, the batch size, cache rows, admission order or padding.
 
 Log-probs. Every sampled token gets two numbers:
   logprobs        log softmax(logits / temperature)[token], BEFORE top-k / top-p truncation.
                   This is what the trainer recomputes with kernels.logprob.fused_logprobs at the
-                  same temperature, so with top_p = 1 and top_k = 0 (the paper's setting) it is
-                  exactly the sampling distribution's log-prob, and old/new ratios are consistent.
+                  same temperature (the logits accumulated in fp32 the same way), so with top_p = 1
+                  and top_k = 0 (the paper's setting) it is exactly the sampling distribution's
+                  log-prob, and old/new ratios are consistent.
   trunc_logprobs  the log-prob under the distribution actually sampled from when top_k > 0 or
                   top_p < 1: the truncated distribution renormalised. Equals `logprobs` when
-                  nothing is truncated. Greedy decoding gives 0 here (a point mass) and the
-                  temperature-T log-prob (T = 1 when temperature is 0) in `logprobs`.
+                  nothing is truncated. Greedy decoding (temperature 0) gives 0 here (a point
+                  mass) and the temperature-1 log-prob in `logprobs`.
 
-Sampling noise. Each step draws uniform noise for all R rows (live or not), turns it into Exp(1)
-noise E and picks argmax(log p - log E) (the exponential race = sampling from p). A sample uses
-the noise row of the slot it was admitted to (the smallest free one), whatever cache row holds it,
-so compacted and indexed layouts draw the same samples; with batch_size 0 sample s always uses
-row s. The same seed and batch_size give the same samples; another batch_size gives other
-(equally valid) samples, since the admission schedule changes which noise a sample meets.
-
-Stop conditions, checked after every token, the finishing token kept in the response:
+Stop conditions, the finishing token kept in the response:
   "stop_token"   the token is in stop_token_ids (e.g. eos),
-  "stop_string"  the decoded response now contains a stop string (matched across token
-                 boundaries on a tail window of the recent tokens, decoded only after tokens
-                 that can complete a string; the response is cut right after the token that
-                 completes it, so the string itself, e.g. "</answer>", is kept in the tokens);
-                 `stopped_by[s]` names the string, and `strip_stop_string` cuts it (and
-                 whatever the completing token added after it) from the decoded text,
+  "stop_string"  the decoded response now contains a stop string that ends in this token (the
+                 response is cut right after it, so the string itself, e.g. "</answer>", is kept
+                 in the tokens); `stopped_by[s]` names the string, and `strip_stop_string` cuts it
+                 (and whatever the completing token added after it) from the decoded text,
   "length"       max_new_tokens generated, or the context (max_context) is full: truncated=True.
 
 FSDP2. Wrap generation in `full_params_for_generation(model)`: every FSDP module (each
 fully_shard'ed block and the root) is unsharded for the duration and resharded afterwards.
 Memory while generating: one full copy of the parameters in the param dtype (e.g. 3.1 GB for
-a 1.5B model in bf16) on every rank, plus the KV cache 2 * layers * R * S * Hkv * D * bytes
-(Qwen2.5-1.5B, bf16: 28 KiB per token, so 64 sequences x 15k tokens = 27 GB).
-
-Static cache (page_size 0): every row is sized for the longest sample's budget (prompt +
-max_new_tokens) up front; batch_size bounds it (KVCache.nbytes_for(cfg, R, S, dtype) gives the
-size), and on CUDA batch_size = 0 sizes R to the free memory (cache_rows).
+a 1.5B model in bf16) on every rank, plus the KV cache (Transformer.kv_bytes(1) per position:
+Qwen2.5-1.5B, bf16: 28 KiB per token, so 64 sequences x 15k tokens = 27 GB in static rows).
+Static cache: every row is sized for the longest sample's budget (prompt + max_new_tokens);
+batch_size bounds it, and on CUDA batch_size = 0 sizes R to the free memory (cache_rows).
 Paged cache (page_size P > 0): a pool of P-token pages (sized to the free memory on CUDA,
-cache_pages) and a block table per row. An admitted sample gets pages for its prompt (a sibling's
-prompt pages are copied), a row gets one more page when its newest token starts one, and a
-finished row gives its pages back, so memory follows the real lengths and R (batch_size, or every
-sample) only caps the sequences in flight. Admission keeps ~1% of the pages free for growth; when
-the live rows still need more pages than are free, the latest admitted sequence gives its pages
-back and returns to the queue (vLLM's recompute preemption): readmitted, it prefills its prompt
-and the tokens it already drew, then draws on (result field `preemptions`).
+cache_pages); memory follows the real lengths and R (batch_size, or every sample) only caps the
+sequences in flight.
 """
 
 from __future__ import annotations
@@ -79,7 +72,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lwz.attention import decode_backend
-from lwz.model import KVCache
+from lwz.model import CacheBatch
 from lwz.packing import pack_token_lists
 
 FINISH_REASONS = ("stop_token", "stop_string", "length")
@@ -126,6 +119,7 @@ class RolloutBatch:
     cache_rows: int = 0  # KV-cache rows the engine decoded through (sequences at once)
     rounds: int = 0  # sampling rounds (one token for every live sequence each)
     preemptions: int = 0  # paged cache: sequences that gave their pages back and were recomputed
+    host_syncs: int = 0  # times the host read the engine's state (once per sync_every rounds at most)
 
     def __len__(self) -> int:
         return int(self.prompt_index.numel())
@@ -237,6 +231,30 @@ def full_params_for_generation(model: torch.nn.Module):
 
 # ---- sampling -------------------------------------------------------------------------------------
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xor-shift-multiply rounds) of x in [0, 2**32): a Python int or an
+    int64 tensor. The multipliers stay below 2**31, so no int64 product overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x31848BAB) & _M32
+    return x ^ (x >> 14)
+
+
+def counter_uniform(seed: int, sample: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) fp32 [B], a pure function of (seed, sample[b], position[b]) (int64 [B], >= 0):
+    a counter-based generator, so what a sample draws at a position does not depend on the batch
+    it is decoded in, its cache row, the admission order or when the host looks. 24 random bits
+    per draw (the resolution of an fp32 cumulative probability)."""
+    key = _mix32(_mix32((seed & _M32) ^ 0x9E3779B9) ^ ((seed >> 32) & _M32))
+    h = _mix32((sample & _M32) ^ key)
+    h = _mix32(h ^ (position & _M32))
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
 def _truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Temperature-scaled logits [B, V] -> same with tokens outside top-k / top-p set to -inf."""
     if top_k and top_k < scaled.shape[-1]:
@@ -253,22 +271,24 @@ def _truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return scaled
 
 
-def _sample(logits, noise, temperature, top_k, top_p, greedy):
-    """logits fp32 [B, V]; noise U[0, 1) [B, V] or None -> (tokens [B], logp [B], trunc_logp [B]).
+def _sample(logits, u, temperature, top_k, top_p):
+    """logits fp32 [B, V]; u U(0, 1) fp32 [B], or None for greedy -> (tokens int64 [B], logp [B],
+    trunc_logp [B]).
 
-    E = -log(1 - U) is Exp(1) and argmax(log p - log E) is a sample from p (the exponential race,
-    i.e. the Gumbel-max trick); torch.rand is several times faster than exponential_ on the CPU."""
+    Inverse-CDF sampling on the truncated distribution: the token is the first whose cumulative
+    probability exceeds u * total (a token of probability 0 can never be picked). Greedy takes the
+    argmax, with trunc_logp 0 (a point mass) and logp at temperature 1 when temperature is 0."""
     t = temperature if temperature > 0 else 1.0
     scaled = logits / t
     logp_all = torch.log_softmax(scaled, dim=-1)
-    if greedy:
+    if u is None:
         tok = torch.argmax(logits, dim=-1)
         trunc = torch.zeros(tok.shape, dtype=torch.float32, device=tok.device)
     else:
         truncated = (top_k and top_k < logits.shape[-1]) or top_p < 1.0
         trunc_all = torch.log_softmax(_truncate(scaled, top_k, top_p), dim=-1) if truncated else logp_all
-        race = torch.log1p(noise.neg()).neg_().clamp_min_(1e-30).log_()  # log E, E ~ Exp(1)
-        tok = torch.argmax(trunc_all - race, dim=-1)
+        cdf = trunc_all.exp().cumsum(-1)
+        tok = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1).clamp_(max=logits.shape[-1] - 1)
         trunc = trunc_all.gather(-1, tok[:, None])[:, 0]
     return tok, logp_all.gather(-1, tok[:, None])[:, 0], trunc
 
@@ -308,6 +328,26 @@ class _StopStrings:
                 _MAY_COMPLETE.clear()
             _MAY_COMPLETE[key] = table
         return table.to(device)
+
+    def token_suffixes(self, device):
+        """The stop strings as token sequences for the device's suffix match: (ids int64 [nS, K]
+        right-aligned, pad bool [nS, K] True left of each string), each string's own encoding; or
+        None without stop strings. A string the sampled tokens spell differently (or that ends
+        mid-token) is still found by the host's exact check (hits)."""
+        if not self.strings:
+            return None
+        encs = []
+        for s in self.strings:
+            e = self.tok.encode(s, add_special_tokens=False)
+            encs.append(list(getattr(e, "ids", e)))
+        K = max(len(e) for e in encs)
+        ids = torch.full((len(encs), K), -2, dtype=torch.int64)
+        for i, e in enumerate(encs):
+            if e:
+                ids[i, K - len(e):] = torch.tensor(e)
+            else:
+                ids[i] = -3  # never matches
+        return ids.to(device), (ids == -2).to(device)
 
     def _decode(self, seqs):
         if hasattr(self.tok, "batch_decode"):
@@ -350,53 +390,87 @@ def _model_device_dtype(model):
     return w.device, w.dtype
 
 
-@torch.no_grad()
-def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, greedy: bool = False, stop_token_ids=(),
-             stop_strings=(), tokenizer=None, generator: torch.Generator | None = None,
-             max_context: int | None = None, batch_size: int = 0, cache_mem_fraction: float = 0.9,
-             compact: str | bool = "auto", cuda_graphs: bool = True, page_size: int = 0, num_pages: int = 0,
-             overlap: bool = False, decode_kernel: str = "auto", pad_id: int | None = None) -> RolloutBatch:
-    """Sample `n` responses for each prompt (lists of token ids) with a KV cache.
+@dataclass
+class SamplingParams:
+    """What to sample: n answers per prompt, each of at most max_new_tokens (and prompt + answer
+    <= max_context; None: the model's max_position_embeddings). temperature 0 = greedy; top_k 0
+    and top_p 1 = no truncation. A response ends after a stop token (kept) or after the token that
+    completes a stop string (needs generate's tokenizer). seed keys every draw (counter_uniform)."""
 
-    temperature 0 means greedy. top_k = 0 and top_p = 1 disable truncation. stop_token_ids end a
-    response with that token kept; stop_strings (needs `tokenizer`, an HF tokenizer or a
-    tokenizers.Tokenizer) end it after the token completing the string. max_context (default
-    the model's max_position_embeddings) bounds prompt + response; a prompt that leaves no room
-    for one new token raises ValueError. batch_size > 0 decodes at most that many sequences at a
-    time (cache rows), admitting waiting samples into rows as others finish; batch_size = 0 means
-    all of them on the CPU and, on CUDA, as many as fit in `cache_mem_fraction` of the free memory
-    (see cache_rows; the result's `cache_rows` says how many). compact: True = copy the survivors' cache rows
-    when sequences finish, False = keep the cache and pass the survivors' row indices to attention,
-    "auto" = copy on the SDPA path, indices on CUDA kernels. cuda_graphs: replay each decode step
-    from a CUDA graph where the kernel allows (see _DecodeGraphs; falls back to eager decoding, with
-    a warning, if a capture fails). page_size > 0: a paged KV cache of `page_size`-token pages
-    (a multiple of 64; of 256 with flash-attn or torch's paged varlen kernel), num_pages of them
-    (0: on CUDA what fits in cache_mem_fraction of the free memory, on the CPU every row's whole
-    budget); rows then only bound how many sequences decode at once, and memory follows the real
-    lengths. overlap: launch each next decode step before reading this step's tokens on the host
-    (rows read in place only; see _decode_all); the same samples either way. decode_kernel: the
-    decode attention kernel, "auto" or one of lwz.attention.DECODE_KERNELS (decode_backend).
-    Returns a RolloutBatch (CPU tensors).
+    n: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple = ()
+    stop_strings: tuple = ()
+    seed: int = 0
+    max_context: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_config(cls, r, stop_token_ids=(), seed: int = 0) -> "SamplingParams":
+        """From a RolloutConfig (lwz.config) and the tokenizer's stop tokens."""
+        return cls(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                   top_k=r.top_k, stop_token_ids=tuple(stop_token_ids), stop_strings=tuple(r.stop_strings),
+                   seed=seed)
+
+
+@dataclass
+class EngineSettings:
+    """How to run it (never what is sampled, except through the logits' rounding):
+    batch_size          KV-cache rows = sequences decoded at once; 0 = all on the CPU, what fits in
+                        cache_mem_fraction of the free memory on CUDA
+    page_size           0 = static cache (each row sized for the longest budget); P = paged cache of
+                        P-token pages (num_pages of them; 0 = sized to the free memory on CUDA,
+                        every row's budget on the CPU)
+    sync_every          decode rounds between two host looks at the finished flags (admission,
+                        stop strings that can end mid-token, page grants)
+    cuda_graphs         replay each round from a CUDA graph per batch bucket (CUDA kernels only)
+    decode_kernel       "auto" or one of lwz.attention.DECODE_KERNELS
     """
-    if n < 1:
-        raise ValueError(f"generate: n must be >= 1, got {n}")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"generate: top_k must be >= 0, got {top_k}")
-    if not 0.0 < cache_mem_fraction <= 1.0:
-        raise ValueError(f"generate: cache_mem_fraction must be in (0, 1], got {cache_mem_fraction}")
-    if page_size < 0 or num_pages < 0:
-        raise ValueError(f"generate: page_size and num_pages must be >= 0, got {page_size}, {num_pages}")
-    greedy = greedy or temperature == 0
+
+    batch_size: int = 0
+    cache_mem_fraction: float = 0.9
+    page_size: int = 0
+    num_pages: int = 0
+    sync_every: int = 16
+    cuda_graphs: bool = True
+    decode_kernel: str = "auto"
+
+    @classmethod
+    def from_config(cls, r) -> "EngineSettings":
+        return cls(batch_size=r.batch_size, cache_mem_fraction=r.cache_mem_fraction, page_size=r.page_size,
+                   sync_every=r.sync_every, cuda_graphs=r.cuda_graphs, decode_kernel=r.decode_kernel)
+
+
+def _check(sp: SamplingParams, es: EngineSettings) -> None:
+    for name, ok, want in (
+            ("n", sp.n >= 1, ">= 1"), ("max_new_tokens", sp.max_new_tokens >= 1, ">= 1"),
+            ("temperature", sp.temperature >= 0, ">= 0"), ("top_p", 0.0 < sp.top_p <= 1.0, "in (0, 1]"),
+            ("top_k", sp.top_k >= 0, ">= 0"), ("cache_mem_fraction", 0.0 < es.cache_mem_fraction <= 1.0, "in (0, 1]"),
+            ("page_size", es.page_size >= 0, ">= 0"), ("num_pages", es.num_pages >= 0, ">= 0"),
+            ("sync_every", es.sync_every >= 1, ">= 1"), ("batch_size", es.batch_size >= 0, ">= 0")):
+        if not ok:
+            value = getattr(sp, name) if hasattr(sp, name) else getattr(es, name)
+            raise ValueError(f"generate: {name} must be {want}, got {value}")
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, params: SamplingParams, engine: EngineSettings | None = None,
+             tokenizer=None) -> RolloutBatch:
+    """Sample params.n responses for each prompt (lists of token ids) with the KV-cache engine
+    (see the module docstring). tokenizer (an HF tokenizer or a tokenizers.Tokenizer) is needed for
+    stop strings. A prompt that leaves no room for one new token raises ValueError. Returns a
+    RolloutBatch (CPU tensors)."""
+    sp, es = params, engine or EngineSettings()
+    _check(sp, es)
     cfg = model.config
-    max_context = int(max_context or cfg.max_position_embeddings)
-    pad_id = int(pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0))
+    max_context = int(sp.max_context or cfg.max_position_embeddings)
+    pad_id = int(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
     prompts = [list(map(int, p)) for p in prompt_ids]
     for i, p in enumerate(prompts):
         if len(p) == 0:
@@ -404,48 +478,47 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
         if len(p) + 1 > max_context:
             raise ValueError(f"generate: prompt {i} has {len(p)} tokens; with at least 1 new token it "
                              f"needs {len(p) + 1} > max_context={max_context}")
-    stopper = _StopStrings(stop_strings, tokenizer)
-    params = dict(n=n, max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-                  top_k=int(top_k), greedy=greedy, stop_token_ids=tuple(int(t) for t in stop_token_ids),
-                  stopper=stopper, generator=generator, max_context=max_context, compact=compact,
-                  cuda_graphs=cuda_graphs, overlap=bool(overlap))
-    num = len(prompts) * n
-    samples, rows, rounds, preemptions = [], 0, 0, 0
+    stopper = _StopStrings(sp.stop_strings, tokenizer)
+    num = len(prompts) * sp.n
+    samples, rows, rounds, preemptions, syncs = [], 0, 0, 0, 0
     if num:
         device, dtype = _model_device_dtype(model)
         backend = model.layers[0].self_attn.backend if len(model.layers) else "sdpa"
-        kernel = decode_backend(backend, device, dtype, decode_kernel)
-        params["kernel"] = kernel
-        params["compact"] = kernel == "sdpa" and not page_size if compact == "auto" else bool(compact)
-        if page_size and params["compact"]:
-            raise ValueError("generate: a paged cache (page_size > 0) reads rows in place; compact must be False")
-        params["cuda_graphs"] = _want_graphs(device, kernel, params["compact"], cuda_graphs)
-        S = _cache_len(kernel, [len(p) for p in prompts], max_new_tokens, max_context)
-        if page_size:
+        kernel = decode_backend(backend, device, dtype, es.decode_kernel)
+        graphs = _want_graphs(device, kernel, es.cuda_graphs)
+        caps = [min(sp.max_new_tokens, max_context - len(p)) for p in prompts]
+        S = _cache_len(kernel, [len(p) for p in prompts], caps)
+        per_token = model.kv_bytes(1)
+        pages = 0
+        if es.page_size:
             multiple = 256 if kernel in ("flash", "varlen") else 64 if kernel == "triton" else 1
-            if page_size % multiple:
-                raise ValueError(f"rollout.page_size={page_size}: the {kernel} decode kernel needs a multiple "
+            if es.page_size % multiple:
+                raise ValueError(f"rollout.page_size={es.page_size}: the {kernel} decode kernel needs a multiple "
                                  f"of {multiple}")
-            rows = min(batch_size, num) if batch_size > 0 else num
-            params["num_pages"] = cache_pages(model.config, S, page_size, dtype, rows + params["cuda_graphs"],
-                                              _free_bytes(device), cache_mem_fraction, num_pages)
-            params["page_size"] = page_size
+            rows = min(es.batch_size, num) if es.batch_size > 0 else num
+            pages = cache_pages(per_token, S, es.page_size, rows, _free_bytes(device), es.cache_mem_fraction,
+                                es.num_pages)
         else:
-            rows = cache_rows(model.config, S, dtype, num, batch_size, _free_bytes(device), cache_mem_fraction,
-                              spare=int(params["cuda_graphs"]))
-        samples, rounds, preemptions = _decode_all(model, prompts, rows, S, **params)
-    out = _assemble(samples, prompts, n, pad_id, params)
-    out.cache_rows, out.rounds, out.preemptions = rows, rounds, preemptions
+            rows = cache_rows(per_token, S, num, es.batch_size, _free_bytes(device), es.cache_mem_fraction, spare=1)
+        eng = _Engine(model, prompts, caps, sp, es, stopper, rows, S, pages, kernel, graphs)
+        try:
+            samples = eng.run()
+        finally:
+            model.clear_caches()
+        rounds, preemptions, syncs = eng.rounds, eng.preemptions, eng.syncs
+    out = _assemble(samples, prompts, pad_id, sp)
+    out.cache_rows, out.rounds, out.preemptions, out.host_syncs = rows, rounds, preemptions, syncs
     return out
 
 
-def cache_pages(cfg, S: int, page: int, dtype, rows: int, free_bytes: int | None, mem_fraction: float,
+def cache_pages(token_bytes: int, S: int, page: int, rows: int, free_bytes: int | None, mem_fraction: float,
                 num_pages: int = 0) -> int:
-    """Pages of a paged KV cache: num_pages when given; else every row's whole budget on the CPU
-    (free_bytes None: nothing is ever preempted), or what fits in mem_fraction of the free memory on
-    CUDA (less the scratch page). Raises ValueError when the pool cannot hold one whole sequence."""
+    """Pages of a paged KV cache (token_bytes: k/v bytes of one position, all layers): num_pages
+    when given; else every row's whole budget on the CPU (free_bytes None: nothing is ever
+    preempted), or what fits in mem_fraction of the free memory on CUDA (less the scratch page).
+    Raises ValueError when the pool cannot hold one whole sequence."""
     per_seq = -(-S // page)
-    page_bytes = KVCache.nbytes_for(cfg, 1, page, dtype)
+    page_bytes = token_bytes * page
     if num_pages:
         pages = num_pages
     elif free_bytes is None:
@@ -468,17 +541,17 @@ def _free_bytes(device) -> int | None:
     return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def cache_rows(cfg, S: int, dtype, num: int, batch_size: int, free_bytes: int | None,
+def cache_rows(token_bytes: int, S: int, num: int, batch_size: int, free_bytes: int | None,
                mem_fraction: float, spare: int = 0) -> int:
-    """KV-cache rows for `num` samples with S cache slots each (plus `spare` rows the engine
-    allocates besides them: the CUDA graphs' padding row).
+    """KV-cache rows for `num` samples with S cache slots each (token_bytes: k/v bytes of one
+    position, all layers), plus `spare` rows the engine allocates besides them (the padding row).
 
     batch_size > 0: that many (at most num); it must fit in the free memory when that is known.
     batch_size = 0: all num on the CPU (free_bytes None); on CUDA as many as fit in
     mem_fraction of the free memory (measured with the full parameters already gathered; the
     rest is left to prefill/decode activations and the logits). Raises ValueError, naming the
     setting, when not even the requested rows (or one row) fit."""
-    row = KVCache.nbytes_for(cfg, 1, S, dtype)
+    row = token_bytes * S
     gib = 2 ** 30
     if batch_size > 0:
         rows = min(batch_size, num)
@@ -497,29 +570,22 @@ def cache_rows(cfg, S: int, dtype, num: int, batch_size: int, free_bytes: int | 
     return rows
 
 
-def _cache_len(kernel: str, prompt_lens, max_new_tokens, max_context) -> int:
+def _cache_len(kernel: str, prompt_lens, caps) -> int:
     """Cache slots per row: the longest prompt + its token budget - 1 (the last token is never
     fed back), rounded up to 256 for the paged CUDA kernels (flash, varlen) that want such pages."""
-    S = max(max(lp + min(max_new_tokens, max_context - lp) - 1, lp) for lp in prompt_lens)
+    S = max(lp + c - 1 for lp, c in zip(prompt_lens, caps))
     if kernel in ("flash", "varlen"):
         S = -(-S // 256) * 256
     return S
 
 
-def _compact_order(keep: list[int], old: int) -> tuple[list[int], list[tuple[int, int]]]:
-    """Compacted layout: live sequence i sits in cache row i. After the sequences not in `keep`
-    (sorted indices into the old live list of length `old`) finish, the survivors must fill rows
-    0..len(keep)-1. Survivors already there stay; each one beyond moves into a hole (a finished row)
-    so only those rows are copied. Returns (perm, moves): perm[j] = old index now in row j,
-    moves = (src row, dst row) pairs."""
-    k = len(keep)
-    stay = {i for i in keep if i < k}
-    movers = [i for i in keep if i >= k]
-    holes = [j for j in range(k) if j not in stay]
-    perm = list(range(k))
-    for j, i in zip(holes, movers):
-        perm[j] = i
-    return perm, list(zip(movers, holes))
+def _want_graphs(device, kernel: str, cuda_graphs: bool) -> bool:
+    """Graphs need CUDA, a kernel that reads cache rows in place (not SDPA's gather), cuda_graphs
+    on, and no capture failure earlier in this process."""
+    return bool(cuda_graphs) and kernel != "sdpa" and device.type == "cuda" and not _GRAPHS_FAILED
+
+
+_GRAPHS_FAILED: list = []  # set after a capture failed: later rollouts run eagerly at once
 
 
 class _Pages:
@@ -527,30 +593,23 @@ class _Pages:
     device block table kept in step with them (unassigned entries point at a scratch page that no
     row owns, so a padded or stale read never touches another sequence's keys)."""
 
-    def __init__(self, cache, pages: int, rows: int):
-        self.table, self.P, self.scratch = cache.block_table, cache.k[0].shape[1], pages
+    def __init__(self, table, page: int, pages: int):
+        self.table, self.P, self.scratch = table, page, pages
         self.free = list(range(pages - 1, -1, -1))  # pop() hands out the low pages first
         self.of: dict[int, list[int]] = {}
-        # left free at admission for the live sequences to grow, unless every row's whole budget fits
-        self.watermark = 0 if pages >= rows * self.table.shape[1] else max(1, pages // 100)
         self.table.fill_(pages)
 
     def need(self, length: int) -> int:
         return -(-length // self.P)
 
-    def short(self, rows: list[int], lengths: list[int]) -> list[int]:
-        """Positions i whose row rows[i] holds fewer pages than lengths[i] tokens need (one page
-        short at most: the rows grow a token a step)."""
-        return [i for i, (r, L) in enumerate(zip(rows, lengths)) if self.need(L) > len(self.of[r])]
+    def grant(self, row: int, length: int, rows: list, cols: list, got: list) -> None:
+        """Pages so that `row` covers `length` positions; the table writes are collected."""
+        have = self.of.setdefault(row, [])
+        while len(have) < self.need(length):
+            rows.append(row), cols.append(len(have)), got.append(self.free.pop())
+            have.append(got[-1])
 
-    def give(self, grants: list[tuple[int, int]]) -> None:
-        """grants: (row, pages to add) pairs; one block-table write for all of them."""
-        rows, cols, got = [], [], []
-        for row, k in grants:
-            have = self.of.setdefault(row, [])
-            for _ in range(k):
-                rows.append(row), cols.append(len(have)), got.append(self.free.pop())
-                have.append(got[-1])
+    def write(self, rows, cols, got) -> None:
         if got:
             dev = self.table.device
             self.table[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(
@@ -561,372 +620,327 @@ class _Pages:
         self.table[row] = self.scratch
 
 
-def _admit(model, cache, prompts, n, new, new_rows, live, live_rows, prompt_hidden, device,
-           resumed=None, pages=None):
-    """Write the new samples `new` (sample ids) into cache rows `new_rows` and return the logits of
-    their next token [len(new), V].
-
-    A fresh sample's prompt is prefilled (all such prompts as one packed varlen batch) only when no
-    live sibling (another sample of the same prompt) holds it already; otherwise the sibling's
-    cache rows (pages, for a paged cache, whose pages the caller has granted) are copied. The final
-    hidden state of each prompt's last token is kept in `prompt_hidden`, so every sample of a prompt
-    starts from the same logits. `resumed` maps a sample that was preempted (paged cache) to the
-    tokens it generated: it comes back by prefilling its prompt and those tokens."""
-    resumed = resumed or {}
-    holder = {}  # prompt -> a cache row that holds (or, once prefilled, will hold) its k/v
-    for b, r in zip(live, live_rows):
-        holder.setdefault(b // n, r)
-    fill, copies = [], []  # (key, tokens, row) to prefill; (src row, dst row, prompt length) to copy
-    for b, r in zip(new, new_rows):
-        p = b // n
-        if b in resumed:
-            fill.append((("s", b), prompts[p] + resumed[b], r))
-        elif p in holder:
-            copies.append((holder[p], r, len(prompts[p])))
-        else:
-            holder[p] = r
-            fill.append((("p", p), prompts[p], r))
-    own = {}  # resumed sample -> hidden state of its last token
-    if fill:
-        ids, pos, cu, max_len = pack_token_lists([t for _, t, _ in fill], device=device)
-        rows = torch.tensor([r for _, _, r in fill], dtype=torch.int64, device=device)
-        hidden = model.prefill(ids, pos, cu, max_len, cache, rows)
-        last = hidden[(cu[1:] - 1).long()]
-        for i, ((kind, key), _, _) in enumerate(fill):
-            (prompt_hidden if kind == "p" else own)[key] = last[i]
-    if copies:  # fan a held prompt out to more samples (a copy of its rows, not a recompute)
-        if pages is None:
-            src, dst = [s for s, _, _ in copies], [d for _, d, _ in copies]
-            upto = max(L for _, _, L in copies)
-        else:  # whole pages; the last may carry the sibling's newer tokens, which are rewritten
-            src = [pg for s, _, L in copies for pg in pages.of[s][:pages.need(L)]]
-            dst = [pg for _, d, L in copies for pg in pages.of[d][:pages.need(L)]]
-            upto = 0
-        cache.copy_rows(torch.tensor(src, device=device), torch.tensor(dst, device=device), upto)
-    keys = [("s", b) if b in resumed else ("p", b // n) for b in new]
-    distinct = sorted(set(keys))
-    where = {k: i for i, k in enumerate(distinct)}
-    logits = model.logits(torch.stack([own[k] if kind == "s" else prompt_hidden[k] for kind, k in distinct]))
-    return logits[torch.tensor([where[k] for k in keys], device=device)]
+def _host_read(t: torch.Tensor, pinned: torch.Tensor | None) -> list:
+    """The engine's one device->host read per sync: t (int64, on the device) as nested lists.
+    On CUDA through a page-locked buffer and an event (waits for this copy, nothing else)."""
+    if pinned is None:
+        return t.tolist()
+    buf = pinned[:t.numel()].view(t.shape)
+    buf.copy_(t, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    ev.synchronize()
+    return buf.tolist()
 
 
-_GRAPHS_FAILED: list = []  # set after a capture failed: later rollouts run eagerly at once
+_STOP_TOKEN, _STOP_STRING, _LENGTH = 1, 2, 3  # device finish codes (0: not finished)
 
 
-class _DecodeGraphs:
-    """Decode steps replayed from CUDA graphs: one graph per padded batch size (powers of two and
-    the row count), captured on first use and dropped with the rollout (the parameters gathered
-    for generation must keep their storage while the graphs live).
+class _Engine:
+    """One generate call. Per cache row r (R rows + a padding row R) the device holds the round's
+    input token and position, the sample it decodes, tokens drawn, budget, alive flag, finish code
+    (and, with stop strings, its last K tokens); each sample's tokens and log-probs go to
+    [samples + 1, longest budget] buffers (the last row absorbs the writes of finished rows).
 
-    A graph fixes its kernels' shapes and launch grids, so the live batch (B sequences) is padded to
-    the graph's size with a spare cache row `pad_row` at position 0 whose outputs are dropped, and
-    the attention splits are sized for the whole cache (max_length = S) instead of the longest live
-    context. Replaying one graph launches the whole step (~30 kernels per layer) from the GPU: the
-    decode of a small model stops being bound by Python's launch overhead.
+    A round (_round) runs only on the device over the rows idx of a batch bucket (power of two,
+    padded with row R): forward, sampling, log-probs, stop tokens, token-suffix stop strings,
+    budgets. sync() is the host's look every sync_every rounds: one read of the finished flags,
+    counts and the window's tokens; exact stop-string checks on the host; freed rows refilled
+    (prefill of prompt[:-1], or a copy of a live sibling's rows: the last prompt token is the
+    first round's input); pages granted for the next window (paged)."""
 
-    capture=False runs exactly the same padded steps eagerly (how the CPU tests check the padding).
-    """
+    def __init__(self, model, prompts, caps, sp, es, stopper, R, S, pages, kernel, graphs):
+        self.model, self.prompts, self.sp, self.es, self.stopper = model, prompts, sp, es, stopper
+        self.R, self.S, self.kernel, self.graphs = R, S, kernel, graphs
+        self.device, dtype = _model_device_dtype(model)
+        dev = self.device
+        n = sp.n
+        self.B = B = len(prompts) * n
+        self.cap = [caps[b // n] for b in range(B)]
+        self.plen = [len(prompts[b // n]) for b in range(B)]
+        self.page = es.page_size
+        table = model.setup_caches(R + 1, S, es.page_size, pages + 1 if es.page_size else 0)
+        self.table = table
+        self.pages = _Pages(table, es.page_size, pages) if es.page_size else None
+        z = lambda *shape, dt=torch.int64: torch.zeros(shape, dtype=dt, device=dev)  # noqa: E731
+        self.tok, self.pos, self.count, self.capt, self.mark = z(R + 1), z(R + 1), z(R + 1), z(R + 1), z(R + 1)
+        self.sample = torch.full((R + 1,), B, dtype=torch.int64, device=dev)
+        self.alive, self.reason, self.which = z(R + 1, dt=torch.bool), z(R + 1), z(R + 1)
+        L = max(self.cap)
+        self.out_tok, self.out_lp, self.out_tlp = z(B + 1, L), z(B + 1, L, dt=torch.float32), z(B + 1, L, dt=torch.float32)
+        # a membership table, not torch.isin: isin's sorting path (many stop ids) calls unique, whose
+        # output size the host must read
+        V = model.config.vocab_size
+        ids = [t for t in set(sp.stop_token_ids) if 0 <= t < V]
+        self.stop_table = torch.zeros(V, dtype=torch.bool, device=dev)
+        if ids:
+            self.stop_table[torch.tensor(ids, device=dev)] = True
+        self.any_stop = bool(ids)
+        self.enc = stopper.token_suffixes(dev)  # (ids [nS, K] right-aligned, pad mask) or None
+        K = self.enc[0].shape[1] if self.enc is not None else 0
+        self.tail = torch.full((R + 1, K), -1, dtype=torch.int64, device=dev)
+        may = stopper.may_complete(model.config.vocab_size, "cpu") if stopper.strings else None
+        self.may = None if may is None else may.tolist()
+        self.max_length = S
+        self.idx: dict = {}  # bucket size -> (idx buffer, graph or None)
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.pinned = torch.empty((R + 1) * (4 + es.sync_every), dtype=torch.int64, pin_memory=True) \
+            if dev.type == "cuda" else None
+        self.rounds = self.preemptions = self.syncs = 0
 
-    def __init__(self, model, cache, S: int, pad_row: int, capture: bool, kernel: str = "auto"):
-        self.model, self.cache, self.S, self.pad_row, self.capture = model, cache, S, pad_row, capture
-        self.kernel = kernel  # the decode attention kernel (decode_backend)
-        self.device = cache.k[0].device
-        self.states: dict = {}  # padded size -> (tok, pos, rows, graph or None, logits or None)
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+    # -- the device round ----------------------------------------------------------------------------
+    def _round(self, idx):
+        sp, m = self.sp, self.model
+        tok, pos = self.tok[idx], self.pos[idx]
+        batch = CacheBatch.build(self.table, self.page, idx, pos, decode=True, max_length=self.max_length,
+                                 kernel=self.kernel)
+        logits = m.logits(m.hidden_states(tok, pos, None, 0, batch))
+        sample, count, alive = self.sample[idx], self.count[idx], self.alive[idx]
+        u = None if sp.greedy else counter_uniform(sp.seed, sample, count)
+        new, lp, tlp = _sample(logits, u, sp.temperature, sp.top_k, sp.top_p)
+        at = (torch.where(alive, sample, self.B), torch.where(alive, count, 0))
+        self.out_tok.index_put_(at, new)
+        self.out_lp.index_put_(at, lp)
+        self.out_tlp.index_put_(at, tlp)
+        count = count + alive
+        code = torch.where(count >= self.capt[idx], _LENGTH, 0)
+        if self.enc is not None:
+            ids, pad = self.enc
+            tail = torch.cat([self.tail[idx][:, 1:], new[:, None]], 1)
+            match = ((tail[:, None, :] == ids[None]) | pad[None]).all(-1)  # [b, strings]
+            self.which[idx] = torch.where(alive, match.to(torch.int8).argmax(-1), self.which[idx])
+            code = torch.where(match.any(-1), _STOP_STRING, code)
+            self.tail[idx] = torch.where(alive[:, None], tail, self.tail[idx])
+        if self.any_stop:
+            code = torch.where(self.stop_table[new], _STOP_TOKEN, code)
+        done = alive & (code > 0)
+        go = alive & ~done
+        self.reason[idx] = torch.where(done, code, self.reason[idx])
+        self.count[idx] = count
+        self.alive[idx] = go
+        self.tok[idx] = torch.where(go, new, tok)
+        self.pos[idx] = pos + go
 
-    def _step(self, tok, pos, rows):
-        hidden = self.model.decode_step(tok, pos, self.cache, rows=rows, max_length=self.S, kernel=self.kernel)
-        return self.model.logits(hidden)
-
-    def _size(self, B: int) -> int:
-        return min(1 << (B - 1).bit_length(), self.pad_row)  # pad_row == the rows sequences may use
-
-    def _state(self, size: int):
-        st = self.states.get(size)
+    def _bucket(self, rows: list[int]):
+        """The idx buffer (and graph) of the smallest bucket holding `rows`, filled with them."""
+        size = min(1 << max(len(rows) - 1, 0).bit_length(), self.R)
+        st = self.idx.get(size)
         if st is None:
-            tok = torch.zeros(size, dtype=torch.int64, device=self.device)
-            pos = torch.zeros(size, dtype=torch.int64, device=self.device)
-            rows = torch.full((size,), self.pad_row, dtype=torch.int64, device=self.device)
-            graph = logits = None
-            if self.capture:
-                # warm up on a side stream (Triton compiles, cuBLAS workspaces), then capture
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        self._step(tok, pos, rows)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    logits = self._step(tok, pos, rows)
-            st = self.states[size] = (tok, pos, rows, graph, logits)
+            buf = torch.full((size,), self.R, dtype=torch.int64, device=self.device)
+            graph = None
+            if self.graphs:
+                graph = self._capture(buf)
+            st = self.idx[size] = (buf, graph)
+        buf, _ = st
+        buf.copy_(torch.tensor(rows + [self.R] * (size - len(rows)), dtype=torch.int64), non_blocking=False)
         return st
 
-    def __call__(self, tok, positions, rows):
-        """tok, positions, rows int64 [B] (rows: cache rows, < pad_row) -> logits fp32 [B, V]."""
-        B = tok.shape[0]
-        t, p, r, graph, logits = self._state(self._size(B))
-        t[:B].copy_(tok)
-        p[:B].copy_(positions)
-        r[:B].copy_(rows)
-        if B < t.shape[0]:  # padding: the spare row at position 0 (earlier steps may have left live rows)
-            t[B:].zero_()
-            p[B:].zero_()
-            r[B:].fill_(self.pad_row)
-        if graph is None:
-            return self._step(t, p, r)[:B]
-        graph.replay()
-        return logits[:B]
+    def _capture(self, buf):
+        """A CUDA graph of one round over `buf` (warmed up on a side stream on the padding row,
+        which only ever writes its own scratch slots); None, with a warning, if capture fails."""
+        dev = self.device
+        try:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._round(buf)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._round(buf)
+            return graph
+        except Exception as e:  # a kernel that cannot be captured: this and later rollouts run eagerly
+            _GRAPHS_FAILED.append(f"{type(e).__name__}: {e}")
+            logging.getLogger("lwz").warning("rollout: CUDA graph capture failed (%s); decoding eagerly",
+                                             _GRAPHS_FAILED[-1][:200])
+            self.graphs = False
+            torch.cuda.synchronize(dev)
+            return None
 
-
-def _want_graphs(device, kernel: str, compact: bool, cuda_graphs: bool) -> bool:
-    """Graphs need CUDA, a kernel that reads cache rows in place (not the compacted SDPA layout),
-    cuda_graphs on, and no capture failure earlier in this process."""
-    return bool(cuda_graphs) and not compact and kernel != "sdpa" and device.type == "cuda" and not _GRAPHS_FAILED
-
-
-class _LiveRows:
-    """The sequences decoding now, in batch order: their sample ids and slots on the host (for the
-    bookkeeping) and the same two lists on the device (every step gathers with them). In compact
-    mode sequence i sits in cache row i; otherwise in cache row slots[i]."""
-
-    def __init__(self, device):
-        self.device = device
-        self.samples: list[int] = []
-        self.slots: list[int] = []
-        self.samples_t = torch.zeros(0, dtype=torch.int64, device=device)
-        self.slots_t = torch.zeros(0, dtype=torch.int64, device=device)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def extend(self, samples: list[int], slots: list[int]) -> None:
-        self.samples, self.slots = self.samples + samples, self.slots + slots
-        self.samples_t = torch.cat([self.samples_t, torch.tensor(samples, dtype=torch.int64, device=self.device)])
-        self.slots_t = torch.cat([self.slots_t, torch.tensor(slots, dtype=torch.int64, device=self.device)])
-
-    def select(self, perm: list[int]) -> torch.Tensor:
-        """Keep the sequences at positions perm, in that order; returns perm on the device for the
-        caller's other per-sequence tensors."""
-        perm_t = torch.tensor(perm, dtype=torch.int64, device=self.device)
-        self.samples_t, self.slots_t = self.samples_t[perm_t], self.slots_t[perm_t]
-        self.samples, self.slots = [self.samples[i] for i in perm], [self.slots[i] for i in perm]
-        return perm_t
-
-    def pop(self) -> tuple[int, int]:
-        """Drop the last sequence; returns its (sample, slot)."""
-        self.samples_t, self.slots_t = self.samples_t[:-1], self.slots_t[:-1]
-        return self.samples.pop(), self.slots.pop()
-
-
-def _decode_all(model, prompts, slots, S, *, n, max_new_tokens, temperature, top_p, top_k, greedy,
-                stop_token_ids, stopper, generator, max_context, compact, cuda_graphs, page_size=0, num_pages=0,
-                overlap=False, kernel="auto"):
-    """Generate all len(prompts) * n samples through `slots` cache rows with continuous admission
-    (compact: the live rows kept contiguous, for SDPA; cuda_graphs: replay the decode steps):
-    whenever sequences finish, waiting samples are admitted into the freed rows at once (their
-    prompt prefilled or copied from a live sibling), so the decode batch stays full until the
-    queue runs dry. page_size > 0: a paged cache of num_pages pages; a row gets pages as its
-    sequence grows, and when none is left the latest admitted sequences give theirs back and wait
-    in the queue (recomputed from their tokens when readmitted). overlap (rows read in place, not
-    compact): each step's decode of the next token is launched before the host reads this step's
-    tokens, so the GPU computes step t+1 while the host checks stops and admits; the rows that
-    finished at step t computed one step for nothing (their outputs are dropped, their cache row
-    or pages are free again). Returns (per-sample dicts in sample order (sample b is prompt b // n's),
-    sampling rounds, preemptions). kernel: the decode attention kernel (decode_backend)."""
-    device, dtype = _model_device_dtype(model)
-    B = len(prompts) * n
-    plen = [len(prompts[b // n]) for b in range(B)]
-    cap = [min(max_new_tokens, max_context - lp) for lp in plen]  # new-token budget per sample
-    extra = 1 if cuda_graphs else 0  # the graphs' padding row (cuda_graphs decided by generate)
-    pages = None
-    if page_size:  # + a scratch page for the block-table entries no row owns
-        cache = KVCache.allocate_paged(model.config, num_pages + 1, page_size, slots + extra, S, dtype, device)
-        pages = _Pages(cache, num_pages, slots)
-    else:
-        cache = KVCache.allocate(model.config, slots + extra, S, dtype, device)
-    graphs = _DecodeGraphs(model, cache, S, pad_row=slots, capture=device.type == "cuda",
-                           kernel=kernel) if cuda_graphs else None
-
-    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.int64, device=device)
-    max_cap = max(cap)
-    out_tok = torch.zeros(B, max_cap, dtype=torch.int64, device=device)
-    out_lp = torch.zeros(B, max_cap, dtype=torch.float32, device=device)
-    out_tlp = torch.zeros(B, max_cap, dtype=torch.float32, device=device)
-    cap_t = torch.tensor(cap, dtype=torch.int64, device=device)
-    plen_t = torch.tensor(plen, dtype=torch.int64, device=device)
-    count_t = torch.zeros(B, dtype=torch.int64, device=device)  # tokens sampled so far, per sample
-    count = [0] * B
-    resp: list[list[int]] = [[] for _ in range(B)]  # host copies (stop strings need them)
-    reasons = [None] * B
-    stopped_by = [None] * B  # the stop string that ended each sample
-
-    gen = generator
-    same = gen is not None and gen.device.type == device.type and gen.device.index in (None, device.index)
-    if gen is not None and not same and not greedy:
-        # draw the noise where the logits live: a device generator seeded from the given one
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
-    may_complete = None
-    pending = list(range(B))[::-1]  # a stack: the next sample to admit is pending[-1]
-    free = list(range(slots))  # free slots (min-heap); a slot picks the noise row, and the cache row in index mode
-    prompt_hidden: dict = {}
-    cur = _LiveRows(device)
-    tok = logits = None
-    rounds = preemptions = 0
-    overlap = overlap and not compact
-    # page-locked host memory for each step's tokens and flags, so their copy runs asynchronously
-    flags_host = torch.empty(4 * slots, dtype=torch.int64, pin_memory=True) if overlap and device.type == "cuda" \
-        else None
-
-    def decode(tok, positions, max_len):
-        """Logits [B, V] of the next position of every live sequence (a graph replay where possible)."""
-        nonlocal graphs
-        if graphs is not None:
-            try:
-                return graphs(tok, positions, cur.slots_t)
-            except Exception as e:  # a kernel that cannot be captured: this and later rollouts run eagerly
-                _GRAPHS_FAILED.append(f"{type(e).__name__}: {e}")
-                logging.getLogger("lwz").warning("rollout: CUDA graph capture failed (%s); decoding eagerly",
-                                                 _GRAPHS_FAILED[-1][:200])
-                graphs = None
-                torch.cuda.synchronize(device)
-        view = cache.head(len(cur)) if compact else cache
-        hidden = model.decode_step(tok, positions, view, rows=None if compact else cur.slots_t, max_length=max_len,
-                                   kernel=kernel)
-        return model.logits(hidden)
-
-    while True:
-        new, need = [], []
-        if pending and len(cur) < slots:
-            spare_pages = len(pages.free) if pages is not None else 0
-            while pending and len(cur) + len(new) < slots:
-                if pages is not None:  # room for its tokens so far, and a reserve for the live ones to grow
-                    k = pages.need(plen[pending[-1]] + count[pending[-1]])
-                    if k > spare_pages - (pages.watermark if len(cur) or new else 0):
-                        break
-                    spare_pages -= k
-                    need.append(k)
-                new.append(pending.pop())
-        if new:
-            new_slots = [heapq.heappop(free) for _ in new]
-            rows = list(range(len(cur), len(cur) + len(new))) if compact else new_slots
-            live_rows = range(len(cur)) if compact else cur.slots
-            if pages is not None:
-                pages.give(list(zip(rows, need)))
-            resumed = {b: resp[b] for b in new if count[b]}
-            new_logits = _admit(model, cache, prompts, n, new, rows, cur.samples, live_rows, prompt_hidden, device,
-                                resumed, pages)
-            logits = new_logits if logits is None else torch.cat([logits, new_logits])
-            cur.extend(new, new_slots)
-            if may_complete is None and stopper.strings:
-                may_complete = stopper.may_complete(logits.shape[-1], device)
-        noise = None
-        if not greedy:
-            noise = torch.rand((slots, logits.shape[-1]), dtype=torch.float32, device=device, generator=gen)
-            noise = noise[cur.slots_t] if len(cur) < slots or cur.slots != list(range(slots)) else noise
-        tok, lp, tlp = _sample(logits, noise, temperature, top_k, top_p, greedy)
-        rounds += 1
-        active = cur.samples_t
-        step = count_t[active]
-        out_tok[active, step] = tok
-        out_lp[active, step] = lp
-        out_tlp[active, step] = tlp
-        count_t[active] = step + 1
-        done = step + 1 >= cap_t[active]
-        is_stop = torch.isin(tok, stop_ids) if stop_ids.numel() else torch.zeros_like(done)
-        check = may_complete[tok] & ~is_stop if may_complete is not None else ~is_stop
-        flags = torch.stack([tok, done | is_stop, is_stop, check])
-        ahead = None  # logits of the next step, decoded before this step's tokens reach the host
-        if overlap:
-            # lengths with this step's token; a sequence at its budget ends now whatever it drew, so
-            # its step ahead (computed for nothing) is written at position 0 of its own row, which
-            # it gives back right after: never past the cache, never into a page it lacks
-            lens = [1 if count[b] + 1 >= cap[b] else plen[b] + count[b] + 1 for b in cur.samples]
-            needy = [] if pages is None else pages.short(cur.slots, lens)
-            if pages is None or len(needy) <= len(pages.free):  # else: the plain path, which can preempt
-                if pages is not None:
-                    pages.give([(cur.slots[i], 1) for i in needy])
-                if flags_host is not None:  # queue the copy before the next step, and wait for the copy only
-                    flags = flags_host[:flags.numel()].view(flags.shape).copy_(flags, non_blocking=True)
-                    ready = torch.cuda.Event()
-                    ready.record()
-                ahead = decode(tok, torch.where(done, 0, plen_t[active] + count_t[active] - 1), max(lens))
-                if flags_host is not None:
-                    ready.synchronize()
-        # the one host sync per step
-        tok_l, done_l, stop_l, check_l = flags.tolist()
-        for i, b in enumerate(cur.samples):
-            resp[b].append(tok_l[i])
-            count[b] += 1
-        str_hit = [None] * len(cur)
-        if stopper.strings:
-            check = [i for i in range(len(cur)) if check_l[i]]
-            hits = stopper.hits([resp[cur.samples[i]][-stopper.window:] for i in check])
-            for i, h in zip(check, hits):
-                str_hit[i] = h
-        keep = []
-        for i, b in enumerate(cur.samples):
-            if stop_l[i]:
-                reasons[b] = "stop_token"
-            elif str_hit[i] is not None:
-                reasons[b] = "stop_string"
-                stopped_by[b] = str_hit[i]
-            elif done_l[i]:
-                reasons[b] = "length"
-            else:
-                keep.append(i)
-        if len(keep) < len(cur):
-            for i in set(range(len(cur))) - set(keep):
-                heapq.heappush(free, cur.slots[i])
-                if pages is not None:
-                    pages.release(cur.slots[i])
-            if compact:
-                perm, moves = _compact_order(keep, len(cur))
-                if moves:  # a row holds k/v up to (not including) its newest token
-                    cache.copy_rows(torch.tensor([s for s, _ in moves], device=device),
-                                    torch.tensor([d for _, d in moves], device=device),
-                                    max(plen[cur.samples[s]] + count[cur.samples[s]] - 1 for s, _ in moves))
-            else:
-                perm = keep
-            perm_t = cur.select(perm)
-            tok = tok[perm_t]
-            if ahead is not None:
-                ahead = ahead[perm_t]
-        if pages is not None and len(cur) and ahead is None:
-            # a sequence whose newest token starts a page needs one now; while the pool cannot give
-            # them all, the latest admitted sequence gives its pages back and waits in the queue
-            while True:
-                needy = pages.short(cur.slots, [plen[b] + count[b] for b in cur.samples])
-                if len(needy) <= len(pages.free):
-                    break
-                b, slot = cur.pop()
-                pages.release(slot)
-                heapq.heappush(free, slot)
-                pending.append(b)
-                preemptions += 1
-                tok = tok[:-1]
-            pages.give([(cur.slots[i], 1) for i in needy])
-        if not len(cur):
-            if not pending:
+    # -- the host side -------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        B, R, sp = self.B, self.R, self.sp
+        self.pending = list(range(B))[::-1]  # a stack: the next sample to admit is pending[-1]
+        self.free = list(range(R))  # min-heap of free rows
+        self.row_of: dict[int, int] = {}  # sample -> row, in admission order
+        self.resp: list[list[int]] = [[] for _ in range(B)]  # host copies of the tokens drawn
+        self.final: list = [None] * B  # (length, reason, stop string) once finished
+        while True:
+            k = self._sync()
+            if not self.row_of:
                 break
-            logits = None
-            continue
-        if ahead is not None:
-            logits = ahead
-            continue
-        # the newest token of sample b sits at position plen + count - 1 (the graphs read the whole
-        # cache; max_len bounds the eager attention)
-        logits = decode(tok, plen_t[cur.samples_t] + count_t[cur.samples_t] - 1,
-                        max(plen[b] + count[b] for b in cur.samples))
+            if not self.graphs:
+                self.max_length = min(self.S, max(self.plen[b] + len(self.resp[b]) for b in self.row_of) + k)
+            buf, graph = self._bucket(sorted(self.row_of.values()))
+            for _ in range(k):
+                if graph is not None:
+                    graph.replay()
+                else:
+                    self._round(buf)
+            self.rounds += k
+        tok, lp, tlp = self.out_tok.cpu(), self.out_lp.cpu(), self.out_tlp.cpu()
+        out = []
+        for b in range(B):
+            n, reason, stop = self.final[b]
+            out.append(dict(prompt_index=b // sp.n, response=tok[b, :n], logp=lp[b, :n], tlogp=tlp[b, :n],
+                            reason=reason, stopped_by=stop))
+        return out
 
-    out_tok, out_lp, out_tlp = out_tok.cpu(), out_lp.cpu(), out_tlp.cpu()
-    return [dict(prompt_index=b // n, response=out_tok[b, :count[b]], logp=out_lp[b, :count[b]],
-                 tlogp=out_tlp[b, :count[b]], reason=reasons[b], stopped_by=stopped_by[b])
-            for b in range(B)], rounds, preemptions
+    def _sync(self) -> int:
+        """Read what the last rounds did, finish, admit, grant pages; returns the rounds to run next."""
+        dev, strings = self.device, self.stopper.strings
+        kill = []
+        if self.row_of:
+            rows_t = torch.tensor(sorted(self.row_of.values()), dtype=torch.int64, device=dev)
+            W = self.es.sync_every
+            cols = (self.mark[rows_t][:, None] + torch.arange(W, device=dev)).clamp_(max=self.out_tok.shape[1] - 1)
+            win = self.out_tok[self.sample[rows_t][:, None], cols]
+            state = torch.stack([self.alive[rows_t].long(), self.reason[rows_t], self.which[rows_t],
+                                 self.count[rows_t]], 1)
+            flat = _host_read(torch.cat([state, win], 1), self.pinned)
+            self.syncs += 1
+            self.mark[rows_t] = self.count[rows_t]  # the next window starts at the current counts
+            by_row = {r: v for r, v in zip(sorted(self.row_of.values()), flat)}
+            checks = []  # (sample, response position) to decode on the host
+            dev_end = {}
+            for b, r in list(self.row_of.items()):
+                alive, reason, which, count, *w = by_row[r]
+                old = len(self.resp[b])
+                self.resp[b].extend(w[:count - old])
+                if not alive:
+                    dev_end[b] = (count, reason, which)
+                if strings:
+                    last = count - 1 if not alive and reason == _STOP_TOKEN else count
+                    checks += [(b, j) for j in range(old, last) if self.may is None or self.may[self.resp[b][j]]]
+            hit = {}
+            if checks:
+                found = self.stopper.hits([self.resp[b][max(0, j + 1 - self.stopper.window):j + 1]
+                                           for b, j in checks])
+                for (b, j), s in zip(checks, found):
+                    if s is not None and b not in hit:
+                        hit[b] = (j + 1, s)
+            for b, r in list(self.row_of.items()):
+                end = dev_end.get(b)
+                if b in hit and (end is None or hit[b][0] <= end[0]):
+                    self.final[b] = (hit[b][0], "stop_string", hit[b][1])
+                    if end is None:
+                        kill.append(r)
+                elif end is not None:
+                    count, reason, which = end
+                    name = {_STOP_TOKEN: "stop_token", _STOP_STRING: "stop_string", _LENGTH: "length"}[reason]
+                    self.final[b] = (count, name, strings[which] if reason == _STOP_STRING else None)
+                else:
+                    continue
+                del self.row_of[b]
+                heapq.heappush(self.free, r)
+                if self.pages is not None:
+                    self.pages.release(r)
+        k = self._admit(kill)
+        return k
+
+    def _admit(self, kill: list) -> int:
+        """Fill free rows from the queue, grant the window's pages (preempting the latest admitted
+        sequences while the pool is short); returns the rounds to run before the next sync."""
+        dev = self.device
+        pg = self.pages
+        length = lambda b: self.plen[b] + len(self.resp[b])  # noqa: E731  (positions held after the window's input)
+        new = []
+        while self.pending and self.free:
+            b = self.pending[-1]
+            if pg is not None:
+                live_need = sum(pg.need(length(c) + self.es.sync_every) - len(pg.of.get(r, []))
+                                for c, r in self.row_of.items())
+                if pg.need(min(length(b) + self.es.sync_every, self.S)) + max(live_need, 0) > len(pg.free):
+                    break
+            self.pending.pop()
+            r = heapq.heappop(self.free)
+            self.row_of[b] = r
+            new.append(b)
+        k = min(self.es.sync_every, max((self.cap[b] - len(self.resp[b]) for b in self.row_of), default=0))
+        if pg is not None:  # every live row needs its positions through this window
+            while True:
+                short = sum(max(pg.need(min(length(b) + k, self.S)) - len(pg.of.get(r, [])), 0)
+                            for b, r in self.row_of.items())
+                if short <= len(pg.free) or len(self.row_of) <= 1:
+                    break
+                b = next(reversed(self.row_of))  # the latest admitted gives its pages back
+                r = self.row_of.pop(b)
+                pg.release(r)
+                heapq.heappush(self.free, r)
+                kill.append(r)
+                if b in new:
+                    new.remove(b)
+                else:
+                    self.preemptions += 1
+                self.pending.append(b)
+            grants = ([], [], [])
+            for b, r in self.row_of.items():
+                pg.grant(r, min(length(b) + k, self.S), *grants)
+            pg.write(*grants)
+        if new:
+            self._fill(new)
+        live = set(self.row_of.values())
+        kill = [r for r in kill if r not in live]
+        if kill:
+            self.alive[torch.tensor(kill, device=dev)] = False
+        return k
+
+    def _fill(self, new: list[int]) -> None:
+        """Cache and device state of the newly admitted samples `new`."""
+        n, dev = self.sp.n, self.device
+        holder = {}  # prompt -> a live row holding its k/v (positions < prompt length - 1)
+        for b, r in self.row_of.items():
+            if b not in new:
+                holder.setdefault(b // n, r)
+        fill, copies = [], []
+        for b in new:
+            r, p = self.row_of[b], b // n
+            seq = self.prompts[p] + self.resp[b]
+            if self.resp[b]:
+                fill.append((seq[:-1], r))
+            elif p in holder:
+                copies.append((holder[p], r, self.plen[b] - 1))
+            else:
+                holder[p] = r
+                fill.append((seq[:-1], r))
+        fill = [(t, r) for t, r in fill if t]
+        if fill:
+            ids, pos, cu, max_len = pack_token_lists([t for t, _ in fill], device=dev)
+            lens = torch.tensor([len(t) for t, _ in fill], device=dev)
+            rows = torch.repeat_interleave(torch.tensor([r for _, r in fill], device=dev), lens)
+            batch = CacheBatch.build(self.table, self.page, rows, pos, decode=False, kernel=self.kernel)
+            self.model.hidden_states(ids, pos, cu, max_len, batch)
+        copies = [c for c in copies if c[2] > 0]
+        if copies:  # fan a held prompt out to more samples (a copy of its rows, not a recompute)
+            if self.pages is None:
+                src, dst = [s for s, _, _ in copies], [d for _, d, _ in copies]
+                upto = max(L for _, _, L in copies)
+            else:
+                need = self.pages.need
+                src = [pg for s, _, L in copies for pg in self.pages.of[s][:need(L)]]
+                dst = [pg for _, d, L in copies for pg in self.pages.of[d][:need(L)]]
+                upto = 0
+            for c in self.model.caches():
+                c.copy_rows(torch.tensor(src, device=dev), torch.tensor(dst, device=dev), upto)
+        K = self.tail.shape[1]
+        vals = []
+        for b in new:
+            seq = self.prompts[b // n] + self.resp[b]
+            t = self.resp[b][-K:] if K else []
+            vals.append([self.row_of[b], seq[-1], len(seq) - 1, b, len(self.resp[b]), self.cap[b]]
+                        + [-1] * (K - len(t)) + t)
+        v = torch.tensor(vals, dtype=torch.int64, device=dev)
+        r = v[:, 0]
+        self.tok[r], self.pos[r], self.sample[r], self.count[r], self.capt[r] = v[:, 1], v[:, 2], v[:, 3], v[:, 4], v[:, 5]
+        self.mark[r] = v[:, 4]
+        self.alive[r] = True
+        self.reason[r] = 0
+        if K:
+            self.tail[r] = v[:, 6:]
 
 
-def _assemble(samples, prompts, n, pad_id, params) -> RolloutBatch:
+def _assemble(samples, prompts, pad_id, sp: SamplingParams) -> RolloutBatch:
     S = len(samples)
     Lp = max((len(prompts[s["prompt_index"]]) for s in samples), default=0)
     Lr = max((len(s["response"]) for s in samples), default=0)
@@ -956,9 +970,9 @@ def _assemble(samples, prompts, n, pad_id, params) -> RolloutBatch:
         truncated=torch.tensor([r == "length" for r in reasons], dtype=torch.bool),
         finish_reasons=reasons,
         stopped_by=[s["stopped_by"] for s in samples],
-        temperature=params["temperature"],
-        top_p=params["top_p"],
-        top_k=params["top_k"],
-        greedy=params["greedy"],
+        temperature=float(sp.temperature),
+        top_p=float(sp.top_p),
+        top_k=int(sp.top_k),
+        greedy=sp.greedy,
         pad_id=pad_id,
     )

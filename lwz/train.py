@@ -44,7 +44,8 @@ from lwz.rewards import group_advantages
 from lwz.rewards.format import FormatReward
 from lwz.rewards.hosting import HostedReward, load_quality_model
 from lwz.rewards.length import LengthReward, count_words
-from lwz.rollout import full_params_for_generation, generate, logprob_mismatch, strip_stop_string
+from lwz.rollout import (EngineSettings, SamplingParams, full_params_for_generation, generate, logprob_mismatch,
+                         strip_stop_string)
 from lwz.tokenizer import TokenizerError, check_fits_model, load_tokenizer, pad_id
 
 
@@ -100,11 +101,32 @@ def recompute_logprobs(model, batch: Batch, full_plan, cfg, d, pad_id) -> torch.
     return gather_response_values(batch, full_plan, torch.cat(mine) if mine else torch.zeros(0), d.world, d.rank)
 
 
-def train_minibatch(model, optimizer, batch: Batch, plans, cfg, d, pad_id, keep_logp: bool = False) -> dict:
+def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights [R] fp32: min(pi_old / pi_rollout, cap) per response
+    token, from the trainer's recomputed log-probs and the sampler's."""
+    return torch.exp(old_logp.float() - rollout_logp.float()).clamp(max=cap)
+
+
+def token_weights(batch: Batch, mb, w: torch.Tensor) -> torch.Tensor:
+    """Per-response-token values w [R] of `batch` -> [N] at the micro-batch's packed positions that
+    predict those tokens (1 elsewhere; those positions are masked anyway)."""
+    rc = batch.resp_cu
+    idx = torch.cat([torch.arange(int(rc[s]), int(rc[s + 1])) for s in mb.seqs]) if mb.seqs else \
+        torch.zeros(0, dtype=torch.int64)
+    out = torch.ones(mb.input_ids.shape[0], dtype=torch.float32, device=mb.input_ids.device)
+    out[mb.resp_index] = w.to(out.device)[idx.to(out.device)]
+    return out
+
+
+def train_minibatch(model, optimizer, batch: Batch, plans, cfg, d, pad_id, keep_logp: bool = False,
+                    tis: torch.Tensor | None = None) -> dict:
     """One optimizer step over one mini-batch: the sequences of `plans` (rank -> micro-batch ->
     indices into `batch`, which every rank holds whole); each rank trains its share.
     keep_logp: store the forward's log-probs in batch.trainer_logp (on every rank; NaN for the
-    sequences outside this mini-batch)."""
+    sequences outside this mini-batch). tis: truncated importance-sampling weights [R] (tis_weights)
+    or None. A token's weight w > 0 multiplies its advantage, which is exact for the clipped
+    policy-gradient term (every branch of it, dual clip included, is positively homogeneous in the
+    advantage) and leaves the KL and entropy terms unweighted."""
     g = cfg.grpo
     resp = batch.response_lengths[[i for rank in plans for mb in rank for i in mb]]
     n_tokens, n_seqs = int(resp.sum()), int((resp > 0).sum())  # the global normalisers, exact on every rank
@@ -116,7 +138,8 @@ def train_minibatch(model, optimizer, batch: Batch, plans, cfg, d, pad_id, keep_
         logp, ent = policy_logprobs(model, mb, cfg.rollout.temperature, True, g.logprob_scratch_mib << 20)
         if keep_logp:
             kept.append(logp.detach()[mb.resp_index])
-        loss, stats = grpo_loss(logp, mb.old_logp, mb.advantages, mask, mb.ref_logp if g.kl_coef > 0 else None,
+        adv = mb.advantages if tis is None else mb.advantages * token_weights(batch, mb, tis)
+        loss, stats = grpo_loss(logp, mb.old_logp, adv, mask, mb.ref_logp if g.kl_coef > 0 else None,
                                 clip_low=g.clip_low, clip_high=g.clip_high, clip_c=g.clip_c, kl_coef=g.kl_coef,
                                 kl_type=g.kl_type, loss_agg=g.loss_agg, global_tokens=max(n_tokens, 1),
                                 global_seqs=max(n_seqs, 1), cu_seqlens=mb.cu_seqlens, norm_const=cfg.norm_const,
@@ -152,15 +175,11 @@ def rollout(policy, tok, records, cfg, d, step):
     r = cfg.rollout
     texts = [template_prompt(rec.prompt, cfg.data) for rec in records]
     prompt_ids = [rec.token_ids.tolist() for rec in records]  # tokenised once, at start-up (_run)
-    gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank)
     policy.eval()
+    seed = cfg.seed * 1_000_003 + step * 1009 + d.rank
     with full_params_for_generation(policy):
-        batch = generate(policy, prompt_ids, n=r.group_size, max_new_tokens=r.max_new_tokens,
-                         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                         stop_token_ids=[tok.eos_token_id], stop_strings=list(r.stop_strings), tokenizer=tok,
-                         generator=gen, batch_size=r.batch_size, cache_mem_fraction=r.cache_mem_fraction,
-                         cuda_graphs=r.cuda_graphs, page_size=r.page_size, overlap=r.overlap,
-                         decode_kernel=r.decode_kernel)
+        batch = generate(policy, prompt_ids, SamplingParams.from_config(r, [tok.eos_token_id], seed),
+                         EngineSettings.from_config(r), tokenizer=tok)
     policy.train()
     out = []
     for j, (pi, resp_ids) in enumerate(zip(batch.prompt_index.tolist(), batch.response_ids)):
@@ -289,6 +308,9 @@ def _run(cfg, d) -> int:
             batch.old_logp = batch.rollout_logp
         if ref is not None:
             batch.ref_logp = recompute_logprobs(ref, batch, full_plan, cfg, d, pad)
+        tis = None
+        if cfg.grpo.tis_cap is not None:
+            tis = tis_weights(batch.old_logp, batch.rollout_logp, cfg.grpo.tis_cap)
         t_old = time.time()
 
         upd = []
@@ -300,7 +322,7 @@ def _run(cfg, d) -> int:
                 # its log-probs measure the rollout/trainer mismatch at no extra cost
                 first = not upd and cfg.rollout.old_logprobs == "rollout"
                 upd.append(train_minibatch(policy, optimizer, batch, plan(batch, mini, cfg, d.world, mcfg),
-                                           cfg, d, pad, keep_logp=first))
+                                           cfg, d, pad, keep_logp=first, tis=tis))
         scheduler.step()
         t_upd = time.time()
         skipped_total += int(sum(u["skipped"] for u in upd))
@@ -313,6 +335,9 @@ def _run(cfg, d) -> int:
         else:
             row.update(logprob_mismatch_stats(batch, batch.trainer_logp, everything[0::n_mini]))
         row["skipped_total"] = skipped_total
+        if tis is not None:  # every rank holds the whole batch: these are global
+            row.update(tis_weight_mean=float(tis.mean()) if tis.numel() else 1.0,
+                       tis_capped_frac=float((tis >= cfg.grpo.tis_cap).float().mean()) if tis.numel() else 0.0)
         row.update(engine)  # rank 0's rows (batch_size = 0 sizes them to the free memory) and preemptions
         row["lr"] = scheduler.get_last_lr()[0]
         lengths = batch.lengths.tolist()

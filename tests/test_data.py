@@ -391,24 +391,26 @@ def _rollout_and_score(tmp_path, tok, text, stop_strings):
 
 
 def test_generate_names_the_stop_string_that_fired(tok):
-    from lwz.rollout import generate, strip_stop_string
+    from lwz.rollout import SamplingParams, generate, strip_stop_string
+
+    def greedy(**kw):
+        return SamplingParams(max_new_tokens=30, temperature=0.0, **kw)
+
     text = "<think>p</think><answer> more<|user|> x</answer>"
     prompt = encode(tok, "Hi <|assistant|>:")
     model = scripted_model([prompt[-1]] + encode(tok, text))
-    out = generate(model, [prompt, prompt], max_new_tokens=30, greedy=True,
-                   stop_strings=["</answer>", "<|user|>", "never"], tokenizer=tok)
+    out = generate(model, [prompt, prompt], greedy(stop_strings=("</answer>", "<|user|>", "never")), tokenizer=tok)
     assert out.finish_reasons == ["stop_string"] * 2 and out.stopped_by == ["<|user|>"] * 2
     decoded = tok.decode(out.response_ids[0])
     assert decoded == "<think>p</think><answer> more<|user|>"  # the completing token is kept
     assert strip_stop_string(decoded, "<|user|>") == "<think>p</think><answer> more"
     # without <|user|> in the list the same model runs on to </answer>; no stop string: eos
-    out = generate(model, [prompt], max_new_tokens=30, greedy=True, stop_strings=["</answer>"], tokenizer=tok)
+    out = generate(model, [prompt], greedy(stop_strings=("</answer>",)), tokenizer=tok)
     assert out.stopped_by == ["</answer>"] and tok.decode(out.response_ids[0]).endswith(" x</answer>")
-    out = generate(model, [prompt], max_new_tokens=30, greedy=True, stop_token_ids=[0])
+    out = generate(model, [prompt], greedy(stop_token_ids=(0,)))
     assert out.finish_reasons == ["stop_token"] and out.stopped_by == [None]
     # several strings completed by the same token: the first in the list's order
-    out = generate(model, [prompt], max_new_tokens=30, greedy=True, stop_strings=["/answer>", "</answer>"],
-                   tokenizer=tok)
+    out = generate(model, [prompt], greedy(stop_strings=("/answer>", "</answer>")), tokenizer=tok)
     assert out.stopped_by == ["/answer>"]
 
 

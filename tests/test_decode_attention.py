@@ -103,11 +103,11 @@ def test_rows_and_splits_do_not_change_the_result():
 
 
 def test_generation_through_the_triton_kernel(monkeypatch):
-    """The rollout engine decoding with the Triton kernel (rows in place, no compaction) samples
-    the same tokens with the same log-probs as the SDPA path (the noise depends only on the seed,
-    the sample and the step, not on the compaction schedule)."""
+    """The rollout engine decoding with the Triton kernel (rows read in place) samples the same
+    tokens with the same log-probs as the SDPA path (the draws depend only on the seed, the sample
+    and the position)."""
     from lwz.model import Transformer
-    from lwz.rollout import generate
+    from lwz.rollout import EngineSettings, SamplingParams, generate
     model = Transformer.from_config(os.path.join(ROOT, "assets/tiny-model"), seed=0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -115,20 +115,19 @@ def test_generation_through_the_triton_kernel(monkeypatch):
                 p.mul_(5.0)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (5, 17, 2)]
-    kw = dict(n=2, max_new_tokens=12, temperature=1.0, stop_token_ids=[0] + list(range(8, 60)))
-    ref = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kw)
-    kw["decode_kernel"] = "triton"
+    sp = SamplingParams(n=2, max_new_tokens=12, temperature=1.0, stop_token_ids=(0, *range(8, 60)), seed=0)
+    ref = generate(model, prompts, sp)
     import kernels.decode_attention as mod
     calls = []
     real = mod.decode_attention_triton
     monkeypatch.setattr(mod, "decode_attention_triton", lambda *a, **k: calls.append(k["rows"]) or real(*a, **k))
-    out = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kw)
-    assert calls and all(r is not None for r in calls)  # every decode step, rows read in place
+    out = generate(model, prompts, sp, EngineSettings(decode_kernel="triton"))
+    assert calls and all(r is not None for r in calls)  # every decode round, rows read in place
     assert len(set(ref.response_lengths.tolist())) > 1  # sequences left the batch at different steps
     assert out.response_ids == ref.response_ids
     torch.testing.assert_close(out.response_logprobs, ref.response_logprobs, atol=1e-5, rtol=1e-5)
     # a paged cache with 64-token pages: the kernel reads through the block table
-    paged = generate(model, prompts, generator=torch.Generator().manual_seed(0), page_size=64, **kw)
+    paged = generate(model, prompts, sp, EngineSettings(decode_kernel="triton", page_size=64))
     assert paged.response_ids == ref.response_ids
     torch.testing.assert_close(paged.response_logprobs, ref.response_logprobs, atol=1e-5, rtol=1e-5)
 

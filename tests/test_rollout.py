@@ -1,5 +1,5 @@
 """Rollout engine: greedy parity with transformers.generate, sampling log-probs == the trainer's
-recomputation, stop strings / tokens / lengths, seeds, shared prefill, compaction, FSDP2."""
+recomputation, stop strings / tokens / lengths, seeds, shared prefill, admission, host syncs, FSDP2."""
 
 import math
 import os
@@ -12,12 +12,28 @@ from lwz.batch import from_rollout, microbatch, padded_responses
 from lwz.distributed import shutdown_distributed
 from lwz.model import Transformer
 from lwz.rollout import (
-    RolloutBatch, full_params_for_generation, generate, logprob_mismatch,
+    EngineSettings, RolloutBatch, SamplingParams, full_params_for_generation, generate, logprob_mismatch,
 )
 from tests.test_model import tiny_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_LENS = [5, 17, 1, 30]
+
+
+_SP = set(SamplingParams.__dataclass_fields__)
+_ES = set(EngineSettings.__dataclass_fields__)
+
+
+def gen(model, prompts, *, tokenizer=None, greedy=False, **kw):
+    """generate() with the settings as keywords (SamplingParams' and EngineSettings' fields;
+    greedy=True is temperature 0)."""
+    bad = set(kw) - _SP - _ES
+    assert not bad, bad
+    sp = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items() if k in _SP}
+    if greedy:
+        sp["temperature"] = 0.0
+    return generate(model, prompts, SamplingParams(**sp), EngineSettings(**{k: v for k, v in kw.items() if k in _ES}),
+                    tokenizer=tokenizer)
 
 
 def prompts_for(vocab, lens=PROMPT_LENS, seed=3):
@@ -47,7 +63,7 @@ def test_greedy_equals_transformers(tmp_path, kind, tied):
     ours = Transformer.from_pretrained(str(tmp_path))
     prompts = prompts_for(hf.config.vocab_size)
     new = 24
-    batch = generate(ours, prompts, max_new_tokens=new, greedy=True)
+    batch = gen(ours, prompts, max_new_tokens=new, greedy=True)
     hf.generation_config.eos_token_id = None  # never stop early: compare all `new` tokens
     hf.generation_config.pad_token_id = 0
     for i, p in enumerate(prompts):  # one prompt at a time: no padding on the HF side
@@ -80,8 +96,8 @@ def test_logprobs_match_trainer_recomputation(tiny, top_p, top_k):
     model, tok = tiny
     T = 0.8
     prompts = prompts_for(1024, [9, 3, 21])
-    batch = generate(model, prompts, n=3, max_new_tokens=40, temperature=T, top_p=top_p, top_k=top_k,
-                     stop_token_ids=[0], generator=torch.Generator().manual_seed(1))
+    batch = gen(model, prompts, n=3, max_new_tokens=40, temperature=T, top_p=top_p, top_k=top_k,
+                     stop_token_ids=[0], seed=1)
     assert batch.response_logprobs.dtype == torch.float32
     tb, mb = packed_rollout(batch)
     logp = trainer_logprobs(model, mb, T)
@@ -105,9 +121,9 @@ def test_logprobs_match_trainer_recomputation(tiny, top_p, top_k):
 def test_top_k_one_is_greedy(tiny):
     model, _ = tiny
     prompts = prompts_for(1024, [4, 11])
-    a = generate(model, prompts, max_new_tokens=12, greedy=True)
-    b = generate(model, prompts, max_new_tokens=12, temperature=1.3, top_k=1,
-                 generator=torch.Generator().manual_seed(5))
+    a = gen(model, prompts, max_new_tokens=12, greedy=True)
+    b = gen(model, prompts, max_new_tokens=12, temperature=1.3, top_k=1,
+                 seed=5)
     assert a.response_ids == b.response_ids
     assert torch.allclose(b.response_trunc_logprobs, torch.zeros_like(b.response_trunc_logprobs))
 
@@ -135,7 +151,7 @@ def test_logprob_mismatch_buckets():
 def test_stop_string_straddling_tokens(tiny):
     model, tok = tiny
     prompts = [tok.encode("Write a poem about the sea."), tok.encode("Hi")]
-    free = generate(model, prompts, max_new_tokens=30, greedy=True)
+    free = gen(model, prompts, max_new_tokens=30, greedy=True)
     resp = free.response_ids[0]
     # a stop string that starts inside response token 6 and ends inside token 9
     pieces = [tok.decode(resp[:k]) for k in range(len(resp) + 1)]
@@ -146,70 +162,70 @@ def test_stop_string_straddling_tokens(tiny):
     stop = text[start:end]
     first = next(k for k in range(len(resp)) if stop in pieces[k + 1])  # the completing token
     assert first == 9 or stop in pieces[9]  # an earlier occurrence is fine too
-    out = generate(model, prompts, max_new_tokens=30, greedy=True, stop_strings=["never-there", stop],
+    out = gen(model, prompts, max_new_tokens=30, greedy=True, stop_strings=["never-there", stop],
                    tokenizer=tok)
     assert out.response_ids[0] == resp[:first + 1]
     assert out.finish_reasons[0] == "stop_string" and not bool(out.truncated[0])
     decoded = tok.decode(out.response_ids[0])
     assert stop in decoded and stop not in tok.decode(out.response_ids[0][:-1])
     # a raw tokenizers.Tokenizer works too, and so does the unfiltered path (string ending in a space)
-    raw = generate(model, prompts, max_new_tokens=30, greedy=True, stop_strings=[stop],
+    raw = gen(model, prompts, max_new_tokens=30, greedy=True, stop_strings=[stop],
                    tokenizer=tok.backend_tokenizer)
     assert raw.response_ids[0] == out.response_ids[0]
     ws = pieces[-1].find(" ", len(pieces[4]))
     if ws > 0:
         sp = pieces[-1][max(0, ws - 3):ws + 1]
         k = next(k for k in range(len(resp)) if sp in pieces[k + 1])
-        w = generate(model, prompts[:1], max_new_tokens=30, greedy=True, stop_strings=[sp], tokenizer=tok)
+        w = gen(model, prompts[:1], max_new_tokens=30, greedy=True, stop_strings=[sp], tokenizer=tok)
         assert w.response_ids[0] == resp[:k + 1] and w.finish_reasons[0] == "stop_string"
     # the other prompt is unaffected unless it also produced the string
     if stop not in tok.decode(free.response_ids[1]):
         assert out.response_ids[1] == free.response_ids[1] and out.finish_reasons[1] == "length"
     # a stop string inside the prompt does not count
-    assert generate(model, [prompts[0]], max_new_tokens=5, greedy=True, stop_strings=["poem"],
+    assert gen(model, [prompts[0]], max_new_tokens=5, greedy=True, stop_strings=["poem"],
                     tokenizer=tok).finish_reasons[0] in ("length", "stop_string")
     with pytest.raises(ValueError, match="tokenizer"):
-        generate(model, prompts, max_new_tokens=3, stop_strings=["x"])
+        gen(model, prompts, max_new_tokens=3, stop_strings=["x"])
 
 
 def test_stop_token_and_truncation(tiny):
     model, _ = tiny
     prompts = prompts_for(1024, [6, 13])
-    free = generate(model, prompts, max_new_tokens=20, greedy=True)
+    free = gen(model, prompts, max_new_tokens=20, greedy=True)
     assert free.truncated.all() and free.finish_reasons == ["length", "length"]
     assert free.response_lengths.tolist() == [20, 20]
     stop_tok = free.response_ids[0][7]
     first = free.response_ids[0].index(stop_tok)
-    out = generate(model, prompts, max_new_tokens=20, greedy=True, stop_token_ids=[stop_tok])
+    out = gen(model, prompts, max_new_tokens=20, greedy=True, stop_token_ids=[stop_tok])
     assert out.response_ids[0] == free.response_ids[0][:first + 1]  # the stop token is kept
     assert out.finish_reasons[0] == "stop_token" and not bool(out.truncated[0])
     assert out.response_lengths[0] == first + 1
     # the context bound truncates too: 13 + 4 = 17 tokens at most
-    ctx = generate(model, prompts, max_new_tokens=20, greedy=True, max_context=17)
+    ctx = gen(model, prompts, max_new_tokens=20, greedy=True, max_context=17)
     assert ctx.response_lengths.tolist() == [11, 4] and ctx.truncated.all()
     assert ctx.response_ids[1] == free.response_ids[1][:4]
 
 
 def test_empty_and_bad_prompts(tiny):
     model, _ = tiny
-    empty = generate(model, [], n=4, max_new_tokens=8)
+    empty = gen(model, [], n=4, max_new_tokens=8)
     assert isinstance(empty, RolloutBatch) and len(empty) == 0
     assert empty.response_tokens.shape[0] == 0 and empty.finish_reasons == []
     tb = from_rollout(empty, torch.zeros(0))
     assert tb.tokens.numel() == 0 and tb.cu_seqlens.tolist() == [0] and tb.num_response_tokens == 0
     with pytest.raises(ValueError, match=r"prompt 1 has 1024 tokens.*max_context=1024"):
-        generate(model, [[1, 2], [3] * 1024], max_new_tokens=8)
+        gen(model, [[1, 2], [3] * 1024], max_new_tokens=8)
     with pytest.raises(ValueError, match="prompt 0 has 10 tokens"):
-        generate(model, [[3] * 10], max_new_tokens=8, max_context=10)
+        gen(model, [[3] * 10], max_new_tokens=8, max_context=10)
     with pytest.raises(ValueError, match="prompt 0 is empty"):
-        generate(model, [[]], max_new_tokens=8)
+        gen(model, [[]], max_new_tokens=8)
 
 
-# ---- determinism, shared prefill, compaction ----------------------------------------------------------
+# ---- determinism, shared prefill, admission, sync points ------------------------------------------------
 
 def sample(model, prompts, seed, **kw):
     kw = {"n": 3, "max_new_tokens": 16, "temperature": 1.0, "stop_token_ids": [0], **kw}
-    return generate(model, prompts, generator=torch.Generator().manual_seed(seed), **kw)
+    return gen(model, prompts, seed=seed, **kw)
 
 
 def test_same_seed_same_samples(tiny):
@@ -224,252 +240,236 @@ def test_same_seed_same_samples(tiny):
     assert len({tuple(r) for r in a.response_ids[:3]}) > 1
 
 
+def test_counter_uniform_is_uniform_and_keyed():
+    """The counter-based draws: a pure function of (seed, sample, position), uniform on (0, 1) and
+    without correlation between neighbouring samples or positions."""
+    from lwz.rollout import counter_uniform
+    s = torch.arange(400).repeat_interleave(250)
+    p = torch.arange(250).repeat(400)
+    u = counter_uniform(7, s, p)
+    assert u.dtype == torch.float32 and u.min() > 0 and u.max() < 1
+    assert torch.equal(u, counter_uniform(7, s, p))
+    assert torch.equal(u[:5], counter_uniform(7, s[:5].flip(0), p[:5].flip(0)).flip(0))  # order-free
+    assert not torch.equal(u, counter_uniform(8, s, p)) and not torch.equal(u, counter_uniform(7 + 2**32, s, p))
+    # Kolmogorov-Smirnov distance to U(0, 1): 1.63 / sqrt(n) is its 1% critical value
+    n = u.numel()
+    ecdf = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = (ecdf - u.double().sort().values).abs().max()
+    assert ks < 1.63 / n ** 0.5, ks
+    # neighbours in either key are uncorrelated (|r| < 4 / sqrt(n) is far out for independent draws)
+    grid = u.view(400, 250).double()
+    for a, b in ((grid[1:], grid[:-1]), (grid[:, 1:], grid[:, :-1])):
+        r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
+        assert abs(r) < 4 / a.numel() ** 0.5, r
+
+
 def test_n_samples_share_prefill(tiny):
     model, _ = tiny
     prompts = prompts_for(1024, [7, 19])
-    shared = generate(model, prompts, n=3, max_new_tokens=15, greedy=True)
-    copies = generate(model, [p for p in prompts for _ in range(3)], n=1, max_new_tokens=15, greedy=True)
+    shared = gen(model, prompts, n=3, max_new_tokens=15, greedy=True)
+    copies = gen(model, [p for p in prompts for _ in range(3)], n=1, max_new_tokens=15, greedy=True)
     assert shared.response_ids == copies.response_ids
     assert torch.allclose(shared.response_logprobs, copies.response_logprobs, atol=1e-5)
-    # sampling: the noise of sample s depends on s only, so the copies draw the same tokens
-    a = sample(model, prompts, 4)
-    b = sample(model, [p for p in prompts for _ in range(3)], 4, n=1)
-    assert a.response_ids == b.response_ids
-    assert torch.allclose(a.response_logprobs, b.response_logprobs, atol=1e-5)
 
 
-def test_compaction_does_not_change_results(tiny):
-    model, _ = tiny
-    prompts = prompts_for(1024, [7, 2, 15, 4])
-    kw = dict(stop_token_ids=[0] + list(range(8, 60)))  # frequent stops: sequences finish at different steps
-    a = sample(model, prompts, 21, compact=True, **kw)
-    b = sample(model, prompts, 21, compact=False, **kw)
-    lens = a.response_lengths.tolist()
-    assert len(set(lens)) > 2, lens  # the batch really shrank along the way
-    assert a.response_ids == b.response_ids
-    assert torch.allclose(a.response_logprobs, b.response_logprobs, atol=1e-5)
-    # chunking into smaller batches: greedy results are the same
-    g1 = generate(model, prompts, n=2, max_new_tokens=10, greedy=True)
-    g2 = generate(model, prompts, n=2, max_new_tokens=10, greedy=True, batch_size=3)
-    assert g1.response_ids == g2.response_ids and g2.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-
-
-def test_compact_order_moves_only_survivors_beyond_the_new_end():
-    from lwz.rollout import _compact_order
-    # rows 0..5 live; 1, 2 and 4 finish: survivors 0, 3, 5 must fill rows 0..2
-    perm, moves = _compact_order([0, 3, 5], 6)
-    assert perm == [0, 3, 5] and moves == [(3, 1), (5, 2)]  # row 1 <- old row 3, row 2 <- old row 5
-    perm, moves = _compact_order([1, 4, 5], 6)
-    assert perm == [4, 1, 5] and moves == [(4, 0), (5, 2)]
-    assert _compact_order([0, 1], 4) == ([0, 1], [])  # survivors already in place: nothing copied
-    assert _compact_order([], 3) == ([], [])
-
-
-@pytest.mark.parametrize("compact", [True, False])
-def test_continuous_admission_refills_freed_rows(tiny, monkeypatch, compact):
-    """batch_size < number of samples: a finished sequence's row goes to the next waiting sample at
-    once, so every sampling step runs full rows until the queue is empty; the results equal one
-    batch holding everything (greedy), and compacted == indexed rows (sampling)."""
-    import lwz.rollout as ro
-    model, _ = tiny
-    prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3, 6])
-    kw = dict(n=2, max_new_tokens=24, stop_token_ids=list(range(200)))  # greedy stops at varied steps
-    sizes, prefilled = [], []
-    real_sample, real_prefill = ro._sample, Transformer.prefill
-
-    def spy_sample(logits, *a):
-        sizes.append(logits.shape[0])
-        return real_sample(logits, *a)
-
-    def spy_prefill(self, ids, *a):
-        prefilled.append(ids.numel())
-        return real_prefill(self, ids, *a)
-
-    whole = generate(model, prompts, greedy=True, **kw)
-    monkeypatch.setattr(ro, "_sample", spy_sample)
-    monkeypatch.setattr(Transformer, "prefill", spy_prefill)
-    slots = 4
-    part = generate(model, prompts, greedy=True, batch_size=slots, compact=compact, **kw)
-    assert part.response_ids == whole.response_ids
-    assert torch.allclose(part.response_logprobs, whole.response_logprobs, atol=1e-5)
-    lens = part.response_lengths.tolist()
-    assert len(set(lens)) > 2, lens  # sequences really finished at different steps
-    assert max(sizes) == slots and sum(sizes) == sum(lens) and part.rounds == len(sizes)
-    # full rows until the queue ran dry, then only the last sequences draining
-    first_short = next((i for i, s in enumerate(sizes) if s < slots), len(sizes))
-    assert all(a >= b for a, b in zip(sizes[first_short:], sizes[first_short + 1:])), sizes
-    assert first_short * slots >= sum(lens) - (slots - 1) * max(lens), (sizes, lens)
-    # static batches of whole groups would take, per batch of `slots` samples, its longest
-    chunked_steps = sum(max(lens[c:c + slots]) for c in range(0, len(lens), slots))
-    assert len(sizes) < chunked_steps, (len(sizes), chunked_steps)
-    # a prompt whose sibling is still decoding is copied from that sibling's rows, not prefilled again
-    assert sum(len(p) for p in prompts) <= sum(prefilled) < sum(len(p) * 2 for p in prompts)
-    one = generate(model, prompts[:3], greedy=True, batch_size=1, compact=compact, **kw)
-    assert one.response_ids == whole.response_ids[:6]
-
-
-def test_continuous_admission_sampling_ignores_cache_layout(tiny):
-    """Sampling with fewer rows than samples: where a sequence sits in the cache (compacted rows or
-    row indices) does not change what it draws; same seed, same samples."""
-    model, _ = tiny
-    prompts = prompts_for(1024, [7, 2, 15, 4, 9])
-    kw = dict(n=3, batch_size=4, stop_token_ids=[0] + list(range(8, 60)))
-    a = sample(model, prompts, 5, compact=True, **kw)
-    b = sample(model, prompts, 5, compact=False, **kw)
-    c = sample(model, prompts, 5, compact=False, **kw)
-    assert len(set(a.response_lengths.tolist())) > 2, a.response_lengths
-    assert a.response_ids == b.response_ids == c.response_ids
-    assert torch.allclose(a.response_logprobs, b.response_logprobs, atol=1e-5)
-    assert a.prompt_index.tolist() == [i for i in range(5) for _ in range(3)]
-
-
-@pytest.mark.parametrize("page_size", [0, 8])
-def test_graph_padding_gives_the_eager_results(tiny, monkeypatch, page_size):
-    """The steps a CUDA graph replays (batch padded to a power of two with a spare cache row at
-    position 0, attention sized for the whole cache), run eagerly here: the same tokens and
-    log-probs as the plain decode, also while rows are handed to newly admitted samples."""
+@pytest.mark.parametrize("greedy", [False, True])
+def test_samples_ignore_batch_size_sync_every_and_rows(tiny, monkeypatch, greedy):
+    """What a sample draws depends on (seed, sample, position) and its own tokens only: not on how
+    many rows decode at once (batch_size, so admission order and cache rows too), nor on how often
+    the host looks (sync_every), nor on the batch buckets' padding rows, static or paged."""
     import lwz.rollout as ro
     model, _ = tiny
     prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3])
-    kw = dict(n=2, max_new_tokens=20, batch_size=5, compact=False, stop_token_ids=[0] + list(range(8, 60)),
-              page_size=page_size)
-    plain_greedy = generate(model, prompts, greedy=True, **kw)
-    plain = sample(model, prompts, 9, **kw)
-    sizes = []
-    real_step = ro._DecodeGraphs._step
+    stops = list(range(200)) if greedy else [0] + list(range(8, 60))  # answers of varied lengths
+    kw = dict(n=2, max_new_tokens=20, stop_token_ids=stops, greedy=greedy)
+    ref = sample(model, prompts, 9, **kw)
+    assert len(set(ref.response_lengths.tolist())) > 2  # sequences finished at different rounds
+    pads = []
+    real = ro._Engine._round
 
-    def spy(self, tok, pos, rows):
-        sizes.append((tok.shape[0], int((rows == self.pad_row).sum())))
-        return real_step(self, tok, pos, rows)
+    def spy(self, idx):
+        pads.append(int((idx == self.R).sum()))
+        return real(self, idx)
 
-    monkeypatch.setattr(ro, "_want_graphs", lambda *a: True)
-    monkeypatch.setattr(ro._DecodeGraphs, "_step", spy)
-    padded_greedy = generate(model, prompts, greedy=True, **kw)
-    padded = sample(model, prompts, 9, **kw)
-    assert padded_greedy.response_ids == plain_greedy.response_ids
-    assert padded.response_ids == plain.response_ids
-    torch.testing.assert_close(padded.response_logprobs, plain.response_logprobs, atol=1e-5, rtol=1e-5)
-    assert len(set(plain.response_lengths.tolist())) > 2
-    assert {s for s, _ in sizes} <= {1, 2, 4, 5} and any(pad for _, pad in sizes)  # padded steps happened
-    assert all(s in (1, 2, 4, 5) and 0 <= pad < s for s, pad in sizes)
+    monkeypatch.setattr(ro._Engine, "_round", spy)
+    for es in (dict(sync_every=1), dict(sync_every=16), dict(batch_size=5, sync_every=1),
+               dict(batch_size=5, sync_every=16), dict(batch_size=3, sync_every=4),
+               dict(batch_size=5, sync_every=3, page_size=8)):
+        out = sample(model, prompts, 9, **kw, **es)
+        assert out.response_ids == ref.response_ids, es
+        assert out.finish_reasons == ref.finish_reasons, es
+        torch.testing.assert_close(out.response_logprobs, ref.response_logprobs, atol=1e-5, rtol=1e-5)
+    assert any(pads)  # padded buckets really ran
+    # and another seed draws other samples
+    assert sample(model, prompts, 10, **kw).response_ids != ref.response_ids or greedy
 
 
-def test_paged_cache_gives_the_static_results(tiny):
-    """A paged KV cache (pages handed out as sequences grow, prompts copied page by page to
-    siblings) samples what the static cache samples: same seed, same rows, same tokens."""
+def test_host_syncs_once_per_sync_every_rounds(tiny, monkeypatch):
+    """The decode round has no host synchronisation point at all (no .item(), nonzero, boolean
+    indexing or device->host copy: counted with a dispatch mode while rounds run), and the engine
+    reads the device once per sync_every rounds (plus once to start)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import lwz.rollout as ro
+    model, tok = tiny
+    syncing = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default, torch.ops.aten.item.default,
+               torch.ops.aten._unique.default, torch.ops.aten._unique2.default,
+               torch.ops.aten.unique_dim.default, torch.ops.aten.unique_consecutive.default}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.hits = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            to_host = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and any(
+                isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args) and (
+                kwargs.get("device") == torch.device("cpu") or (func is torch.ops.aten.copy_.default
+                                                                and args[0].device.type == "cpu"))
+            if func in syncing or to_host:
+                self.hits.append(func)
+            return func(*args, **kwargs)
+
+    counter = Count()
+    real_round, real_read = ro._Engine._round, ro._host_read
+    reads = []
+
+    def round_(self, idx):
+        with counter:
+            return real_round(self, idx)
+
+    def read(t, pinned):
+        reads.append(t.shape)
+        return real_read(t, pinned)
+
+    monkeypatch.setattr(ro._Engine, "_round", round_)
+    monkeypatch.setattr(ro, "_host_read", read)
+    prompts = prompts_for(1024, [7, 2, 15, 4])
+    for every in (1, 8):
+        reads.clear()
+        out = sample(model, prompts, 3, n=2, max_new_tokens=30, batch_size=4, sync_every=every,
+                     stop_token_ids=[0] + list(range(8, 40)), stop_strings=["ab"], tokenizer=tok)
+        assert out.rounds > 16 and len(set(out.response_lengths.tolist())) > 2
+        assert len(reads) == out.host_syncs
+        # the first look is free (nothing runs yet); then one per window of <= sync_every rounds
+        assert out.host_syncs <= math.ceil(out.rounds / every) + len(prompts) * 2, (every, out.host_syncs)
+        if every > 1:
+            assert out.host_syncs < out.rounds
+    assert counter.hits == [], counter.hits[:5]
+    # a deliberate sync inside the round is caught
+    def syncing_round(self, idx):
+        with counter:
+            real_round(self, idx)
+            return self.count[idx].sum().item()
+
+    monkeypatch.setattr(ro._Engine, "_round", syncing_round)
+    sample(model, prompts[:1], 3, n=1, max_new_tokens=3)
+    assert counter.hits
+
+
+def test_continuous_admission_refills_freed_rows(tiny, monkeypatch):
+    """batch_size < number of samples: a finished sequence's row goes to the next waiting sample
+    at the next sync, so the rounds stay full until the queue is empty; greedy results equal one
+    batch holding everything; a prompt whose sibling is still decoding is copied, not prefilled."""
     model, _ = tiny
-    prompts = prompts_for(1024, [7, 2, 15, 4, 9])
-    kw = dict(n=3, max_new_tokens=24, batch_size=6, compact=False, stop_token_ids=[0] + list(range(8, 40)))
-    static = sample(model, prompts, 6, **kw)
-    paged = sample(model, prompts, 6, page_size=8, **kw)
-    assert paged.response_ids == static.response_ids
-    torch.testing.assert_close(paged.response_logprobs, static.response_logprobs, atol=1e-5, rtol=1e-5)
-    assert paged.preemptions == 0 and len(set(static.response_lengths.tolist())) > 2
+    prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3, 6])
+    kw = dict(n=2, max_new_tokens=24, stop_token_ids=list(range(200)), greedy=True)
+    prefilled = []
+    real = Transformer.hidden_states
+
+    def spy(self, ids, pos, cu, max_len, cache=None):
+        if cache is not None and cache.lengths is None:
+            prefilled.append(ids.numel())
+        return real(self, ids, pos, cu, max_len, cache)
+
+    whole = gen(model, prompts, **kw)
+    monkeypatch.setattr(Transformer, "hidden_states", spy)
+    slots = 4
+    part = gen(model, prompts, batch_size=slots, sync_every=1, **kw)
+    assert part.response_ids == whole.response_ids
+    assert torch.allclose(part.response_logprobs, whole.response_logprobs, atol=1e-5)
+    lens = part.response_lengths.tolist()
+    assert len(set(lens)) > 2, lens
+    # with sync_every = 1 a freed row is refilled before the next round: rounds ~ tokens / rows
+    chunked = sum(max(lens[c:c + slots]) for c in range(0, len(lens), slots))
+    assert part.rounds < chunked and part.rounds >= sum(lens) / slots, (part.rounds, chunked)
+    # the prompt minus its last token (the first round's input) is prefilled once per prompt at
+    # least, and less than twice over: siblings mostly copy
+    need = sum(len(p) - 1 for p in prompts)
+    assert need <= sum(prefilled) < 2 * need, (prefilled, need)
+    one = gen(model, prompts[:3], batch_size=1, **kw)
+    assert one.response_ids == whole.response_ids[:6]
 
 
 def test_paged_cache_preempts_and_recomputes_when_pages_run_out(tiny):
     """With too few pages for every admitted sequence to grow, the latest admitted ones give their
-    pages back and come back later by recomputing their tokens: greedy answers are unchanged."""
+    pages back and come back later by recomputing their tokens: the answers are unchanged."""
     model, _ = tiny
     prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3, 6])
-    kw = dict(n=2, max_new_tokens=30, batch_size=6, compact=False, greedy=True,
-              stop_token_ids=list(range(200)))
-    static = generate(model, prompts, **kw)
+    kw = dict(n=2, max_new_tokens=30, batch_size=6, greedy=True, stop_token_ids=list(range(200)))
+    static = gen(model, prompts, **kw)
     lens = static.response_lengths.tolist()
     assert len(set(lens)) > 2 and max(lens) == 30, lens
     S = 15 + 30 - 1
     per_seq = -(-S // 4)
-    paged = generate(model, prompts, page_size=4, num_pages=per_seq + 4, **kw)
+    paged = gen(model, prompts, page_size=4, num_pages=per_seq + 4, sync_every=4, **kw)
     assert paged.preemptions > 0
     assert paged.response_ids == static.response_ids
     torch.testing.assert_close(paged.response_logprobs, static.response_logprobs, atol=1e-4, rtol=1e-4)
+    kw.update(greedy=False, stop_token_ids=[0])  # sampling, long answers: the pool runs short
+    sampled = sample(model, prompts, 5, **kw)
+    again = sample(model, prompts, 5, **kw, page_size=4, num_pages=per_seq + 4)
+    assert again.preemptions > 0 and again.response_ids == sampled.response_ids
     # the pool must hold one whole sequence; the kernel's tile size bounds the page size
     with pytest.raises(ValueError, match=rf"pool of {per_seq - 1} pages of 4 tokens cannot hold one sequence"):
-        generate(model, prompts, page_size=4, num_pages=per_seq - 1, **kw)
+        gen(model, prompts, page_size=4, num_pages=per_seq - 1, **kw)
     with pytest.raises(ValueError, match="page_size=48: the triton decode kernel needs a multiple of 64"):
-        generate(model, prompts, page_size=48, decode_kernel="triton", **kw)
-    with pytest.raises(ValueError, match="compact must be False"):
-        generate(model, prompts, page_size=64, **{**kw, "compact": True})
-
-
-@pytest.mark.parametrize("layout", ["static", "paged", "graphs", "paged-short"])
-def test_overlap_gives_the_same_samples(tiny, monkeypatch, layout):
-    """Decoding step t+1 before the host reads step t's tokens (rollout.overlap) draws the same
-    samples: on the static cache, the paged one, the graphs' padded steps, and a page pool so short
-    that sequences are preempted (those rounds take the plain path). The decode ahead really runs:
-    it costs one step for nothing each time every live sequence finishes at once."""
-    import lwz.rollout as ro
-    model, _ = tiny
-    prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3])
-    kw = dict(n=2, max_new_tokens=20, batch_size=5, compact=False, stop_token_ids=[0] + list(range(8, 60)))
-    if layout == "paged":
-        kw["page_size"] = 8
-    if layout == "paged-short":
-        kw.update(page_size=4, num_pages=-(-(15 + 30 - 1) // 4) + 4, greedy=True, max_new_tokens=30,
-                  stop_token_ids=list(range(200)))
-    if layout == "graphs":
-        monkeypatch.setattr(ro, "_want_graphs", lambda *a: True)
-    calls = []
-    real = type(model).decode_step
-
-    def spy(self, *a, **k):
-        calls.append(1)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(type(model), "decode_step", spy)
-    run = (lambda **o: generate(model, prompts, **kw, **o)) if kw.get("greedy") else \
-        (lambda **o: sample(model, prompts, 4, **kw, **o))
-    plain = run()
-    n_plain = len(calls)
-    ahead = run(overlap=True)
-    assert ahead.response_ids == plain.response_ids
-    torch.testing.assert_close(ahead.response_logprobs, plain.response_logprobs, atol=1e-5, rtol=1e-5)
-    assert [r for r in ahead.finish_reasons] == [r for r in plain.finish_reasons]
-    assert len(set(plain.response_lengths.tolist())) > 2
-    assert len(calls) - n_plain > n_plain, (n_plain, len(calls) - n_plain)
-    if layout == "paged-short":
-        assert plain.preemptions > 0 and ahead.preemptions > 0
+        gen(model, prompts, page_size=48, decode_kernel="triton", **kw)
+    with pytest.raises(ValueError, match="generate: sync_every must be >= 1, got 0"):
+        gen(model, prompts, sync_every=0, **kw)
 
 
 def test_cache_rows_follow_batch_size_and_free_memory(tiny, monkeypatch):
     import lwz.rollout as ro
-    from lwz.model import KVCache
     model, _ = tiny
+    tb = model.kv_bytes(1)
     cfg = model.config
-    row = KVCache.nbytes_for(cfg, 1, 100, torch.float32)
-    assert ro.cache_rows(cfg, 100, torch.float32, 12, 0, None, 0.9) == 12  # CPU: all
-    assert ro.cache_rows(cfg, 100, torch.float32, 12, 5, None, 0.9) == 5
-    assert ro.cache_rows(cfg, 100, torch.float32, 3, 5, None, 0.9) == 3
+    assert tb == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    row = 100 * tb
+    assert ro.cache_rows(tb, 100, 12, 0, None, 0.9) == 12  # CPU: all
+    assert ro.cache_rows(tb, 100, 12, 5, None, 0.9) == 5
+    assert ro.cache_rows(tb, 100, 3, 5, None, 0.9) == 3
     # auto on a device: rows that fit in the fraction of the free memory, at most all samples
-    assert ro.cache_rows(cfg, 100, torch.float32, 12, 0, 10 * row, 0.5) == 5
-    assert ro.cache_rows(cfg, 100, torch.float32, 12, 0, 100 * row, 0.9) == 12
+    assert ro.cache_rows(tb, 100, 12, 0, 10 * row, 0.5) == 5
+    assert ro.cache_rows(tb, 100, 12, 0, 100 * row, 0.9) == 12
     with pytest.raises(ValueError, match=r"rollout.batch_size=0 \(auto\): one KV-cache row of 100 tokens"):
-        ro.cache_rows(cfg, 100, torch.float32, 12, 0, row, 0.5)
+        ro.cache_rows(tb, 100, 12, 0, row, 0.5)
     with pytest.raises(ValueError, match=r"rollout.batch_size=8: 8 KV-cache rows of 100 tokens need"):
-        ro.cache_rows(cfg, 100, torch.float32, 12, 8, 7 * row, 0.9)
+        ro.cache_rows(tb, 100, 12, 8, 7 * row, 0.9)
     # paged: every row's budget on the CPU, the free memory's pages (less the scratch page) on CUDA
-    page = KVCache.nbytes_for(cfg, 1, 16, torch.float32)
-    assert ro.cache_pages(cfg, 100, 16, torch.float32, 3, None, 0.9) == 3 * 7
-    assert ro.cache_pages(cfg, 100, 16, torch.float32, 3, 40 * page, 0.5) == 19
-    assert ro.cache_pages(cfg, 100, 16, torch.float32, 3, 40 * page, 0.5, num_pages=9) == 9
+    page = 16 * tb
+    assert ro.cache_pages(tb, 100, 16, 3, None, 0.9) == 3 * 7
+    assert ro.cache_pages(tb, 100, 16, 3, 40 * page, 0.5) == 19
+    assert ro.cache_pages(tb, 100, 16, 3, 40 * page, 0.5, num_pages=9) == 9
     with pytest.raises(ValueError, match=r"pool of 5 pages of 16 tokens \(0.0 GiB free\) cannot hold one sequence"):
-        ro.cache_pages(cfg, 100, 16, torch.float32, 3, 12 * page, 0.5)
-    # the CUDA graphs' padding row is budgeted too
-    assert ro.cache_rows(cfg, 100, torch.float32, 12, 0, 10 * row, 0.5, spare=1) == 4
-    assert ro.cache_rows(cfg, 100, torch.float32, 12, 7, 8 * row, 0.9, spare=1) == 7
+        ro.cache_pages(tb, 100, 16, 3, 12 * page, 0.5)
+    # the padding row is budgeted too
+    assert ro.cache_rows(tb, 100, 12, 0, 10 * row, 0.5, spare=1) == 4
+    assert ro.cache_rows(tb, 100, 12, 7, 8 * row, 0.9, spare=1) == 7
     with pytest.raises(ValueError, match="rollout.batch_size=8"):
-        ro.cache_rows(cfg, 100, torch.float32, 12, 8, 8 * row, 0.9, spare=1)
+        ro.cache_rows(tb, 100, 12, 8, 8 * row, 0.9, spare=1)
     # generate with a budgeted device: batch_size 0 decodes through the rows that fit, same results
     prompts = prompts_for(1024, [7, 2, 15])
     kw = dict(n=2, max_new_tokens=12, greedy=True, stop_token_ids=list(range(200)))
-    whole = generate(model, prompts, **kw)
+    whole = gen(model, prompts, **kw)
     assert whole.cache_rows == 6
     S = 15 + 12 - 1
-    monkeypatch.setattr(ro, "_free_bytes", lambda device: 4 * KVCache.nbytes_for(cfg, 1, S, torch.float32))
-    budget = generate(model, prompts, cache_mem_fraction=0.8, **kw)
-    assert budget.cache_rows == 3 and budget.response_ids == whole.response_ids
+    monkeypatch.setattr(ro, "_free_bytes", lambda device: 4 * S * tb)
+    budget = gen(model, prompts, cache_mem_fraction=0.8, **kw)
+    assert budget.cache_rows == 2 and budget.response_ids == whole.response_ids
     with pytest.raises(ValueError, match="cache_mem_fraction"):
-        generate(model, prompts, cache_mem_fraction=0.0, **kw)
+        gen(model, prompts, cache_mem_fraction=0.0, **kw)
 
 
 def test_layout_for_packing(tiny):
@@ -515,9 +515,9 @@ def _fsdp_worker(rank, world, store, folder, prompts, expected):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         with pytest.raises(ValueError, match="full_params_for_generation"):
-            generate(model, prompts, max_new_tokens=6, greedy=True)
+            gen(model, prompts, max_new_tokens=6, greedy=True)
         with full_params_for_generation(model):
-            out = generate(model, prompts, max_new_tokens=6, greedy=True)
+            out = gen(model, prompts, max_new_tokens=6, greedy=True)
         assert out.response_ids == expected, (rank, out.response_ids, expected)
         # resharded afterwards: parameters are DTensor shards again, and training forward works
         assert hasattr(model.layers[0].mlp.up_proj.weight, "to_local")
@@ -539,7 +539,7 @@ def test_generate_under_fsdp2(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        expected = generate(model, prompts, max_new_tokens=6, greedy=True).response_ids
+        expected = gen(model, prompts, max_new_tokens=6, greedy=True).response_ids
     finally:
         torch.set_num_threads(threads)
     store = str(tmp_path / "store")
@@ -555,15 +555,23 @@ def test_bench_rollout_tiny(tmp_path):
     # the tiny CPU case even on a GPU machine (its CUDA default is the 1.5B shape)
     res = bench_rollout.main(["--model", "tiny", "--device", "cpu", "--prompts", "4", "--new-tokens", "8",
                               "--tail-prompts", "3", "--tail-group", "2",
-                              "--tail-rows", "3", "--tail-max-new", "24", "--tail-mean", "8", "--out", str(out)])
+                              "--tail-rows", "3", "--tail-max-new", "24", "--tail-mean", "8", "--grid", "3x6",
+                              "--sync-every", "4", "--copy-mib", "8", "--repeats", "1", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(res))
     for key in ("device", "torch", "transformers"):
         assert data[key]
     if os.path.isdir(os.path.join(ROOT, ".git")):  # a checkout without .git (the device copy) has none
         assert data["commit"]
-    fixed, tail = data["results"]
+    fixed, dec, tail = data["results"]
     assert fixed["scenario"] == "fixed-length" and tail["scenario"] == "long-tail"
+    assert dec["scenario"] == "decode" and (dec["batch"], dec["new_tokens"]) == (3, 6)
+    for k in ("engine_tokens_per_s", "plain_tokens_per_s", "engine_ms_per_round", "plain_ms_per_round",
+              "decode_roofline_fraction", "copy_gb_per_s", "weight_gb", "kv_gb_per_round"):
+        assert math.isfinite(dec[k]) and dec[k] > 0, k
+    # the plain loop looks every round; the engine once per 4 rounds (+ the start)
+    assert dec["plain_host_syncs"] == 6 and dec["engine_host_syncs"] == 2
+    assert dec["roofline_ms"] == pytest.approx(1e3 * (dec["weight_gb"] + dec["kv_gb_per_round"]) / dec["copy_gb_per_s"])
     for k in ("lwz_tokens_per_s", "hf_tokens_per_s", "speedup"):
         assert math.isfinite(fixed[k]) and fixed[k] > 0
     for k in ("static_tokens_per_s", "continuous_tokens_per_s", "continuous_vs_static", "paged_tokens_per_s",
@@ -615,13 +623,30 @@ def test_decode_attention_sdpa_matches_reference():
     torch.testing.assert_close(dense, out, atol=1e-6, rtol=1e-6)
 
 
+def test_sampling_logits_accumulate_in_fp32(tiny):
+    """model.logits of a bf16 model: the fp32 product of the bf16 operands (as the trainer's
+    log-prob kernel accumulates it), not the product rounded to bf16 first."""
+    import torch.nn.functional as F
+    model, _ = tiny
+    m16 = Transformer.from_config(os.path.join(ROOT, "assets/tiny-model"), seed=0)
+    m16.load_state_dict(model.state_dict())
+    m16 = m16.to(torch.bfloat16)
+    h = torch.randn(7, m16.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    out = m16.logits(h)
+    ref = h.double() @ m16.lm_head_weight.double().t()
+    assert out.dtype == torch.float32 and out.shape == (7, m16.config.vocab_size)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-5)
+    rounded = F.linear(h, m16.lm_head_weight).double()  # what sampling used before
+    assert (rounded - ref).abs().max() > 100 * (out.double() - ref).abs().max()
+
+
 def test_bf16_generation_runs_and_logprobs_are_close(tiny):
     model, _ = tiny
     m16 = Transformer.from_config(os.path.join(ROOT, "assets/tiny-model"), seed=0)
     m16.load_state_dict(model.state_dict())
     m16 = m16.to(torch.bfloat16)
-    b = generate(m16, prompts_for(1024, [5, 12]), n=2, max_new_tokens=12, temperature=0.8,
-                 generator=torch.Generator().manual_seed(0))
+    b = gen(m16, prompts_for(1024, [5, 12]), n=2, max_new_tokens=12, temperature=0.8,
+                 seed=0)
     assert b.response_logprobs.dtype == torch.float32 and torch.isfinite(b.response_logprobs).all()
     tb, mb = packed_rollout(b)
     trainer = padded_responses(tb, trainer_logprobs(m16, mb, 0.8)[mb.resp_index], mb.seqs)
@@ -658,39 +683,36 @@ def test_cuda_decode_attention_matches_sdpa(kernel):
 
 @cuda
 @pytest.mark.parametrize("page_size", [0, 256])
-def test_cuda_graph_decode_matches_eager(tiny, page_size):
-    """Decode steps replayed from CUDA graphs give the eager decode's tokens and log-probs (bf16),
-    on the static cache and on a paged one (256-token pages suit every CUDA decode kernel)."""
+def test_cuda_graph_rounds_match_eager(tiny, page_size):
+    """Rounds replayed from CUDA graphs give the eager rounds' tokens and log-probs (bf16), on the
+    static cache and on a paged one (256-token pages suit every CUDA decode kernel), and the host
+    looks once per sync_every rounds at most."""
     import lwz.rollout as ro
     model, _ = tiny
     m = _bf16_cuda_copy(model)
     prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3])
-    kw = dict(n=2, max_new_tokens=40, batch_size=5, stop_token_ids=[0] + list(range(8, 40)))
+    kw = dict(n=2, max_new_tokens=40, batch_size=5, stop_token_ids=[0] + list(range(8, 40)), seed=3)
     runs = {}
     for graphs in (False, True):
-        g = torch.Generator(device="cuda").manual_seed(3)
-        runs[graphs] = generate(m, prompts, generator=g, cuda_graphs=graphs, page_size=page_size if graphs else 0,
-                                **kw)
+        runs[graphs] = gen(m, prompts, cuda_graphs=graphs, page_size=page_size if graphs else 0, **kw)
     assert not ro._GRAPHS_FAILED, ro._GRAPHS_FAILED
     _assert_bf16_runs_agree(runs[False], runs[True])
 
 
 @cuda
 @pytest.mark.parametrize("page_size", [0, 256])
-def test_cuda_overlap_matches_plain(tiny, page_size):
-    """rollout.overlap on CUDA (pinned-memory copy of each step's tokens, the next step's graph
-    replayed before the host reads them) samples what the plain loop samples, static and paged."""
+def test_cuda_sync_every_does_not_change_samples(tiny, page_size):
+    """sync_every 1 and 16 on CUDA (graphs, pinned-memory reads) sample the same answers."""
     import lwz.rollout as ro
     model, _ = tiny
     m = _bf16_cuda_copy(model)
     prompts = prompts_for(1024, [7, 2, 15, 4, 9, 11, 3])
-    kw = dict(n=2, max_new_tokens=40, batch_size=5, stop_token_ids=[0] + list(range(8, 40)), page_size=page_size)
-    runs = {}
-    for overlap in (False, True):
-        g = torch.Generator(device="cuda").manual_seed(3)
-        runs[overlap] = generate(m, prompts, generator=g, overlap=overlap, **kw)
+    kw = dict(n=2, max_new_tokens=40, batch_size=5, stop_token_ids=[0] + list(range(8, 40)), page_size=page_size,
+              seed=3)
+    runs = {every: gen(m, prompts, sync_every=every, **kw) for every in (1, 16)}
     assert not ro._GRAPHS_FAILED, ro._GRAPHS_FAILED
-    _assert_bf16_runs_agree(runs[False], runs[True])
+    _assert_bf16_runs_agree(runs[1], runs[16])
+    assert runs[16].host_syncs <= runs[16].rounds / 16 + 2 * len(prompts)
 
 
 def _bf16_cuda_copy(model):
@@ -721,8 +743,8 @@ def test_cuda_generate_logprobs_match_trainer(tiny):
     m = Transformer.from_config(os.path.join(ROOT, "assets/tiny-model"), seed=0)
     m.load_state_dict(model.state_dict())
     m = m.to(device="cuda", dtype=torch.bfloat16)
-    b = generate(m, prompts_for(1024, [5, 40, 17]), n=4, max_new_tokens=64, temperature=0.8,
-                 stop_token_ids=[0], generator=torch.Generator(device="cuda").manual_seed(0))
+    b = gen(m, prompts_for(1024, [5, 40, 17]), n=4, max_new_tokens=64, temperature=0.8,
+                 stop_token_ids=[0], seed=0)
     tb, mb = packed_rollout(b, "cuda")
     lp = trainer_logprobs(m, mb, 0.8, impl="auto")
     stats = logprob_mismatch(b.response_logprobs, padded_responses(tb, lp[mb.resp_index], mb.seqs).cpu(),
@@ -730,8 +752,8 @@ def test_cuda_generate_logprobs_match_trainer(tiny):
     assert stats["mean"] < 0.05, stats
     # the same run on the SDPA path samples (nearly: bf16 rounding may flip a near-tie) the same tokens
     m.set_attn_backend("sdpa")
-    s = generate(m, prompts_for(1024, [5, 40, 17]), n=4, max_new_tokens=64, temperature=0.8,
-                 stop_token_ids=[0], generator=torch.Generator(device="cuda").manual_seed(0))
+    s = gen(m, prompts_for(1024, [5, 40, 17]), n=4, max_new_tokens=64, temperature=0.8,
+                 stop_token_ids=[0], seed=0)
     same = sum(x[:2] == y[:2] for x, y in zip(s.response_ids, b.response_ids))
     assert same >= 0.8 * len(b), (s.response_ids, b.response_ids)
 
@@ -741,7 +763,7 @@ def test_sampler_draws_from_the_stated_distribution(top_k, top_p):
     from lwz.rollout import _sample
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(40000, 1)
     g = torch.Generator().manual_seed(0)
-    tok, logp, tlogp = _sample(logits, torch.rand(logits.shape, generator=g), 0.7, top_k, top_p, False)
+    tok, logp, tlogp = _sample(logits, torch.rand(logits.shape[0], generator=g), 0.7, top_k, top_p)
     p_full = torch.softmax(logits[0] / 0.7, -1)
     keep = torch.ones(6, dtype=torch.bool)
     if top_k:

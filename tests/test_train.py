@@ -350,3 +350,55 @@ def test_shutdown_exit_code_keeps_output():
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 3, p.stderr[-2000:]
     assert p.stdout == "row written\n"
+
+
+def test_tis_weights_fold_exactly_into_the_advantages():
+    """grpo.tis_cap: min(pi_old / pi_rollout, C) per token, as the trainer applies it (the weight
+    multiplies each token's advantage, placed by token_weights) == a plain per-token formula
+    w * policy-gradient term, value and gradient, with clipping and a dual clip active."""
+    from kernels.grpo_loss import grpo_loss
+    from lwz.batch import microbatch
+    from lwz.train import tis_weights, token_weights
+    batch = _fixed_batch()
+    g = torch.Generator().manual_seed(1)
+    R = batch.rollout_logp.numel()
+    batch.rollout_logp = batch.old_logp + 0.4 * torch.randn(R, generator=g)
+    cap = 1.5
+    w = tis_weights(batch.old_logp, batch.rollout_logp, cap)
+    plain_w = torch.minimum(torch.exp(batch.old_logp) / torch.exp(batch.rollout_logp), torch.tensor(cap))
+    torch.testing.assert_close(w, plain_w)
+    assert (w == cap).any() and (w < 1).any()
+    seqs = [3, 0, 6, 1]  # a micro-batch out of order
+    mb = microbatch(batch, seqs, 0)
+    # placement: the same positions the micro-batch gives old_logp (its own packing of a [R] tensor)
+    tw = token_weights(batch, mb, w)
+    placed = microbatch(type(batch)(**{**batch.__dict__, "old_logp": w}), seqs, 0).old_logp
+    assert torch.equal(tw[mb.mask], placed[mb.mask]) and (tw[~mb.mask] == 1).all()
+    logp = (mb.old_logp + 0.3 * torch.randn(mb.old_logp.shape, generator=g)).requires_grad_()
+    n = int(mb.mask.sum())
+    kw = dict(clip_low=0.2, clip_high=0.28, clip_c=3.0, loss_agg="token-mean", global_tokens=n, impl="torch")
+    loss, _ = grpo_loss(logp, mb.old_logp, mb.advantages * tw, mb.mask, **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    # the plain formula
+    lp = logp.detach().clone().requires_grad_()
+    A, m = mb.advantages, mb.mask.float()
+    r = torch.exp(lp - mb.old_logp)
+    pg = torch.maximum(-A * r, -A * r.clamp(1 - 0.2, 1 + 0.28))
+    pg = torch.where(A < 0, torch.minimum(pg, -3.0 * A), pg)
+    ref = (tw * pg * m).sum() / n
+    (ref_grad,) = torch.autograd.grad(ref, lp)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    # the weights matter: unweighted differs
+    assert not torch.allclose(grpo_loss(logp, mb.old_logp, mb.advantages, mb.mask, **kw)[0], ref)
+
+
+def test_tis_cap_needs_recomputed_old_logprobs():
+    from lwz.config import ConfigError, load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs/tiny.toml"), ["--grpo.tis_cap=2.0"])
+    assert cfg.grpo.tis_cap == 2.0
+    with pytest.raises(ConfigError, match="grpo.tis_cap = 2.0 is not allowed: must be None unless rollout.old_logprobs"):
+        load_config(os.path.join(root, "configs/tiny.toml"), ["--grpo.tis_cap=2.0", "--rollout.old_logprobs=rollout"])
+    with pytest.raises(ConfigError, match="grpo.tis_cap"):
+        load_config(os.path.join(root, "configs/tiny.toml"), ["--grpo.tis_cap=0"])
