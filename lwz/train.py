@@ -34,8 +34,9 @@ from kernels.grpo_loss import grpo_loss
 from lwz import checkpoint as ckpt
 from lwz.batch import Batch, exchange, from_rollout, gather_response_values, microbatch, padded_responses
 from lwz.config import ConfigError, parse_args, to_dict
-from lwz.distributed import (DTYPES, PeerFailed, agree_on_errors, all_reduce_sum, die_with_launcher,
-                             init_distributed, report_error, set_grad_sync, shard_model, shutdown_distributed)
+from lwz.distributed import (DTYPES, PeerFailed, agree_on_errors, all_reduce_sum, build_groups, check_tp,
+                             die_with_launcher, init_distributed, local_world_size, report_error, set_grad_sync,
+                             shard_model, shutdown_distributed)
 from lwz.hf_io import save_hf_model
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, Transformer, model_flops_per_token
@@ -52,10 +53,10 @@ from lwz.tokenizer import TokenizerError, check_fits_model, load_tokenizer, pad_
 
 # ---- building blocks ---------------------------------------------------------------------------
 
-def build_policy(cfg, d, for_reference: bool = False) -> Transformer:
+def build_policy(cfg, d, for_reference: bool = False, mesh=None) -> Transformer:
     """The policy (master weights in model.dtype), or the frozen reference model (stored in the
     compute dtype distributed.param_dtype: it has no optimizer, so no reason for fp32 shards).
-    fp32 on CPU."""
+    fp32 on CPU. mesh: the FSDP2 mesh (lwz.distributed.Groups.fsdp_mesh; None = all ranks)."""
     m = cfg.model
     dtype = DTYPES[cfg.distributed.param_dtype if for_reference else m.dtype] if d.device.type == "cuda" \
         else torch.float32
@@ -65,7 +66,7 @@ def build_policy(cfg, d, for_reference: bool = False) -> Transformer:
     def shard(model):
         return shard_model(model, DTYPES[cfg.distributed.param_dtype] if cuda else None,
                            DTYPES[cfg.distributed.reduce_dtype] if cuda else None,
-                           cfg.distributed.reshard_after_forward)
+                           cfg.distributed.reshard_after_forward, mesh=mesh)
 
     if m.init == "pretrained":  # sharded before allocation: each rank reads only its shard
         model = Transformer.from_pretrained(m.path, dtype=dtype, device=d.device, attn_backend=m.attn_backend,
@@ -194,23 +195,42 @@ def train_minibatch(model, optimizer, batch: Batch, plans, cfg, d, pad_id, keep_
     return out
 
 
-def rollout(policy, tok, records, cfg, d, step):
+def rollout(policy, tok, records, cfg, d, step, groups=None):
     """Generate this rank's share of the step's prompts. Returns (per-sample dicts of texts for the
     rewards, the RolloutBatch (tokens and sampling log-probs as tensors), engine metrics: the
-    KV-cache rows decoded through and the paged cache's preemptions)."""
+    KV-cache rows decoded through and the paged cache's preemptions).
+
+    groups (lwz.distributed.Groups) with tp > 1: `records` are the prompts of this rank's whole TP
+    group (its ranks' shares in TP-rank order, equal sizes); the group decodes them together with a
+    tensor-parallel copy of the policy (lwz.tp) and each rank keeps the samples of its own share."""
     r = cfg.rollout
-    texts = [template_prompt(rec.prompt, cfg.data) for rec in records]
+    tp = groups.tp if groups is not None else 1
+    # one seed per TP group (the dp rank; = the rank without TP): its ranks draw the same samples
+    gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + step * 1009
+                                                       + (groups.dp_rank if groups is not None else d.rank))
     prompt_ids = [rec.token_ids.tolist() for rec in records]  # tokenised once, at start-up (_run)
-    gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank)
+    kw = dict(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+              top_k=r.top_k, stop_token_ids=[tok.eos_token_id], stop_strings=list(r.stop_strings), tokenizer=tok,
+              generator=gen, batch_size=r.batch_size, cache_mem_fraction=r.cache_mem_fraction,
+              cuda_graphs=r.cuda_graphs, page_size=r.page_size, overlap=r.overlap, decode_kernel=r.decode_kernel)
     policy.eval()
-    with full_params_for_generation(policy):
-        batch = generate(policy, prompt_ids, n=r.group_size, max_new_tokens=r.max_new_tokens,
-                         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                         stop_token_ids=[tok.eos_token_id], stop_strings=list(r.stop_strings), tokenizer=tok,
-                         generator=gen, batch_size=r.batch_size, cache_mem_fraction=r.cache_mem_fraction,
-                         cuda_graphs=r.cuda_graphs, page_size=r.page_size, overlap=r.overlap,
-                         decode_kernel=r.decode_kernel)
+    engine = {}
+    if tp > 1:
+        from lwz import tp as tpar
+        dtype = DTYPES[cfg.distributed.param_dtype] if d.device.type == "cuda" else policy.lm_head_weight.dtype
+        shard = tpar.build_tp_model(policy.config, tp, groups.tp_rank, groups.tp_group, dtype, d.device,
+                                    attn_backend=cfg.model.attn_backend)
+        engine.update(tpar.load_tp_shards(shard, policy, tp, groups.tp_rank))
+        batch = generate(shard, prompt_ids, **kw)
+        del shard
+        k = len(records) // tp
+        lo = groups.tp_rank * k
+        batch, records = tpar.take_prompts(batch, lo, lo + k), records[lo:lo + k]
+    else:
+        with full_params_for_generation(policy):
+            batch = generate(policy, prompt_ids, **kw)
     policy.train()
+    texts = [template_prompt(rec.prompt, cfg.data) for rec in records]
     out = []
     for j, (pi, resp_ids) in enumerate(zip(batch.prompt_index.tolist(), batch.response_ids)):
         rec = records[pi]
@@ -221,7 +241,8 @@ def rollout(policy, tok, records, cfg, d, step):
         out.append(dict(question=rec.prompt, prompt=texts[pi], response=resp,
                         truncated=bool(batch.truncated[j]), stopped_at_close=stop == ANSWER_CLOSE,
                         length_range=rec.length_range))
-    return out, batch, dict(rollout_cache_rows=batch.cache_rows, rollout_preemptions=batch.preemptions)
+    engine.update(rollout_cache_rows=batch.cache_rows, rollout_preemptions=batch.preemptions)
+    return out, batch, engine
 
 
 def score(samples, reward_fns, weights, cfg):
@@ -249,6 +270,8 @@ def _startup_checks(cfg, d):
                           f"copies (there is no DDP path); use distributed.fsdp=true")
     from lwz.model import ModelConfig
     mc = ModelConfig.from_hf(cfg.model.path)
+    check_tp(cfg.rollout.tp_size, d.world, local_world_size(d.world), mc.num_attention_heads,
+             mc.num_key_value_heads, mc.intermediate_size)
     check_fits_model(tok, cfg.tokenizer.path, mc.vocab_size, cfg.model.path)
     room = mc.max_position_embeddings - cfg.data.max_prompt_tokens
     if room < 1:
@@ -330,8 +353,9 @@ def _run(cfg, d) -> int:
               f"{cfg.model.dtype}: updates smaller than half an ulp (most at lr={cfg.optim.lr:g}) round away; "
               f"model.dtype=float32 with distributed.param_dtype=bfloat16 computes in bf16 without that loss",
               file=sys.stderr, flush=True)
-    policy = build_policy(cfg, d)
-    ref = build_policy(cfg, d, for_reference=True) if cfg.grpo.kl_coef > 0 else None
+    groups = build_groups(d, cfg.rollout.tp_size, cfg.distributed.hsdp)
+    policy = build_policy(cfg, d, mesh=groups.fsdp_mesh)
+    ref = build_policy(cfg, d, for_reference=True, mesh=groups.fsdp_mesh) if cfg.grpo.kl_coef > 0 else None
     reward_fns, weights = build_rewards(cfg, d)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
@@ -361,8 +385,9 @@ def _run(cfg, d) -> int:
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
         step_records = cursor.next(records, cfg.rollout.prompts_per_step)
-        mine = step_records[d.rank::d.world]
-        local, rolled, engine = rollout(policy, tok, mine, cfg, d, step)
+        # this rank's share; under TP its group's ranks' shares, which the group decodes together
+        mine = [rec for t in range(groups.tp) for rec in step_records[groups.dp_rank * groups.tp + t::d.world]]
+        local, rolled, engine = rollout(policy, tok, mine, cfg, d, step, groups)
         t_roll = time.time()
         R, adv, answers = score(local, reward_fns, weights, cfg)
         t_rew = time.time()
@@ -402,7 +427,9 @@ def _run(cfg, d) -> int:
         else:
             row.update(logprob_mismatch_stats(batch, batch.trainer_logp, everything[0::n_mini]))
         row["skipped_total"] = skipped_total
-        row.update(engine)  # rank 0's rows (batch_size = 0 sizes them to the free memory) and preemptions
+        # rank 0's rows (batch_size = 0 sizes them to the free memory) and preemptions; under TP the
+        # bytes it received for its weight shards and the time that took
+        row.update(engine)
         row["lr"] = scheduler.get_last_lr()[0]
         lengths = batch.lengths.tolist()
         # forward+backward per PPO epoch, plus one forward (1/3 of fwd+bwd) per recomputation
