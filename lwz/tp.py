@@ -228,7 +228,8 @@ def load_tp_shards(tp_model: Transformer, policy: nn.Module, tp: int, tp_rank: i
 def _exchange(items, dst, src, cfg, tp, tp_rank, dtype, tied) -> tuple[int, int]:
     """One all_to_all_single over the shard group for the parameters `items` (name, local rows,
     first row, group, index, size): rank j of the group gets, from every rank, the rows of its TP
-    rectangle that rank holds. Returns (bytes received, bytes sent) excluding this rank's own part."""
+    rectangle that rank holds (this rank's own part is copied in place, not sent). Returns (bytes
+    received, bytes sent)."""
     group, me, L = items[0][3], items[0][4], items[0][5]
     ranks = dist.get_process_group_ranks(group)
     el = torch.empty((), dtype=dtype).element_size()
@@ -237,13 +238,15 @@ def _exchange(items, dst, src, cfg, tp, tp_rank, dtype, tied) -> tuple[int, int]
         tj = ranks[j] % tp
         n = 0
         for name, local, s0, _, _, _ in items:
-            shape = tuple(src[name].shape)
-            r0, r1, c0, c1, _ = shard_rect(name, shape, cfg, tp, tj)
+            r0, r1, c0, c1, _ = shard_rect(name, tuple(src[name].shape), cfg, tp, tj)
             a, b = max(r0, s0), min(r1, s0 + local.shape[0])
             if a < b:
                 part = local[a - s0:b - s0] if c0 is None else local[a - s0:b - s0, c0:c1]
-                send.append(part.reshape(-1).to(dtype))
-                n += part.numel()
+                if j == me:
+                    dst[_target_name(name, tied)][a - r0:b - r0].copy_(part)
+                else:
+                    send.append(part.reshape(-1).to(dtype))
+                    n += part.numel()
         send_sizes.append(n)
     recv_sizes, plan = [], []
     for i in range(L):
@@ -253,7 +256,7 @@ def _exchange(items, dst, src, cfg, tp, tp_rank, dtype, tied) -> tuple[int, int]
             r0, r1, c0, c1, _ = shard_rect(name, shape, cfg, tp, tp_rank)
             s0, s1 = _chunk(shape[0], L, i)
             a, b = max(r0, s0), min(r1, s1)
-            if a < b:
+            if a < b and i != me:
                 width = 1 if len(shape) == 1 else (shape[1] if c0 is None else c1 - c0)
                 plan.append((name, a - r0, b - r0, (b - a) * width))
                 n += (b - a) * width
@@ -271,7 +274,7 @@ def _exchange(items, dst, src, cfg, tp, tp_rank, dtype, tied) -> tuple[int, int]
         r0, r1, _, _, rows = shard_rect(name, tuple(src[name].shape), cfg, tp, tp_rank)
         if rows > r1 - r0:
             dst[_target_name(name, tied)][r1 - r0:].zero_()
-    return (sum(recv_sizes) - recv_sizes[me]) * el, (sum(send_sizes) - send_sizes[me]) * el
+    return sum(recv_sizes) * el, sum(send_sizes) * el
 
 
 # ---- the step's samples -------------------------------------------------------------------------

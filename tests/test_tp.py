@@ -130,17 +130,18 @@ def _check_shard(res, name):
     t, full, sh = res["tp_rank"], res["full"], res["shard"]
     D = 8
     hq = 3 * D  # 6 heads / 2 ranks
+    close = torch.testing.assert_close
     for i in range(2):
-        p = f"layers.{i}."
-        torch.testing.assert_close(sh[p + "self_attn.q_proj.weight"], full[p + "self_attn.q_proj.weight"][t * hq:(t + 1) * hq])
-        torch.testing.assert_close(sh[p + "self_attn.o_proj.weight"], full[p + "self_attn.o_proj.weight"][:, t * hq:(t + 1) * hq])
-        kv = full[p + "self_attn.k_proj.weight"]
+        a, m = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        close(sh[a + "q_proj.weight"], full[a + "q_proj.weight"][t * hq:(t + 1) * hq])
+        close(sh[a + "o_proj.weight"], full[a + "o_proj.weight"][:, t * hq:(t + 1) * hq])
+        kv = full[a + "k_proj.weight"]
         # kv2: one KV head each; kv1: the single KV head on both ranks
-        torch.testing.assert_close(sh[p + "self_attn.k_proj.weight"], kv[t * D:(t + 1) * D] if name == "kv2" else kv)
-        torch.testing.assert_close(sh[p + "mlp.down_proj.weight"], full[p + "mlp.down_proj.weight"][:, t * 40:(t + 1) * 40])
+        close(sh[a + "k_proj.weight"], kv[t * D:(t + 1) * D] if name == "kv2" else kv)
+        close(sh[m + "down_proj.weight"], full[m + "down_proj.weight"][:, t * 40:(t + 1) * 40])
         if name == "kv1":  # the row-parallel biases are added once: rank 0 holds them
-            b = full[p + "mlp.down_proj.bias"]
-            torch.testing.assert_close(sh[p + "mlp.down_proj.bias"], b if t == 0 else torch.zeros_like(b))
+            b = full[m + "down_proj.bias"]
+            close(sh[m + "down_proj.bias"], b if t == 0 else torch.zeros_like(b))
     emb = full["embed_tokens.weight"]
     rows = emb[t * 102:(t + 1) * 102]
     torch.testing.assert_close(sh["embed_tokens.weight"][:len(rows)], rows)
@@ -166,6 +167,10 @@ def test_tp_generation_matches_tp1_and_transformers(tmp_path, reference, world):
             # a rank receives at most its TP shard (fp32 here), never the model
             shard_bytes = sum(v.numel() * 4 for v in res["shard"].values())
             assert 0 < res["stats"]["tp_weight_bytes"] < shard_bytes, (name, rank, res["stats"])
+            if world == 2:  # FSDP rows = TP rows: only o_proj/down_proj (half their columns' rows), the
+                # norms, and with 1 KV head the other half of k/v and the row-parallel biases move
+                per_layer = 24 * 24 + 24 * 40 + 2 * 24 + (0 if name == "kv2" else 2 * (4 * 48 + 4) + 2 * 24)
+                assert res["stats"]["tp_weight_bytes"] == 4 * (2 * per_layer + 24), (name, res["stats"])
 
 
 def test_sizes_that_do_not_split_are_one_line_errors():
