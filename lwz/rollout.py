@@ -428,12 +428,11 @@ def generate(model, prompt_ids, *, n: int = 1, max_new_tokens: int, temperature:
                                  f"of {multiple}")
             rows = min(batch_size, num) if batch_size > 0 else num
             params["num_pages"] = cache_pages(model.config, S, page_size, dtype, rows + params["cuda_graphs"],
-                                              _free_bytes(device, model), cache_mem_fraction, num_pages)
+                                              _least_free(model, _free_bytes(device)), cache_mem_fraction, num_pages)
             params["page_size"] = page_size
         else:
-            rows = cache_rows(model.config, S, dtype, num, batch_size, _free_bytes(device, model),
-                              cache_mem_fraction,
-                              spare=int(params["cuda_graphs"]))
+            rows = cache_rows(model.config, S, dtype, num, batch_size, _least_free(model, _free_bytes(device)),
+                              cache_mem_fraction, spare=int(params["cuda_graphs"]))
         samples, rounds, preemptions = _decode_all(model, prompts, rows, S, **params)
     out = _assemble(samples, prompts, n, pad_id, params)
     out.cache_rows, out.rounds, out.preemptions = rows, rounds, preemptions
@@ -460,20 +459,24 @@ def cache_pages(cfg, S: int, page: int, dtype, rows: int, free_bytes: int | None
     return pages
 
 
-def _free_bytes(device, model=None) -> int | None:
+def _free_bytes(device) -> int | None:
     """Memory a CUDA allocation can get, in bytes: the driver's free memory plus what torch's caching
     allocator holds but does not use (the previous step's cache and activations). None elsewhere:
-    the CPU cache is not budgeted. A tensor-parallel shard (lwz.tp: model.tp_group) gets the least
-    of its group, so that every rank sizes the same cache and runs the same schedule."""
+    the CPU cache is not budgeted."""
     if torch.device(device).type != "cuda":
         return None
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _least_free(model, free: int | None) -> int | None:
+    """`free` bytes, or for a tensor-parallel shard (lwz.tp: model.tp_group) the least of its group,
+    so that every rank of the group sizes the same KV cache and runs the same schedule."""
     group = getattr(model, "tp_group", None)
-    if group is not None:
-        t = torch.tensor([free], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
-        free = int(t.item())
-    return free
+    if free is None or group is None:
+        return free
+    t = torch.tensor([free], dtype=torch.int64, device=model.embed_tokens.weight.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
+    return int(t.item())
 
 
 def cache_rows(cfg, S: int, dtype, num: int, batch_size: int, free_bytes: int | None,

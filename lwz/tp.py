@@ -35,6 +35,7 @@ parameters in the TP dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import torch
@@ -42,6 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lwz.distributed import _gather_single
 from lwz.model import ModelConfig, Transformer
 
 
@@ -113,12 +115,13 @@ class VocabShardEmbedding(nn.Module):
         return _all_reduce_fp32(x, self.group)
 
 
-def _gathered_logits(model: Transformer, vocab: int, tp: int, group, hidden: torch.Tensor) -> torch.Tensor:
-    """[N, H] -> the full [N, vocab] fp32 logits: each rank's vocabulary shard, all-gathered."""
-    local = F.linear(hidden, model.lm_head_weight).float()  # [N, Vs]
+def _gathered_logits(weight: torch.Tensor, vocab: int, tp: int, group, hidden: torch.Tensor) -> torch.Tensor:
+    """[N, H] -> the full [N, vocab] fp32 logits: each rank's vocabulary shard (weight [Vs, H]),
+    all-gathered."""
+    local = F.linear(hidden, weight).float()  # [N, Vs]
     N, vs = local.shape
     out = local.new_empty(tp * N, vs)
-    dist.all_gather_into_tensor(out, local, group=group)
+    _gather_single(out, local, group=group)
     return out.view(tp, N, vs).permute(1, 0, 2).reshape(N, tp * vs)[:, :vocab]
 
 
@@ -144,7 +147,8 @@ def build_tp_model(cfg: ModelConfig, tp: int, tp_rank: int, group, dtype: torch.
         for layer in model.layers:
             layer.self_attn.o_proj.register_forward_hook(_reduce_output(group))
             layer.mlp.down_proj.register_forward_hook(_reduce_output(group))
-        model.logits = lambda hidden: _gathered_logits(model, cfg.vocab_size, tp, group, hidden)
+        # bound to the head's weight, not the module: no reference cycle keeps a dropped shard alive
+        model.logits = functools.partial(_gathered_logits, model.lm_head_weight, cfg.vocab_size, tp, group)
     # tp_group: generate() sizes the KV cache on the least free memory of the group (same schedule)
     model.tp_size, model.tp_rank, model.tp_group, model.full_config = tp, tp_rank, group if tp > 1 else None, cfg
     return model

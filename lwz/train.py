@@ -270,8 +270,11 @@ def _startup_checks(cfg, d):
                           f"copies (there is no DDP path); use distributed.fsdp=true")
     from lwz.model import ModelConfig
     mc = ModelConfig.from_hf(cfg.model.path)
-    check_tp(cfg.rollout.tp_size, d.world, local_world_size(d.world), mc.num_attention_heads,
-             mc.num_key_value_heads, mc.intermediate_size)
+    L = local_world_size(d.world)
+    check_tp(cfg.rollout.tp_size, d.world, L, mc.num_attention_heads, mc.num_key_value_heads, mc.intermediate_size)
+    if cfg.distributed.hsdp and d.world % L:
+        raise ConfigError(f"distributed.hsdp = true needs the same processes on every node: the world size "
+                          f"{d.world} is not a multiple of LOCAL_WORLD_SIZE = {L}")
     check_fits_model(tok, cfg.tokenizer.path, mc.vocab_size, cfg.model.path)
     room = mc.max_position_embeddings - cfg.data.max_prompt_tokens
     if room < 1:

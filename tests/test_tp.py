@@ -82,6 +82,17 @@ def _worker(rank, world, store, folders, stops, out_dir):
             shard = build_tp_model(policy.config, 2, g.tp_rank, g.tp_group, torch.float32, d.device)
             stats = load_tp_shards(shard, policy, 2, g.tp_rank)
             res = _runs(shard, _prompts(), 100 + g.dp_rank, stops[name], tok)
+            # cache rows sized to the free memory (as on CUDA): the least of the group decides, so its
+            # ranks run one schedule (here rank 0 has room for 2 rows of this rank's KV heads, rank 1 for 3)
+            import lwz.rollout as ro
+            from lwz.model import KVCache
+            row = KVCache.nbytes_for(shard.config, 1, max(PROMPT_LENS) + NEW - 1, torch.float32)
+            real, ro._free_bytes = ro._free_bytes, lambda device: (2 + g.tp_rank) * row
+            try:
+                sized = generate(shard, _prompts(), max_new_tokens=NEW, greedy=True, cache_mem_fraction=1.0)
+            finally:
+                ro._free_bytes = real
+            res.update(sized_rows=sized.cache_rows, sized=sized.response_ids)
             res.update(stats=stats, tp_rank=g.tp_rank, dp_rank=g.dp_rank,
                        shard={k: v.clone() for k, v in shard.state_dict().items()},
                        full={k: v.clone() for k, v in full.state_dict().items()})
@@ -159,6 +170,7 @@ def test_tp_generation_matches_tp1_and_transformers(tmp_path, reference, world):
             res = out[name]
             want = ref["runs"][res["dp_rank"]]
             assert res["greedy"] == ref["hf"] == want["greedy"], (name, rank)
+            assert res["sized_rows"] == 2 and res["sized"] == want["greedy"], (name, rank)
             assert res["stopped"] == want["stopped"] and res["reasons"] == want["reasons"], (name, rank)
             assert res["sampled"] == want["sampled"], (name, rank)
             for a, b in zip(res["logp"], want["logp"]):
