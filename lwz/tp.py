@@ -28,8 +28,10 @@ group (all ranks, or a node's ranks under distributed.hsdp). A TP shard is a rec
 tensor (rows for column-parallel and vocabulary weights, columns for row-parallel ones); each rank
 sends every rank of the shard group the part of that rectangle inside its own FSDP rows, with one
 all_to_all_single per decoder block (and one for the root's parameters). No rank ever holds more
-than its FSDP shard, its TP shard and one block's send/receive buffers; each receives 1/tp of the
-parameters in the TP dtype.
+than its FSDP shard, its TP shard and one block's send/receive buffers; each receives at most its
+TP shard (in the TP dtype) less the rows it already holds: when the TP group is the shard group
+(HSDP with tp = GPUs per node) a column shard is the rank's own FSDP rows, and only o_proj,
+down_proj, the norms (and KV heads replicated across ranks) move.
 """
 
 from __future__ import annotations
