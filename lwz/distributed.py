@@ -242,3 +242,66 @@ def full_state_dict(model: torch.nn.Module) -> dict:
     if not dist.is_initialized():
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ---- TP / DP / HSDP groups --------------------------------------------------------------------------
+
+@dataclass
+class Groups:
+    """How the ranks are arranged, built once per run (build_groups).
+
+    Generation: consecutive ranks form TP groups of `tp` ranks inside a node (rank = dp_rank * tp +
+    tp_rank); the dp = world / tp TP groups split the step's prompts. Training: FSDP2 over
+    `fsdp_mesh`: None = all ranks (plain FSDP), or a 2-D mesh (nodes, ranks per node) for HSDP
+    (shard inside a node, replicate across nodes)."""
+    tp: int = 1
+    tp_rank: int = 0
+    tp_group: object = None  # the torch ProcessGroup of this rank's TP group (None when tp == 1)
+    dp: int = 1
+    dp_rank: int = 0
+    fsdp_mesh: object = None
+
+
+def local_world_size(world: int) -> int:
+    """Processes per node: torchrun's LOCAL_WORLD_SIZE (the whole world when launched without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def check_tp(tp: int, world: int, local_world: int, heads: int, kv_heads: int, intermediate: int) -> None:
+    """ConfigError (one line) unless `tp` ranks per TP group fit the node, the world and the model:
+    tp divides the node's processes, the world size, the attention heads and the MLP width, and the
+    KV heads (or, with fewer KV heads than tp, is a multiple of them: each KV head is then
+    replicated on tp / kv_heads ranks)."""
+    from lwz.config import ConfigError
+    if tp == 1:
+        return
+    what = f"rollout.tp_size = {tp}"
+    if local_world % tp:
+        raise ConfigError(f"{what} must divide the processes per node (LOCAL_WORLD_SIZE = {local_world}): "
+                          f"a TP group lives inside one node")
+    if world % tp:
+        raise ConfigError(f"{what} must divide the world size {world}")
+    if heads % tp:
+        raise ConfigError(f"{what} must divide the model's attention heads ({heads})")
+    if kv_heads % tp and tp % kv_heads:
+        raise ConfigError(f"{what} must divide the model's {kv_heads} KV heads or be a multiple of them "
+                          f"(then each KV head is replicated on tp_size / {kv_heads} ranks)")
+    if intermediate % tp:
+        raise ConfigError(f"{what} must divide the model's MLP width (intermediate_size = {intermediate})")
+
+
+def build_groups(d: Dist, tp: int = 1, hsdp: bool = False) -> Groups:
+    """The run's TP groups and FSDP mesh (collective: every rank calls it, once). Expects the sizes
+    check_tp accepts. hsdp: a 2-D mesh (nodes, LOCAL_WORLD_SIZE) when there are several nodes (the
+    world a multiple of LOCAL_WORLD_SIZE)."""
+    g = Groups(tp=tp, tp_rank=d.rank % tp, dp=d.world // tp, dp_rank=d.rank // tp)
+    if tp > 1:
+        for k in range(d.world // tp):  # creating a group is collective: all of them, on every rank
+            grp = dist.new_group(list(range(k * tp, (k + 1) * tp)))
+            if k == g.dp_rank:
+                g.tp_group = grp
+    L = local_world_size(d.world)
+    if hsdp and d.world > L:  # (the trainer's start-up checks refuse a world that is not nodes x L)
+        from torch.distributed.device_mesh import init_device_mesh
+        g.fsdp_mesh = init_device_mesh(d.device.type, (d.world // L, L), mesh_dim_names=("replicate", "shard"))
+    return g

@@ -24,10 +24,11 @@ from lwz.distributed import (DTYPES, PeerFailed, agree_on_errors, die_with_launc
 from lwz.model import Transformer
 
 
-def build_policy(cfg, d, for_reference: bool = False) -> Transformer:
+def build_policy(cfg, d, for_reference: bool = False, mesh=None) -> Transformer:
     """The trained model (master weights in model.dtype), or the frozen reference model (stored in
     the compute dtype distributed.param_dtype: it has no optimizer, so no reason for fp32 shards).
-    fp32 on CPU. `cfg` needs the model, distributed and seed settings (Config or CPTConfig)."""
+    fp32 on CPU. `cfg` needs the model, distributed and seed settings (Config or CPTConfig). mesh: the
+    FSDP2 mesh (lwz.distributed.Groups.fsdp_mesh; None = all ranks)."""
     m = cfg.model
     dtype = DTYPES[cfg.distributed.param_dtype if for_reference else m.dtype] if d.device.type == "cuda" \
         else torch.float32
@@ -37,7 +38,7 @@ def build_policy(cfg, d, for_reference: bool = False) -> Transformer:
     def shard(model):
         return shard_model(model, DTYPES[cfg.distributed.param_dtype] if cuda else None,
                            DTYPES[cfg.distributed.reduce_dtype] if cuda else None,
-                           cfg.distributed.reshard_after_forward)
+                           cfg.distributed.reshard_after_forward, mesh=mesh)
 
     if m.init == "pretrained":  # sharded before allocation: each rank reads only its shard
         model = Transformer.from_pretrained(m.path, dtype=dtype, device=d.device, attn_backend=m.attn_backend,

@@ -496,10 +496,10 @@ def generate(model, prompt_ids, params: SamplingParams, engine: EngineSettings |
                 raise ValueError(f"rollout.page_size={es.page_size}: the {kernel} decode kernel needs a multiple "
                                  f"of {multiple}")
             rows = min(es.batch_size, num) if es.batch_size > 0 else num
-            pages = cache_pages(per_token, S, es.page_size, rows, _free_bytes(device), es.cache_mem_fraction,
+            pages = cache_pages(per_token, S, es.page_size, rows, _least_free(model, _free_bytes(device)), es.cache_mem_fraction,
                                 es.num_pages)
         else:
-            rows = cache_rows(per_token, S, num, es.batch_size, _free_bytes(device), es.cache_mem_fraction, spare=1)
+            rows = cache_rows(per_token, S, num, es.batch_size, _least_free(model, _free_bytes(device)), es.cache_mem_fraction, spare=1)
         eng = _Engine(model, prompts, caps, sp, es, stopper, rows, S, pages, kernel, graphs)
         try:
             samples = eng.run()
@@ -539,6 +539,17 @@ def _free_bytes(device) -> int | None:
     if torch.device(device).type != "cuda":
         return None
     return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _least_free(model, free: int | None) -> int | None:
+    """`free` bytes, or for a tensor-parallel shard (lwz.tp: model.tp_group) the least of its group,
+    so that every rank of the group sizes the same KV cache and runs the same schedule."""
+    group = getattr(model, "tp_group", None)
+    if free is None or group is None:
+        return free
+    t = torch.tensor([free], dtype=torch.int64, device=model.embed_tokens.weight.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
+    return int(t.item())
 
 
 def cache_rows(token_bytes: int, S: int, num: int, batch_size: int, free_bytes: int | None,

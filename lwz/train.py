@@ -33,7 +33,7 @@ from lwz import checkpoint as ckpt
 from lwz import loop
 from lwz.batch import Batch, exchange, from_rollout, gather_response_values, microbatch, padded_responses
 from lwz.config import ConfigError, to_dict
-from lwz.distributed import agree_on_errors, all_reduce_sum
+from lwz.distributed import DTYPES, agree_on_errors, all_reduce_sum, build_groups, check_tp, local_world_size
 from lwz.loop import backward_microbatches, build_optimizer, build_policy, lr_lambda, optimizer_step  # noqa: F401
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, model_flops_per_token
@@ -168,19 +168,38 @@ def train_minibatch(model, optimizer, batch: Batch, plans, cfg, d, pad_id, keep_
     return out
 
 
-def rollout(policy, tok, records, cfg, d, step):
+def rollout(policy, tok, records, cfg, d, step, groups=None):
     """Generate this rank's share of the step's prompts. Returns (per-sample dicts of texts for the
     rewards, the RolloutBatch (tokens and sampling log-probs as tensors), engine metrics: the
-    KV-cache rows decoded through and the paged cache's preemptions)."""
+    KV-cache rows decoded through and the paged cache's preemptions).
+
+    groups (lwz.distributed.Groups) with tp > 1: `records` are the prompts of this rank's whole TP
+    group (its ranks' shares in TP-rank order, equal sizes); the group decodes them together with a
+    tensor-parallel copy of the policy (lwz.tp) and each rank keeps the samples of its own share."""
     r = cfg.rollout
-    texts = [template_prompt(rec.prompt, cfg.data) for rec in records]
+    tp = groups.tp if groups is not None else 1
     prompt_ids = [rec.token_ids.tolist() for rec in records]  # tokenised once, at start-up (_run)
     policy.eval()
-    seed = cfg.seed * 1_000_003 + step * 1009 + d.rank
-    with full_params_for_generation(policy):
-        batch = generate(policy, prompt_ids, SamplingParams.from_config(r, [tok.eos_token_id], seed),
-                         EngineSettings.from_config(r), tokenizer=tok)
+    # one seed per TP group (the dp rank; = the rank without TP): its ranks draw the same samples
+    seed = cfg.seed * 1_000_003 + step * 1009 + (groups.dp_rank if groups is not None else d.rank)
+    sp, es = SamplingParams.from_config(r, [tok.eos_token_id], seed), EngineSettings.from_config(r)
+    engine = {}
+    if tp > 1:
+        from lwz import tp as tpar
+        dtype = DTYPES[cfg.distributed.param_dtype] if d.device.type == "cuda" else policy.lm_head_weight.dtype
+        shard = tpar.build_tp_model(policy.config, tp, groups.tp_rank, groups.tp_group, dtype, d.device,
+                                    attn_backend=cfg.model.attn_backend)
+        engine.update(tpar.load_tp_shards(shard, policy, tp, groups.tp_rank))
+        batch = generate(shard, prompt_ids, sp, es, tokenizer=tok)
+        del shard
+        k = len(records) // tp
+        lo = groups.tp_rank * k
+        batch, records = tpar.take_prompts(batch, lo, lo + k), records[lo:lo + k]
+    else:
+        with full_params_for_generation(policy):
+            batch = generate(policy, prompt_ids, sp, es, tokenizer=tok)
     policy.train()
+    texts = [template_prompt(rec.prompt, cfg.data) for rec in records]
     out = []
     for j, (pi, resp_ids) in enumerate(zip(batch.prompt_index.tolist(), batch.response_ids)):
         rec = records[pi]
@@ -191,7 +210,8 @@ def rollout(policy, tok, records, cfg, d, step):
         out.append(dict(question=rec.prompt, prompt=texts[pi], response=resp,
                         truncated=bool(batch.truncated[j]), stopped_at_close=stop == ANSWER_CLOSE,
                         length_range=rec.length_range))
-    return out, batch, dict(rollout_cache_rows=batch.cache_rows, rollout_preemptions=batch.preemptions)
+    engine.update(rollout_cache_rows=batch.cache_rows, rollout_preemptions=batch.preemptions)
+    return out, batch, engine
 
 
 def score(samples, reward_fns, weights, cfg):
@@ -219,6 +239,11 @@ def _startup_checks(cfg, d):
                           f"copies (there is no DDP path); use distributed.fsdp=true")
     from lwz.model import ModelConfig
     mc = ModelConfig.from_hf(cfg.model.path)
+    L = local_world_size(d.world)
+    check_tp(cfg.rollout.tp_size, d.world, L, mc.num_attention_heads, mc.num_key_value_heads, mc.intermediate_size)
+    if cfg.distributed.hsdp and d.world % L:
+        raise ConfigError(f"distributed.hsdp = true needs the same processes on every node: the world size "
+                          f"{d.world} is not a multiple of LOCAL_WORLD_SIZE = {L}")
     check_fits_model(tok, cfg.tokenizer.path, mc.vocab_size, cfg.model.path)
     room = mc.max_position_embeddings - cfg.data.max_prompt_tokens
     if room < 1:
@@ -270,8 +295,9 @@ def _run(cfg, d) -> int:
               f"{cfg.model.dtype}: updates smaller than half an ulp (most at lr={cfg.optim.lr:g}) round away; "
               f"model.dtype=float32 with distributed.param_dtype=bfloat16 computes in bf16 without that loss",
               file=sys.stderr, flush=True)
-    policy = build_policy(cfg, d)
-    ref = build_policy(cfg, d, for_reference=True) if cfg.grpo.kl_coef > 0 else None
+    groups = build_groups(d, cfg.rollout.tp_size, cfg.distributed.hsdp)
+    policy = build_policy(cfg, d, mesh=groups.fsdp_mesh)
+    ref = build_policy(cfg, d, for_reference=True, mesh=groups.fsdp_mesh) if cfg.grpo.kl_coef > 0 else None
     reward_fns, weights = build_rewards(cfg, d)
     optimizer, scheduler = build_optimizer(policy, cfg)
     start = 0
@@ -291,8 +317,9 @@ def _run(cfg, d) -> int:
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
         step_records = cursor.next(records, cfg.rollout.prompts_per_step)
-        mine = step_records[d.rank::d.world]
-        local, rolled, engine = rollout(policy, tok, mine, cfg, d, step)
+        # this rank's share; under TP its group's ranks' shares, which the group decodes together
+        mine = [rec for t in range(groups.tp) for rec in step_records[groups.dp_rank * groups.tp + t::d.world]]
+        local, rolled, engine = rollout(policy, tok, mine, cfg, d, step, groups)
         t_roll = time.time()
         R, adv, answers = score(local, reward_fns, weights, cfg)
         t_rew = time.time()
@@ -338,7 +365,9 @@ def _run(cfg, d) -> int:
         if tis is not None:  # every rank holds the whole batch: these are global
             row.update(tis_weight_mean=float(tis.mean()) if tis.numel() else 1.0,
                        tis_capped_frac=float((tis >= cfg.grpo.tis_cap).float().mean()) if tis.numel() else 0.0)
-        row.update(engine)  # rank 0's rows (batch_size = 0 sizes them to the free memory) and preemptions
+        # rank 0's rows (batch_size = 0 sizes them to the free memory) and preemptions; under TP the
+        # bytes it received for its weight shards and the time that took
+        row.update(engine)
         row["lr"] = scheduler.get_last_lr()[0]
         lengths = batch.lengths.tolist()
         # forward+backward per PPO epoch, plus one forward (1/3 of fwd+bwd) per recomputation
