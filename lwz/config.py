@@ -94,6 +94,9 @@ class RolloutConfig:
     # decode attention kernel: auto = flash-attn when installed, else torch's paged varlen_attn, else
     # our Triton kernel on CUDA, sdpa on the CPU; or one of those forced
     decode_kernel: Literal["auto", "flash", "varlen", "triton", "sdpa"] = "auto"
+    # tensor-parallel generation: consecutive ranks of a node form groups of tp_size that decode their
+    # prompts together with the weights and KV cache split by heads (lwz/tp.py); 1 = every rank alone
+    tp_size: int = 1
 
 
 @dataclass
@@ -161,6 +164,9 @@ class DistributedConfig:
     # micro-batches and reduce-scatter once (less communication, + 4 bytes per parameter of the WHOLE
     # model on every rank: 28 GB at 7B); False: reduce-scatter after every micro-batch
     accumulate_unsharded: bool = False
+    # HSDP: shard the parameters inside a node and replicate them across nodes (a 2-D FSDP2 mesh), so
+    # a rank's tensor-parallel shard comes from its own node; false = shard over all ranks
+    hsdp: bool = False
 
 
 @dataclass
@@ -454,6 +460,7 @@ _RANGES = {
     "rollout.batch_size": ">= 0",
     "rollout.cache_mem_fraction": "in (0, 1]",
     "rollout.page_size": ">= 0",
+    "rollout.tp_size": ">= 1",
     "grpo.clip_low": "in [0, 1)",
     "grpo.clip_high": ">= 0",
     "grpo.clip_c": "> 1",
