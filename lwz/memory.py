@@ -320,7 +320,11 @@ def train_items(mcfg: ModelConfig, p: Params, lay: TrainLayout, tokens: int, ext
         start["unsharded gradients"] = unsharded
     start["checkpointed activations" if lay.activation_checkpointing else "activations"] = ckpt if ckpt else 0
     start["block recompute" if blk_ws >= lp_ws else "log-prob backward"] = max(blk_ws, lp_ws)
-    end = dict(out, gradients=grads_sharded + unsharded + gathered)
+    # the end of backward / the optimizer step: every gradient, and a foreach AdamW's temporary
+    # (sqrt of the second moment) the size of the state's shard
+    end = dict(out)
+    end["gradients" + (" (sharded)" if lay.shards > 1 else "")] = grads_sharded + unsharded + gathered
+    end["AdamW step temporary"] = p.numel(lay.shards) * lay.master_bytes
     return start if sum(start.values()) >= sum(end.values()) else end
 
 
@@ -455,8 +459,12 @@ def plan_memory(cfg: Config, cluster: Cluster, mcfg: ModelConfig | None = None, 
         advice.append(f"rollout: rollout.batch_size = {r.batch_size} rows need {gib(roll(rows))} of {gib(budget)}: "
                       f"set rollout.batch_size <= {max_rows} (or 0: as many as fit)")
     if rm is not None and phases[1].total > budget:
+        sharded = any(k.startswith("quality RM gathered") for k in phases[1].items)
+        fix = ("set rewards.quality_fsdp = 'on'" if not sharded and hosts > 1 else
+               "host it on more ranks (rewards.quality_ranks = [] is all)" if hosts < cluster.world else
+               "use more GPUs or a smaller reward model")
         advice.append(f"reward: the quality RM on its {hosts} host(s) needs {gib(phases[1].total)} of {gib(budget)}: "
-                      f"set rewards.quality_fsdp = 'on' or host it on more ranks (rewards.quality_ranks)")
+                      f"{fix}")
     if max_tok < g.max_tokens_per_microbatch:
         if max_tok >= longest:
             advice.append(f"training: grpo.max_tokens_per_microbatch = {g.max_tokens_per_microbatch} needs "
