@@ -498,7 +498,7 @@ def format_plan(plan: MemoryPlan, config_name: str = "") -> str:
             lines.append(f"{'':<10}{k:<{w}}{v / GIB:8.2f}")
         ok = "fits" if p.total <= c.budget else "DOES NOT FIT"
         lines.append(f"{'':<10}{'total':<{w}}{p.total / GIB:8.2f}  {ok}")
-    lines.append(f"largest that fit: {plan.max_rows} rollout rows per GPU (using {plan.rows}), "
+    lines.append(f"largest that fit: {plan.max_rows} KV-cache rows, rollout.batch_size (using {plan.rows}); "
                  f"{plan.max_microbatch_tokens} micro-batch tokens (using {plan.microbatch_tokens})")
     lines += [f"note: {n}" for n in plan.notes]
     lines += [f"does not fit: {a}" for a in plan.advice] or ["fits"]
