@@ -25,7 +25,9 @@ Phases (each a peak of that phase on the busiest GPU: one that also hosts the qu
             compute dtype and their unsharded gradients before the reduce-scatter, every block's
             checkpointed input, one block's recomputed activations (or the fused log-prob
             backward's scratch, grpo.logprob_scratch_mib, whichever is larger).
-The largest rollout rows and micro-batch tokens that fit are searched with the same functions.
+The old / reference log-prob recomputation (a forward without autograd over the same micro-batches)
+stays below the training peak and is not listed. The largest rollout rows and micro-batch tokens
+that fit are searched with the same functions.
 Estimates of activations are formulas per token (see _block_train_bytes_per_token); the device
 check compares the training estimate with torch.cuda.max_memory_allocated of bench/profile_step.py.
 """
@@ -318,8 +320,11 @@ def train_items(mcfg: ModelConfig, p: Params, lay: TrainLayout, tokens: int, ext
         start["gathered weights (compute dtype)"] = gathered
     if unsharded:
         start["unsharded gradients"] = unsharded
-    start["checkpointed activations" if lay.activation_checkpointing else "activations"] = ckpt if ckpt else 0
-    start["block recompute" if blk_ws >= lp_ws else "log-prob backward"] = max(blk_ws, lp_ws)
+    if lay.activation_checkpointing:
+        start["checkpointed activations"] = ckpt
+        start["block recompute" if blk_ws >= lp_ws else "log-prob backward"] = max(blk_ws, lp_ws)
+    else:
+        start["activations (every block)"] = blk_ws + lp_ws
     # the end of backward / the optimizer step: every gradient, and a foreach AdamW's temporary
     # (sqrt of the second moment) the size of the state's shard
     end = dict(out)
@@ -333,9 +338,11 @@ def rollout_items(mcfg: ModelConfig, p: Params, cfg: Config, lay: TrainLayout, r
     r, cb = cfg.rollout, lay.compute_bytes
     tp = r.tp_size
     lc = tp_shard_config(mcfg, tp)
+    if tp == 1 and not lay.fsdp:  # one GPU without FSDP generates with the training weights themselves
+        cb = lay.master_bytes
     dtype = {2: torch.bfloat16, 4: torch.float32}[cb]
     out = dict(state)
-    if tp == 1:
+    if tp == 1 and lay.fsdp:
         out["generation weights (all, gathered)"] = p.numel(1) * cb
     else:
         out[f"generation weights (TP shard 1/{tp})"] = model_params(lc).numel(1) * cb
@@ -490,7 +497,8 @@ def format_plan(plan: MemoryPlan, config_name: str = "") -> str:
     lines = [f"lwz memory plan{' for ' + config_name if config_name else ''}: {c.nodes} node(s) x "
              f"{c.gpus_per_node} GPUs of {c.gpu_mem_gib:g} GiB ({c.budget / GIB:.1f} GiB usable, "
              f"{c.reserve_gib:g} reserved for CUDA/NCCL)",
-             f"policy shapes: {plan.model} ({plan.num_params / 1e9:.2f}B parameters)"]
+             f"policy shapes: {plan.model} ({plan.num_params / 1e9:.2f}B parameters)" if plan.num_params >= 1e8
+             else f"policy shapes: {plan.model} ({plan.num_params / 1e6:.2f}M parameters)"]
     w = max(len(k) for p in plan.phases for k in p.items) + 2
     for p in plan.phases:
         lines.append(f"{p.name:<10}{'':<{w}}{'GiB':>8}")
@@ -536,6 +544,15 @@ def _split_flags(argv: list[str]) -> tuple[dict, list[str]]:
     return mine, rest
 
 
+def _config_path(argv: list[str]) -> str:
+    """The --config / -c value of a command line that parse_args accepted ('' when absent)."""
+    for i, a in enumerate(argv):
+        flag, eq, v = a.partition("=")
+        if flag in ("--config", "-c"):
+            return v if eq else argv[i + 1]
+    return ""
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -554,9 +571,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         plan = plan_memory(cfg, cluster, mcfg, rm, src)
-    name = next((a.partition("=")[2] or argv[i + 1] for i, a in enumerate(argv)
-                 if a.partition("=")[0] in ("--config", "-c") and (a.partition("=")[2] or i + 1 < len(argv))), "")
-    print(format_plan(plan, name))
+    print(format_plan(plan, _config_path(rest)))
     if flags.get("json"):
         with open(flags["json"], "w") as f:
             json.dump(plan.to_dict(), f, indent=1)
