@@ -292,9 +292,10 @@ def state_items(p: Params, lay: TrainLayout) -> dict:
 
 def train_items(mcfg: ModelConfig, p: Params, lay: TrainLayout, tokens: int, extra: dict | None = None) -> dict:
     """Peak of forward + backward of one micro-batch of `tokens` tokens (state and `extra`, the other
-    resident models, included): the
-    larger of the backward's start (every checkpoint held, the working set of one block or of the
-    log-prob backward) and its end (every gradient, no activations)."""
+    resident models, included): the larger of the backward's start (every checkpoint held, the
+    working set of one block or of the log-prob backward) and its end (every gradient, no
+    activations). Gradients that do not persist between micro-batches (grads_persist False) fill up
+    as the checkpoints drain, about as fast, so the start counts only the head's."""
     cb, L, H = lay.compute_bytes, p.layers, mcfg.hidden_size
     out = {**state_items(p, lay), **(extra or {})}
     blk, root = _numel(p.block, 1), _numel(p.root, 1)
@@ -315,7 +316,7 @@ def train_items(mcfg: ModelConfig, p: Params, lay: TrainLayout, tokens: int, ext
     if lay.fsdp and lay.shards > 1 or lay.grads_persist:
         start["gradients (sharded)" if lay.shards > 1 else "gradients"] = grads_sharded
     else:
-        start["head gradient"] = _numel(p.root, 1) * lay.master_bytes  # the log-prob backward's dW, first
+        start["head / embedding gradient"] = _numel(p.root, 1) * lay.master_bytes  # the log-prob backward's dW first
     if gathered:
         start["gathered weights (compute dtype)"] = gathered
     if unsharded:
