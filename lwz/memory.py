@@ -222,16 +222,20 @@ def check_sizes(cfg: Config, mcfg: ModelConfig, cluster: Cluster) -> None:
 
 # ---- activations (formulas per token) -----------------------------------------------------------
 
-def _block_train_bytes_per_token(mcfg: ModelConfig, cb: int) -> int:
-    """One decoder block's forward recomputed with autograd in backward, per token (cb = bytes of
-    the compute dtype): what autograd saves (each RMSNorm's fp32 input 4H + its output, q/k/v and
-    their RoPE rotations and outputs, the attention output and fp32 log-sum-exp per head, o_proj
-    and residual outputs, gate / silu / up / product of the MLP) plus the transients of its
-    backward (the gradients of gate and up at once, an fp32 [H] gradient in the norms)."""
+def _block_saved_bytes_per_token(mcfg: ModelConfig, cb: int) -> int:
+    """What autograd saves in one decoder block's forward, per token (cb = bytes of the compute
+    dtype): each RMSNorm's fp32 input (4H) and output, q/k/v and their RoPE rotations and outputs,
+    the attention output and its fp32 log-sum-exp per head, the o_proj and residual outputs, and the
+    MLP's gate / silu / up / product."""
     H, I = mcfg.hidden_size, mcfg.intermediate_size
     q, kv = mcfg.num_attention_heads * mcfg.head_dim, mcfg.num_key_value_heads * mcfg.head_dim
-    saved = 8 * H + cb * (2 * H + (q + 2 * kv) + 2 * (q + kv) + q + 3 * H + 4 * I) + 4 * mcfg.num_attention_heads
-    return saved + cb * 2 * I + 8 * H
+    return 8 * H + cb * (2 * H + (q + 2 * kv) + 2 * (q + kv) + q + 3 * H + 4 * I) + 4 * mcfg.num_attention_heads
+
+
+def _block_train_bytes_per_token(mcfg: ModelConfig, cb: int) -> int:
+    """One block recomputed with autograd in backward, per token: what it saves plus the transients
+    of its backward (the gradients of gate and up at once, an fp32 [H] gradient in the norms)."""
+    return _block_saved_bytes_per_token(mcfg, cb) + cb * 2 * mcfg.intermediate_size + 8 * mcfg.hidden_size
 
 
 def _block_infer_bytes_per_token(mcfg: ModelConfig, cb: int) -> int:

@@ -217,3 +217,25 @@ def test_memory_check_bench_runs_on_the_cpu(tmp_path):
     else:
         assert d["measured_bytes"] is None and d["status"].startswith("prediction only")
     assert d["predicted_bytes"] == sum(d["predicted_items"].values()) > 0 and d["tokens"] >= 64
+
+
+def test_block_activation_formula_matches_what_autograd_saves():
+    """One bf16 decoder block's forward with autograd: the bytes of the tensors autograd saves (its
+    own weights and the shared cos/sin left out) are what the planner's per-token formula says."""
+    from lwz.memory import _block_saved_bytes_per_token
+    from lwz.model import Block, rope_cos_sin, rope_inv_freq
+    mcfg = ModelConfig(**dict(SMALL, hidden_size=256, intermediate_size=704, num_attention_heads=8, head_dim=32))
+    block = Block(mcfg).to(torch.bfloat16)
+    N = 512
+    x = torch.randn(N, mcfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_cos_sin(rope_inv_freq(mcfg), torch.arange(N), torch.bfloat16)
+    saved = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        block(x, cos, sin, torch.tensor([0, N], dtype=torch.int32), N)
+    skip = {t.untyped_storage().data_ptr() for t in [*block.parameters(), cos, sin]}
+    real = sum(v for k, v in saved.items() if k not in skip)
+    assert _within(N * _block_saved_bytes_per_token(mcfg, 2), real, tol=0.10), (real / N)
