@@ -9,7 +9,7 @@
 # Triton kernels in bf16 vs references), two steps of the tiny default trained on the GPU in bf16,
 # the packing and decode-attention benchmarks, the log-prob and GRPO-loss kernel benchmarks, the
 # rollout benchmark, profile_step at 14336 (and 8192) tokens for the Qwen2.5-1.5B shape, a CPT step
-# at 32768 tokens on that shape, the step's
+# at 32768 tokens on that shape, the memory planner against profile_step's measured peak, the step's
 # data path at ~29M tokens, then the log-prob and GRPO-loss kernels against torch.compile of their
 # torch paths.
 # Every step runs under `timeout`; a failure is recorded, never fatal. Outputs:
@@ -226,12 +226,17 @@ step profile_cpt 120 "$RES/profile_step-cpt-$GPU_TAG.json" "$PYTHON" -m bench.pr
   --loss cpt --seq-lens 32768 --lengths-mix longtail --tokens-per-step 32768 --no-padded --warmup 1 --iters 3 \
   --out "$RES/profile_step-cpt-$GPU_TAG.json"
 
-# 7a. the step's data path (rollout -> every rank's batch -> plan -> packed micro-batches -> log-probs
+# 7a. the memory planner (lwz.memory) against the measured peak of profile_step's packed step
+#    (Qwen2.5-1.5B shape, 14336-token long tail): predicted / torch.cuda.max_memory_allocated, goal
+#    within 15%
+bench_step memory_check bench.memory_check 90
+
+# 7b. the step's data path (rollout -> every rank's batch -> plan -> packed micro-batches -> log-probs
 #    back): the tensor path vs the pickled-object baseline at the 7B config's step size (~29M tokens),
 #    2 gloo ranks on the CPU, then in one process on the GPU as a share of profile_step's step
 bench_step bench_data_path bench.bench_data_path 150 --tokens 29000000 --iters 1
 
-# 7b. torch.compile baselines, last: compiling takes a minute or more. The chunked torch log-prob
+# 7c. torch.compile baselines, last: compiling takes a minute or more. The chunked torch log-prob
 #    path at the 16k goal size next to our kernel
 bench_step bench_logprob_compiled bench.bench_logprob 150 --sizes 16384 --quick \
   --impls triton,torch_chunked_compiled

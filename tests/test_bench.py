@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "device_check.sh")
 
 DRY_RUN_STEPS = ["wheels", "env", "build", "ext_import", "ceilings", "tests_cuda", "train_tiny", "bench_pack", "bench_decode_attn",
-                 "bench_rollout", "bench_rollout_8k", "profile_step", "profile_fixed", "profile_8k", "profile_cpt", "bench_data_path", "bench_logprob", "bench_grpo_loss", "bench_logprob_compiled", "bench_grpo_loss_compiled", "collect"]
+                 "bench_rollout", "bench_rollout_8k", "profile_step", "profile_fixed", "profile_8k", "profile_cpt", "memory_check", "bench_data_path", "bench_logprob", "bench_grpo_loss", "bench_logprob_compiled", "bench_grpo_loss_compiled", "collect"]
 
 
 def _finite_pos(x):
