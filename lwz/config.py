@@ -182,6 +182,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    # held-out prompt JSONL (ours, or LongBench-Write rows) evaluated with lwz.eval from the live
+    # policy (one answer per prompt, the paper's inference sampling); never the training file; None = off
+    prompts: Optional[str] = None
+    every: int = 0  # evaluate every N steps, and after the last step; 0 = after the last step only
+    max_new_tokens: Optional[int] = None  # generation cap of an eval answer; None = rollout.max_new_tokens
+
+
+@dataclass
 class Config:
     seed: int = 0  # seeds sampling, shuffling and init
     steps: int = 150  # total GRPO steps (paper: 150)
@@ -196,6 +205,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def norm_const(self) -> float:
@@ -477,6 +487,8 @@ _RANGES = {
     "optim.grad_clip": "> 0",
     "checkpoint.every": ">= 0",
     "checkpoint.keep": ">= 0",
+    "eval.every": ">= 0",
+    "eval.max_new_tokens": ">= 1",
 }
 
 
@@ -539,6 +551,8 @@ def validate(cfg: Config) -> Config:
     if hi >= w.length_max_words:
         raise _fail("rewards.length_max_words", w.length_max_words,
                     f"> rewards.default_length_range upper bound {hi}")
+    if cfg.eval.prompts is not None and not cfg.eval.prompts:
+        raise _fail("eval.prompts", "", "a prompt file path (or absent: no evaluation)")
     c = cfg.checkpoint
     if c.overwrite and c.resume != "none":
         raise _fail("checkpoint.overwrite", c.overwrite,
@@ -622,7 +636,7 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "GRPOConfig",
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "EvalConfig", "GRPOConfig",
     "LoggingConfig", "ModelConfig", "OptimConfig", "RewardsConfig", "RolloutConfig",
     "TokenizerConfig", "apply_overrides", "die_on_config_error", "load_config", "parse_args",
     "save_config", "to_dict", "to_toml", "validate",

@@ -36,6 +36,7 @@ from lwz.batch import Batch, exchange, from_rollout, gather_response_values, mic
 from lwz.config import ConfigError, parse_args, to_dict
 from lwz.distributed import (DTYPES, PeerFailed, agree_on_errors, all_reduce_sum, die_with_launcher,
                              init_distributed, report_error, set_grad_sync, shard_model, shutdown_distributed)
+from lwz.eval import training_eval, training_eval_set
 from lwz.hf_io import save_hf_model
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, Transformer, model_flops_per_token
@@ -323,6 +324,7 @@ def _run(cfg, d) -> int:
     run_dir = cfg.run_path
     # every check that can fail before work starts, agreed by all ranks (reported once)
     tok, records, resume_path, identity = agree_on_errors(lambda: _startup_checks(cfg, d), d, STARTUP_ERRORS)
+    eval_set = agree_on_errors(lambda: training_eval_set(cfg, tok, records, d.is_main), d, STARTUP_ERRORS)
     pad = pad_id(tok)
     cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=cfg.data.shuffle)
     if d.device.type == "cuda" and cfg.model.dtype != "float32" and d.is_main:
@@ -416,6 +418,10 @@ def _run(cfg, d) -> int:
         row.update(nvml.read())
         if d.device.type == "cuda":  # this rank's peak of the step (rollout cache, training activations)
             row["gpu_peak_alloc_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+        if eval_set is not None and (step + 1 == cfg.steps or (cfg.eval.every and (step + 1) % cfg.eval.every == 0)):
+            t_ev = time.time()
+            row.update(training_eval(policy, tok, eval_set, cfg, d, reward_fns, step + 1))
+            row["time_eval"] = time.time() - t_ev
         log.write(row)
         if cfg.checkpoint.every and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps):
             ckpt.save_training_state(ckdir, step + 1, policy, optimizer, d.rank,
