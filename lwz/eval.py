@@ -155,7 +155,8 @@ def sample_row(item: EvalPrompt, response: str, stopped_at_close: bool, truncate
     return dict(index=item.index, line=item.line, prompt=item.prompt, type=item.type,
                 language=language_of(item.prompt), length_range=list(rng) if rng else None,
                 required_words=item.required, response=response, answer=answer, words=words,
-                format_ok=fmt, truncated=bool(truncated), response_tokens=int(response_tokens),
+                format_ok=fmt, truncated=bool(truncated), stopped_at_close=bool(stopped_at_close),
+                response_tokens=int(response_tokens),
                 length_score=length_score(item.required, words) if item.required else None,
                 in_range=(answer is not None and rng[0] <= words <= rng[1]) if rng else None,
                 near_duplicate_share=near_duplicate_share(answer) if answer else None,
@@ -546,7 +547,8 @@ def _parser() -> argparse.ArgumentParser:
         raise PromptDataError(f"{msg} (see --help)")
 
     p.error = one_line
-    p.add_argument("--model", required=True, help="HF model folder, or a training checkpoint (runs/X/checkpoints/step_N)")
+    p.add_argument("--model", required=True, help="HF model folder, a training checkpoint (runs/X/checkpoints/step_N), "
+                                                  "or an earlier eval's --out folder (re-scored, re-judged)")
     p.add_argument("--prompts", required=True, help="prompt JSONL (ours or LongBench-Write rows)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--baseline", action="append", default=[],
@@ -674,7 +676,7 @@ def _startup(args, d):
         raise FileExistsError(f"--out {args.out}: exists and is not a folder")
     items = load_eval_prompts(args.prompts)
     base = _base_config(args)
-    model = classify(args.model, allow_eval=False)
+    model = classify(args.model, allow_eval=True)
     baselines = [classify(b, allow_eval=True) for b in args.baseline]
     names = set()
     for s in [model] + baselines:  # unique names: the keys of the head-to-head and Elo tables
@@ -713,13 +715,14 @@ def _load_policy(src: Source, cfg, d, dtype):
     if src.kind == "hf":
         return Transformer.from_pretrained(src.path, dtype=dtype, device=d.device)
     # a training checkpoint: the run's architecture, the DCP model tensors (its fp32 master weights)
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from lwz.checkpoint import check_checkpoint_files, check_checkpoint_shapes
     model = Transformer.from_config(cfg.model.path, dtype=torch.float32, device="cpu")
     check_checkpoint_shapes(src.path, check_checkpoint_files(src.path), model)
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=src.path)
+        dcp.load(state, checkpoint_id=src.path, no_dist=not dist.is_initialized())
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{src.path}: cannot load the model from the checkpoint ({e})") from None
     model.load_state_dict(state["model"])
