@@ -1,6 +1,9 @@
 """Evaluation: `python -m lwz.eval --model M --prompts P.jsonl --out DIR [--baseline B ...] [--rm R] [--judge J]`.
 
-Generates one answer per prompt with the paper's inference settings and measures it:
+M: an HF folder, a training checkpoint (run/checkpoints/step_N: the run's config.toml gives the
+architecture, tokenizer and templates) or an earlier evaluation's --out folder (re-scored and
+re-judged, nothing generated). Generates one answer per prompt with the paper's inference settings
+and measures it:
 
   length score S_l  LongBench-Write's: for required length x and answer length y (words, CJK
                     characters as words, lwz.rewards.length.count_words),

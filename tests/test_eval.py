@@ -297,13 +297,11 @@ def test_command_on_the_tiny_model(tiny, tmp_path):
     assert all(0 < x["response_tokens"] <= 24 for x in rows)
     for png in ("lengths.png", "length_score_by_bucket.png"):
         assert (out / png).stat().st_size > 1000
-    # a second run into the same folder would replace it: refused, one line, nothing lost
+    # a second run into the same folder would replace it: refused before any work, nothing lost
     before = (out / "samples.jsonl").read_bytes()
-    r2 = subprocess.run([sys.executable, "-m", "lwz.eval", "--model", str(tiny / "m1"), "--prompts",
-                         str(tiny / "prompts.jsonl"), "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
-    assert r2.returncode == 2 and "already holds an evaluation" in r2.stderr and "--overwrite" in r2.stderr
-    assert "Traceback" not in r2.stderr and len(r2.stderr.strip().splitlines()) == 1
+    args = _args("--model", str(tiny / "m1"), "--prompts", str(tiny / "prompts.jsonl"), "--out", str(out))
+    with pytest.raises(FileExistsError, match="already holds an evaluation .* --overwrite"):
+        ev.run(args, CPU1)
     assert (out / "samples.jsonl").read_bytes() == before
 
 
