@@ -379,10 +379,13 @@ def _unknown(key: str, table: bool = False) -> ConfigError:
         match = difflib.get_close_matches(head, sections, n=1, cutoff=0.6)
         hint = f" (did you mean '{match[0]}'?)" if match else f" (sections: {', '.join(sections)})"
         return ConfigError(f"unknown section '{head}'" + ("" if table else f" in '{key}'") + hint)
-    match = difflib.get_close_matches(key, list(_keys()), n=1, cutoff=0.6)
+    by_leaf = {}
+    for k in _keys():  # a name in several sections (max_new_tokens) suggests its first, main one
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+    leaf = key.rsplit(".", 1)[-1]
+    match = [by_leaf[leaf]] if leaf in by_leaf else difflib.get_close_matches(key, list(_keys()), n=1, cutoff=0.6)
     if not match:  # a misplaced or misspelled field name: compare the last components
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in _keys()}
-        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.75)
+        close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
         match = [by_leaf[c] for c in close]
     return ConfigError(f"unknown key '{key}'" + (f" (did you mean '{match[0]}'?)" if match else ""))
 
