@@ -162,7 +162,7 @@ def sample_row(item: EvalPrompt, response: str, stopped_at_close: bool, truncate
                 response_tokens=int(response_tokens),
                 length_score=length_score(item.required, words) if item.required else None,
                 in_range=(answer is not None and rng[0] <= words <= rng[1]) if rng else None,
-                near_duplicate_share=near_duplicate_share(answer) if answer else None,
+                near_duplicate_share=near_duplicate_share(answer) if answer is not None else None,
                 quality=None)
 
 
@@ -697,6 +697,9 @@ def _startup(args, d):
         tok = load_tokenizer(cfg.tokenizer.path)
         mc = ModelConfig.from_hf(cfg.model.path)
         check_fits_model(tok, cfg.tokenizer.path, mc.vocab_size, s.path)
+        # a prompt must leave room for one new token in the model's context
+        cfg.data = dataclasses.replace(cfg.data, max_prompt_tokens=min(cfg.data.max_prompt_tokens,
+                                                                       mc.max_position_embeddings - 1))
         records = tokenize_eval_prompts(items, tok, cfg.data, args.prompts)
         plans.append((s, cfg, records))
     for flag, path in (("--rm", args.rm), ("--judge", args.judge)):

@@ -422,6 +422,12 @@ def test_command_errors_are_one_line(tiny, tmp_path):
     with pytest.raises(PromptDataError, match="1 samples for 5 prompts"):
         ev.run(args, CPU1)
     assert not (tmp_path / "o").exists()  # every check runs before anything is written
+    # a prompt the tiny model's 1024-token context cannot hold: named by file and line, up front
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"prompt": "short", "length": 10}\n' + json.dumps({"prompt": "word " * 1500, "length": 10}) + "\n")
+    args = _args("--model", str(tiny / "m1"), "--prompts", str(long), "--out", str(tmp_path / "o"))
+    with pytest.raises(PromptDataError, match=re.escape(f"{long}:2 (")):
+        ev.run(args, CPU1)
     with pytest.raises(PromptDataError, match="the following arguments are required: --model"):
         ev._parser().parse_args(["--prompts", p])
 
