@@ -45,6 +45,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -728,7 +729,9 @@ def _load_policy(src: Source, cfg, d, dtype):
     check_checkpoint_shapes(src.path, check_checkpoint_files(src.path), model)
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=src.path, no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is what we want here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=src.path, no_dist=not dist.is_initialized())
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{src.path}: cannot load the model from the checkpoint ({e})") from None
     model.load_state_dict(state["model"])
