@@ -283,10 +283,12 @@ def _check_outputs(out, prompts_path):
 
 
 def test_command_on_the_tiny_model(tiny, tmp_path):
-    """`python -m lwz.eval` end to end (a subprocess: exit code, outputs, figures)."""
+    """`python -m lwz.eval` end to end under torchrun, data-parallel over 2 processes (exit code,
+    outputs in file order, figures)."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "lwz.eval", "--model", str(tiny / "m1"), "--prompts",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "lwz.eval", "--model", str(tiny / "m1"), "--prompts",
                         str(tiny / "prompts.jsonl"), "--out", str(out), "--rm", str(tiny / "rm"),
                         "--max-new-tokens", "24", "--template-en", SHORT_EN, "--template-zh", SHORT_ZH],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -294,6 +296,7 @@ def test_command_on_the_tiny_model(tiny, tmp_path):
     assert "eval: 5 prompts: length score" in r.stdout
     rows, summary = _check_outputs(str(out), str(tiny / "prompts.jsonl"))
     assert summary["settings"]["temperature"] == 0.6 and summary["settings"]["top_p"] == 0.95
+    assert summary["settings"]["world_size"] == 2
     assert all(0 < x["response_tokens"] <= 24 for x in rows)
     for png in ("lengths.png", "length_score_by_bucket.png"):
         assert (out / png).stat().st_size > 1000
@@ -467,6 +470,7 @@ def test_eval_during_training_matches_the_checkpoint(tiny, tmp_path):
     log = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert [("eval/length_score" in x) for x in log] == [False, True, True]
     assert sorted(os.listdir(tmp_path / "run" / "eval")) == ["step_00000002", "step_00000003"]
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000  # with the eval panels
     live = tmp_path / "run" / "eval" / "step_00000003"
     rows, summary = _check_outputs(str(live), str(tiny / "prompts.jsonl"))
     assert log[2]["eval/format_ok_rate"] == summary["overall"]["format_ok_rate"]
