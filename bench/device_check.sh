@@ -6,7 +6,8 @@
 #
 # Steps, cheapest first so a short run still reports the most: environment, extension build, the
 # two ceilings (bf16 8192^3 matmul, device-to-device copy), the CUDA tests (CUDA vs CPU twins,
-# Triton kernels in bf16 vs references), two steps of the tiny default trained on the GPU in bf16,
+# Triton kernels in bf16 vs references), two steps of the tiny default trained on the GPU in bf16
+# and lwz.eval of its checkpoint,
 # the packing and decode-attention benchmarks, the log-prob and GRPO-loss kernel benchmarks, the
 # rollout benchmark, profile_step at 14336 (and 8192) tokens for the Qwen2.5-1.5B shape, a CPT step
 # at 32768 tokens on that shape, the memory planner against profile_step's measured peak, the step's
@@ -184,6 +185,9 @@ fi
 step train_tiny 90 - "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 lwz/train.py \
   --config configs/tiny.toml --steps=2 --distributed.backend=auto --model.dtype=float32 \
   --distributed.param_dtype=bfloat16 --rollout.max_new_tokens=64 --logging.run_dir="$LOGS/runs"
+# 5a. lwz.eval on that run's last checkpoint, in bf16 on the GPU (its templates come with it)
+step eval_tiny 90 - "$PYTHON" -m lwz.eval --model "$LOGS/runs/tiny/checkpoints/step_00000002" \
+  --prompts data/tiny_prompts.jsonl --out "$LOGS/eval_tiny" --max-new-tokens 64 --no-plots
 
 # 6. microbenchmarks at their CUDA default sizes, the quick ones first
 bench_step bench_pack bench.bench_pack 45

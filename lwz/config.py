@@ -191,6 +191,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    # held-out prompt JSONL (ours, or LongBench-Write rows) evaluated with lwz.eval from the live
+    # policy (one answer per prompt, the paper's inference sampling); never the training file; None = off
+    prompts: Optional[str] = None
+    every: int = 0  # evaluate every N steps, and after the last step; 0 = after the last step only
+    max_new_tokens: Optional[int] = None  # generation cap of an eval answer; None = rollout.max_new_tokens
+
+
+@dataclass
 class Config:
     seed: int = 0  # seeds sampling, shuffling and init
     steps: int = 150  # total GRPO steps (paper: 150)
@@ -205,6 +214,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def norm_const(self) -> float:
@@ -415,10 +425,13 @@ def _unknown(key: str, table: bool = False, root=None) -> ConfigError:
         match = difflib.get_close_matches(head, sections, n=1, cutoff=0.6)
         hint = f" (did you mean '{match[0]}'?)" if match else f" (sections: {', '.join(sections)})"
         return ConfigError(f"unknown section '{head}'" + ("" if table else f" in '{key}'") + hint)
-    match = difflib.get_close_matches(key, list(_keys(root)), n=1, cutoff=0.6)
+    by_leaf = {}
+    for k in _keys(root):  # a name in several sections (max_new_tokens) suggests its first, main one
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+    leaf = key.rsplit(".", 1)[-1]
+    match = [by_leaf[leaf]] if leaf in by_leaf else difflib.get_close_matches(key, list(_keys(root)), n=1, cutoff=0.6)
     if not match:  # a misplaced or misspelled field name: compare the last components
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in _keys(root)}
-        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.75)
+        close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
         match = [by_leaf[c] for c in close]
     return ConfigError(f"unknown key '{key}'" + (f" (did you mean '{match[0]}'?)" if match else ""))
 
@@ -535,6 +548,8 @@ _RANGES = {
     "cpt.eval_every": ">= 0",
     "cpt.eval_tokens": ">= 1",
     "cpt.logprob_scratch_mib": "> 0",
+    "eval.every": ">= 0",
+    "eval.max_new_tokens": ">= 1",
 }
 
 
@@ -604,6 +619,8 @@ def validate(cfg: Config) -> Config:
     if hi >= w.length_max_words:
         raise _fail("rewards.length_max_words", w.length_max_words,
                     f"> rewards.default_length_range upper bound {hi}")
+    if cfg.eval.prompts is not None and not cfg.eval.prompts:
+        raise _fail("eval.prompts", "", "a prompt file path (or absent: no evaluation)")
     c = cfg.checkpoint
     if c.overwrite and c.resume != "none":
         raise _fail("checkpoint.overwrite", c.overwrite,
@@ -715,7 +732,8 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 __all__ = [
-    "CPTConfig", "CPTDataConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "GRPOConfig",
+    "CPTConfig", "CPTDataConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig",
+    "EvalConfig", "GRPOConfig",
     "LoggingConfig", "ModelConfig", "OptimConfig", "RewardsConfig", "RolloutConfig",
     "TokenizerConfig", "apply_overrides", "die_on_config_error", "load_config", "parse_args",
     "save_config", "to_dict", "to_toml", "validate",

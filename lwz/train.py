@@ -35,6 +35,7 @@ from lwz.batch import Batch, exchange, from_rollout, gather_response_values, mic
 from lwz.config import ConfigError, to_dict
 from lwz.distributed import DTYPES, agree_on_errors, all_reduce_sum, build_groups, check_tp, local_world_size
 from lwz.loop import backward_microbatches, build_optimizer, build_policy, lr_lambda, optimizer_step  # noqa: F401
+from lwz.eval import training_eval, training_eval_set
 from lwz.metrics import NVML, MetricsLog, peak_flops
 from lwz.model import ModelLoadError, model_flops_per_token
 from lwz.packing import attn_coeff_for, padding_waste, plan_microbatches
@@ -288,6 +289,7 @@ def _run(cfg, d) -> int:
     run_dir = cfg.run_path
     # every check that can fail before work starts, agreed by all ranks (reported once)
     tok, records, resume_path, identity = agree_on_errors(lambda: _startup_checks(cfg, d), d, STARTUP_ERRORS)
+    eval_set = agree_on_errors(lambda: training_eval_set(cfg, tok, records, d.is_main), d, STARTUP_ERRORS)
     pad = pad_id(tok)
     cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=cfg.data.shuffle)
     if d.device.type == "cuda" and cfg.model.dtype != "float32" and d.is_main:
@@ -380,6 +382,10 @@ def _run(cfg, d) -> int:
         row.update(nvml.read())
         if d.device.type == "cuda":  # this rank's peak of the step (rollout cache, training activations)
             row["gpu_peak_alloc_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+        if eval_set is not None and (step + 1 == cfg.steps or (cfg.eval.every and (step + 1) % cfg.eval.every == 0)):
+            t_ev = time.time()
+            row.update(training_eval(policy, tok, eval_set, cfg, d, reward_fns, step + 1))
+            row["time_eval"] = time.time() - t_ev
         log.write(row)
         if loop.checkpoint_due(cfg, step + 1):
             loop.save(cfg, step + 1, policy, optimizer, scheduler, d, cursor=cursor.state_dict(), identity=identity)
