@@ -171,7 +171,7 @@ RUN_ITEMS = ("config.toml", "metrics.jsonl", "checkpoints", "hf")
 # cursor and sampling streams mean. Everything else (steps, learning rate, logging, checkpoint
 # cadence, rollout limits, rewards' weights, ...) may change between a checkpoint and its resume.
 RESUME_FIXED = ("seed", "model.path", "model.init", "tokenizer.path", "data.prompts", "data.shuffle",
-                "rollout.group_size", "rollout.prompts_per_step")
+                "rollout.group_size", "rollout.prompts_per_step", "cpt.sources", "cpt.heldout_share")
 
 
 def file_identity(path: str) -> dict:
@@ -208,6 +208,10 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     if a and b and a.get("sha256") and b.get("sha256") and (a["size"], a["sha256"]) != (b["size"], b["sha256"]):
         out.append(f"data.prompts content: {a['size']} bytes sha256 {a['sha256'][:12]} -> "
                    f"{b['size']} bytes sha256 {b['sha256'][:12]}")
+    # a pretraining run: the token folders' identities (their inputs and tokenizer), source by source
+    for k, (a, b) in enumerate(zip(saved.get("corpora") or [], current.get("corpora") or [])):
+        if a != b:
+            out.append(f"cpt.sources[{k}] content: the token folder was rebuilt from other inputs")
     return out
 
 

@@ -210,6 +210,41 @@ class Config:
         return os.path.join(self.logging.run_dir, self.name)
 
 
+@dataclass
+class CPTDataConfig:
+    # token folders written by `python -m lwz.data tokenize`, mixed by `weights` (a share of the
+    # training tokens each, normalised to sum 1): e.g. a writing corpus 0.99 + think-format data 0.01
+    sources: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    seq_len: int = 32768  # tokens of one packed micro-batch (documents packed, long ones split)
+    tokens_per_step: int = 512 * 32768  # tokens of one optimizer step, all ranks (a multiple of seq_len x world size)
+    heldout_share: float = 0.0  # share of each source's documents held out of training (seeded by Config.seed)
+    eval_every: int = 0  # steps between held-out losses (and after the last step); 0 = off
+    eval_tokens: int = 1 << 20  # held-out tokens per evaluation, at most (the first ones, the same every time)
+    logprob_scratch_mib: int = 1024  # the fused log-prob backward's memory budget (see grpo.logprob_scratch_mib)
+
+
+@dataclass
+class CPTConfig:
+    """Continual pretraining (lwz/pretrain.py): the GRPO config's model, tokenizer, optim,
+    distributed, logging and checkpoint sections plus [cpt]."""
+    seed: int = 0  # seeds init, the held-out split and the document order
+    steps: int = 1000  # optimizer steps
+    name: str = "cpt"  # run name; outputs in logging.run_dir/name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cpt: CPTDataConfig = field(default_factory=CPTDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_path(self) -> str:
+        """Folder of this run: logging.run_dir/name."""
+        return os.path.join(self.logging.run_dir, self.name)
+
+
 # --------------------------------------------------------------------------------------------
 # One type-driven walk: TOML values and CLI strings become field values here
 
@@ -224,10 +259,11 @@ def _is_section(tp) -> bool:
 
 
 @functools.cache
-def _keys() -> dict[str, Any]:
-    """{dotted key: field type} for every setting (sections are one level deep)."""
+def _keys(root=None) -> dict[str, Any]:
+    """{dotted key: field type} for every setting of `root` (Config or CPTConfig; sections are one
+    level deep)."""
     out = {}
-    for name, tp in _hints(Config).items():
+    for name, tp in _hints(root or Config).items():
         if _is_section(tp):
             out.update({f"{name}.{k}": t for k, t in _hints(tp).items()})
         else:
@@ -361,35 +397,37 @@ def _coerce(key: str, v: Any, tp, cli: bool = False) -> Any:
     raise _bad(key, raw, tp)
 
 
-def _unknown(key: str, table: bool = False) -> ConfigError:
+def _unknown(key: str, table: bool = False, root=None) -> ConfigError:
     """One line for an unknown dotted key (or TOML table), with the closest real name if any."""
+    root = root or Config
     head = key.split(".")[0]
-    sections = [k for k, tp in _hints(Config).items() if _is_section(tp)]
-    if table or ("." in key and head not in _hints(Config)):
+    sections = [k for k, tp in _hints(root).items() if _is_section(tp)]
+    if table or ("." in key and head not in _hints(root)):
         match = difflib.get_close_matches(head, sections, n=1, cutoff=0.6)
         hint = f" (did you mean '{match[0]}'?)" if match else f" (sections: {', '.join(sections)})"
         return ConfigError(f"unknown section '{head}'" + ("" if table else f" in '{key}'") + hint)
-    match = difflib.get_close_matches(key, list(_keys()), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(key, list(_keys(root)), n=1, cutoff=0.6)
     if not match:  # a misplaced or misspelled field name: compare the last components
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in _keys()}
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in _keys(root)}
         close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.75)
         match = [by_leaf[c] for c in close]
     return ConfigError(f"unknown key '{key}'" + (f" (did you mean '{match[0]}'?)" if match else ""))
 
 
-def _field_type(key: str):
-    """The type of a dotted key; ConfigError for a section or an unknown key."""
-    if key in _keys():
-        return _keys()[key]
-    if _is_section(_hints(Config).get(key)):
+def _field_type(key: str, root=None):
+    """The type of a dotted key of `root` (default Config); ConfigError for a section or an unknown key."""
+    root = root or Config
+    if key in _keys(root):
+        return _keys(root)[key]
+    if _is_section(_hints(root).get(key)):
         raise ConfigError(f"'{key}' is a section, not a key: set its keys in a [{key}] table or as "
-                          f"'{key}.<name>', e.g. '{key}.{next(iter(_hints(_hints(Config)[key])))}'")
-    raise _unknown(key)
+                          f"'{key}.<name>', e.g. '{key}.{next(iter(_hints(_hints(root)[key])))}'")
+    raise _unknown(key, root=root)
 
 
 def _set(cfg: Config, key: str, value: Any, cli: bool = False) -> None:
     """Sets the dotted key of cfg to value (a TOML value, or a CLI string when cli) by its type."""
-    value = _coerce(key, value, _field_type(key), cli)
+    value = _coerce(key, value, _field_type(key, type(cfg)), cli)
     *path, name = key.split(".")
     setattr(functools.reduce(getattr, path, cfg), name, value)
 
@@ -398,18 +436,19 @@ def _get(cfg: Config, key: str) -> Any:
     return functools.reduce(getattr, key.split("."), cfg)
 
 
-def _toml_items(data: dict):
+def _toml_items(data: dict, root=None):
     """(dotted key, value) pairs of a parsed TOML document; [section] tables are one level deep."""
+    root = root or Config
     for k, v in data.items():
-        if isinstance(v, dict) and _is_section(_hints(Config).get(k)):
+        if isinstance(v, dict) and _is_section(_hints(root).get(k)):
             yield from ((f"{k}.{k2}", v2) for k2, v2 in v.items())
-        elif isinstance(v, dict) and k not in _hints(Config):
-            raise _unknown(k, table=True)
+        elif isinstance(v, dict) and k not in _hints(root):
+            raise _unknown(k, table=True, root=root)
         else:
             yield k, v
 
 
-def _cli_items(args: list[str]):
+def _cli_items(args: list[str], root=None):
     """(key, text) pairs of `--a.b=v`, `--a.b v`, `a.b=v` and bare `--flag` (= true, bools only)."""
     i = 0
     while i < len(args):
@@ -421,7 +460,7 @@ def _cli_items(args: list[str]):
             raise ConfigError(f"'{args[i - 1]}': empty override key")
         if not eq:  # `--a.b v`, or a bare `--a.b` (= true) for a bool
             if i >= len(args) or args[i].startswith("--"):
-                tp = _field_type(key)
+                tp = _field_type(key, root)
                 if tp is not bool:
                     raise ConfigError(f"--{key}: missing value (expected {_type_name(tp)})")
                 text = "true"
@@ -433,7 +472,7 @@ def _cli_items(args: list[str]):
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Applies `--a.b=v` / `--a.b v` / `a.b=v` overrides to cfg in place (no validation)."""
-    for key, text in _cli_items(overrides):
+    for key, text in _cli_items(overrides, type(cfg)):
         _set(cfg, key, text, cli=True)
     return cfg
 
@@ -477,6 +516,13 @@ _RANGES = {
     "optim.grad_clip": "> 0",
     "checkpoint.every": ">= 0",
     "checkpoint.keep": ">= 0",
+    "cpt.weights": "> 0",
+    "cpt.seq_len": ">= 2",
+    "cpt.tokens_per_step": ">= 2",
+    "cpt.heldout_share": "in [0, 1)",
+    "cpt.eval_every": ">= 0",
+    "cpt.eval_tokens": ">= 1",
+    "cpt.logprob_scratch_mib": "> 0",
 }
 
 
@@ -492,9 +538,12 @@ def _within(v: float, rule: str) -> bool:
 def validate(cfg: Config) -> Config:
     """Checks types, ranges and cross-field rules; raises ConfigError with one line, returns cfg
     with each value in its field's type (cfg may have been edited in Python)."""
-    for key in _keys():
+    keys = _keys(type(cfg))
+    for key in keys:
         _set(cfg, key, _get(cfg, key))
     for key, rule in _RANGES.items():
+        if key not in keys:  # a key of the other root (Config / CPTConfig)
+            continue
         v = _get(cfg, key)
         items = [(f"{key}[{i}]", x) for i, x in enumerate(v)] if isinstance(v, (list, tuple)) else [(key, v)]
         for k, x in items:
@@ -503,6 +552,8 @@ def validate(cfg: Config) -> Config:
 
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise _fail("name", cfg.name, "a non-empty name without '/'")
+    if isinstance(cfg, CPTConfig):
+        return _validate_cpt(cfg)
     for key in ("model.path", "tokenizer.path", "data.prompts", "logging.run_dir", "checkpoint.resume"):
         if not _get(cfg, key):
             raise _fail(key, "", "a non-empty path")  # resume: 'none', 'auto' or a checkpoint folder
@@ -546,13 +597,38 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _validate_cpt(cfg: CPTConfig) -> CPTConfig:
+    """CPTConfig's own rules (validate has checked types and _RANGES)."""
+    for key in ("model.path", "tokenizer.path", "logging.run_dir", "checkpoint.resume"):
+        if not _get(cfg, key):
+            raise _fail(key, "", "a non-empty path")
+    c = cfg.cpt
+    if not c.sources:
+        raise ConfigError("cpt.sources is empty: list the token folders of `python -m lwz.data tokenize`")
+    for i, s in enumerate(c.sources):
+        if not s:
+            raise _fail(f"cpt.sources[{i}]", s, "a non-empty path")
+    if len(set(c.sources)) != len(c.sources):
+        raise _fail("cpt.sources", c.sources, "distinct folders")
+    if len(c.weights) != len(c.sources):
+        raise _fail("cpt.weights", c.weights, f"{len(c.sources)} numbers, one per cpt.sources entry")
+    if c.tokens_per_step % c.seq_len:
+        raise _fail("cpt.tokens_per_step", c.tokens_per_step, f"a multiple of cpt.seq_len = {c.seq_len}")
+    if cfg.checkpoint.overwrite and cfg.checkpoint.resume != "none":
+        raise _fail("checkpoint.overwrite", cfg.checkpoint.overwrite,
+                    f"false with checkpoint.resume = {cfg.checkpoint.resume!r} (a resume continues the run in place)")
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Config from a TOML file (None = defaults), then CLI overrides, then validation."""
-    cfg = Config()
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, root=None):
+    """Config (or `root`: CPTConfig) from a TOML file (None = defaults), then CLI overrides, then
+    validation."""
+    root = root or Config
+    cfg = root()
     if path is not None:
         try:
             with open(path, "rb") as f:
@@ -564,14 +640,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: invalid TOML: {str(e).splitlines()[0]}") from None
         try:
-            for key, value in _toml_items(data):
+            for key, value in _toml_items(data, root):
                 _set(cfg, key, value)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     return validate(apply_overrides(cfg, list(overrides or [])))
 
 
-def parse_args(argv: Optional[list[str]] = None) -> Config:
+def parse_args(argv: Optional[list[str]] = None, root=None):
     """`--config X.toml` (`-c X`, `--config=X`) plus overrides; `--resume V` = `--checkpoint.resume=V`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path, rest = None, []
@@ -589,7 +665,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
             rest.append(f"--checkpoint.resume={v}")
         else:
             path = v
-    return load_config(path, rest)
+    return load_config(path, rest, root)
 
 
 @contextlib.contextmanager
@@ -622,7 +698,7 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "GRPOConfig",
+    "CPTConfig", "CPTDataConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "GRPOConfig",
     "LoggingConfig", "ModelConfig", "OptimConfig", "RewardsConfig", "RolloutConfig",
     "TokenizerConfig", "apply_overrides", "die_on_config_error", "load_config", "parse_args",
     "save_config", "to_dict", "to_toml", "validate",

@@ -16,6 +16,19 @@ tokenised as the trainer does (data.think, data.template_en/zh, tokenizer.path o
 --tokenizer and the dotted overrides), and those longer than data.max_prompt_tokens are dropped,
 or with --keep-long only reported. Malformed records are skipped and reported as file:line.
 
+    python -m lwz.data tokenize --in <files or globs> [--in ...] --out <dir> --tokenizer <folder>
+        [--text-field text] [--txt-docs file|blank-line] [--shard-tokens N] [--batch-docs N]
+
+tokenize: a pretraining corpus as uint32 token shards plus a document index (layout in
+lwz/corpus.py), the input of lwz/pretrain.py. Inputs: .jsonl (one document a line, its text in
+--text-field; malformed lines and records without that string field are skipped and reported as
+file:line), .parquet (the --text-field column), .txt (the whole file one document, or with
+--txt-docs blank-line one document per blank-line-separated block). Every non-empty document is
+encoded without special tokens and ends with the tokenizer's EOS; empty ones are skipped and
+counted. Documents are encoded in batches (a fast tokenizer encodes a batch on all cores). The
+folder is built beside --out and renamed into place when complete; a rerun with the same inputs
+and tokenizer finds it done, and an --out holding anything else is refused.
+
 label-lengths: gives every prompt of a trainer JSONL file a target word range, as the paper does
 with an LLM (QwQ-32B): the model folder is loaded with our Transformer and decodes greedily with
 our rollout engine (batched; under torchrun each rank labels its share and rank 0 writes), after
@@ -449,11 +462,181 @@ def label_lengths(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# tokenize
 
-COMMANDS = {"prepare": prepare, "label-lengths": label_lengths}
+TOKENIZE_KINDS = (".jsonl", ".parquet", ".txt")
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """The files of --in patterns (globs expanded, sorted, each file once, in pattern order)."""
+    import glob
+
+    out = []
+    for pat in patterns:
+        hits = sorted(glob.glob(pat, recursive=True)) if glob.has_magic(pat) else [pat]
+        hits = [h for h in hits if os.path.isfile(h)]
+        if not hits:
+            raise DataError(f"--in {pat}: {'no file matches' if glob.has_magic(pat) else 'file not found'}")
+        for h in hits:
+            if not h.endswith(TOKENIZE_KINDS):
+                raise DataError(f"--in {h}: expected a {', '.join(TOKENIZE_KINDS)} file")
+            if os.path.realpath(h) not in map(os.path.realpath, out):
+                out.append(h)
+    return out
+
+
+def _documents(path: str, text_field: str, txt_docs: str, bad: list, progress):
+    """Texts of the documents of one input file (bad records appended to `bad` as file:line lines)."""
+    if path.endswith(".txt"):
+        with open(path, "rb") as f:
+            raw = f.read()
+        progress.update(len(raw))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append(f"{path}: not valid UTF-8 (byte {e.start})")
+            return
+        if txt_docs == "file":
+            yield text
+        else:
+            yield from re.split(r"\n\s*\n", text)
+        return
+    if path.endswith(".parquet"):
+        pf = _open_parquet(path)
+        size, rows = os.path.getsize(path), max(pf.metadata.num_rows, 1)
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+            for row, text in enumerate(batch.column(0).to_pylist()):
+                if isinstance(text, str):
+                    yield text
+                else:
+                    bad.append(f"{path}: a row's {text_field!r} is {type(text).__name__}, not a string")
+            progress.update(size * batch.num_rows // rows)
+        return
+    for line, obj, err in _jsonl_rows(path, progress):
+        if err is None and not (isinstance(obj, dict) and isinstance(obj.get(text_field), str)):
+            err = f"no string field {text_field!r}"
+        if err is not None:
+            bad.append(f"{path}:{line}: {err}")
+            continue
+        yield obj[text_field]
+
+
+def tokenize(argv: list[str]) -> int:
+    import shutil
+    import time
+
+    import numpy as np
+
+    from lwz import corpus as C
+    from lwz.checkpoint import file_identity
+    from lwz.metrics import Progress
+    from lwz.tokenizer import encode_batch, load_tokenizer
+
+    p = argparse.ArgumentParser(prog="python -m lwz.data tokenize",
+                                description="Tokenise a pretraining corpus into uint32 token shards + a document index.")
+    p.error = lambda msg: (_ for _ in ()).throw(DataError(f"tokenize: {msg} (see --help)"))
+    p.add_argument("--in", dest="inp", metavar="PATH", action="append", required=True,
+                   help=".jsonl / .parquet / .txt files or globs (repeatable; quote globs)")
+    p.add_argument("--out", metavar="DIR", required=True, help="token folder to create")
+    p.add_argument("--tokenizer", metavar="PATH", required=True, help="local HF tokenizer folder")
+    p.add_argument("--text-field", default="text", help="document text field of .jsonl / column of .parquet")
+    p.add_argument("--txt-docs", choices=("file", "blank-line"), default="file",
+                   help=".txt: the whole file is one document, or each blank-line-separated block")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28, metavar="N", help="tokens per shard file at most")
+    p.add_argument("--batch-docs", type=int, default=512, metavar="N", help="documents encoded per batch")
+    args = p.parse_args(argv)
+    if args.shard_tokens < 1 or args.batch_docs < 1:
+        raise DataError("tokenize: --shard-tokens and --batch-docs must be >= 1")
+    files = expand_inputs(args.inp)
+    for f in files:
+        check_output(args.out, f)
+        if f.endswith(".parquet"):
+            names = _open_parquet(f).schema_arrow.names
+            if args.text_field not in names:
+                raise DataError(f"--in {f}: no column {args.text_field!r} (columns: {', '.join(names)}); "
+                                f"pass --text-field")
+    tok = load_tokenizer(args.tokenizer)
+    identity = dict(inputs=[file_identity(os.path.realpath(f)) for f in files],
+                    tokenizer=C.tokenizer_identity(args.tokenizer), text_field=args.text_field,
+                    txt_docs=args.txt_docs)
+    out = args.out.rstrip("/") or "/"
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise DataError(f"--out {out} is a file; give a folder path")
+        meta = C.read_meta(out)
+        if meta is None and os.listdir(out):
+            raise DataError(f"--out {out} is a non-empty folder that holds no token corpus; choose another --out")
+        if meta is not None:
+            if meta.get("identity") != identity:
+                what = [k for k in identity if meta.get("identity", {}).get(k) != identity[k]]
+                raise DataError(f"--out {out} holds a different corpus (its {', '.join(what)} differ); "
+                                f"choose another --out or remove that folder")
+            print(f"tokenize: {out} is up to date ({meta['num_documents']} documents, {meta['num_tokens']} tokens)")
+            return 0
+    eos = int(tok.eos_token_id)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    t0 = time.time()
+    try:
+        writer = C.ShardWriter(tmp, args.shard_tokens)
+        bad, empty, n_docs = [], 0, 0
+        max_id = -1
+        bar = Progress(sum(os.path.getsize(f) for f in files), "tokenizing")
+
+        def flush(texts):
+            nonlocal max_id
+            for ids in encode_batch(tok, texts):
+                a = np.asarray(ids + [eos], dtype=np.int64)
+                max_id = max(max_id, int(a.max()))
+                writer.add(a)
+
+        for f in files:
+            texts = []
+            for text in _documents(f, args.text_field, args.txt_docs, bad, bar):
+                if not text.strip():
+                    empty += 1
+                    continue
+                texts.append(text)
+                n_docs += 1
+                if len(texts) == args.batch_docs:
+                    flush(texts)
+                    texts = []
+            flush(texts)
+        bar.close()
+        index = writer.close()
+        if not n_docs:
+            raise DataError(f"tokenize: no documents in {', '.join(files)}; {out} was not written")
+        if max_id >= 2 ** 32:
+            raise DataError(f"tokenize: token id {max_id} does not fit uint32")
+        meta = dict(format=C.FORMAT, version=C.VERSION, identity=identity, tokenizer_path=args.tokenizer,
+                    eos_token_id=eos, vocab_size=len(tok), max_token_id=max_id, num_documents=int(len(index)),
+                    num_tokens=int(index[:, 2].sum()), shards=[C.shard_name(k) for k in range(len(writer.shards))],
+                    shard_tokens=writer.shards, skipped_empty=empty, skipped_bad=len(bad))
+        with open(os.path.join(tmp, C.META), "w") as fh:
+            json.dump(meta, fh, indent=1)
+        if os.path.isdir(out):  # an empty folder (checked above)
+            os.rmdir(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"tokenize: {n_docs} documents, {meta['num_tokens']} tokens in {len(writer.shards)} shard(s) -> {out} "
+          f"({time.time() - t0:.1f}s)")
+    if empty:
+        print(f"  empty documents skipped: {empty}")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        print(f"  bad records skipped: {len(bad)} ({shown})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+COMMANDS = {"prepare": prepare, "label-lengths": label_lengths, "tokenize": tokenize}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from lwz.corpus import CorpusError
     from lwz.model import ModelLoadError
     from lwz.tokenizer import TokenizerError
 
@@ -464,7 +647,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (DataError, ConfigError, PromptDataError, TokenizerError, ModelLoadError) as e:
+    except (DataError, ConfigError, PromptDataError, TokenizerError, ModelLoadError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

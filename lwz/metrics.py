@@ -63,8 +63,13 @@ class NVML:
 class MetricsLog:
     """Appends one JSON object per step to `path` (rank 0 only) and prints a compact line."""
 
-    def __init__(self, path: str, enabled: bool, progress: bool = True, total_steps: int = 0):
+    # the progress line's values (those present in a row)
+    SHOWN = ("reward_total", "reward_length", "reward_format", "reward_quality", "answer_words_mean", "kl_mean",
+             "entropy", "grad_norm")
+
+    def __init__(self, path: str, enabled: bool, progress: bool = True, total_steps: int = 0, shown=SHOWN):
         self.path, self.enabled, self.progress, self.total = path, enabled, progress, total_steps
+        self.shown_keys = tuple(shown)
         self.t0 = time.time()
         if enabled:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -99,9 +104,7 @@ class MetricsLog:
         if self.progress:
             s = row["step"]
             bar = f"[{s:>4}/{self.total}]"
-            parts = [f"{k}={row[k]:.3f}" for k in ("reward_total", "reward_length", "reward_format",
-                                                    "reward_quality", "answer_words_mean", "kl_mean",
-                                                    "entropy", "grad_norm") if k in row and _finite(row[k])]
+            parts = [f"{k}={row[k]:.3f}" for k in self.shown_keys if k in row and _finite(row[k])]
             parts.append(f"tok/s={row.get('tokens_per_s', 0):.0f}")
             parts.append(f"t={time.time() - self.t0:.0f}s")
             print(bar + " " + " ".join(parts), file=sys.stdout, flush=True)

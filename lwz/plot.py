@@ -12,6 +12,7 @@ PANELS = [
     ("rates", ["format_ok_rate", "truncation_rate", "length_in_range_rate"]),
     ("lengths (words / tokens)", ["answer_words_mean", "response_tokens_mean", "think_words_mean"]),
     ("policy", ["entropy", "clip_frac_low", "clip_frac_high", "kl_mean", "logp_mismatch_mean"]),
+    ("pretraining loss (nats / token)", ["cpt_loss", "cpt_eval_loss"]),
 ]
 
 
@@ -26,11 +27,13 @@ def plot_run(run_dir: str) -> str:
         raise FileNotFoundError(f"{path}: no metrics to plot")
     rows = read_metrics(path)
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
-    for ax, (title, keys) in zip(axes, PANELS):
+    panels = [(t, keys) for t, keys in PANELS if any(k in r for r in rows for k in keys)] or PANELS[:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
         for k in keys:
-            if any(k in r for r in rows):
-                ax.plot(steps, [r.get(k, float("nan")) for r in rows], label=k)
+            if any(k in r for r in rows):  # a key logged on some steps only (held-out loss) as points
+                xy = [(s, r[k]) for s, r in zip(steps, rows) if k in r]
+                ax.plot(*zip(*xy), label=k, marker="o" if len(xy) < len(rows) else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)

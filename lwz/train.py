@@ -18,8 +18,6 @@ One step, top to bottom:
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import sys
 import time
@@ -32,13 +30,13 @@ import torch.distributed as dist
 
 from kernels.grpo_loss import grpo_loss
 from lwz import checkpoint as ckpt
+from lwz import loop
 from lwz.batch import Batch, exchange, from_rollout, gather_response_values, microbatch, padded_responses
-from lwz.config import ConfigError, parse_args, to_dict
-from lwz.distributed import (DTYPES, PeerFailed, agree_on_errors, all_reduce_sum, die_with_launcher,
-                             init_distributed, report_error, set_grad_sync, shard_model, shutdown_distributed)
-from lwz.hf_io import save_hf_model
+from lwz.config import ConfigError, to_dict
+from lwz.distributed import agree_on_errors, all_reduce_sum
+from lwz.loop import backward_microbatches, build_optimizer, build_policy, lr_lambda, optimizer_step  # noqa: F401
 from lwz.metrics import NVML, MetricsLog, peak_flops
-from lwz.model import ModelLoadError, Transformer, model_flops_per_token
+from lwz.model import ModelLoadError, model_flops_per_token
 from lwz.packing import attn_coeff_for, padding_waste, plan_microbatches
 from lwz.prompts import (ANSWER_CLOSE, PromptCursor, PromptDataError, extract_answer, extract_think,
                          load_prompts, long_prompts_message, template_prompt, tokenize_prompts)
@@ -51,35 +49,6 @@ from lwz.tokenizer import TokenizerError, check_fits_model, load_tokenizer, pad_
 
 
 # ---- building blocks ---------------------------------------------------------------------------
-
-def build_policy(cfg, d, for_reference: bool = False) -> Transformer:
-    """The policy (master weights in model.dtype), or the frozen reference model (stored in the
-    compute dtype distributed.param_dtype: it has no optimizer, so no reason for fp32 shards).
-    fp32 on CPU."""
-    m = cfg.model
-    dtype = DTYPES[cfg.distributed.param_dtype if for_reference else m.dtype] if d.device.type == "cuda" \
-        else torch.float32
-    ac = m.activation_checkpointing and not for_reference
-    cuda = d.device.type == "cuda"
-
-    def shard(model):
-        return shard_model(model, DTYPES[cfg.distributed.param_dtype] if cuda else None,
-                           DTYPES[cfg.distributed.reduce_dtype] if cuda else None,
-                           cfg.distributed.reshard_after_forward)
-
-    if m.init == "pretrained":  # sharded before allocation: each rank reads only its shard
-        model = Transformer.from_pretrained(m.path, dtype=dtype, device=d.device, attn_backend=m.attn_backend,
-                                            activation_checkpointing=ac,
-                                            shard_fn=shard if cfg.distributed.fsdp else None)
-    else:  # random init, identical on every rank (same seed) before sharding
-        model = Transformer.from_config(m.path, dtype=dtype, device=d.device, seed=cfg.seed,
-                                        attn_backend=m.attn_backend, activation_checkpointing=ac)
-        if cfg.distributed.fsdp:
-            shard(model)
-    if for_reference:
-        model.requires_grad_(False).eval()
-    return model
-
 
 def build_rewards(cfg, d):
     """The enabled rewards, in the order length, quality, format (matching rewards.weights)."""
@@ -101,19 +70,6 @@ def build_rewards(cfg, d):
         fns.append(FormatReward(penalty_weight=r.format_repetition_weight))
         weights.append(r.weights[2])
     return fns, weights
-
-
-def lr_lambda(cfg):
-    o = cfg.optim
-
-    def f(step: int) -> float:
-        if o.warmup_steps and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        t = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
 
 
 def policy_logprobs(model, mb, temperature: float, entropy: bool, scratch_bytes: int | None = None):
@@ -152,11 +108,9 @@ def train_minibatch(model, optimizer, batch: Batch, plans, cfg, d, pad_id, keep_
     g = cfg.grpo
     resp = batch.response_lengths[[i for rank in plans for mb in rank for i in mb]]
     n_tokens, n_seqs = int(resp.sum()), int((resp > 0).sum())  # the global normalisers, exact on every rank
-    my = plans[d.rank]
     sums, kept = {}, []
-    for k, seqs in enumerate(my):
-        # reduce-scatter every micro-batch (sharded accumulation) unless asked to keep full gradients
-        set_grad_sync(model, not cfg.distributed.accumulate_unsharded or k == len(my) - 1)
+
+    def loss_of(seqs):
         mb = microbatch(batch, seqs, pad_id)
         mask = mb.mask
         logp, ent = policy_logprobs(model, mb, cfg.rollout.temperature, True, g.logprob_scratch_mib << 20)
@@ -167,7 +121,6 @@ def train_minibatch(model, optimizer, batch: Batch, plans, cfg, d, pad_id, keep_
                                 kl_type=g.kl_type, loss_agg=g.loss_agg, global_tokens=max(n_tokens, 1),
                                 global_seqs=max(n_seqs, 1), cu_seqlens=mb.cu_seqlens, norm_const=cfg.norm_const,
                                 entropy=ent if g.entropy_coef > 0 else None, entropy_coef=g.entropy_coef)
-        (loss * d.world).backward()  # FSDP2 averages over ranks; the loss is already globally normalised
         # stats are means over this micro-batch's unmasked tokens: re-weight to global sums
         n_mb = float(mask.sum())
         sums["tokens"] = sums.get("tokens", 0.0) + n_mb
@@ -176,18 +129,16 @@ def train_minibatch(model, optimizer, batch: Batch, plans, cfg, d, pad_id, keep_
         for key in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean", "kl_mean", "approx_kl"):
             if key in stats:
                 sums[key] = sums.get(key, 0.0) + float(stats[key]) * n_mb
+        return loss
+
+    # reduce-scatter every micro-batch (sharded accumulation) unless asked to keep full gradients
+    backward_microbatches(model, plans[d.rank], loss_of, d, cfg.distributed.accumulate_unsharded)
     if keep_logp:
         batch.trainer_logp = gather_response_values(batch, plans, torch.cat(kept) if kept else torch.zeros(0),
                                                     d.world, d.rank)
     keys = sorted(sums)
     tot = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], d.device)))
-    params = [p for p in model.parameters() if p.grad is not None]
-    gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-    gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-    skipped = not math.isfinite(gn)
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    gn, skipped = optimizer_step(model, optimizer, cfg.optim.grad_clip)
     nt = max(tot.get("tokens", 0.0), 1.0)
     out = {k: tot[k] / nt for k in keys if k not in ("tokens", "loss")}
     out.update(loss=tot.get("loss", 0.0), grad_norm=gn, skipped=float(skipped))
@@ -281,37 +232,7 @@ def _startup_checks(cfg, d):
 # ---- main --------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(str(e) if str(e).startswith("config error") else f"config error: {e}", file=sys.stderr)
-        return 2
-    die_with_launcher()
-    try:
-        d = init_distributed(cfg.distributed.backend)
-    except ConfigError as e:  # before any process group: each node's first process says it
-        report_error(f"error: {e}", show=os.environ.get("LOCAL_RANK", "0") == "0")
-        return 2
-    # rank 0 logs (attention backend, packing backend, ...); other ranks only warnings
-    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="lwz: %(message)s")
-    finished = False
-    rc = None  # stays None while an unexpected exception propagates (its traceback must print)
-    try:
-        rc = _run(cfg, d)
-        finished = True
-        return rc
-    except PeerFailed as e:  # another rank reports this start-up error
-        report_error(f"error: {e}", show=False)
-        rc = 2
-        return rc
-    except STARTUP_ERRORS as e:
-        # one clear line instead of a traceback; what was written so far stays on disk
-        report_error(f"rank {d.rank}: error: {e}" if d.rank else f"error: {e}")
-        rc = 2
-        return rc
-    finally:
-        # several processes: leave right after the group is gone (see shutdown_distributed)
-        shutdown_distributed(sync=finished, exit_code=rc if d.world > 1 else None)
+    return loop.run_main(argv, _run, STARTUP_ERRORS)
 
 
 # errors that end a run with one line (their messages name the file or key)
@@ -337,23 +258,13 @@ def _run(cfg, d) -> int:
     # reward off, the same rules (record, request in the question, default) from the config
     length_fn = next((f for f in reward_fns if isinstance(f, LengthReward)), None) or \
         LengthReward(max_words=cfg.rewards.length_max_words, default_range=tuple(cfg.rewards.default_length_range))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    optimizer, scheduler = build_optimizer(policy, cfg)
     start = 0
-    ckdir = os.path.join(run_dir, "checkpoints")
     if resume_path is not None:
-        extra = agree_on_errors(lambda: ckpt.load_training_state(resume_path, policy, optimizer, d.rank), d,
-                                STARTUP_ERRORS)
-        scheduler.load_state_dict(extra["scheduler"])
+        extra = loop.resume(resume_path, policy, optimizer, scheduler, d, STARTUP_ERRORS)
         cursor.load_state_dict(extra["cursor"])
         start = extra["step"]
-        if d.is_main:
-            print(f"resumed from {resume_path} at step {start}", flush=True)
-    if d.is_main:  # the first write into the run folder: every check above has passed
-        moved = ckpt.start_run_folder(cfg)
-        if moved:
-            print(f"moved the previous run in {run_dir} to {moved}", flush=True)
+    loop.start_run(cfg, d)  # the first write into the run folder: every check above has passed
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), d.is_main, cfg.logging.progress, cfg.steps)
     log.truncate_after(start)
     nvml, peak = NVML(d.device), peak_flops(d.device)
@@ -416,25 +327,16 @@ def _run(cfg, d) -> int:
         row.update(time_rollout=t_roll - t0, time_reward=t_rew - t_roll, time_old_logprob=t_old - t_rew,
                    time_update=t_upd - t_old, time_step=t_upd - t0, tokens_per_s=sum(lengths) / (t_upd - t0),
                    padding_waste=padding_waste(lengths, full_plan))
-        if peak:  # model FLOPs of the training passes over their wall time, all GPUs
-            row["mfu"] = flops / (t_upd - t_rew) / (peak * d.world)
+        row.update(loop.mfu(flops, t_upd - t_rew, peak, d.world))  # the training passes' model FLOPs
         row.update(nvml.read())
         if d.device.type == "cuda":  # this rank's peak of the step (rollout cache, training activations)
             row["gpu_peak_alloc_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         log.write(row)
-        if cfg.checkpoint.every and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps):
-            ckpt.save_training_state(ckdir, step + 1, policy, optimizer, d.rank,
-                                     extra=dict(step=step + 1, scheduler=scheduler.state_dict(),
-                                                cursor=cursor.state_dict(), identity=identity),
-                                     keep=cfg.checkpoint.keep)
+        if loop.checkpoint_due(cfg, step + 1):
+            loop.save(cfg, step + 1, policy, optimizer, scheduler, d, cursor=cursor.state_dict(), identity=identity)
 
     if cfg.checkpoint.export_hf and start < cfg.steps:
-        from lwz.distributed import full_state_dict
-        sd = full_state_dict(policy)
-        if d.is_main:  # in the compute dtype on CUDA (bf16 for the paper's models), as HF ships them
-            export_dtype = DTYPES[cfg.distributed.param_dtype] if d.device.type == "cuda" else None
-            save_hf_model(sd, mcfg, os.path.join(run_dir, "hf"), dtype=export_dtype,
-                          tokenizer_path=cfg.tokenizer.path)
+        loop.export_hf(cfg, d, policy)
     if d.is_main:
         summarize(run_dir, cfg)
     return 0
@@ -503,12 +405,7 @@ def summarize(run_dir, cfg) -> None:
             b = sum(r[key] for r in rows[-k:]) / k
             print(f"  {key}: {a:.3f} -> {b:.3f}", flush=True)
     if cfg.logging.plot:
-        try:  # a finished run stays a success without matplotlib (or a display backend)
-            from lwz.plot import plot_run
-            print(f"curves: {plot_run(run_dir)}", flush=True)
-        except Exception as e:
-            print(f"warning: no plot ({type(e).__name__}: {e}); `python -m lwz.plot {run_dir}` redraws it",
-                  file=sys.stderr, flush=True)
+        loop.plot_curves(run_dir)
 
 
 if __name__ == "__main__":

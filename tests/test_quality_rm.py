@@ -291,3 +291,41 @@ def test_chat_template_path(tmp_path):
     rm.template = "no placeholders"
     with pytest.raises(ValueError, match="template"):
         rm.render("w1", "w2")
+
+
+def test_train_rm_two_processes_matches_one(tmp_path):
+    """torchrun with 2 processes (FSDP2, pairs balanced over the ranks): the same weights and
+    held-out accuracy as one process, because each micro-batch's loss is divided by the step's
+    pair count over every rank."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    make_tokenizer(tmp_path / "tok")
+    cfg = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+               max_position_embeddings=128)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    write_pairs(tmp_path / "pairs.jsonl", 120)
+    args = ["--data", str(tmp_path / "pairs.jsonl"), "--init", str(tmp_path / "config.json"), "--tokenizer",
+            str(tmp_path / "tok"), "--steps", "40", "--lr", "3e-3", "--batch-pairs", "16", "--eval-frac", "0.25",
+            "--template", "plain", "--max-tokens", "128", "--log-every", "40", "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "lwz.rewards.train_rm", *args, "--out", str(tmp_path / "two")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count('"eval_acc"') == 1  # rank 0 alone prints
+    assert train_rm.main(args + ["--out", str(tmp_path / "one")]) == 0
+    m1 = json.loads((tmp_path / "one" / "train_rm_metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "train_rm_metrics.json").read_text())
+    assert m1["eval_n"] == m2["eval_n"] == 30
+    assert m2["eval_acc"] == m1["eval_acc"] and m2["eval_acc"] >= 0.8, (m1, m2)
+    assert m2["eval_loss"] == pytest.approx(m1["eval_loss"], rel=1e-4)
+    w1 = load_file(str(tmp_path / "one" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=2e-5, msg=k)

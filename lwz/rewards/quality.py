@@ -333,11 +333,13 @@ class QualityRewardModel(nn.Module):
         d["pad_token_id"] = int(pad) if pad is not None else 0
         return d
 
-    def save_pretrained(self, folder: str, dtype: Optional[torch.dtype] = None) -> None:
+    def save_pretrained(self, folder: str, dtype: Optional[torch.dtype] = None,
+                        state_dict: Optional[dict] = None) -> None:
         """Write an HF folder that transformers loads as ...ForSequenceClassification (num_labels=1,
-        pad_token_id set), plus the tokenizer and our settings file."""
+        pad_token_id set), plus the tokenizer and our settings file. state_dict: the full weights
+        to write (an FSDP2-sharded model's lwz.distributed.full_state_dict), default this module's."""
 
-        state = {k: v for k, v in self.state_dict().items()}
+        state = dict(self.state_dict() if state_dict is None else state_dict)
         save_hf_model(state, self.config, folder, dtype=dtype, name_map=lambda k: k,
                       config_dict=self.hf_config())
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):

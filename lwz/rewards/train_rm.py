@@ -2,6 +2,7 @@
 
     python -m lwz.rewards.train_rm --data pairs.jsonl --init <folder | config.json> --out <folder>
         [--config configs/rm_tiny.toml] [--tokenizer <folder>] [--steps 200] [--lr 1e-4] ...
+    torchrun --nproc_per_node=8 -m lwz.rewards.train_rm ...     (the same flags, on GPUs)
 
 Data: JSONL, one {"prompt": str, "chosen": str, "rejected": str} a line (blank lines skipped).
 --init: an HF ...ForSequenceClassification folder (continue training), a causal-LM folder (backbone
@@ -12,6 +13,13 @@ tokens, AdamW with linear warmup then cosine decay, grad-norm clip. A held-out s
 reports pair accuracy (r_chosen > r_rejected) and loss; the final folder is HF format.
 --config: a TOML file whose keys are these flags' names (dashes or underscores); flags on the
 command line win.
+
+Several processes (torchrun) or a GPU: the model is FSDP2-sharded (bf16 compute, fp32 master
+weights and reduction on CUDA; --activation-checkpointing for long pairs), every rank reads and
+splits the data the same way, and each step's pairs are balanced over the ranks into packed
+micro-batches (lwz.packing.plan_microbatches; a pair's chosen and rejected texts stay in one
+micro-batch). The loss of each micro-batch is divided by the step's pair count (lwz.loop: the same
+update on 1 or N ranks); accuracy, loss and margin are summed over ranks. Rank 0 writes the folder.
 """
 
 from __future__ import annotations
@@ -28,11 +36,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lwz import loop
+from lwz.distributed import all_reduce_sum, full_state_dict, init_distributed, shard_model, shutdown_distributed
 from lwz.model import ModelLoadError
+from lwz.packing import plan_microbatches
 from lwz.prompts import iter_jsonl
 from lwz.tokenizer import TokenizerError
-from lwz.rewards.quality import (QualityRewardModel, has_tokenizer, load_tokenizer, pack_token_lists,
-                                 token_budget_batches)
+from lwz.rewards.quality import QualityRewardModel, has_tokenizer, load_tokenizer, pack_token_lists
 
 
 class RMDataError(ValueError):
@@ -69,38 +79,53 @@ def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
-def _pair_scores(rm: QualityRewardModel, enc: list[tuple[list[int], list[int]]], max_tokens: int,
-                 backward_scale: float | None = None):
-    """Scores of encoded pairs, micro-batched by token budget (a pair never splits). With
-    backward_scale, the loss of each micro-batch (times the scale) is backpropagated at once and the
-    returned scores are detached. Returns (r_chosen[P], r_rejected[P], summed loss)."""
-    device = rm.score.weight.device
-    rc = torch.empty(len(enc))
-    rr = torch.empty(len(enc))
-    total = 0.0
-    for idx in token_budget_batches([len(c) + len(r) for c, r in enc], max_tokens):
-        seqs = [enc[i][0] for i in idx] + [enc[i][1] for i in idx]
-        s = rm.score_packed(*pack_token_lists(seqs, device=device))
-        sc, sr = s[:len(idx)], s[len(idx):]
-        loss = -F.logsigmoid(sc - sr).sum()
-        if backward_scale is not None:
-            (loss * backward_scale).backward()
-        total += float(loss.detach())
-        ix = torch.tensor(idx)
-        rc[ix], rr[ix] = sc.detach().float().cpu(), sr.detach().float().cpu()
-    return rc, rr, total
+def _plan(enc, d, max_tokens: int) -> list[list[int]]:
+    """This rank's micro-batches (pair indices into `enc`) of a global list of pairs, balanced over
+    the ranks by tokens; every rank gets the same number (some possibly empty)."""
+    plans = plan_microbatches([len(c) + len(r) for c, r in enc], max(max_tokens, max(len(c) + len(r) for c, r in enc)),
+                              num_ranks=d.world)
+    return plans[d.rank]
+
+
+def _device(rm) -> torch.device:
+    return rm.score.weight.device
+
+
+def _score_pairs(rm, enc, idx: list[int]):
+    """(r_chosen [k], r_rejected [k]) of pairs `idx` in one packed forward; no pairs: one dummy
+    token's forward (FSDP needs every rank to run as many) and two empty tensors."""
+    if not idx:
+        s = rm.score_packed(*pack_token_lists([[0]], device=_device(rm)))
+        return s[:0] + 0 * s.sum(), s[:0]
+    seqs = [enc[i][0] for i in idx] + [enc[i][1] for i in idx]
+    s = rm.score_packed(*pack_token_lists(seqs, device=_device(rm)))
+    return s[:len(idx)], s[len(idx):]
+
+
+def _sums(rc: torch.Tensor, rr: torch.Tensor) -> list[float]:
+    """[pairs, correct, summed loss, summed margin] of scored pairs."""
+    return [float(rc.numel()), float((rc > rr).sum()), float(-F.logsigmoid(rc - rr).sum()), float((rc - rr).sum())]
 
 
 @torch.no_grad()
-def evaluate(rm: QualityRewardModel, enc, max_tokens: int) -> dict:
+def evaluate(rm: QualityRewardModel, enc, max_tokens: int, d=None) -> dict:
+    """Held-out pair accuracy (r_chosen > r_rejected), mean loss and margin, over every rank's share."""
     if not enc:
         return {"acc": float("nan"), "loss": float("nan"), "n": 0}
+    d = d or _single()
     was = rm.training
     rm.eval()
-    rc, rr, total = _pair_scores(rm, enc, max_tokens)
+    tot = [0.0] * 4
+    for idx in _plan(enc, d, max_tokens):
+        tot = [a + b for a, b in zip(tot, _sums(*(x.detach().float() for x in _score_pairs(rm, enc, idx))))]
     rm.train(was)
-    return {"acc": float((rc > rr).float().mean()), "loss": total / len(enc), "n": len(enc),
-            "margin": float((rc - rr).mean())}
+    n, correct, loss, margin = all_reduce_sum(tot, _device(rm)) if d.world > 1 else tot
+    return {"acc": correct / n, "loss": loss / n, "n": int(n), "margin": margin / n}
+
+
+def _single():
+    from types import SimpleNamespace
+    return SimpleNamespace(rank=0, world=1)
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -121,14 +146,21 @@ def build_model(init: str, tokenizer_path: str | None, seed: int, **kw) -> Quali
     return QualityRewardModel.from_config(init, tokenizer=tok, seed=seed, **kw)
 
 
-def train(args) -> dict:
-    """Run training from parsed arguments; returns the final metrics (also printed as JSON lines)."""
+def train(args, d=None) -> dict:
+    """Run training from parsed arguments on the process group `d` (lwz.distributed.Dist; None = one
+    CPU process); returns the final metrics (also printed as JSON lines by rank 0)."""
+    d = d or init_distributed()  # a world of one when not under torchrun
+    cuda = d.device.type == "cuda"
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     pairs = load_pairs(args.data)
     rm = build_model(args.init, args.tokenizer, args.seed, max_length=args.max_length,
-                     template=args.template)
+                     template=args.template, activation_checkpointing=args.activation_checkpointing)
+    rm.to(d.device)
+    if d.world > 1 or cuda:  # bf16 compute with fp32 master weights and reduction on GPUs
+        shard_model(rm, torch.bfloat16 if cuda else None, torch.float32 if cuda else None, layers=rm.model.layers)
     rm.train()
+    # every rank encodes and splits the same way (same seed), so the steps' pair lists agree
     enc = [(rm.encode(p.prompt, p.chosen), rm.encode(p.prompt, p.rejected)) for p in pairs]
     order = list(range(len(enc)))
     rng.shuffle(order)
@@ -137,7 +169,7 @@ def train(args) -> dict:
     train_enc = [enc[i] for i in order[n_eval:]]
     if not train_enc:
         raise RMDataError(f"{args.data}: no pairs left for training after the held-out split")
-    if not eval_enc and args.eval_frac > 0:  # too few pairs for round(n * eval_frac) >= 1
+    if not eval_enc and args.eval_frac > 0 and d.is_main:  # too few pairs for round(n * eval_frac) >= 1
         print(f"note: {args.data}: {len(enc)} pair(s) x --eval-frac {args.eval_frac:g} hold out none; "
               f"training on all of them, no eval accuracy is reported", file=sys.stderr, flush=True)
 
@@ -146,7 +178,11 @@ def train(args) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
-    log = lambda d: print(json.dumps(d), flush=True)  # noqa: E731
+
+    def log(row):
+        if d.is_main:
+            print(json.dumps(row), flush=True)
+
     t0 = time.time()
     cursor, perm = 0, list(range(len(train_enc)))
     rng.shuffle(perm)
@@ -160,24 +196,32 @@ def train(args) -> dict:
             cursor += 1
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, args.steps, args.lr, args.warmup)
-        opt.zero_grad(set_to_none=True)
-        rc, rr, total = _pair_scores(rm, batch, args.max_tokens, backward_scale=1.0 / len(batch))
-        gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip)
-        opt.step()
+        tot = [0.0] * 4
+
+        def loss_of(idx):
+            nonlocal tot
+            rc, rr = _score_pairs(rm, batch, idx)
+            tot = [a + b for a, b in zip(tot, _sums(rc.detach().float(), rr.detach().float()))]
+            return -F.logsigmoid(rc - rr).sum() / len(batch)  # divided by the step's pair count
+
+        loop.backward_microbatches(rm, _plan(batch, d, args.max_tokens), loss_of, d)
+        gnorm, skipped = loop.optimizer_step(rm, opt, args.grad_clip)
+        n, correct, loss, _ = all_reduce_sum(tot, d.device) if d.world > 1 else tot
         if (step + 1) % args.log_every == 0 or step == 0:
-            log({"step": step + 1, "loss": total / len(batch), "acc": float((rc > rr).float().mean()),
-                 "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
-                 "elapsed_s": round(time.time() - t0, 2)})
+            log({"step": step + 1, "loss": loss / n, "acc": correct / n, "grad_norm": gnorm,
+                 "skipped": skipped, "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 2)})
         if eval_enc and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            log({"step": step + 1, **{f"eval_{k}": v for k, v in evaluate(rm, eval_enc, args.max_tokens).items()}})
-    evaluated = evaluate(rm, eval_enc, args.max_tokens) if eval_enc else {}
+            log({"step": step + 1, **{f"eval_{k}": v for k, v in evaluate(rm, eval_enc, args.max_tokens, d).items()}})
+    evaluated = evaluate(rm, eval_enc, args.max_tokens, d) if eval_enc else {}
     final = {"step": args.steps, **{f"eval_{k}": v for k, v in evaluated.items()},
              "train_pairs": len(train_enc), "elapsed_s": round(time.time() - t0, 2)}
     log(final)
     rm.eval()
-    rm.save_pretrained(args.out)
-    with open(os.path.join(args.out, "train_rm_metrics.json"), "w") as f:
-        json.dump(final, f, indent=2)
+    sd = full_state_dict(rm) if d.world > 1 or cuda else None  # rank 0 gets the full weights
+    if d.is_main:
+        rm.save_pretrained(args.out, state_dict=sd)
+        with open(os.path.join(args.out, "train_rm_metrics.json"), "w") as f:
+            json.dump(final, f, indent=2)
     return final
 
 
@@ -202,6 +246,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in backward (long pairs on GPUs)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is); 1 is fastest for tiny models on a busy CPU")
     return p
 
@@ -244,14 +290,20 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    d = init_distributed()
+    rc = None
     try:
-        train(args)
+        train(args, d)
+        rc = 0
     except (RMDataError, ModelLoadError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if d.is_main:  # every rank reads the same data and fails the same way: say it once
+            print(f"error: {e}", file=sys.stderr)
+        rc = 2
     finally:
         torch.set_num_threads(threads)
-    return 0
+        # several processes: leave right after the group is gone (see shutdown_distributed)
+        shutdown_distributed(sync=rc is not None, exit_code=rc if d.world > 1 else None)
+    return rc
 
 
 if __name__ == "__main__":
