@@ -10,14 +10,15 @@ Deterministic (same arguments, same bytes). Two JSONL files, one {"text": ...} a
                  objects, places, times, feelings, connectives and dialogue, so the sentences are
                  varied but every word is one the bundled tokenizer encodes compactly.
   think.jsonl    think/answer-formatted samples in the exact template the tiny GRPO prompt uses
-                 (configs/tiny.toml data.template_en / template_zh): preamble, `<|user|>: request
+                 (configs/grpo-tiny.toml data.template_en / template_zh): preamble, `<|user|>: request
                  <|assistant|>:`, then ` <think>plan</think> <answer>prose</answer>`.
 
 What the think samples must NOT teach is the GRPO task itself: their requests come from other
 request forms than data/tiny_prompts.jsonl (scripts/make_prompts.py), never state a length, and
-their answers' lengths are drawn uniformly from 5 to 120 words (Chinese: characters) whatever the request. So the CPT
-model learns the format and how to write, and GRPO has to learn to write the length each
-request asks for (length_in_range_rate).
+their answers' lengths are drawn uniformly from 20 to 150 words (Chinese: characters; see
+--answer-words) whatever the request, mostly longer than the GRPO prompts' 5 to 40. So the CPT
+model learns the format and how to write, and GRPO has to learn to stop before the token cap and
+to write the length each request asks for (length_in_range_rate).
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def zh_prose(rng: random.Random, n_chars: int) -> str:
 
 
 # ---- think/answer samples ----------------------------------------------------------------------
+ANSWER_WORDS = (20, 150)  # answer lengths of the think samples (uniform), whatever the request
 # Request forms that data/tiny_prompts.jsonl does not use, with no length stated.
 REQUESTS_EN = ["Tell me about {t}.", "Write something about {t}.", "Describe a day with {t}.",
                "Give me a few lines on {t}.", "Write a little scene with {t}.", "Share a memory of {t}.",
@@ -167,22 +169,25 @@ PLANS_EN = ["I will write about {t} with a warm tone.", "First I set the scene, 
 PLANS_ZH = ["我先想好结构，再写开头和结尾。", "语气要亲切。", "读者是朋友，可以写得轻松一些。", "最后检查一遍用词。"]
 
 
-def think_sample(rng: random.Random, template_en: str, template_zh: str, topics_en, topics_zh) -> str:
+def think_sample(rng: random.Random, template_en: str, template_zh: str, topics_en, topics_zh,
+                 answer_words: tuple[int, int]) -> str:
     if rng.random() < 0.1:
         t = rng.choice(topics_zh)
         q = rng.choice(REQUESTS_ZH).replace("{t}", t)
         plan = "".join(rng.sample(PLANS_ZH, rng.randint(1, 2)))
-        answer = zh_prose(rng, rng.randint(5, 120))
+        answer = zh_prose(rng, rng.randint(*answer_words))
         return template_zh.replace("{question}", q) + f" <think>{plan}</think> <answer>{answer}</answer>"
     t = rng.choice(topics_en)
     q = rng.choice(REQUESTS_EN).replace("{t}", t)
     plan = " ".join(p.replace("{t}", t) for p in rng.sample(PLANS_EN, rng.randint(1, 2)))
-    answer = en_answer(rng, rng.randint(5, 120))
+    answer = en_answer(rng, rng.randint(*answer_words))
     return template_en.replace("{question}", q) + f" <think>{plan}</think> <answer>{answer}</answer>"
 
 
-def make_corpus(seed: int, n_docs: int, think_share: float, template_en: str, template_zh: str):
-    """(writing documents, think samples): n_docs in all, think_share of them think samples."""
+def make_corpus(seed: int, n_docs: int, think_share: float, template_en: str, template_zh: str,
+                answer_words: tuple[int, int] = ANSWER_WORDS):
+    """(writing documents, think samples): n_docs in all, think_share of them think samples, whose
+    answers have a length drawn uniformly from answer_words (words; Chinese: characters)."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import make_prompts
 
@@ -190,7 +195,7 @@ def make_corpus(seed: int, n_docs: int, think_share: float, template_en: str, te
     n_think = round(n_docs * think_share)
     writing = [zh_prose(rng, rng.randint(30, 200)) if rng.random() < 0.1 else en_document(rng)
                for _ in range(n_docs - n_think)]
-    think = [think_sample(rng, template_en, template_zh, make_prompts.TOPICS_EN, make_prompts.TOPICS_ZH)
+    think = [think_sample(rng, template_en, template_zh, make_prompts.TOPICS_EN, make_prompts.TOPICS_ZH, answer_words)
              for _ in range(n_think)]
     return writing, think
 
@@ -204,15 +209,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--docs", type=int, default=6000)
     ap.add_argument("--think-share", type=float, default=0.08)
-    ap.add_argument("--grpo-config", default=os.path.join(ROOT, "configs", "tiny.toml"),
+    ap.add_argument("--answer-words", type=int, nargs=2, default=ANSWER_WORDS, metavar=("LO", "HI"),
+                    help="the think samples' answer lengths are drawn uniformly from [LO, HI]")
+    ap.add_argument("--grpo-config", default=os.path.join(ROOT, "configs", "grpo-tiny.toml"),
                     help="the GRPO config whose data.template_en / template_zh the think samples use")
     args = ap.parse_args()
     if not 0 <= args.think_share <= 1:
         sys.exit(f"--think-share: expected a number in [0, 1], got {args.think_share}")
+    if not 1 <= args.answer_words[0] <= args.answer_words[1]:
+        sys.exit(f"--answer-words: expected 1 <= LO <= HI, got {args.answer_words[0]} {args.answer_words[1]}")
     from lwz.prompts import THINK_TEMPLATE_EN, THINK_TEMPLATE_ZH
     data = load_config(args.grpo_config).data
     t_en, t_zh = data.template_en or THINK_TEMPLATE_EN, data.template_zh or THINK_TEMPLATE_ZH
-    writing, think = make_corpus(args.seed, args.docs, args.think_share, t_en, t_zh)
+    writing, think = make_corpus(args.seed, args.docs, args.think_share, t_en, t_zh, tuple(args.answer_words))
     os.makedirs(args.out, exist_ok=True)
     for name, docs in (("writing.jsonl", writing), ("think.jsonl", think)):
         path = os.path.join(args.out, name)
