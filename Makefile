@@ -21,11 +21,17 @@ $(STAMP): requirements.txt setup.py CMakeLists.txt $(wildcard csrc/*)
 
 setup: $(STAMP)
 
-# set-up (the corpus and its tokens: deterministic, a few seconds), then the timed part
-train: $(STAMP)
+# the synthetic CPT corpus and its token folders: deterministic, remade when the script, the GRPO
+# template it copies or the tokenizer changes (the old token folders would not match the new text)
+$(CPT_DATA)/.made: scripts/make_cpt_corpus.py configs/grpo-tiny.toml assets/tokenizer/tokenizer.json | $(STAMP)
+	rm -rf $(CPT_DATA)/writing $(CPT_DATA)/think $@
 	$(VPY) scripts/make_cpt_corpus.py --out $(CPT_DATA)
 	$(VPY) -m lwz.data tokenize --in $(CPT_DATA)/writing.jsonl --out $(CPT_DATA)/writing --tokenizer assets/tokenizer
 	$(VPY) -m lwz.data tokenize --in $(CPT_DATA)/think.jsonl --out $(CPT_DATA)/think --tokenizer assets/tokenizer
+	touch $@
+
+# set-up above, then the timed part: CPT, then GRPO from the CPT model's export
+train: $(STAMP) $(CPT_DATA)/.made
 	@start=$$(date +%s); \
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) lwz/pretrain.py --config configs/cpt-tiny.toml $(TRAIN_FLAGS) && \
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) lwz/train.py --config configs/grpo-tiny.toml $(TRAIN_FLAGS) && \

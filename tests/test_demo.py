@@ -145,8 +145,8 @@ def test_answers_are_real_prose_in_range(demo):
     got = [(x.lower(), y.lower()) for a in answers for x, y in zip(_WORD.findall(a), _WORD.findall(a)[1:])]
     known = sum(p in pairs for p in got) / len(got)
     repeats = sum(x == y for x, y in got) / len(got)
-    assert known >= 0.8, (known, answers[:5])
-    assert repeats <= 0.02, (repeats, answers[:5])
+    assert known >= 0.7, (known, answers[:5])  # 0.98 after CPT; 0.2 in the counter-gaming run
+    assert repeats <= 0.05, (repeats, answers[:5])  # a counter-gaming run had 0.56 ("the the the")
 
 
 def test_second_run_stops_and_keeps_the_first(demo):
