@@ -8,7 +8,8 @@
 # two ceilings (bf16 8192^3 matmul, device-to-device copy), the CUDA tests (CUDA vs CPU twins,
 # Triton kernels in bf16 vs references), two steps of the tiny default trained on the GPU in bf16,
 # the packing and decode-attention benchmarks, the log-prob and GRPO-loss kernel benchmarks, the
-# rollout benchmark, profile_step at 14336 (and 8192) tokens for the Qwen2.5-1.5B shape, the step's
+# rollout benchmark, profile_step at 14336 (and 8192) tokens for the Qwen2.5-1.5B shape, a CPT step
+# at 32768 tokens on that shape, the step's
 # data path at ~29M tokens, then the log-prob and GRPO-loss kernels against torch.compile of their
 # torch paths.
 # Every step runs under `timeout`; a failure is recorded, never fatal. Outputs:
@@ -216,6 +217,13 @@ step profile_fixed 90 "$RES/profile_step-fixed-$GPU_TAG.json" "$PYTHON" -m bench
 step profile_8k 60 "$RES/profile_step-8k-$GPU_TAG.json" "$PYTHON" -m bench.profile_step --preset qwen2.5-1.5b \
   --seq-lens 8192 --lengths-mix longtail --tokens-per-step 8192 --warmup 1 --iters 3 \
   --out "$RES/profile_step-8k-$GPU_TAG.json"
+
+# 7-cpt. a continual-pretraining step (lwz/pretrain.py's loss) at the paper's 32K context on the
+#    Qwen2.5-1.5B shape: one packed micro-batch of 32768 tokens of long-tail documents, activation
+#    checkpointing, tokens/s, MFU and peak memory (no padded baseline: it would materialise 20 GB of logits)
+step profile_cpt 120 "$RES/profile_step-cpt-$GPU_TAG.json" "$PYTHON" -m bench.profile_step --preset qwen2.5-1.5b \
+  --loss cpt --seq-lens 32768 --lengths-mix longtail --tokens-per-step 32768 --no-padded --warmup 1 --iters 3 \
+  --out "$RES/profile_step-cpt-$GPU_TAG.json"
 
 # 7a. the step's data path (rollout -> every rank's batch -> plan -> packed micro-batches -> log-probs
 #    back): the tensor path vs the pickled-object baseline at the 7B config's step size (~29M tokens),

@@ -9,6 +9,11 @@ so the ratios packed / padded (time and peak memory) are the numbers to read, no
     python -m bench.profile_step                                   # CPU: tiny preset, 64..256 tokens
     python -m bench.profile_step --preset qwen2.5-1.5b --seq-lens 14336 --tokens-per-step 28672
     python -m bench.profile_step --model-config path/to/config.json --lengths-mix fixed --trace t.json
+    python -m bench.profile_step --loss cpt --preset qwen2.5-1.5b --seq-lens 32768 --tokens-per-step 32768 --no-padded
+
+--loss cpt profiles a continual-pretraining step (lwz/pretrain.py) instead: documents of a long-tail
+length mix packed into one micro-batch, next-token cross-entropy (-logp from the fused kernel,
+divided by the target count) in place of the GRPO loss.
 
 MFU = model FLOPs of the real tokens / step time / peak bf16 FLOP/s of the GPU, where a sequence of
 length L costs L * lwz.model.model_flops_per_token(cfg, L) (6 x matmul params + lm head per token,
@@ -25,6 +30,7 @@ On CUDA: bf16 weights, activation checkpointing, AdamW; on CPU fp32 without chec
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -96,6 +102,18 @@ def sample_lengths(max_len: int, tokens: int, mix: str, seed: int, min_len: int 
     return out
 
 
+def fill_exactly(lengths: list[int], tokens: int) -> list[int]:
+    """Document lengths packed into exactly `tokens` tokens: the last one that fits is cut, and a
+    shortfall becomes one more document."""
+    out, room = [], tokens
+    for n in lengths:
+        if not room:
+            break
+        out.append(min(n, room))
+        room -= out[-1]
+    return out + ([room] if room else [])
+
+
 def make_batch(lengths: list[int], vocab: int, seed: int):
     """Per-sequence token ids, old log-probs and per-sequence advantages (what a rollout hands over)."""
     g = torch.Generator().manual_seed(seed)
@@ -142,32 +160,35 @@ def pad(seqs, old, adv, device):
                 old=to(o.reshape(-1)), mask=to(tgt != -100))
 
 
-def _grpo_loss(logp, b):
+def _grpo_loss(logp, b, kind: str = "grpo"):
+    """The step's loss: GRPO (token-mean, clipped ratios) or, kind "cpt", next-token cross-entropy."""
+    if kind == "cpt":
+        return -(logp * b["mask"]).sum() / b["mask"].sum().clamp(min=1)
     from kernels.grpo_loss import grpo_loss
     loss, _ = grpo_loss(logp, b["old"], b["adv"], b["mask"], clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
                         loss_agg="token-mean")
     return loss
 
 
-def packed_step(model, opt, seqs, old, adv, device):
+def packed_step(model, opt, seqs, old, adv, device, loss_kind: str = "grpo"):
     from kernels.logprob import fused_logprobs
     b = pack(seqs, old, adv, device)
     hidden = model(b["ids"], b["pos"], b["cu"], b["max_len"])
     logp, _ = fused_logprobs(hidden, model.lm_head_weight, b["tgt"])
-    loss = _grpo_loss(logp, b)
+    loss = _grpo_loss(logp, b, loss_kind)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach()
 
 
-def padded_step(model, opt, seqs, old, adv, device):
+def padded_step(model, opt, seqs, old, adv, device, loss_kind: str = "grpo"):
     b = pad(seqs, old, adv, device)
     hidden = model(b["ids"], b["pos"], b["cu"], b["max_len"])
     logits = model.logits(hidden)  # [B * Lmax, V] fp32, materialised
     lsm = torch.log_softmax(logits, dim=-1)
     logp = lsm.gather(1, b["tgt"].clamp(min=0)[:, None]).squeeze(1) * b["mask"]
-    loss = _grpo_loss(logp, b)
+    loss = _grpo_loss(logp, b, loss_kind)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -266,6 +287,8 @@ def run(args) -> dict:
     for S in args.seq_lens:
         tokens = args.tokens_per_step or (2 * S if args.lengths_mix == "fixed" else 4 * S)
         lengths = sample_lengths(S, tokens, args.lengths_mix, args.seed + S)
+        if args.loss == "cpt":  # the pretraining stream's micro-batch: documents cut to exactly `tokens`
+            lengths = fill_exactly(lengths, tokens)
         seqs, old, adv = make_batch(lengths, cfg.vocab_size, args.seed + S)
         real = sum(lengths)
         padded_tokens = len(lengths) * max(lengths)
@@ -273,7 +296,9 @@ def run(args) -> dict:
         case = {"seq_len": S, "lengths_mix": args.lengths_mix, "num_seqs": len(lengths), "tokens": real,
                 "padded_tokens": padded_tokens, "padding_waste": 1 - real / padded_tokens,
                 "model_flops": flops, "lengths": lengths}
-        paths = {"packed": packed_step} if args.no_padded else {"packed": packed_step, "padded": padded_step}
+        paths = {"packed": functools.partial(packed_step, loss_kind=args.loss)}
+        if not args.no_padded:
+            paths["padded"] = functools.partial(padded_step, loss_kind=args.loss)
         res = measure(paths, model, opt, (seqs, old, adv), device, args.warmup, args.iters)
         res.setdefault("padded", {"status": "skipped: --no-padded"})
         for name, r in res.items():
@@ -307,13 +332,13 @@ def run(args) -> dict:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts, record_shapes=False) as prof:
-            packed_step(model, opt, *batch, device)
+            packed_step(model, opt, *batch, device, loss_kind=args.loss)
             _sync(device)
         os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
         prof.export_chrome_trace(args.trace)
     first = cases[0] if cases else {}
     return {
-        "bench": "profile_step",
+        "bench": "profile_step", "loss": args.loss,
         "env": env_info(),
         "model": {"preset": None if args.model_config else args.preset, "config": args.model_config,
                   "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
@@ -365,6 +390,8 @@ def parse_args(argv=None):
                     default=None)
     ap.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
     ap.add_argument("--no-padded", action="store_true", help="skip the padded baseline")
+    ap.add_argument("--loss", default="grpo", choices=("grpo", "cpt"),
+                    help="grpo: the GRPO policy update; cpt: a continual-pretraining step (next-token CE)")
     ap.add_argument("--threads", type=int, default=None if cuda else 1,
                     help="torch CPU threads (CPU default 1: OpenMP spin-waits make multi-thread timings "
                          "erratic on a shared host)")
@@ -384,7 +411,7 @@ def main(argv=None) -> int:
     m = res["model"]
     print(f"profile_step: {res['device']} {res['dtype']} AC={res['activation_checkpointing']} "
           f"model H={m['hidden_size']} L={m['num_hidden_layers']} V={m['vocab_size']} "
-          f"({m['num_params'] / 1e6:.1f}M params), mix={args.lengths_mix}")
+          f"({m['num_params'] / 1e6:.1f}M params), mix={args.lengths_mix}, loss={args.loss}")
     print(format_table(res["table"]))
     print(MFU_FORMULA + f"  (peak {fmt(res['peak_flops'])} FLOP/s)")
     for c in res["cases"]:

@@ -614,6 +614,9 @@ def _validate_cpt(cfg: CPTConfig) -> CPTConfig:
         raise _fail("cpt.weights", c.weights, f"{len(c.sources)} numbers, one per cpt.sources entry")
     if c.tokens_per_step % c.seq_len:
         raise _fail("cpt.tokens_per_step", c.tokens_per_step, f"a multiple of cpt.seq_len = {c.seq_len}")
+    if c.eval_every and not c.heldout_share:
+        raise ConfigError(f"cpt.eval_every = {c.eval_every} needs held-out documents: set cpt.heldout_share > 0 "
+                          f"(or cpt.eval_every = 0)")
     if cfg.checkpoint.overwrite and cfg.checkpoint.resume != "none":
         raise _fail("checkpoint.overwrite", cfg.checkpoint.overwrite,
                     f"false with checkpoint.resume = {cfg.checkpoint.resume!r} (a resume continues the run in place)")

@@ -615,9 +615,13 @@ def tokenize(argv: list[str]) -> int:
                     shard_tokens=writer.shards, skipped_empty=empty, skipped_bad=len(bad))
         with open(os.path.join(tmp, C.META), "w") as fh:
             json.dump(meta, fh, indent=1)
-        if os.path.isdir(out):  # an empty folder (checked above)
-            os.rmdir(out)
-        os.replace(tmp, out)
+        try:
+            if os.path.isdir(out):  # an empty folder (checked above)
+                os.rmdir(out)
+            os.replace(tmp, out)
+        except OSError as e:  # another run filled --out meanwhile: keep its folder, drop ours
+            raise DataError(f"--out {out} was written by another process while tokenizing ({e.strerror}); "
+                            f"it was left as it is") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"tokenize: {n_docs} documents, {meta['num_tokens']} tokens in {len(writer.shards)} shard(s) -> {out} "

@@ -189,7 +189,7 @@ def _run(cfg, d) -> int:
             torch.cuda.reset_peak_memory_stats(d.device)
         before = [s["consumed"] for s in stream.state]
         mbs = stream.next_microbatches(n_mine * d.world)  # the whole step, on every rank (index only)
-        n_targets = sum(targets_in(p) for p in mbs)
+        n_targets = max(sum(targets_in(p) for p in mbs), 1)
         row = dict(step=step + 1)
         row.update(train_step(model, optimizer, stream, mbs[d.rank::d.world], n_targets, cfg, d, pad))
         scheduler.step()

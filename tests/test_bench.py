@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "device_check.sh")
 
 DRY_RUN_STEPS = ["wheels", "env", "build", "ext_import", "ceilings", "tests_cuda", "train_tiny", "bench_pack", "bench_decode_attn",
-                 "bench_rollout", "profile_step", "profile_fixed", "profile_8k", "bench_data_path", "bench_logprob", "bench_grpo_loss", "bench_logprob_compiled", "bench_grpo_loss_compiled", "collect"]
+                 "bench_rollout", "profile_step", "profile_fixed", "profile_8k", "profile_cpt", "bench_data_path", "bench_logprob", "bench_grpo_loss", "bench_logprob_compiled", "bench_grpo_loss_compiled", "collect"]
 
 
 def _finite_pos(x):
@@ -232,3 +232,26 @@ def test_bench_data_path_small(tmp_path):
         assert 4 < r[path]["bytes_per_token"]["exchange"] < 64, r[path]
     assert _finite_pos(d["headline"]["speedup_largest"])
     assert bench_data_path.main(["--tokens", "many"]) == 2
+
+
+def test_profile_step_cpt_step(tmp_path):
+    """--loss cpt: one micro-batch of exactly --tokens-per-step tokens, next-token CE (the loss a
+    random model gives is about log V)."""
+    import torch
+
+    from bench import profile_step
+
+    assert profile_step.fill_exactly([50, 30, 40], 100) == [50, 30, 20]
+    assert profile_step.fill_exactly([50, 30], 100) == [50, 30, 20]
+    out = tmp_path / "cpt.json"
+    rc = profile_step.main(["--device", "cpu", "--preset", "tiny", "--loss", "cpt", "--seq-lens", "128",
+                            "--tokens-per-step", "256", "--no-padded", "--warmup", "1", "--iters", "1",
+                            "--out", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    (case,) = d["cases"]
+    assert d["loss"] == "cpt" and case["tokens"] == sum(case["lengths"]) == 256
+    assert case["packed"]["status"] == "ok" and _finite_pos(case["packed"]["tokens_per_s"])
+    b = profile_step.pack(*profile_step.make_batch([5, 7], 1024, 0), torch.device("cpu"))
+    logp = torch.full((12,), -2.0)
+    assert float(profile_step._grpo_loss(logp, b, "cpt")) == 2.0  # mean over the 10 targets

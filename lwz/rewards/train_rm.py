@@ -155,10 +155,12 @@ def train(args, d=None) -> dict:
     rng = random.Random(args.seed)
     pairs = load_pairs(args.data)
     rm = build_model(args.init, args.tokenizer, args.seed, max_length=args.max_length,
-                     template=args.template, activation_checkpointing=args.activation_checkpointing)
-    rm.to(d.device)
+                     template=args.template, activation_checkpointing=args.activation_checkpointing,
+                     device=d.device)
     if d.world > 1 or cuda:  # bf16 compute with fp32 master weights and reduction on GPUs
+        from torch.distributed.fsdp import register_fsdp_forward_method
         shard_model(rm, torch.bfloat16 if cuda else None, torch.float32 if cuda else None, layers=rm.model.layers)
+        register_fsdp_forward_method(rm, "score_packed")  # training calls it, not forward: gather around it
     rm.train()
     # every rank encodes and splits the same way (same seed), so the steps' pair lists agree
     enc = [(rm.encode(p.prompt, p.chosen), rm.encode(p.prompt, p.rejected)) for p in pairs]
