@@ -10,6 +10,7 @@ from lwz.metrics import read_metrics
 
 PANELS = [
     ("rewards", ["reward_total", "reward_length", "reward_format", "reward_quality"]),
+    ("rates", ["format_ok_rate", "truncation_rate", "length_in_range_rate"]),
     ("lengths (words / tokens)", ["answer_words_mean", "response_tokens_mean", "think_words_mean"]),
     ("policy", ["entropy", "clip_frac_low", "clip_frac_high", "kl_mean", "logp_mismatch_mean"]),
     ("pretraining loss (nats / token)", ["cpt_loss", "cpt_eval_loss"]),

@@ -301,6 +301,10 @@ def _run(cfg, d) -> int:
     policy = build_policy(cfg, d, mesh=groups.fsdp_mesh)
     ref = build_policy(cfg, d, for_reference=True, mesh=groups.fsdp_mesh) if cfg.grpo.kl_coef > 0 else None
     reward_fns, weights = build_rewards(cfg, d)
+    # the ranges length_in_range_rate measures against: the length reward's own, or, with that
+    # reward off, the same rules (record, request in the question, default) from the config
+    length_fn = next((f for f in reward_fns if isinstance(f, LengthReward)), None) or \
+        LengthReward(max_words=cfg.rewards.length_max_words, default_range=tuple(cfg.rewards.default_length_range))
     optimizer, scheduler = build_optimizer(policy, cfg)
     start = 0
     if resume_path is not None:
@@ -357,7 +361,8 @@ def _run(cfg, d) -> int:
         skipped_total += int(sum(u["skipped"] for u in upd))
 
         # metrics: sums over ranks of this rank's rollouts
-        row = step_metrics(step + 1, local, rolled.response_lengths.tolist(), R, answers, reward_fns, weights, d)
+        row = step_metrics(step + 1, local, rolled.response_lengths.tolist(), R, answers, reward_fns, weights, d,
+                           length_fn)
         row.update({k: sum(u[k] for u in upd) / len(upd) for k in upd[0]})
         if cfg.rollout.old_logprobs == "recompute":
             row.update(logprob_mismatch_stats(batch, batch.old_logp, everything))
@@ -411,18 +416,23 @@ def logprob_mismatch_stats(batch: Batch, trainer_logp: torch.Tensor | None, seqs
     return {f"logp_mismatch_{k}": float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
 
-def step_metrics(step, local, resp_tok: list[int], R, answers, reward_fns, weights, d) -> dict:
+def step_metrics(step, local, resp_tok: list[int], R, answers, reward_fns, weights, d, length_fn) -> dict:
     """The step's reward and response metrics, summed over ranks: `local` this rank's sample dicts,
-    resp_tok their response lengths in tokens."""
+    resp_tok their response lengths in tokens. length_in_range_rate: the share of samples with an
+    answer (format kept) whose word count (count_words) lies inside its prompt's own range
+    (length_fn.target_range: the record's length_range, else the question's request, else the
+    default); a broken format never counts, whatever the length of the whole response."""
     names = [getattr(f, "name", "quality") for f in reward_fns]
     n = len(local)
     w = torch.tensor(weights)
     total = (w[:, None] * R).sum(0)  # weighted sum of the raw rewards
     words = [count_words(a) if a is not None else count_words(s["response"]) for s, a in zip(local, answers)]
     thinks = [extract_think(s["response"]) for s in local]
+    ranges = [length_fn.target_range(s["question"], s) for s in local]
+    in_range = sum(a is not None and lo <= w <= hi for a, w, (lo, hi) in zip(answers, words, ranges))
     vals = [n, float(total.sum())] + [float(R[k].sum()) for k in range(len(names))] + [
         float(sum(resp_tok)), float(sum(words)), float(sum(a is not None for a in answers)),
-        float(sum(s["truncated"] for s in local)), float(sum(len(t.split()) for t in thinks if t))]
+        float(sum(s["truncated"] for s in local)), float(sum(len(t.split()) for t in thinks if t)), float(in_range)]
     tot = all_reduce_sum(vals, d.device)
     N = max(tot[0], 1)
     row = {"step": step, "reward_total": tot[1] / N}
@@ -430,7 +440,7 @@ def step_metrics(step, local, resp_tok: list[int], R, answers, reward_fns, weigh
         row[f"reward_{name}"] = tot[2 + k] / N
     j = 2 + len(names)
     row.update(response_tokens_mean=tot[j] / N, answer_words_mean=tot[j + 1] / N, format_ok_rate=tot[j + 2] / N,
-               truncation_rate=tot[j + 3] / N, think_words_mean=tot[j + 4] / N)
+               truncation_rate=tot[j + 3] / N, think_words_mean=tot[j + 4] / N, length_in_range_rate=tot[j + 5] / N)
     mx = torch.tensor([max(resp_tok or [0]), max(words or [0])], dtype=torch.float64, device=d.device)
     if d.world > 1:
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
@@ -448,7 +458,8 @@ def summarize(run_dir, cfg) -> None:
     last = sum(r["reward_total"] for r in rows[-k:]) / k
     print(f"mean total reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} "
           f"(change {last - first:+.3f})", flush=True)
-    for key in ("reward_length", "reward_format", "answer_words_mean"):
+    for key in ("reward_length", "reward_format", "answer_words_mean", "format_ok_rate", "truncation_rate",
+                "length_in_range_rate"):
         if key in rows[0]:
             a = sum(r[key] for r in rows[:k]) / k
             b = sum(r[key] for r in rows[-k:]) / k
