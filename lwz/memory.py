@@ -14,7 +14,7 @@ Phases (each a peak of that phase on the busiest GPU: one that also hosts the qu
             reference model, the RM shard), the generation weights in distributed.param_dtype
             (every parameter gathered when rollout.tp_size = 1; this rank's TP shard otherwise:
             heads, MLP columns and vocabulary rows / tp_size, KV heads replicated when fewer),
-            the KV cache of the rows x (max_prompt_tokens + max_new_tokens) slots (KVCache.nbytes_for
+            the KV cache of the rows x (max_prompt_tokens + max_new_tokens) slots (Transformer.kv_bytes
             on the TP shard's config; + the CUDA graphs' spare row), the CUDA graphs' logits of each
             captured batch size and their pool, the sampling temporaries ([rows, V] fp32 a few times)
             and a prefill of the admitted prompts.
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lwz.config import Config, ConfigError, die_on_config_error, parse_args
-from lwz.model import KVCache, ModelConfig, ModelLoadError, Transformer
+from lwz.model import ModelConfig, ModelLoadError, Transformer
 from lwz.distributed import check_tp
 from lwz.tp import local_config
 
@@ -337,9 +337,9 @@ def rollout_items(mcfg: ModelConfig, p: Params, cfg: Config, lay: TrainLayout, r
     else:
         out[f"generation weights (TP shard 1/{tp})"] = model_params(lc).numel(1) * cb
     S = _cache_slots(cfg)
-    spare = 1 if r.cuda_graphs else 0
-    out[f"KV cache ({rows}+{spare} rows x {S})" if spare else f"KV cache ({rows} rows x {S})"] = \
-        KVCache.nbytes_for(lc, rows + spare, S, dtype) if rows else 0
+    spare = 1  # the engine's padding row (Transformer.setup_caches gets rows + 1)
+    kv_token = 2 * lc.num_hidden_layers * lc.num_key_value_heads * lc.head_dim * torch.empty((), dtype=dtype).element_size()
+    out[f"KV cache ({rows}+{spare} rows x {S})"] = kv_token * (rows + spare) * S if rows else 0
     V = mcfg.vocab_size
     logits_row = V * 4 * (2 if tp > 1 else 1)  # under TP: the [tp*B, V/tp] gather buffer and the [B, V] logits
     if r.cuda_graphs and rows:
@@ -357,7 +357,7 @@ def _cache_slots(cfg: Config) -> int:
     rounded to the 256-token pages of the flash / varlen kernels that "auto" picks on a GPU."""
     from lwz.rollout import _cache_len
     kernel = cfg.rollout.decode_kernel if cfg.rollout.decode_kernel != "auto" else "flash"
-    S = _cache_len(kernel, [cfg.data.max_prompt_tokens], cfg.rollout.max_new_tokens, 1 << 40)
+    S = _cache_len(kernel, [cfg.data.max_prompt_tokens], [cfg.rollout.max_new_tokens])
     P = cfg.rollout.page_size
     return -(-S // P) * P if P else S
 

@@ -681,7 +681,8 @@ class _Engine:
         self.out_tok, self.out_lp, self.out_tlp = z(B + 1, L), z(B + 1, L, dt=torch.float32), z(B + 1, L, dt=torch.float32)
         # a membership table, not torch.isin: isin's sorting path (many stop ids) calls unique, whose
         # output size the host must read
-        V = model.config.vocab_size
+        # the sampled vocabulary: a tensor-parallel shard (lwz.tp) holds V / tp rows of it
+        V = getattr(model, "full_config", model.config).vocab_size
         ids = [t for t in set(sp.stop_token_ids) if 0 <= t < V]
         self.stop_table = torch.zeros(V, dtype=torch.bool, device=dev)
         if ids:
@@ -690,7 +691,7 @@ class _Engine:
         self.enc = stopper.token_suffixes(dev)  # (ids [nS, K] right-aligned, pad mask) or None
         K = self.enc[0].shape[1] if self.enc is not None else 0
         self.tail = torch.full((R + 1, K), -1, dtype=torch.int64, device=dev)
-        may = stopper.may_complete(model.config.vocab_size, "cpu") if stopper.strings else None
+        may = stopper.may_complete(V, "cpu") if stopper.strings else None
         self.may = None if may is None else may.tolist()
         self.max_length = S
         self.idx: dict = {}  # bucket size -> (idx buffer, graph or None)

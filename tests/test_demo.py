@@ -17,7 +17,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,16 +95,16 @@ def _sample(model_dir, records, n=4, max_new_tokens=160):
     from lwz.config import load_config
     from lwz.model import Transformer
     from lwz.prompts import ANSWER_CLOSE, template_prompt
-    from lwz.rollout import generate, strip_stop_string
+    from lwz.rollout import SamplingParams, generate, strip_stop_string
     from lwz.tokenizer import load_tokenizer
 
     cfg = load_config(os.path.join(ROOT, "configs/grpo-tiny.toml"))
     tok = load_tokenizer(os.path.join(ROOT, "assets/tokenizer"))
     model = Transformer.from_pretrained(str(model_dir)).eval()
     ids = [tok.encode(template_prompt(r.prompt, cfg.data)) for r in records]
-    b = generate(model, ids, n=n, max_new_tokens=max_new_tokens, temperature=cfg.rollout.temperature,
-                 stop_token_ids=[tok.eos_token_id], stop_strings=[ANSWER_CLOSE], tokenizer=tok,
-                 generator=torch.Generator().manual_seed(123))
+    b = generate(model, ids, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=cfg.rollout.temperature,
+                                            stop_token_ids=(tok.eos_token_id,), stop_strings=(ANSWER_CLOSE,),
+                                            seed=123), tokenizer=tok)
     out = []
     for j, (pi, resp) in enumerate(zip(b.prompt_index.tolist(), b.response_ids)):
         text = strip_stop_string(tok.decode(resp, skip_special_tokens=True), b.stopped_by[j])

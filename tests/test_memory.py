@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from lwz import memory
 from lwz.config import load_config
 from lwz.memory import Cluster, TrainLayout, model_params, plan_memory, rollout_items, state_items, train_items
-from lwz.model import KVCache, ModelConfig, Transformer
+from lwz.model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,17 +106,19 @@ def test_kv_cache_bytes_match_what_generate_allocates(monkeypatch):
     mcfg = ModelConfig(**SMALL)
     model = Transformer.from_config(mcfg, seed=0)
     caches = []
-    real_allocate = KVCache.allocate.__func__
+    real_setup = Transformer.setup_caches
 
-    def spy(cls, *a, **kw):
-        caches.append(real_allocate(cls, *a, **kw))
-        return caches[-1]
-    monkeypatch.setattr(KVCache, "allocate", classmethod(spy))
+    def spy(self, *a, **kw):
+        table = real_setup(self, *a, **kw)
+        caches.append(self.caches())
+        return table
+    monkeypatch.setattr(Transformer, "setup_caches", spy)
     prompt_len, new, rows = 7, 9, 3
-    rollout.generate(model, [list(range(2, 2 + prompt_len))], n=4, max_new_tokens=new, batch_size=rows,
-                     temperature=1.0, generator=torch.Generator().manual_seed(0), decode_kernel="sdpa")
+    rollout.generate(model, [list(range(2, 2 + prompt_len))],
+                     rollout.SamplingParams(n=4, max_new_tokens=new, temperature=1.0, seed=0),
+                     rollout.EngineSettings(batch_size=rows, decode_kernel="sdpa"))
     assert len(caches) == 1
-    real = _storage_bytes(caches[0].k + caches[0].v)
+    real = _storage_bytes([t for c in caches[0] for t in (c.k, c.v)])
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.toml"),
                       [f"--data.max_prompt_tokens={prompt_len}", f"--rollout.max_new_tokens={new}",
                        "--grpo.max_tokens_per_microbatch=64", f"--rollout.batch_size={rows}",
@@ -189,7 +191,7 @@ def test_cli_unfittable_config_says_what_to_change(capsys):
 
 
 @pytest.mark.parametrize("args, expect", [
-    (["--rollout.tp_size=3"], "config error: rollout.tp_size = 3 does not divide the 8 GPUs per node"),
+    (["--rollout.tp_size=3"], "config error: rollout.tp_size = 3 must divide the processes per node (LOCAL_WORLD_SIZE = 8)"),
     (["--rollout.bogus=1"], "config error: unknown key"),
     (["--nodes", "zero"], "config error: --nodes = 'zero': expected int"),
     (["--model.path=/nowhere/Mystery-9B"], "error: model.path = '/nowhere/Mystery-9B': no config.json there"),

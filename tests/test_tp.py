@@ -13,7 +13,7 @@ import transformers as tf
 from lwz.config import ConfigError
 from lwz.distributed import check_tp, shutdown_distributed
 from lwz.model import Transformer
-from lwz.rollout import generate
+from lwz.rollout import EngineSettings, SamplingParams, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW = 12
@@ -55,10 +55,11 @@ def _tokenizer():
 def _runs(model, prompts, seed, stop, tok):
     """The three generations every process runs: greedy (static cache), sampled with n = 3 through
     4 rows of a paged cache (continuous admission), greedy with a stop string."""
-    greedy = generate(model, prompts, max_new_tokens=NEW, greedy=True)
-    sampled = generate(model, prompts, n=3, max_new_tokens=NEW, temperature=0.9,
-                       generator=torch.Generator().manual_seed(seed), page_size=8, batch_size=4)
-    stopped = generate(model, prompts, max_new_tokens=NEW, greedy=True, stop_strings=[stop], tokenizer=tok)
+    greedy = generate(model, prompts, SamplingParams(max_new_tokens=NEW, temperature=0.0))
+    sampled = generate(model, prompts, SamplingParams(n=3, max_new_tokens=NEW, temperature=0.9, seed=seed),
+                       EngineSettings(page_size=8, batch_size=4))
+    stopped = generate(model, prompts, SamplingParams(max_new_tokens=NEW, temperature=0.0, stop_strings=(stop,)),
+                       tokenizer=tok)
     return dict(greedy=greedy.response_ids, sampled=sampled.response_ids, logp=sampled.logprobs,
                 stopped=stopped.response_ids, reasons=stopped.finish_reasons)
 
@@ -83,13 +84,14 @@ def _worker(rank, world, store, folders, stops, out_dir):
             stats = load_tp_shards(shard, policy, 2, g.tp_rank)
             res = _runs(shard, _prompts(), 100 + g.dp_rank, stops[name], tok)
             # cache rows sized to the free memory (as on CUDA): the least of the group decides, so its
-            # ranks run one schedule (here rank 0 has room for 2 rows of this rank's KV heads, rank 1 for 3)
+            # ranks run one schedule (here rank 0 has room for 3 rows of this rank's KV heads, rank 1 for 4;
+            # one of them is the engine's padding row)
             import lwz.rollout as ro
-            from lwz.model import KVCache
-            row = KVCache.nbytes_for(shard.config, 1, max(PROMPT_LENS) + NEW - 1, torch.float32)
-            real, ro._free_bytes = ro._free_bytes, lambda device: (2 + g.tp_rank) * row
+            row = shard.kv_bytes(max(PROMPT_LENS) + NEW - 1)
+            real, ro._free_bytes = ro._free_bytes, lambda device: (3 + g.tp_rank) * row
             try:
-                sized = generate(shard, _prompts(), max_new_tokens=NEW, greedy=True, cache_mem_fraction=1.0)
+                sized = generate(shard, _prompts(), SamplingParams(max_new_tokens=NEW, temperature=0.0),
+                                 EngineSettings(cache_mem_fraction=1.0))
             finally:
                 ro._free_bytes = real
             res.update(sized_rows=sized.cache_rows, sized=sized.response_ids)
@@ -123,7 +125,7 @@ def reference(tmp_path_factory):
                 hf_greedy = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=NEW,
                                          min_new_tokens=NEW)[0, len(p):].tolist() for p in prompts]
             ours = Transformer.from_pretrained(folder)
-            free = generate(ours, prompts, max_new_tokens=NEW, greedy=True).response_ids[0]
+            free = generate(ours, prompts, SamplingParams(max_new_tokens=NEW, temperature=0.0)).response_ids[0]
             # a stop string spanning response tokens 3..5 of prompt 0
             stop = tok.decode(free)[len(tok.decode(free[:3])):len(tok.decode(free[:6]))]
             assert stop.strip(), "degenerate stop string"
