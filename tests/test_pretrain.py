@@ -329,7 +329,7 @@ def test_cpt_config_rules_and_tokenizer_check(corpora, tmp_path):
     from lwz.pretrain import micro_count, open_sources
     for extra, msg in [(["--cpt.weights=[1.0]"], "cpt.weights = [1.0] is not allowed: must be 2 numbers"),
                        (["--cpt.weights=[1.0,0]"], "cpt.weights[1] = 0.0 is not allowed: must be > 0"),
-                       (["--cpt.heldout_share=0"], "cpt.eval_every = 20 needs held-out documents"),
+                       (["--cpt.heldout_share=0", "--cpt.eval_every=20"], "cpt.eval_every = 20 needs held-out documents"),
                        (["--cpt.sruces=x"], "unknown key 'cpt.sruces' (did you mean 'cpt.sources'?)"),
                        (["--rollout.group_size=4"], "unknown section 'rollout'")]:
         with pytest.raises(ConfigError) as e:
