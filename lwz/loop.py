@@ -151,6 +151,13 @@ def mfu(flops: float, seconds: float, peak: float | None, world: int) -> dict:
     return {"mfu": flops / max(seconds, 1e-9) / (peak * world)} if peak else {}
 
 
+def first_last(rows: list[dict], key: str) -> tuple[int, float, float]:
+    """(k, mean of rows[key] over the first k rows, over the last k) for a run's summary line:
+    k = 10, or half the rows when there are fewer than 20 (at least 1)."""
+    k = min(10, max(1, len(rows) // 2))
+    return k, sum(r[key] for r in rows[:k]) / k, sum(r[key] for r in rows[-k:]) / k
+
+
 def plot_curves(run_dir: str) -> None:
     """Draw the run's curves; a finished run stays a success without matplotlib (or a display)."""
     try:

@@ -224,9 +224,7 @@ def summarize(run_dir: str, cfg) -> None:
     rows = read_metrics(path) if os.path.isfile(path) else []
     if not rows:
         return
-    k = min(10, max(1, len(rows) // 2))
-    a = sum(r["cpt_loss"] for r in rows[:k]) / k
-    b = sum(r["cpt_loss"] for r in rows[-k:]) / k
+    k, a, b = loop.first_last(rows, "cpt_loss")
     print(f"cpt loss: first {k} steps {a:.3f} -> last {k} steps {b:.3f}", flush=True)
     ev = [r for r in rows if "cpt_eval_loss" in r]
     if ev:

@@ -453,16 +453,13 @@ def summarize(run_dir, cfg) -> None:
     rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     if not rows:
         return
-    k = min(10, max(1, len(rows) // 2))
-    first = sum(r["reward_total"] for r in rows[:k]) / k
-    last = sum(r["reward_total"] for r in rows[-k:]) / k
+    k, first, last = loop.first_last(rows, "reward_total")
     print(f"mean total reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} "
           f"(change {last - first:+.3f})", flush=True)
     for key in ("reward_length", "reward_format", "answer_words_mean", "format_ok_rate", "truncation_rate",
                 "length_in_range_rate"):
         if key in rows[0]:
-            a = sum(r[key] for r in rows[:k]) / k
-            b = sum(r[key] for r in rows[-k:]) / k
+            _, a, b = loop.first_last(rows, key)
             print(f"  {key}: {a:.3f} -> {b:.3f}", flush=True)
     if cfg.logging.plot:
         loop.plot_curves(run_dir)
